@@ -1,0 +1,18 @@
+// Portability macros for code compiled both by the host C++ compiler (CPU kernels) and by nvcc.
+#pragma once
+
+#if defined(__CUDACC__) || defined(__HIPCC__)
+#define FRCNN_HOST_DEVICE __host__ __device__
+#define FRCNN_INLINE __host__ __device__ __forceinline__
+#else
+#define FRCNN_HOST_DEVICE
+#define FRCNN_INLINE inline
+#endif
+
+// Function multiversioning for hot CPU loops: the loop is compiled for AVX-512, AVX2 and baseline x86-64,
+// and the best clone is picked at load time. Wheels cannot assume -march=native.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(__CUDACC__)
+#define FRCNN_CPU_MULTIVERSION __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define FRCNN_CPU_MULTIVERSION
+#endif

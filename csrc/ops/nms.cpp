@@ -1,0 +1,11 @@
+// Schemas of the NMS ops. Kernels: cpu/nms_kernel.cpp, cuda/nms_kernel.cu.
+#include <torch/library.h>
+
+TORCH_LIBRARY_FRAGMENT(fasterrcnn_ext, m) {
+  // Same argument order as torchvision::nms, so the two are interchangeable at the torch.ops level.
+  // Returns the indices of kept boxes by decreasing score (ties: lower index first; NaN scores last).
+  // max_keep >= 0 stops after that many kept boxes: the result is then nms(...)[:max_keep].
+  m.def("nms(Tensor dets, Tensor scores, float iou_threshold, *, int max_keep=-1) -> Tensor");
+  // Class-aware NMS in one call: boxes only suppress boxes of the same idxs value.
+  m.def("batched_nms(Tensor boxes, Tensor scores, Tensor idxs, float iou_threshold, *, int max_keep=-1) -> Tensor");
+}

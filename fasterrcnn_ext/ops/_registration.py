@@ -1,0 +1,14 @@
+"""Helpers to register Python-side pieces (fake kernels, autograd) only when the compiled ops exist."""
+
+from __future__ import annotations
+
+import torch
+
+from .._library import LOADED
+
+
+def register_fake(qualname: str):
+    """torch.library.register_fake, or a no-op when the compiled library is not loaded (no op to attach to)."""
+    if LOADED:
+        return torch.library.register_fake(qualname)
+    return lambda fn: fn

@@ -1,0 +1,161 @@
+"""Build fasterrcnn_ext: C++ (CPU) kernels always, CUDA kernels when a GPU is visible or FORCE_CUDA=1.
+
+Environment:
+  FORCE_CUDA=1            compile the CUDA kernels even with no GPU (needs nvcc; an error otherwise).
+  FORCE_CUDA=0            never compile CUDA kernels.
+  TORCH_CUDA_ARCH_LIST    GPU architectures, e.g. "8.0;9.0+PTX". Default with no GPU: 7.5 to 9.0 plus PTX.
+  CUDA_HOME               the CUDA toolkit; found from nvcc on PATH when unset.
+  MAX_JOBS                parallel compile jobs for ninja.
+"""
+
+import glob
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+from setuptools import setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+with open(os.path.join(ROOT, "pyproject.toml")) as _f:
+    VERSION = re.search(r'^version\s*=\s*"([^"]+)"', _f.read(), re.M).group(1)  # one source of truth
+DEFAULT_ARCH_LIST = "7.5;8.0;8.6;8.9;9.0+PTX"  # T4 to H100, plus PTX for newer GPUs
+
+
+def _find_cuda_home():
+    """CUDA_HOME from the environment, else the toolkit that the nvcc on PATH really belongs to.
+
+    torch guesses dirname(dirname(which nvcc)), which is wrong when nvcc is a wrapper script
+    (here /usr/local/bin/nvcc execs /usr/local/cuda-13.0/bin/nvcc).
+    """
+    for var in ("CUDA_HOME", "CUDA_PATH"):
+        if os.environ.get(var):
+            return os.environ[var]
+    candidates = []
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        try:
+            with open(nvcc, "rb") as f:
+                head = f.read(4096)
+            if head.startswith(b"#!"):  # a wrapper script: find the real nvcc it runs
+                candidates += re.findall(rb"(/[^\s\"']+)/bin/nvcc", head)
+        except OSError:
+            pass
+        candidates.append(os.path.dirname(os.path.dirname(os.path.realpath(nvcc))).encode())
+    candidates.append(b"/usr/local/cuda")
+    for c in candidates:
+        c = c.decode()
+        if os.path.exists(os.path.join(c, "bin", "nvcc")) and os.path.isdir(os.path.join(c, "include")):
+            return c
+    return None
+
+
+_cuda_home = _find_cuda_home()
+if _cuda_home:
+    os.environ["CUDA_HOME"] = _cuda_home
+
+import torch  # noqa: E402
+from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension  # noqa: E402
+
+
+def _want_cuda():
+    force = os.environ.get("FORCE_CUDA", "")
+    if force == "0":
+        return False
+    if force == "1":
+        if CUDA_HOME is None or not os.path.exists(os.path.join(CUDA_HOME, "bin", "nvcc")):
+            sys.exit("FORCE_CUDA=1 but nvcc was not found: put nvcc on PATH or set CUDA_HOME to the CUDA toolkit.")
+        if torch.version.cuda is None:
+            sys.exit(f"FORCE_CUDA=1 but the installed torch {torch.__version__} is a CPU-only build; "
+                     "install a CUDA build of torch to compile the CUDA kernels.")
+        return True
+    return torch.cuda.is_available() and CUDA_HOME is not None and torch.version.cuda is not None
+
+
+def _nvcc_version():
+    out = subprocess.check_output([os.path.join(CUDA_HOME, "bin", "nvcc"), "--version"], text=True)
+    m = re.search(r"release (\d+\.\d+)", out)
+    return m.group(1) if m else "unknown"
+
+
+def _missing_cuda_headers_dir():
+    """A folder of links to headers that torch's CUDA headers include but the toolkit lacks (cusparse.h, ...).
+
+    The nvidia-* pip packages installed with torch's CUDA wheels carry them. Only headers the toolkit
+    does not have are linked, so the toolkit's own headers always win.
+    """
+    toolkit_inc = os.path.join(CUDA_HOME, "include")
+    site_dirs = {os.path.dirname(os.path.dirname(torch.__file__))}
+    sources = []
+    for site in site_dirs:
+        sources += sorted(glob.glob(os.path.join(site, "nvidia", "*", "include")))
+    if not sources:
+        return None
+    out = os.path.join(ROOT, "build", "cuda_extra_include")
+    os.makedirs(out, exist_ok=True)
+    linked = 0
+    for src in sources:
+        for name in os.listdir(src):
+            if os.path.exists(os.path.join(toolkit_inc, name)) or os.path.lexists(os.path.join(out, name)):
+                continue
+            os.symlink(os.path.join(src, name), os.path.join(out, name))
+            linked += 1
+    return out
+
+
+def _write_build_config(with_cuda, cuda_version, arch_list):
+    """Record what this build was made against, readable before the library is loaded."""
+    path = os.path.join(ROOT, "fasterrcnn_ext", "_build_config.py")
+    text = (
+        "# Written by setup.py at build time. Do not edit.\n"
+        f"VERSION = {VERSION!r}\n"
+        f"TORCH_VERSION = {torch.__version__!r}\n"
+        f"WITH_CUDA = {with_cuda!r}\n"
+        f"CUDA_VERSION = {cuda_version!r}\n"
+        f"CUDA_ARCH_LIST = {arch_list!r}\n"
+    )
+    with open(path, "w") as f:
+        f.write(text)
+
+
+def _extensions():
+    with_cuda = _want_cuda()
+    sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "ops", "*.cpp"))
+                     + glob.glob(os.path.join("csrc", "ops", "cpu", "*.cpp")))
+    cxx_flags = ["-O3", "-fvisibility=hidden"]
+    nvcc_flags = ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]
+    define_macros = [("FRCNN_VERSION", f'"{VERSION}"')]
+    include_dirs = [os.path.join(ROOT, "csrc")]
+    cuda_version, arch_list = None, None
+    if with_cuda:
+        sources += sorted(glob.glob(os.path.join("csrc", "ops", "cuda", "*.cu")))
+        if not os.environ.get("TORCH_CUDA_ARCH_LIST"):
+            os.environ["TORCH_CUDA_ARCH_LIST"] = (
+                ";".join(sorted({f"{p[0]}.{p[1]}" for p in
+                                 (torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count()))}))
+                if torch.cuda.is_available() else DEFAULT_ARCH_LIST)
+        arch_list = os.environ["TORCH_CUDA_ARCH_LIST"]
+        cuda_version = _nvcc_version()
+        extra_inc = _missing_cuda_headers_dir()
+        if extra_inc:
+            include_dirs.append(extra_inc)
+        define_macros += [("FRCNN_WITH_CUDA", "1"), ("FRCNN_CUDA_VERSION", f'"{cuda_version}"'),
+                          ("FRCNN_CUDA_ARCH_LIST", f'"{arch_list}"')]
+        ext_cls = CUDAExtension
+        extra = {"cxx": cxx_flags, "nvcc": nvcc_flags}
+    else:
+        ext_cls = CppExtension
+        extra = {"cxx": cxx_flags}
+    _write_build_config(with_cuda, cuda_version, arch_list)
+    print(f"fasterrcnn_ext: building with CUDA={with_cuda} (arch list {arch_list}, nvcc {cuda_version}), "
+          f"torch {torch.__version__}", flush=True)
+    return [ext_cls("fasterrcnn_ext._C", sources, include_dirs=include_dirs, define_macros=define_macros,
+                    extra_compile_args=extra, py_limited_api=True)]
+
+
+setup(
+    ext_modules=_extensions(),
+    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+    options={"bdist_wheel": {"py_limited_api": "cp39"}},
+)

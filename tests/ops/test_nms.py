@@ -1,0 +1,217 @@
+import pytest
+import torch
+import torchvision
+
+import fasterrcnn_ext.ops as ops
+from tests import reference
+
+FLOAT_DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
+
+
+def rpn_like_boxes(n, num_clusters=50, image_size=800.0, dtype=torch.float32, device="cpu"):
+    """Clustered boxes as an RPN produces them: many heavily overlapping boxes around few objects."""
+    centres = torch.rand(num_clusters, 2) * image_size
+    sizes = torch.rand(num_clusters, 2) * 200 + 16
+    k = torch.randint(0, num_clusters, (n,))
+    ctr = centres[k] + torch.randn(n, 2) * sizes[k] * 0.1
+    wh = sizes[k] * (1 + 0.2 * torch.randn(n, 2)).abs()
+    boxes = torch.cat([ctr - wh / 2, ctr + wh / 2], dim=1)
+    return boxes.to(dtype=dtype, device=device)
+
+
+def random_boxes(n, dtype=torch.float32, device="cpu", image_size=200.0):
+    xy = torch.rand(n, 2) * image_size
+    wh = torch.rand(n, 2) * image_size / 4 + 1
+    return torch.cat([xy, xy + wh], dim=1).to(dtype=dtype, device=device)
+
+
+def distinct_scores(n, dtype=torch.float32, device="cpu"):
+    return (torch.randperm(n).to(torch.float64) / n).to(dtype=dtype, device=device)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("iou_threshold", [0.0, 0.3, 0.5, 0.7, 1.0])
+@pytest.mark.parametrize("make_boxes", [random_boxes, rpn_like_boxes])
+def test_nms_matches_torchvision(device, dtype, iou_threshold, make_boxes):
+    boxes = make_boxes(1500, dtype=dtype, device=device)
+    scores = distinct_scores(1500, dtype=dtype, device=device)
+    ours = ops.nms(boxes, scores, iou_threshold)
+    theirs = torchvision.ops.nms(boxes, scores, iou_threshold)
+    assert ours.dtype == torch.int64
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
+
+
+def test_nms_boundary_iou(device):
+    # Integer boxes whose IoU lands exactly on common thresholds: 1/3, 1/2, 2/3, ...
+    base = torch.tensor([[0.0, 0.0, 10.0, 10.0]])
+    shifts = torch.arange(0, 11, dtype=torch.float32)
+    others = torch.stack([shifts, torch.zeros(11), shifts + 10, torch.full((11,), 10.0)], dim=1)
+    boxes = torch.cat([base, others]).to(device)
+    scores = torch.linspace(1.0, 0.0, len(boxes), device=device)
+    for thr in [0.0, 1 / 3, 0.5, 2 / 3, 0.7, 0.8181818181818182, 1.0]:
+        torch.testing.assert_close(ops.nms(boxes, scores, thr), torchvision.ops.nms(boxes, scores, thr))
+        # IoU exactly at the threshold is not suppressed: suppression needs IoU > threshold.
+        assert 1 in ops.nms(boxes[:2], scores[:2], 1.0).tolist()
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+def test_nms_every_dtype_matches_float32_iou(device, dtype):
+    """Half types compute the IoU in float32: same result as float32 NMS on the up-cast values."""
+    boxes = rpn_like_boxes(800, dtype=dtype, device=device)
+    scores = torch.rand(800, device=device).to(dtype)  # half types have ties: the documented tie order applies
+    ours = ops.nms(boxes, scores, 0.6)
+    expected = reference.nms(boxes.cpu(), scores.cpu(), 0.6)
+    torch.testing.assert_close(ours.cpu(), expected, rtol=0, atol=0)
+
+
+def test_nms_ties_keep_lower_index_first(device):
+    boxes = random_boxes(300, device=device)
+    scores = torch.full((300,), 0.5, device=device)
+    scores[::7] = 0.9
+    keep = ops.nms(boxes, scores, 0.5)
+    torch.testing.assert_close(keep.cpu(), reference.nms(boxes.cpu(), scores.cpu(), 0.5))
+    # Within a score level the kept indices increase.
+    s = scores[keep].cpu()
+    k = keep.cpu()
+    for level in (0.9, 0.5):
+        sel = k[s == level]
+        assert torch.all(sel[1:] > sel[:-1])
+
+
+@pytest.mark.parametrize("max_keep", [0, 1, 5, 100, 10_000])
+def test_nms_max_keep_is_prefix(device, max_keep):
+    boxes = rpn_like_boxes(3000, device=device)
+    scores = distinct_scores(3000, device=device)
+    full = ops.nms(boxes, scores, 0.7)
+    torch.testing.assert_close(ops.nms(boxes, scores, 0.7, max_keep=max_keep), full[:max_keep])
+
+
+def test_nms_empty(device):
+    for dtype in FLOAT_DTYPES:
+        keep = ops.nms(torch.empty(0, 4, dtype=dtype, device=device), torch.empty(0, dtype=dtype, device=device), 0.5)
+        assert keep.shape == (0,) and keep.dtype == torch.int64 and keep.device.type == device
+
+
+def test_nms_non_contiguous(device):
+    boxes = rpn_like_boxes(1000, device=device)
+    column_major = boxes.t().contiguous().t()
+    scores = distinct_scores(2000, device=device)[::2]
+    assert not column_major.is_contiguous() and not scores.is_contiguous()
+    torch.testing.assert_close(ops.nms(column_major, scores, 0.5), torchvision.ops.nms(boxes, scores.contiguous(), 0.5))
+
+
+def test_nms_nan_and_inf_give_valid_result(device):
+    boxes = rpn_like_boxes(500, device=device)
+    scores = distinct_scores(500, device=device)
+    boxes[3, 0] = float("nan")
+    boxes[10] = float("inf")
+    boxes[11, 2:] = float("-inf")
+    scores[[5, 20, 40]] = float("nan")
+    scores[7] = float("inf")
+    scores[8] = float("-inf")
+    keep = ops.nms(boxes, scores, 0.5).cpu()
+    assert keep.unique().numel() == keep.numel()
+    assert keep.min() >= 0 and keep.max() < 500
+    # Documented: NaN scores rank last; a NaN box never suppresses and is never suppressed.
+    nan_positions = [i for i, k in enumerate(keep.tolist()) if k in (5, 20, 40)]
+    assert nan_positions == list(range(len(keep) - len(nan_positions), len(keep)))
+    assert 3 in keep.tolist()
+    assert keep[0] == 7
+    torch.testing.assert_close(keep, reference.nms(boxes.cpu(), scores.cpu(), 0.5))
+
+
+def test_nms_large_coordinates_and_many_boxes():
+    """1,000,000 boxes: int64 sizes throughout; the early exit keeps it quick."""
+    n = 1_000_000
+    boxes = rpn_like_boxes(n, num_clusters=2000, image_size=1e5)
+    scores = distinct_scores(n)
+    keep = ops.nms(boxes, scores, 0.5, max_keep=50)
+    torch.testing.assert_close(keep, reference.nms(boxes, scores, 0.5, max_keep=50))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("num_classes", [1, 5, 80])
+def test_batched_nms_matches_torchvision(device, dtype, num_classes):
+    boxes = rpn_like_boxes(2000, dtype=dtype, device=device)
+    scores = distinct_scores(2000, dtype=dtype, device=device)
+    idxs = torch.randint(0, num_classes, (2000,), device=device)
+    torch.testing.assert_close(ops.batched_nms(boxes, scores, idxs, 0.5),
+                               torchvision.ops.batched_nms(boxes, scores, idxs, 0.5), rtol=0, atol=0)
+
+
+def test_batched_nms_is_class_aware_without_offsets(device):
+    """Huge coordinates: torchvision's offset trick loses precision here; ours compares classes exactly."""
+    boxes = rpn_like_boxes(600, device=device, dtype=torch.float64) + 1e7
+    scores = distinct_scores(600, dtype=torch.float64, device=device)
+    idxs = torch.randint(-3, 3, (600,), device=device)  # negative class ids are fine
+    keep = ops.batched_nms(boxes, scores, idxs, 0.5)
+    torch.testing.assert_close(keep.cpu(), reference.nms(boxes.cpu(), scores.cpu(), 0.5, idxs=idxs.cpu()))
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+def test_batched_nms_every_dtype(device, dtype):
+    boxes = rpn_like_boxes(700, dtype=dtype, device=device)
+    scores = torch.rand(700, device=device).to(dtype)
+    idxs = torch.randint(0, 4, (700,), device=device, dtype=torch.int32)
+    keep = ops.batched_nms(boxes, scores, idxs, 0.6)
+    torch.testing.assert_close(keep.cpu(), reference.nms(boxes.cpu(), scores.cpu(), 0.6, idxs=idxs.cpu().long()))
+
+
+@pytest.mark.parametrize("max_keep", [0, 1, 7, 300])
+def test_batched_nms_max_keep_is_prefix(device, max_keep):
+    boxes = rpn_like_boxes(2000, device=device)
+    scores = distinct_scores(2000, device=device)
+    idxs = torch.randint(0, 5, (2000,), device=device)
+    full = ops.batched_nms(boxes, scores, idxs, 0.7)
+    torch.testing.assert_close(ops.batched_nms(boxes, scores, idxs, 0.7, max_keep=max_keep), full[:max_keep])
+
+
+def test_batched_nms_empty(device):
+    keep = ops.batched_nms(torch.empty(0, 4, device=device), torch.empty(0, device=device),
+                           torch.empty(0, dtype=torch.long, device=device), 0.5)
+    assert keep.shape == (0,) and keep.dtype == torch.int64
+
+
+@pytest.mark.parametrize(
+    "boxes, scores, idxs, message",
+    [
+        (torch.rand(5, 3), torch.rand(5), None, r"boxes must be a \[N, 4\] tensor, got shape \[5, 3\]"),
+        (torch.rand(5, 4), torch.rand(5, 1), None, r"scores must be a \[N\] tensor, got shape \[5, 1\]"),
+        (torch.rand(5, 4), torch.rand(6), None, r"same length, got 5 boxes and 6 scores"),
+        (torch.rand(5, 4), torch.rand(5).double(), None, r"same dtype, got Float and Double"),
+        (torch.randint(0, 9, (5, 4)), torch.rand(5), None, r"boxes must be a floating-point tensor"),
+        (torch.rand(5, 4), torch.rand(5), torch.zeros(4, dtype=torch.long), r"same length, got 4 idxs and 5 boxes"),
+        (torch.rand(5, 4), torch.rand(5), torch.zeros(5), r"idxs must be an integer tensor"),
+    ],
+)
+def test_bad_input_names_the_argument(boxes, scores, idxs, message):
+    with pytest.raises(RuntimeError, match=message):
+        if idxs is None:
+            ops.nms(boxes, scores, 0.5)
+        else:
+            ops.batched_nms(boxes, scores, idxs, 0.5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU visible")
+def test_cpu_and_cuda_agree():
+    boxes = rpn_like_boxes(20_000)
+    scores = torch.rand(20_000)
+    idxs = torch.randint(0, 80, (20_000,))
+    torch.testing.assert_close(ops.nms(boxes.cuda(), scores.cuda(), 0.7).cpu(), ops.nms(boxes, scores, 0.7))
+    torch.testing.assert_close(ops.batched_nms(boxes.cuda(), scores.cuda(), idxs.cuda(), 0.5).cpu(),
+                               ops.batched_nms(boxes, scores, idxs, 0.5))
+
+
+def test_opcheck(device):
+    boxes = rpn_like_boxes(300, device=device)
+    scores = distinct_scores(300, device=device)
+    idxs = torch.randint(0, 3, (300,), device=device)
+    torch.library.opcheck(torch.ops.fasterrcnn_ext.nms.default, (boxes, scores, 0.5))
+    torch.library.opcheck(torch.ops.fasterrcnn_ext.nms.default, (boxes, scores, 0.5), {"max_keep": 10})
+    torch.library.opcheck(torch.ops.fasterrcnn_ext.batched_nms.default, (boxes, scores, idxs, 0.5))
+
+
+def test_interchangeable_with_torchvision_schema():
+    """Positional arguments in torchvision's order work for both ops."""
+    boxes, scores = rpn_like_boxes(200), distinct_scores(200)
+    torch.testing.assert_close(torch.ops.fasterrcnn_ext.nms(boxes, scores, 0.5), torch.ops.torchvision.nms(boxes, scores, 0.5))

@@ -1,0 +1,59 @@
+"""The package, the compiled library and its op registry."""
+
+import pytest
+import torch
+
+import fasterrcnn_ext
+from fasterrcnn_ext import _library
+
+
+def test_build_info_tells_the_truth():
+    info = fasterrcnn_ext.build_info()
+    assert info["loaded"] is True
+    assert info["version"] == fasterrcnn_ext.__version__
+    assert torch.__version__.startswith(info["torch_version"])
+    has_cuda_kernel = torch._C._dispatch_has_kernel_for_dispatch_key("fasterrcnn_ext::nms", "CUDA")
+    assert info["cuda"] == has_cuda_kernel
+    if info["cuda"]:
+        assert info["cuda_version"] and info["cuda_arch_list"]
+    assert info["parallel_backend"] in ("OpenMP", "native thread pool")
+    assert info["parallel_backend"].split()[0].lower() in torch.__config__.parallel_info().lower()
+
+
+def test_ops_are_registered_under_torch_ops():
+    for name in ["nms", "batched_nms"]:
+        assert hasattr(torch.ops.fasterrcnn_ext, name)
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"fasterrcnn_ext::{name}", "CPU")
+
+
+def test_mismatched_torch_is_not_loaded_and_says_how_to_rebuild(monkeypatch):
+    from fasterrcnn_ext import _build_config
+
+    monkeypatch.setattr(_build_config, "TORCH_VERSION", "1.0.0")
+    reason = _library._load()
+    assert "built against torch 1.0.0" in reason and torch.__version__ in reason
+
+    monkeypatch.setattr(_library, "LOADED", False)
+    monkeypatch.setattr(_library, "LOAD_ERROR", reason)
+    with pytest.raises(fasterrcnn_ext.ExtensionNotBuiltError, match="pip install --no-build-isolation"):
+        fasterrcnn_ext.ops.nms(torch.rand(3, 4), torch.rand(3), 0.5)
+    assert fasterrcnn_ext.build_info()["error"] == reason
+
+
+def test_import_without_compiled_library_still_works(tmp_path):
+    """A source tree that was never built imports fine and fails only when an op is called."""
+    import shutil
+    import subprocess
+    import sys
+
+    pkg = tmp_path / "fasterrcnn_ext"
+    shutil.copytree(fasterrcnn_ext.__path__[0], pkg,
+                    ignore=shutil.ignore_patterns("*.so", "_build_config.py", "__pycache__"))
+    # An editable install's import hook would find the built files of the real tree: leave it out.
+    code = ("import sys\nsys.meta_path = [f for f in sys.meta_path if 'editable' not in repr(f).lower()]\n"
+            "import torch, fasterrcnn_ext\n"
+            "assert not fasterrcnn_ext.build_info()['loaded']\n"
+            "try:\n    fasterrcnn_ext.ops.nms(torch.rand(2, 4), torch.rand(2), 0.5)\n"
+            "except fasterrcnn_ext.ExtensionNotBuiltError as e:\n    print(e)\n")
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, check=True)
+    assert "not built" in out.stdout and "pip install --no-build-isolation -e ." in out.stdout
