@@ -123,7 +123,10 @@ def _extensions():
     with_cuda = _want_cuda()
     sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "ops", "*.cpp"))
                      + glob.glob(os.path.join("csrc", "ops", "cpu", "*.cpp")))
-    cxx_flags = ["-O3", "-fvisibility=hidden"]
+    # -fopenmp: at::parallel_for is inline and uses `#pragma omp parallel` when torch's backend is OpenMP;
+    # without the flag the pragma is ignored and every "parallel" loop runs on one thread. The libgomp.so.1 it
+    # links is the one torch already loaded (same soname), so torch.set_num_threads applies.
+    cxx_flags = ["-O3", "-fvisibility=hidden", "-fopenmp"]
     nvcc_flags = ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]
     define_macros = [("FRCNN_VERSION", f'"{VERSION}"')]
     include_dirs = [os.path.join(ROOT, "csrc")]
@@ -151,7 +154,7 @@ def _extensions():
     print(f"fasterrcnn_ext: building with CUDA={with_cuda} (arch list {arch_list}, nvcc {cuda_version}), "
           f"torch {torch.__version__}", flush=True)
     return [ext_cls("fasterrcnn_ext._C", sources, include_dirs=include_dirs, define_macros=define_macros,
-                    extra_compile_args=extra, py_limited_api=True)]
+                    extra_compile_args=extra, extra_link_args=["-fopenmp"], py_limited_api=True)]
 
 
 setup(

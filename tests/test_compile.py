@@ -35,3 +35,43 @@ def test_torch_export():
     assert "fasterrcnn_ext.nms.default" in targets and "fasterrcnn_ext.batched_nms.default" in targets
     for got, expected in zip(exported.module()(*args), _nms_model(*args)):
         torch.testing.assert_close(got, expected)
+
+
+def _pool_model(x, feats, rois):
+    a = ops.roi_align(x, rois, 7, 0.5, 2, True)
+    p = ops.roi_pool(x, rois, 7, 0.5)
+    m = ops.multi_scale_roi_align(feats, rois, 7, [1 / 4, 1 / 8], 2)
+    return a, p, m
+
+
+def _pool_inputs():
+    x = torch.randn(2, 4, 20, 24)
+    feats = [torch.randn(2, 4, 20, 24), torch.randn(2, 4, 10, 12)]
+    xy = torch.rand(12, 2) * 30
+    rois = torch.cat([torch.randint(0, 2, (12, 1)).float(), xy, xy + torch.rand(12, 2) * 40 + 1], 1)
+    return x, feats, rois
+
+
+def test_torch_compile_roi_ops_forward_and_backward():
+    x, feats, rois = _pool_inputs()
+    compiled = torch.compile(_pool_model, fullgraph=True, backend="aot_eager")
+    xc = x.clone().requires_grad_()
+    xe = x.clone().requires_grad_()
+    got = compiled(xc, feats, rois)
+    expected = _pool_model(xe, feats, rois)
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e)
+    (got[0].sum() + got[1].sum()).backward()
+    (expected[0].sum() + expected[1].sum()).backward()
+    torch.testing.assert_close(xc.grad, xe.grad)
+
+
+def test_torch_export_roi_ops():
+    class Model(torch.nn.Module):
+        def forward(self, x, f0, f1, rois):
+            return _pool_model(x, [f0, f1], rois)
+
+    x, feats, rois = _pool_inputs()
+    exported = torch.export.export(Model(), (x, *feats, rois))
+    for got, expected in zip(exported.module()(x, *feats, rois), _pool_model(x, feats, rois)):
+        torch.testing.assert_close(got, expected)

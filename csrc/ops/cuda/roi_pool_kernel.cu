@@ -1,0 +1,180 @@
+// CUDA kernels of roi_pool, forward and backward.
+//
+// One thread per output element (RoI, channel, bin), NCHW input, int64 indices; the bin geometry is the shared
+// roi_math.h code of the CPU kernel. A RoI whose batch index is outside [0, N) trips a device-side assert and is
+// never read. Backward: atomics into a float32 (float64 for double) buffer, or under
+// torch.use_deterministic_algorithms(True) one thread per (image, channel) plane adding every RoI in order.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <cfloat>
+
+#include "ops/common/checks.h"
+#include "ops/common/roi_math.h"
+
+namespace fasterrcnn_ext {
+namespace {
+
+constexpr int kThreads = 256;
+
+int64_t blocks_for(int64_t total) {
+  return std::max<int64_t>(1, std::min<int64_t>((total + kThreads - 1) / kThreads, int64_t{1} << 20));
+}
+
+template <typename scalar_t>
+__global__ void roi_pool_forward_kernel(int64_t total, const scalar_t* __restrict__ input,
+                                        const scalar_t* __restrict__ rois, int64_t batch, int64_t channels,
+                                        int64_t height, int64_t width, int64_t ph, int64_t pw,
+                                        at::opmath_type<scalar_t> scale, scalar_t* __restrict__ out,
+                                        int64_t* __restrict__ argmax) {
+  using acc_t = at::opmath_type<scalar_t>;
+  for (int64_t idx = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; idx < total;
+       idx += static_cast<int64_t>(blockDim.x) * gridDim.x) {
+    const int64_t q = idx % pw;
+    const int64_t p = (idx / pw) % ph;
+    const int64_t c = (idx / (pw * ph)) % channels;
+    const int64_t r = idx / (pw * ph * channels);
+    acc_t roi[5];
+    for (int i = 0; i < 5; ++i) roi[i] = static_cast<acc_t>(rois[5 * r + i]);
+    const bool batch_ok = roi[0] >= 0 && roi[0] < static_cast<acc_t>(batch);
+    CUDA_KERNEL_ASSERT(batch_ok && "roi_pool: a RoI's batch index is outside [0, N)");
+    bool ok = batch_ok;
+    const int64_t start_w = roi_pool_round(roi[1] * scale, ok);
+    const int64_t start_h = roi_pool_round(roi[2] * scale, ok);
+    const int64_t end_w = roi_pool_round(roi[3] * scale, ok);
+    const int64_t end_h = roi_pool_round(roi[4] * scale, ok);
+    const int64_t roi_w = max(end_w - start_w + 1, int64_t{1});
+    const int64_t roi_h = max(end_h - start_h + 1, int64_t{1});
+    int64_t h0 = 0, h1 = 0, w0 = 0, w1 = 0;
+    if (ok) {
+      roi_pool_bin(p, static_cast<acc_t>(roi_h) / static_cast<acc_t>(ph), start_h, height, h0, h1);
+      roi_pool_bin(q, static_cast<acc_t>(roi_w) / static_cast<acc_t>(pw), start_w, width, w0, w1);
+    }
+    const bool empty = h1 <= h0 || w1 <= w0;
+    acc_t best = empty ? acc_t(0) : static_cast<acc_t>(-FLT_MAX);
+    int64_t best_index = -1;
+    if (!empty) {
+      const scalar_t* plane = input + (static_cast<int64_t>(roi[0]) * channels + c) * height * width;
+      for (int64_t h = h0; h < h1; ++h) {
+        for (int64_t w = w0; w < w1; ++w) {
+          const acc_t v = static_cast<acc_t>(plane[h * width + w]);
+          if (v > best) {
+            best = v;
+            best_index = h * width + w;
+          }
+        }
+      }
+    }
+    out[idx] = static_cast<scalar_t>(best);
+    argmax[idx] = best_index;
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+__global__ void roi_pool_backward_kernel(int64_t total, const scalar_t* __restrict__ grad,
+                                         const int64_t* __restrict__ argmax, const scalar_t* __restrict__ rois,
+                                         int64_t batch, int64_t channels, int64_t plane_size, int64_t bins,
+                                         acc_t* __restrict__ grad_input) {
+  for (int64_t idx = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; idx < total;
+       idx += static_cast<int64_t>(blockDim.x) * gridDim.x) {
+    const int64_t c = (idx / bins) % channels;
+    const int64_t r = idx / (bins * channels);
+    const acc_t b = static_cast<acc_t>(rois[5 * r]);
+    const bool batch_ok = b >= 0 && b < static_cast<acc_t>(batch);
+    CUDA_KERNEL_ASSERT(batch_ok && "roi_pool backward: a RoI's batch index is outside [0, N)");
+    const int64_t a = argmax[idx];
+    if (!batch_ok || a < 0 || a >= plane_size) continue;
+    atomicAdd(grad_input + (static_cast<int64_t>(b) * channels + c) * plane_size + a, static_cast<acc_t>(grad[idx]));
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+__global__ void roi_pool_backward_deterministic_kernel(int64_t num_rois, const scalar_t* __restrict__ grad,
+                                                       const int64_t* __restrict__ argmax,
+                                                       const scalar_t* __restrict__ rois, int64_t batch,
+                                                       int64_t channels, int64_t plane_size, int64_t bins,
+                                                       acc_t* __restrict__ grad_input) {
+  const int64_t plane_id = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (plane_id >= batch * channels) return;
+  const int64_t n = plane_id / channels, c = plane_id % channels;
+  acc_t* plane = grad_input + plane_id * plane_size;
+  for (int64_t r = 0; r < num_rois; ++r) {
+    const acc_t b = static_cast<acc_t>(rois[5 * r]);
+    const bool batch_ok = b >= 0 && b < static_cast<acc_t>(batch);
+    CUDA_KERNEL_ASSERT(batch_ok && "roi_pool backward: a RoI's batch index is outside [0, N)");
+    if (!batch_ok || static_cast<int64_t>(b) != n) continue;
+    for (int64_t i = 0; i < bins; ++i) {
+      const int64_t o = (r * channels + c) * bins + i;
+      const int64_t a = argmax[o];
+      if (a >= 0 && a < plane_size) plane[a] += static_cast<acc_t>(grad[o]);
+    }
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> roi_pool_forward_cuda(const at::Tensor& input_in, const at::Tensor& rois_in,
+                                                         double spatial_scale, int64_t pooled_height,
+                                                         int64_t pooled_width) {
+  check_roi_inputs(input_in, rois_in, spatial_scale, pooled_height, pooled_width, "roi_pool");
+  const c10::cuda::CUDAGuard guard(input_in.device());
+  const at::Tensor input = input_in.contiguous(), rois = rois_in.contiguous();
+  const int64_t k = rois.size(0), channels = input.size(1);
+  at::Tensor out = at::empty({k, channels, pooled_height, pooled_width}, input.options());
+  at::Tensor argmax = at::empty({k, channels, pooled_height, pooled_width}, input.options().dtype(at::kLong));
+  const int64_t total = out.numel();
+  if (total == 0) return {out, argmax};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "roi_pool_forward_cuda", [&] {
+    roi_pool_forward_kernel<scalar_t><<<blocks_for(total), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+        total, input.data_ptr<scalar_t>(), rois.data_ptr<scalar_t>(), input.size(0), channels, input.size(2),
+        input.size(3), pooled_height, pooled_width, static_cast<at::opmath_type<scalar_t>>(spatial_scale),
+        out.data_ptr<scalar_t>(), argmax.data_ptr<int64_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {out, argmax};
+}
+
+at::Tensor roi_pool_backward_cuda(const at::Tensor& grad_in, const at::Tensor& rois_in, const at::Tensor& argmax_in,
+                                  double spatial_scale, int64_t pooled_height, int64_t pooled_width,
+                                  int64_t batch_size, int64_t channels, int64_t height, int64_t width) {
+  const int64_t k = rois_in.size(0);
+  TORCH_CHECK(grad_in.dim() == 4 && grad_in.size(0) == k && grad_in.size(1) == channels &&
+                  grad_in.size(2) == pooled_height && grad_in.size(3) == pooled_width,
+              "roi_pool backward: grad must be [K, C, pooled_height, pooled_width] = [", k, ", ", channels, ", ",
+              pooled_height, ", ", pooled_width, "], got ", grad_in.sizes());
+  TORCH_CHECK(argmax_in.sizes() == grad_in.sizes(), "roi_pool backward: argmax must have the shape of grad ",
+              grad_in.sizes(), ", got ", argmax_in.sizes());
+  const c10::cuda::CUDAGuard guard(grad_in.device());
+  const at::Tensor grad = grad_in.contiguous(), rois = rois_in.contiguous(), argmax = argmax_in.to(at::kLong).contiguous();
+  at::Tensor result;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "roi_pool_backward_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    at::Tensor acc = at::zeros({batch_size, channels, height, width},
+                               grad.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
+    const int64_t total = grad.numel(), bins = pooled_height * pooled_width, plane = height * width;
+    cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+    if (total > 0 && at::globalContext().deterministicAlgorithms()) {
+      roi_pool_backward_deterministic_kernel<scalar_t, acc_t><<<blocks_for(batch_size * channels), kThreads, 0, stream>>>(
+          k, grad.data_ptr<scalar_t>(), argmax.data_ptr<int64_t>(), rois.data_ptr<scalar_t>(), batch_size, channels,
+          plane, bins, acc.data_ptr<acc_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    } else if (total > 0) {
+      roi_pool_backward_kernel<scalar_t, acc_t><<<blocks_for(total), kThreads, 0, stream>>>(
+          total, grad.data_ptr<scalar_t>(), argmax.data_ptr<int64_t>(), rois.data_ptr<scalar_t>(), batch_size,
+          channels, plane, bins, acc.data_ptr<acc_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+    result = acc.to(grad.scalar_type());
+  });
+  return result;
+}
+
+}  // namespace
+}  // namespace fasterrcnn_ext
+
+TORCH_LIBRARY_IMPL(fasterrcnn_ext, CUDA, m) {
+  m.impl("roi_pool", &fasterrcnn_ext::roi_pool_forward_cuda);
+  m.impl("_roi_pool_backward", &fasterrcnn_ext::roi_pool_backward_cuda);
+}

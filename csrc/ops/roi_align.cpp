@@ -1,0 +1,25 @@
+// Schemas of RoIAlign and the fused multi-level RoIAlign. Kernels: cpu/roi_align_kernel.cpp,
+// cuda/roi_align_kernel.cu; autocast: autocast/roi_ops_autocast.cpp.
+#include <torch/library.h>
+
+TORCH_LIBRARY_FRAGMENT(fasterrcnn_ext, m) {
+  // torchvision::roi_align's schema and argument order. rois: [K, 5] (batch index, x1, y1, x2, y2).
+  m.def(
+      "roi_align(Tensor input, Tensor rois, float spatial_scale, SymInt pooled_height, SymInt pooled_width, "
+      "int sampling_ratio, bool aligned) -> Tensor");
+  m.def(
+      "_roi_align_backward(Tensor grad, Tensor rois, float spatial_scale, SymInt pooled_height, "
+      "SymInt pooled_width, SymInt batch_size, SymInt channels, SymInt height, SymInt width, int sampling_ratio, "
+      "bool aligned) -> Tensor");
+  // One pass over all RoIs of an FPN: each RoI is pooled from the level
+  // floor(canonical_level + log2(sqrt(area) / canonical_scale) + 1e-6), clamped to the levels given.
+  // scales[l] is the spatial scale of features[l] (a power of 2, finest level first).
+  m.def(
+      "multi_scale_roi_align(Tensor[] features, Tensor rois, float[] scales, SymInt pooled_height, "
+      "SymInt pooled_width, int sampling_ratio, bool aligned, float canonical_scale=224., "
+      "float canonical_level=4.) -> Tensor");
+  m.def(
+      "_multi_scale_roi_align_backward(Tensor grad, Tensor rois, float[] scales, SymInt pooled_height, "
+      "SymInt pooled_width, int sampling_ratio, bool aligned, float canonical_scale, float canonical_level, "
+      "SymInt batch_size, SymInt channels, SymInt[] heights, SymInt[] widths) -> Tensor[]");
+}

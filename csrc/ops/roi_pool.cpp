@@ -1,0 +1,13 @@
+// Schemas of RoIPool. Kernels: cpu/roi_pool_kernel.cpp, cuda/roi_pool_kernel.cu.
+#include <torch/library.h>
+
+TORCH_LIBRARY_FRAGMENT(fasterrcnn_ext, m) {
+  // torchvision::roi_pool's schema. Returns the pooled output and, for the backward, the argmax of each output
+  // element as an index into its (height, width) plane (int64; -1 for an empty bin).
+  m.def(
+      "roi_pool(Tensor input, Tensor rois, float spatial_scale, SymInt pooled_height, SymInt pooled_width) "
+      "-> (Tensor, Tensor)");
+  m.def(
+      "_roi_pool_backward(Tensor grad, Tensor rois, Tensor argmax, float spatial_scale, SymInt pooled_height, "
+      "SymInt pooled_width, SymInt batch_size, SymInt channels, SymInt height, SymInt width) -> Tensor");
+}

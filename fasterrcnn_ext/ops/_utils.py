@@ -1,0 +1,41 @@
+"""Argument helpers shared by the op wrappers."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def pair(size, name: str = "output_size") -> tuple[int, int]:
+    """An int or an (h, w) pair, as torchvision accepts for output_size."""
+    if isinstance(size, int):
+        return size, size
+    if isinstance(size, (tuple, list)) and len(size) == 2 and all(isinstance(s, int) for s in size):
+        return int(size[0]), int(size[1])
+    if isinstance(size, (tuple, list)) and len(size) == 1 and isinstance(size[0], int):
+        return int(size[0]), int(size[0])
+    raise ValueError(f"{name} must be an int or a pair of ints, got {size!r}")
+
+
+def rois_from_boxes(boxes: Tensor | list[Tensor] | tuple[Tensor, ...]) -> Tensor:
+    """``Tensor[K, 5]`` rois (batch index, x1, y1, x2, y2) from either rois or a list of per-image ``Tensor[L, 4]``.
+
+    The batch-index column is built without a Python loop over the tensors' contents and without a host sync.
+    """
+    if isinstance(boxes, Tensor):
+        if boxes.dim() != 2 or boxes.size(1) != 5:
+            raise ValueError(f"boxes must be a Tensor[K, 5] of (batch index, x1, y1, x2, y2) or a list of Tensor[L, 4], "
+                             f"got a tensor of shape {tuple(boxes.shape)}")
+        return boxes
+    if not isinstance(boxes, (list, tuple)) or not all(isinstance(b, Tensor) for b in boxes):
+        raise ValueError(f"boxes must be a Tensor[K, 5] or a list of Tensor[L, 4], got {type(boxes).__name__}")
+    if len(boxes) == 0:
+        raise ValueError("boxes is an empty list: give one Tensor[L, 4] per image (L may be 0)")
+    for i, b in enumerate(boxes):
+        if b.dim() != 2 or b.size(1) != 4:
+            raise ValueError(f"boxes[{i}] must be a Tensor[L, 4], got shape {tuple(b.shape)}")
+    concat = torch.cat(list(boxes), dim=0)
+    counts = torch.tensor([b.size(0) for b in boxes], device=concat.device)
+    ids = torch.arange(len(boxes), device=concat.device, dtype=concat.dtype).repeat_interleave(
+        counts, output_size=concat.size(0))
+    return torch.cat([ids[:, None], concat], dim=1)

@@ -1,0 +1,127 @@
+"""Multi-level RoIAlign for FPNs, mirroring torchvision.ops.MultiScaleRoIAlign, on one fused op.
+
+Shapes: N images, C channels, L pyramid levels (level l is H_l x W_l), K RoIs, (PH, PW) output size.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from .._library import ops as _ops
+from ._registration import channels_last_strides, register_autograd, register_fake
+from ._utils import pair, rois_from_boxes
+from .roi_align import roi_align
+
+
+def multi_scale_roi_align(features: list[Tensor], boxes: Tensor | list[Tensor], output_size, scales: list[float],
+                          sampling_ratio: int = -1, aligned: bool = False, canonical_scale: float = 224.0,
+                          canonical_level: float = 4.0) -> Tensor:
+    """RoIAlign of every RoI from its FPN level, in one op (no Python loop over levels, no host sync).
+
+    Each RoI goes to level ``floor(canonical_level + log2(sqrt(area) / canonical_scale) + 1e-6)`` (FPN paper, eq. 1),
+    clamped to the levels given; ``features[l]`` has spatial scale ``scales[l]`` (powers of 2 halving per level).
+
+    Args:
+        features (list of Tensor[N, C, H_l, W_l]): the pyramid, finest level first.
+        boxes (Tensor[K, 5] or list of Tensor[L, 4]): RoIs in image coordinates.
+        output_size (int or (int, int)): (PH, PW).
+        scales (list of float): the spatial scale of each level, e.g. [1/4, 1/8, 1/16, 1/32].
+
+    Returns:
+        Tensor[K, C, PH, PW].
+    """
+    ph, pw = pair(output_size)
+    rois = rois_from_boxes(boxes)
+    return _ops().multi_scale_roi_align(list(features), rois, [float(s) for s in scales], ph, pw,
+                                        int(sampling_ratio), bool(aligned), float(canonical_scale),
+                                        float(canonical_level))
+
+
+def infer_scale(feature: Tensor, original_size: tuple[int, int]) -> float:
+    """The power-of-2 spatial scale of a feature map for an image of ``original_size`` (torchvision's rule)."""
+    approx = feature.shape[-2] / original_size[0]
+    return 2.0 ** round(math.log2(approx))
+
+
+class MultiScaleRoIAlign(nn.Module):
+    """Multi-scale RoIAlign pooling for FPN detectors (torchvision.ops.MultiScaleRoIAlign), on a fused op.
+
+    Args:
+        featmap_names (list of str): names of the feature maps (keys of the dict given to forward) to pool from.
+        output_size (int or (int, int)): (PH, PW).
+        sampling_ratio (int): RoIAlign samples per bin side (<= 0: adaptive).
+        canonical_scale (int): s0 of the FPN level rule (224, the ImageNet pre-training size).
+        canonical_level (int): k0 of the FPN level rule (4: a 224x224 RoI comes from P4).
+
+    As in torchvision, the scales are inferred from the first batch's shapes and then kept.
+    """
+
+    def __init__(self, featmap_names: list[str], output_size, sampling_ratio: int, *, canonical_scale: int = 224,
+                 canonical_level: int = 4):
+        super().__init__()
+        self.featmap_names = list(featmap_names)
+        self.sampling_ratio = sampling_ratio
+        self.output_size = pair(output_size)
+        self.canonical_scale = canonical_scale
+        self.canonical_level = canonical_level
+        self.scales: list[float] | None = None
+
+    def forward(self, x: dict[str, Tensor], boxes: list[Tensor], image_shapes: list[tuple[int, int]]) -> Tensor:
+        """Pools ``boxes`` (one Tensor[L_i, 4] per image, image coordinates) from the named feature maps of ``x``.
+
+        ``image_shapes`` are the (H, W) of the images after resizing (as in torchvision's ImageList).
+        Returns Tensor[sum L_i, C, PH, PW].
+        """
+        features = [x[name] for name in self.featmap_names if name in x]
+        if not features:
+            raise ValueError(f"MultiScaleRoIAlign: none of the feature maps {self.featmap_names} is in the input "
+                             f"(got {list(x)})")
+        if self.scales is None:
+            original = (max(s[0] for s in image_shapes), max(s[1] for s in image_shapes))
+            self.scales = [infer_scale(f, original) for f in features]
+        rois = rois_from_boxes(boxes)
+        if len(features) == 1:
+            return roi_align(features[0], rois, self.output_size, self.scales[0], self.sampling_ratio)
+        return multi_scale_roi_align(features, rois, self.output_size, self.scales, self.sampling_ratio, False,
+                                     self.canonical_scale, self.canonical_level)
+
+    def __repr__(self) -> str:
+        return (f"{self.__class__.__name__}(featmap_names={self.featmap_names}, output_size={self.output_size}, "
+                f"sampling_ratio={self.sampling_ratio})")
+
+
+@register_fake("fasterrcnn_ext::multi_scale_roi_align")
+def _multi_scale_roi_align_fake(features, rois, scales, pooled_height, pooled_width, sampling_ratio, aligned,
+                                canonical_scale=224.0, canonical_level=4.0):
+    torch._check(len(features) == len(scales), lambda: "multi_scale_roi_align: one scale per feature map")
+    torch._check(rois.dim() == 2 and rois.size(1) == 5, lambda: f"multi_scale_roi_align: rois must be [K, 5]")
+    return features[0].new_empty((rois.size(0), features[0].size(1), pooled_height, pooled_width))
+
+
+@register_fake("fasterrcnn_ext::_multi_scale_roi_align_backward")
+def _multi_scale_roi_align_backward_fake(grad, rois, scales, pooled_height, pooled_width, sampling_ratio, aligned,
+                                         canonical_scale, canonical_level, batch_size, channels, heights, widths):
+    return [grad.new_empty_strided((batch_size, channels, h, w), channels_last_strides(batch_size, channels, h, w))
+            for h, w in zip(heights, widths)]
+
+
+def _setup_context(ctx, inputs, output):
+    features, rois, scales, pooled_height, pooled_width, sampling_ratio, aligned, canonical_scale, canonical_level = (
+        inputs)
+    ctx.save_for_backward(rois)
+    ctx.args = (scales, pooled_height, pooled_width, sampling_ratio, aligned, canonical_scale, canonical_level)
+    ctx.shapes = [f.shape for f in features]
+
+
+def _backward(ctx, grad):
+    (rois,) = ctx.saved_tensors
+    n, c = ctx.shapes[0][0], ctx.shapes[0][1]
+    grads = torch.ops.fasterrcnn_ext._multi_scale_roi_align_backward(
+        grad, rois, *ctx.args, n, c, [s[2] for s in ctx.shapes], [s[3] for s in ctx.shapes])
+    return list(grads), None, None, None, None, None, None, None, None
+
+
+register_autograd("fasterrcnn_ext::multi_scale_roi_align", _backward, _setup_context)

@@ -1,0 +1,80 @@
+"""RoIPool (Fast R-CNN), mirroring torchvision.ops.roi_pool.
+
+Shapes: N images, C channels, H x W feature map, K RoIs, (PH, PW) output size.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from .._library import ops as _ops
+from ._registration import register_autograd, register_fake
+from ._utils import pair, rois_from_boxes
+
+
+def roi_pool(input: Tensor, boxes: Tensor | list[Tensor], output_size, spatial_scale: float = 1.0) -> Tensor:
+    """Max-pools each RoI into a fixed ``output_size`` grid of bins (RoIPool, Fast R-CNN).
+
+    Args:
+        input (Tensor[N, C, H, W]): feature map (NCHW or channels_last), any floating dtype.
+        boxes (Tensor[K, 5] or list of Tensor[L, 4]): RoIs in image coordinates, same dtype as ``input``.
+        output_size (int or (int, int)): (PH, PW).
+        spatial_scale (float): feature-map size / image size.
+
+    Returns:
+        Tensor[K, C, PH, PW]: exactly torchvision.ops.roi_pool's values. Empty bins are 0.
+    """
+    ph, pw = pair(output_size)
+    rois = rois_from_boxes(boxes)
+    output, _ = _ops().roi_pool(input, rois, float(spatial_scale), ph, pw)
+    return output
+
+
+class RoIPool(nn.Module):
+    """Module form of :func:`roi_pool` (torchvision.ops.RoIPool)."""
+
+    def __init__(self, output_size, spatial_scale: float):
+        super().__init__()
+        self.output_size = output_size
+        self.spatial_scale = spatial_scale
+
+    def forward(self, input: Tensor, rois: Tensor | list[Tensor]) -> Tensor:
+        return roi_pool(input, rois, self.output_size, self.spatial_scale)
+
+    def __repr__(self) -> str:
+        return f"{self.__class__.__name__}(output_size={self.output_size}, spatial_scale={self.spatial_scale})"
+
+
+@register_fake("fasterrcnn_ext::roi_pool")
+def _roi_pool_fake(input, rois, spatial_scale, pooled_height, pooled_width):
+    torch._check(rois.dim() == 2 and rois.size(1) == 5, lambda: f"roi_pool: rois must be [K, 5], got {rois.shape}")
+    torch._check(input.dtype == rois.dtype, lambda: "roi_pool: input and rois must have the same dtype")
+    shape = (rois.size(0), input.size(1), pooled_height, pooled_width)
+    return input.new_empty(shape), input.new_empty(shape, dtype=torch.long)
+
+
+@register_fake("fasterrcnn_ext::_roi_pool_backward")
+def _roi_pool_backward_fake(grad, rois, argmax, spatial_scale, pooled_height, pooled_width, batch_size, channels,
+                            height, width):
+    return grad.new_empty((batch_size, channels, height, width))
+
+
+def _roi_pool_setup_context(ctx, inputs, output):
+    input, rois, spatial_scale, pooled_height, pooled_width = inputs
+    _, argmax = output
+    ctx.save_for_backward(rois, argmax)
+    ctx.args = (spatial_scale, pooled_height, pooled_width)
+    ctx.input_shape = input.shape
+
+
+def _roi_pool_backward(ctx, grad, grad_argmax):
+    rois, argmax = ctx.saved_tensors
+    spatial_scale, pooled_height, pooled_width = ctx.args
+    n, c, h, w = ctx.input_shape
+    grad_input = torch.ops.fasterrcnn_ext._roi_pool_backward(
+        grad, rois, argmax, spatial_scale, pooled_height, pooled_width, n, c, h, w)
+    return grad_input, None, None, None, None
+
+
+register_autograd("fasterrcnn_ext::roi_pool", _roi_pool_backward, _roi_pool_setup_context)

@@ -1,0 +1,75 @@
+from collections import OrderedDict
+
+import pytest
+import torch
+import torchvision
+
+import fasterrcnn_ext.ops as ops
+
+
+def fpn_features(batch=2, channels=8, image_hw=(128, 160), levels=4, dtype=torch.float32, device="cpu"):
+    h, w = image_hw
+    return OrderedDict((f"p{i}", torch.randn(batch, channels, h // 2 ** (i + 2), w // 2 ** (i + 2), dtype=dtype,
+                                             device=device)) for i in range(levels))
+
+
+def boxes_of_all_sizes(n, image_hw=(128, 160), dtype=torch.float32, device="cpu"):
+    h, w = image_hw
+    size = torch.exp(torch.empty(n, dtype=torch.float64).uniform_(1.0, 6.0))  # 3 to 400 pixels: every level
+    xy = torch.rand(n, 2, dtype=torch.float64) * torch.tensor([w, h], dtype=torch.float64)
+    return torch.cat([xy, xy + size[:, None]], 1).to(dtype=dtype, device=device)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_matches_torchvision(device, dtype):
+    feats = fpn_features(dtype=dtype, device=device)
+    boxes = [boxes_of_all_sizes(60, dtype=dtype, device=device), boxes_of_all_sizes(45, dtype=dtype, device=device)]
+    # Exact level boundaries: sqrt(area) = 112, 224 and 448 pixels.
+    boxes[0][:3] = torch.tensor([[0, 0, 112, 112], [0, 0, 224, 224], [0, 0, 448, 448]], dtype=dtype, device=device)
+    names = list(feats)
+    ours_m = ops.MultiScaleRoIAlign(names, 7, 2)
+    theirs_m = torchvision.ops.MultiScaleRoIAlign(names, 7, 2)
+    image_shapes = [(128, 160), (120, 150)]
+    fa = OrderedDict((k, v.detach().clone().requires_grad_()) for k, v in feats.items())
+    ft = OrderedDict((k, v.detach().clone().requires_grad_()) for k, v in feats.items())
+    ours = ours_m(fa, boxes, image_shapes)
+    theirs = theirs_m(ft, boxes, image_shapes)
+    tol = dict(rtol=0, atol=2e-5 if dtype == torch.float32 else 1e-10)
+    torch.testing.assert_close(ours, theirs, **tol)
+    grad = torch.randn_like(ours)
+    ours.backward(grad)
+    theirs.backward(grad)
+    for k in feats:
+        torch.testing.assert_close(fa[k].grad, ft[k].grad, **tol)
+
+
+def test_single_level_and_featmap_selection():
+    feats = fpn_features(levels=3)
+    feats["pool"] = torch.randn(2, 8, 2, 3)
+    boxes = [boxes_of_all_sizes(10), boxes_of_all_sizes(7)]
+    for names in (["p1"], ["p0", "p1", "p2"]):
+        ours = ops.MultiScaleRoIAlign(names, (3, 4), -1)(feats, boxes, [(128, 160)] * 2)
+        theirs = torchvision.ops.MultiScaleRoIAlign(names, (3, 4), -1)(feats, boxes, [(128, 160)] * 2)
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=2e-5)
+
+
+def test_empty_boxes():
+    feats = fpn_features()
+    out = ops.MultiScaleRoIAlign(list(feats), 7, 2)(feats, [torch.empty(0, 4), torch.empty(0, 4)], [(128, 160)] * 2)
+    assert out.shape == (0, 8, 7, 7)
+
+
+def test_bad_scales():
+    feats = list(fpn_features().values())
+    rois = torch.tensor([[0, 0, 0, 10, 10.0]])
+    with pytest.raises(RuntimeError, match="scales must halve"):
+        ops.multi_scale_roi_align(feats, rois, 7, [1 / 4, 1 / 16, 1 / 32, 1 / 64])
+    with pytest.raises(RuntimeError, match="got 4 feature maps but 3 scales"):
+        ops.multi_scale_roi_align(feats, rois, 7, [1 / 4, 1 / 8, 1 / 16])
+
+
+def test_opcheck(device):
+    feats = list(fpn_features(device=device).values())
+    rois = torch.cat([torch.randint(0, 2, (20, 1), device=device).float(), boxes_of_all_sizes(20, device=device)], 1)
+    torch.library.opcheck(torch.ops.fasterrcnn_ext.multi_scale_roi_align.default,
+                          (feats, rois, [1 / 4, 1 / 8, 1 / 16, 1 / 32], 7, 7, 2, False, 224.0, 4.0))

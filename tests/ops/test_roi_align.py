@@ -1,0 +1,163 @@
+import pytest
+import torch
+import torchvision
+
+import fasterrcnn_ext.ops as ops
+from tests.ops.roi_inputs import as_box_list, random_rois
+
+TOL = {torch.float32: dict(rtol=0, atol=2e-5), torch.float64: dict(rtol=0, atol=1e-10)}
+
+
+def _forward_backward(fn, x, rois, **kw):
+    x = x.detach().clone().requires_grad_()
+    out = fn(x, rois, **kw)
+    grad_out = torch.linspace(-1, 1, out.numel(), dtype=out.dtype, device=out.device).reshape(out.shape)
+    out.backward(grad_out)
+    return out.detach(), x.grad
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("aligned", [False, True])
+@pytest.mark.parametrize("sampling_ratio", [-1, 2])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "non_contiguous"])
+def test_matches_torchvision(device, dtype, aligned, sampling_ratio, layout):
+    x = torch.randn(2, 8, 24, 30, dtype=dtype, device=device)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    elif layout == "non_contiguous":
+        x = torch.randn(2, 16, 24, 60, dtype=dtype, device=device)[:, ::2, :, ::2]
+        assert not x.is_contiguous()
+    rois = random_rois(40, 2, image_hw=(96, 120), dtype=dtype, device=device)
+    kw = dict(output_size=(5, 4), spatial_scale=0.25, sampling_ratio=sampling_ratio, aligned=aligned)
+    ours = _forward_backward(ops.roi_align, x, rois, **kw)
+    theirs = _forward_backward(torchvision.ops.roi_align, x, rois, **kw)
+    torch.testing.assert_close(ours[0], theirs[0], **TOL[dtype])
+    torch.testing.assert_close(ours[1], theirs[1], **TOL[dtype])
+
+
+def test_list_of_boxes_equals_rois(device):
+    x = torch.randn(3, 4, 20, 20, device=device)
+    rois = random_rois(30, 3, image_hw=(20, 20), device=device)
+    boxes = as_box_list(rois, 3)
+    stacked = torch.cat([torch.cat([torch.full((len(b), 1), float(i), device=device), b], 1)
+                         for i, b in enumerate(boxes)])
+    torch.testing.assert_close(ops.roi_align(x, boxes, 3), ops.roi_align(x, stacked, 3))
+    torch.testing.assert_close(ops.roi_align(x, boxes, 3), torchvision.ops.roi_align(x, boxes, 3))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_types_accumulate_in_float32(device, dtype):
+    x = torch.randn(1, 8, 16, 16, device=device)
+    rois = random_rois(20, 1, image_hw=(16, 16), device=device)
+    ours = ops.roi_align(x.to(dtype), rois.to(dtype), 4, 1.0, 2, True)
+    reference = torchvision.ops.roi_align(x.to(dtype).float(), rois.to(dtype).float(), 4, 1.0, 2, True)
+    assert ours.dtype == dtype
+    # Only the final rounding to the half type differs from a float32 computation.
+    torch.testing.assert_close(ours.float(), reference, rtol=0, atol=float(torch.finfo(dtype).eps) * 4)
+
+
+def test_gradcheck(device):
+    x = torch.randn(1, 2, 8, 9, dtype=torch.float64, device=device, requires_grad=True)
+    rois = random_rois(5, 1, image_hw=(8, 9), max_size=6, dtype=torch.float64, device=device)
+    for aligned in (False, True):
+        assert torch.autograd.gradcheck(lambda t: ops.roi_align(t, rois, 3, 1.0, 2, aligned), (x,))
+
+
+def test_empty_boxes(device):
+    x = torch.randn(2, 3, 10, 10, device=device, requires_grad=True)
+    out = ops.roi_align(x, torch.empty(0, 5, device=device), (4, 5))
+    assert out.shape == (0, 3, 4, 5)
+    out.sum().backward()
+    assert torch.equal(x.grad, torch.zeros_like(x))
+    assert ops.roi_align(x, [torch.empty(0, 4, device=device)] * 2, 2).shape == (0, 3, 2, 2)
+
+
+def test_nan_and_enormous_rois_finish_with_defined_output(device):
+    x = torch.randn(1, 4, 32, 32, device=device, requires_grad=True)
+    rois = torch.tensor([[0, float("nan"), 0, 5, 5],
+                         [0, -1e30, -1e30, 1e30, 1e30],
+                         [0, 0, 0, 1e30, 1e30],
+                         [0, float("inf"), 1, float("inf"), 3],
+                         [0, 1, 1, 8, 8]], device=device)
+    out = ops.roi_align(x, rois, 7, 1.0, -1, False)
+    assert torch.isfinite(out).all()
+    # The sane RoI is unaffected by its neighbours.
+    torch.testing.assert_close(out[4:], torchvision.ops.roi_align(x, rois[4:], 7, 1.0, -1, False))
+    out.sum().backward()
+    assert torch.isfinite(x.grad).all()
+
+
+def test_backward_is_deterministic_and_thread_count_independent():
+    x = torch.randn(2, 64, 40, 40, requires_grad=True)
+    rois = random_rois(300, 2, image_hw=(40, 40))
+    grads = []
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2, 1, 2):
+            torch.set_num_threads(n)
+            x.grad = None
+            ops.roi_align(x, rois, 7, 1.0, 2, True).pow(2).sum().backward()
+            grads.append(x.grad.clone())
+    finally:
+        torch.set_num_threads(threads)
+    for g in grads[1:]:
+        assert torch.equal(g, grads[0])
+
+
+@pytest.mark.parametrize(
+    "input, rois, kw, message",
+    [
+        (torch.rand(2, 3, 8, 8), torch.tensor([[2.0, 0, 0, 4, 4]]), {}, r"rois\[0, 0\] = 2 is not a valid batch index"),
+        (torch.rand(2, 3, 8, 8), torch.tensor([[-1.0, 0, 0, 4, 4]]), {}, r"rois\[0, 0\] = -1 is not a valid batch index"),
+        (torch.rand(2, 3, 8, 8), torch.rand(4, 4), {}, r"boxes must be a Tensor\[K, 5\]"),
+        (torch.rand(2, 3, 8, 8), torch.rand(4, 6), {}, r"boxes must be a Tensor\[K, 5\]"),
+        (torch.rand(2, 3, 8, 8), torch.zeros(1, 5), {"output_size": 0}, r"output_size must be positive"),
+        (torch.rand(2, 3, 8, 8), torch.zeros(1, 5), {"spatial_scale": 0.0}, r"spatial_scale must be positive"),
+        (torch.rand(2, 3, 8, 8), torch.zeros(1, 5), {"spatial_scale": -1.0}, r"spatial_scale must be positive"),
+        (torch.rand(2, 3, 8, 8), torch.zeros(1, 5, dtype=torch.float64), {}, r"same dtype, got Float and Double"),
+        (torch.randint(0, 5, (2, 3, 8, 8)), torch.zeros(1, 5), {}, r"input must be a floating-point tensor"),
+        (torch.rand(3, 8, 8), torch.zeros(1, 5), {}, r"input must be a \[N, C, H, W\] tensor"),
+    ],
+)
+def test_bad_input(input, rois, kw, message):
+    args = dict(output_size=2, spatial_scale=1.0)
+    args.update(kw)
+    with pytest.raises((RuntimeError, ValueError), match=message):
+        ops.roi_align(input, rois, **args)
+
+
+def test_bad_box_list():
+    x = torch.rand(2, 3, 8, 8)
+    with pytest.raises(ValueError, match=r"boxes\[1\] must be a Tensor\[L, 4\]"):
+        ops.roi_align(x, [torch.rand(2, 4), torch.rand(2, 5)], 2)
+
+
+def test_module():
+    m = ops.RoIAlign((3, 3), spatial_scale=0.5, sampling_ratio=2, aligned=True)
+    t = torchvision.ops.RoIAlign((3, 3), spatial_scale=0.5, sampling_ratio=2, aligned=True)
+    x = torch.randn(1, 4, 16, 16)
+    rois = random_rois(10, 1, image_hw=(32, 32))
+    torch.testing.assert_close(m(x, rois), t(x, rois))
+    assert "spatial_scale=0.5" in repr(m)
+
+
+def test_opcheck(device):
+    x = torch.randn(2, 3, 10, 12, device=device)
+    rois = random_rois(6, 2, image_hw=(20, 24), device=device)
+    for aligned in (False, True):
+        torch.library.opcheck(torch.ops.fasterrcnn_ext.roi_align.default, (x, rois, 0.5, 3, 2, 2, aligned))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU visible")
+def test_cuda_deterministic_backward_equals_atomic_backward():
+    x = torch.randn(2, 16, 30, 30, device="cuda", dtype=torch.float64, requires_grad=True)
+    rois = random_rois(100, 2, image_hw=(30, 30), dtype=torch.float64, device="cuda")
+    ops.roi_align(x, rois, 7, 1.0, 2, True).sum().backward()
+    atomic = x.grad.clone()
+    x.grad = None
+    torch.use_deterministic_algorithms(True)
+    try:
+        ops.roi_align(x, rois, 7, 1.0, 2, True).sum().backward()
+    finally:
+        torch.use_deterministic_algorithms(False)
+    torch.testing.assert_close(x.grad, atomic)

@@ -1,0 +1,63 @@
+import pytest
+import torch
+import torchvision
+
+import fasterrcnn_ext.ops as ops
+from tests.ops.roi_inputs import random_rois
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_matches_torchvision_exactly(device, dtype, channels_last):
+    x = torch.randn(2, 8, 24, 30, dtype=dtype, device=device)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    rois = random_rois(50, 2, image_hw=(96, 120), dtype=dtype, device=device)
+    xa = x.detach().clone().requires_grad_()
+    xt = x.detach().clone().requires_grad_()
+    ours = ops.roi_pool(xa, rois, (5, 4), 0.25)
+    theirs = torchvision.ops.roi_pool(xt, rois, (5, 4), 0.25)
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
+    grad = torch.randn_like(ours)
+    ours.backward(grad)
+    theirs.backward(grad)
+    torch.testing.assert_close(xa.grad, xt.grad, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_types(device, dtype):
+    x = torch.randn(1, 4, 16, 16, device=device).to(dtype)
+    rois = random_rois(20, 1, image_hw=(16, 16), device=device).to(dtype)
+    torch.testing.assert_close(ops.roi_pool(x, rois, 3).float(), torchvision.ops.roi_pool(x.float(), rois.float(), 3),
+                               rtol=0, atol=0)
+
+
+def test_gradcheck(device):
+    x = torch.randn(1, 2, 8, 9, dtype=torch.float64, device=device, requires_grad=True)
+    rois = random_rois(5, 1, image_hw=(8, 9), max_size=6, dtype=torch.float64, device=device)
+    assert torch.autograd.gradcheck(lambda t: ops.roi_pool(t, rois, 3, 1.0), (x,))
+
+
+def test_empty_and_degenerate(device):
+    x = torch.randn(2, 3, 10, 10, device=device)
+    assert ops.roi_pool(x, torch.empty(0, 5, device=device), 2).shape == (0, 3, 2, 2)
+    rois = torch.tensor([[0, 50.0, 50, 60, 60],      # entirely outside: empty bins are 0
+                         [1, float("nan"), 0, 4, 4],  # NaN: every bin empty
+                         [0, -1e30, -1e30, 1e30, 1e30]], device=device)
+    out = ops.roi_pool(x, rois, 2)
+    assert torch.equal(out[0], torch.zeros_like(out[0]))
+    assert torch.equal(out[1], torch.zeros_like(out[1]))
+    assert torch.isfinite(out).all()
+
+
+def test_bad_batch_index():
+    with pytest.raises(RuntimeError, match=r"roi_pool: rois\[1, 0\] = 5 is not a valid batch index"):
+        ops.roi_pool(torch.rand(2, 3, 8, 8), torch.tensor([[0.0, 0, 0, 2, 2], [5.0, 0, 0, 2, 2]]), 2)
+
+
+def test_module_and_opcheck(device):
+    m, t = ops.RoIPool(3, 0.5), torchvision.ops.RoIPool(3, 0.5)
+    x = torch.randn(2, 3, 10, 12, device=device)
+    rois = random_rois(6, 2, image_hw=(20, 24), device=device)
+    torch.testing.assert_close(m(x, rois), t(x, rois))
+    torch.library.opcheck(torch.ops.fasterrcnn_ext.roi_pool.default, (x, rois, 0.5, 3, 2))
