@@ -19,7 +19,3 @@ def register_autograd(qualname: str, backward, setup_context) -> None:
     if LOADED:
         torch.library.register_autograd(qualname, backward, setup_context=setup_context)
 
-
-def channels_last_strides(n: int, c: int, h: int, w: int) -> tuple[int, int, int, int]:
-    """Strides of an [N, C, H, W] tensor stored as [N, H, W, C] (what the CPU RoIAlign backward returns)."""
-    return (h * w * c, 1, w * c, c)

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from .._library import ops as _ops
-from ._registration import channels_last_strides, register_autograd, register_fake
+from ._registration import register_autograd, register_fake
 from ._utils import pair, rois_from_boxes
 from .roi_align import roi_align
 
@@ -104,8 +104,7 @@ def _multi_scale_roi_align_fake(features, rois, scales, pooled_height, pooled_wi
 @register_fake("fasterrcnn_ext::_multi_scale_roi_align_backward")
 def _multi_scale_roi_align_backward_fake(grad, rois, scales, pooled_height, pooled_width, sampling_ratio, aligned,
                                          canonical_scale, canonical_level, batch_size, channels, heights, widths):
-    return [grad.new_empty_strided((batch_size, channels, h, w), channels_last_strides(batch_size, channels, h, w))
-            for h, w in zip(heights, widths)]
+    return [grad.new_empty((batch_size, channels, h, w)) for h, w in zip(heights, widths)]
 
 
 def _setup_context(ctx, inputs, output):

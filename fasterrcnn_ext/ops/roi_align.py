@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from .._library import ops as _ops
-from ._registration import channels_last_strides, register_autograd, register_fake
+from ._registration import register_autograd, register_fake
 from ._utils import pair, rois_from_boxes
 
 
@@ -68,8 +68,7 @@ def _roi_align_fake(input, rois, spatial_scale, pooled_height, pooled_width, sam
 @register_fake("fasterrcnn_ext::_roi_align_backward")
 def _roi_align_backward_fake(grad, rois, spatial_scale, pooled_height, pooled_width, batch_size, channels, height,
                              width, sampling_ratio, aligned):
-    return grad.new_empty_strided((batch_size, channels, height, width),
-                                  channels_last_strides(batch_size, channels, height, width))
+    return grad.new_empty((batch_size, channels, height, width))
 
 
 def _roi_align_setup_context(ctx, inputs, output):

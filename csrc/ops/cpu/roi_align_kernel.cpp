@@ -1,12 +1,11 @@
 // CPU kernels of roi_align and multi_scale_roi_align, forward and backward.
 //
-// torchvision loops over RoIs serially and reads NCHW feature maps one channel at a time. Here the feature maps
-// are read channels-last (NHWC; NCHW input is converted once), so every bilinear tap is a contiguous run of C
-// values that the compiler vectorises; the sample positions and weights of each RoI are computed once, per axis,
-// and shared by all channels. The forward runs in parallel over RoIs. The backward runs in parallel over channel
-// blocks: every thread owns its channels of the gradient, so there are no races, and each gradient value is
-// accumulated in RoI order whatever the number of threads (deterministic).
-// roi_align is the one-level case of the multi-level kernel.
+// torchvision loops over RoIs serially, one channel at a time, recomputing the bilinear weights for every channel.
+// Here (see roi_block.h) each task takes one image and one block of 16 channels (8 for float64), copies it into a
+// cache-resident channel-interleaved buffer, and pools every RoI of that image from it: the sample positions and
+// weights are computed once per RoI and axis, and each bilinear tap is one vector FMA over the block. Tasks run in
+// parallel; the backward scatters into the task's own buffer (no races, RoI order: deterministic) and writes it
+// back to the NCHW gradient. roi_align is the one-level case of the multi-level kernel.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -17,62 +16,13 @@
 
 #include "ops/common/checks.h"
 #include "ops/common/roi_math.h"
+#include "ops/cpu/roi_block.h"
 
 namespace fasterrcnn_ext {
 namespace {
 
-// acc[c] += w1 * p1[c] + w2 * p2[c] + w3 * p3[c] + w4 * p4[c]: one bilinear sample for all channels.
-template <typename scalar_t, typename acc_t>
-__attribute__((always_inline)) inline void bilinear_accumulate_impl(acc_t* __restrict__ acc, int64_t n,
-                                                                    const scalar_t* __restrict__ p1,
-                                                                    const scalar_t* __restrict__ p2,
-                                                                    const scalar_t* __restrict__ p3,
-                                                                    const scalar_t* __restrict__ p4, acc_t w1,
-                                                                    acc_t w2, acc_t w3, acc_t w4) {
-  for (int64_t c = 0; c < n; ++c) {
-    acc[c] += w1 * static_cast<acc_t>(p1[c]) + w2 * static_cast<acc_t>(p2[c]) + w3 * static_cast<acc_t>(p3[c]) +
-              w4 * static_cast<acc_t>(p4[c]);
-  }
-}
-
-// p_k[c] += w_k * g[c]: the transpose of one bilinear sample.
-template <typename acc_t>
-__attribute__((always_inline)) inline void bilinear_scatter_impl(acc_t* p1, acc_t* p2, acc_t* p3, acc_t* p4,
-                                                                 const acc_t* __restrict__ g, int64_t n, acc_t w1,
-                                                                 acc_t w2, acc_t w3, acc_t w4) {
-  // p1..p4 may alias (clamped border samples), so the four updates stay separate statements.
-  for (int64_t c = 0; c < n; ++c) p1[c] += w1 * g[c];
-  for (int64_t c = 0; c < n; ++c) p2[c] += w2 * g[c];
-  for (int64_t c = 0; c < n; ++c) p3[c] += w3 * g[c];
-  for (int64_t c = 0; c < n; ++c) p4[c] += w4 * g[c];
-}
-
-FRCNN_CPU_MULTIVERSION void bilinear_accumulate(float* acc, int64_t n, const float* p1, const float* p2,
-                                                const float* p3, const float* p4, float w1, float w2, float w3,
-                                                float w4) {
-  bilinear_accumulate_impl<float, float>(acc, n, p1, p2, p3, p4, w1, w2, w3, w4);
-}
-FRCNN_CPU_MULTIVERSION void bilinear_accumulate(double* acc, int64_t n, const double* p1, const double* p2,
-                                                const double* p3, const double* p4, double w1, double w2,
-                                                double w3, double w4) {
-  bilinear_accumulate_impl<double, double>(acc, n, p1, p2, p3, p4, w1, w2, w3, w4);
-}
-template <typename scalar_t>  // float16, bfloat16: converted on load, accumulated in float
-void bilinear_accumulate(float* acc, int64_t n, const scalar_t* p1, const scalar_t* p2, const scalar_t* p3,
-                         const scalar_t* p4, float w1, float w2, float w3, float w4) {
-  bilinear_accumulate_impl<scalar_t, float>(acc, n, p1, p2, p3, p4, w1, w2, w3, w4);
-}
-
-FRCNN_CPU_MULTIVERSION void bilinear_scatter(float* p1, float* p2, float* p3, float* p4, const float* g, int64_t n,
-                                             float w1, float w2, float w3, float w4) {
-  bilinear_scatter_impl<float>(p1, p2, p3, p4, g, n, w1, w2, w3, w4);
-}
-FRCNN_CPU_MULTIVERSION void bilinear_scatter(double* p1, double* p2, double* p3, double* p4, const double* g,
-                                             int64_t n, double w1, double w2, double w3, double w4) {
-  bilinear_scatter_impl<double>(p1, p2, p3, p4, g, n, w1, w2, w3, w4);
-}
-
 // The valid samples of one RoI, per axis and per bin: bin p of the rows uses ys[y_begin[p] .. y_begin[p + 1]).
+// A sample outside the map on either axis contributes nothing, so it is left out here once for all channels.
 template <typename acc_t>
 struct RoISamples {
   std::vector<AxisWeights<acc_t>> ys, xs;
@@ -102,6 +52,83 @@ struct RoISamples {
     count = g.count;
   }
 };
+
+// out[bin][c] = average over the bin's samples of the bilinear interpolation of buf ([H][W][kBlock]).
+template <typename acc_t>
+__attribute__((always_inline)) inline void pool_roi_impl(const acc_t* __restrict__ buf, int64_t width,
+                                                         const RoISamples<acc_t>& s, int64_t ph, int64_t pw,
+                                                         acc_t* __restrict__ out) {
+  constexpr int64_t B = kBlock<acc_t>;
+  for (int64_t p = 0; p < ph; ++p) {
+    for (int64_t q = 0; q < pw; ++q) {
+      acc_t acc[B] = {};
+      for (int64_t yi = s.y_begin[p]; yi < s.y_begin[p + 1]; ++yi) {
+        const AxisWeights<acc_t>& y = s.ys[yi];
+        const acc_t* row_low = buf + y.low * width * B;
+        const acc_t* row_high = buf + y.high * width * B;
+        for (int64_t xi = s.x_begin[q]; xi < s.x_begin[q + 1]; ++xi) {
+          const AxisWeights<acc_t>& x = s.xs[xi];
+          const acc_t w1 = y.w_low * x.w_low, w2 = y.w_low * x.w_high, w3 = y.w_high * x.w_low,
+                      w4 = y.w_high * x.w_high;
+          const acc_t *p1 = row_low + x.low * B, *p2 = row_low + x.high * B, *p3 = row_high + x.low * B,
+                      *p4 = row_high + x.high * B;
+          for (int64_t c = 0; c < B; ++c) acc[c] += w1 * p1[c] + w2 * p2[c] + w3 * p3[c] + w4 * p4[c];
+        }
+      }
+      acc_t* o = out + (p * pw + q) * B;
+      for (int64_t c = 0; c < B; ++c) o[c] = acc[c] / s.count;
+    }
+  }
+}
+
+// The transpose of pool_roi: buf += each bin's gradient (grad[bin][c] / count) spread over its samples' taps.
+template <typename acc_t>
+__attribute__((always_inline)) inline void unpool_roi_impl(acc_t* buf, int64_t width, const RoISamples<acc_t>& s,
+                                                           int64_t ph, int64_t pw, const acc_t* __restrict__ grad) {
+  constexpr int64_t B = kBlock<acc_t>;
+  for (int64_t p = 0; p < ph; ++p) {
+    for (int64_t q = 0; q < pw; ++q) {
+      acc_t g[B];
+      for (int64_t c = 0; c < B; ++c) g[c] = grad[(p * pw + q) * B + c] / s.count;
+      for (int64_t yi = s.y_begin[p]; yi < s.y_begin[p + 1]; ++yi) {
+        const AxisWeights<acc_t>& y = s.ys[yi];
+        acc_t* row_low = buf + y.low * width * B;
+        acc_t* row_high = buf + y.high * width * B;
+        for (int64_t xi = s.x_begin[q]; xi < s.x_begin[q + 1]; ++xi) {
+          const AxisWeights<acc_t>& x = s.xs[xi];
+          const acc_t w1 = y.w_low * x.w_low, w2 = y.w_low * x.w_high, w3 = y.w_high * x.w_low,
+                      w4 = y.w_high * x.w_high;
+          // The four taps may be the same pixel (clamped at the border): four separate updates.
+          acc_t* t1 = row_low + x.low * B;
+          for (int64_t c = 0; c < B; ++c) t1[c] += w1 * g[c];
+          acc_t* t2 = row_low + x.high * B;
+          for (int64_t c = 0; c < B; ++c) t2[c] += w2 * g[c];
+          acc_t* t3 = row_high + x.low * B;
+          for (int64_t c = 0; c < B; ++c) t3[c] += w3 * g[c];
+          acc_t* t4 = row_high + x.high * B;
+          for (int64_t c = 0; c < B; ++c) t4[c] += w4 * g[c];
+        }
+      }
+    }
+  }
+}
+
+FRCNN_CPU_MULTIVERSION void pool_roi(const float* buf, int64_t width, const RoISamples<float>& s, int64_t ph,
+                                     int64_t pw, float* out) {
+  pool_roi_impl(buf, width, s, ph, pw, out);
+}
+FRCNN_CPU_MULTIVERSION void pool_roi(const double* buf, int64_t width, const RoISamples<double>& s, int64_t ph,
+                                     int64_t pw, double* out) {
+  pool_roi_impl(buf, width, s, ph, pw, out);
+}
+FRCNN_CPU_MULTIVERSION void unpool_roi(float* buf, int64_t width, const RoISamples<float>& s, int64_t ph,
+                                       int64_t pw, const float* grad) {
+  unpool_roi_impl(buf, width, s, ph, pw, grad);
+}
+FRCNN_CPU_MULTIVERSION void unpool_roi(double* buf, int64_t width, const RoISamples<double>& s, int64_t ph,
+                                       int64_t pw, const double* grad) {
+  unpool_roi_impl(buf, width, s, ph, pw, grad);
+}
 
 struct PoolParams {
   int64_t pooled_h, pooled_w, sampling_ratio;
@@ -141,12 +168,12 @@ RoIList<acc_t> read_rois(const at::Tensor& rois_in, int64_t batch_size, const st
     list.batch[r] = static_cast<int64_t>(b);
   }
   if (levels.size() > 1) {
-    // The levels of an FPN: k_min and k_max from the finest and coarsest scales (powers of 2).
+    // The levels of an FPN: k_min and k_max from the finest and coarsest scales (powers of 2, checked).
     const int64_t k_min = static_cast<int64_t>(-std::log2(levels.front().scale));
     const int64_t k_max = static_cast<int64_t>(-std::log2(levels.back().scale));
     for (int64_t r = 0; r < k; ++r) {
       const acc_t* roi = list.roi(r);
-      // fp32 for the level, as torchvision's LevelMapper (the boxes' dtype there; float32 in the models).
+      // float32, as torchvision's LevelMapper computes it on float32 boxes.
       list.level[r] = fpn_level<float>(roi[1], roi[2], roi[3], roi[4], static_cast<float>(canonical_scale),
                                        static_cast<float>(canonical_level), k_min, k_max, 1e-6f);
     }
@@ -154,53 +181,48 @@ RoIList<acc_t> read_rois(const at::Tensor& rois_in, int64_t batch_size, const st
   return list;
 }
 
+// Offsets of each level inside one task's buffer.
+std::vector<int64_t> level_offsets(const std::vector<LevelShape>& levels, int64_t block) {
+  std::vector<int64_t> off{0};
+  for (const LevelShape& l : levels) off.push_back(off.back() + l.height * l.width * block);
+  return off;
+}
+
 template <typename scalar_t>
-at::Tensor roi_align_forward_cpu_typed(const std::vector<at::Tensor>& features_nhwc,
-                                       const std::vector<LevelShape>& levels, const at::Tensor& rois,
-                                       const PoolParams& pp, double canonical_scale, double canonical_level,
-                                       const char* op) {
+at::Tensor roi_align_forward_cpu_typed(const std::vector<at::Tensor>& features, const std::vector<LevelShape>& levels,
+                                       const at::Tensor& rois, const PoolParams& pp, double canonical_scale,
+                                       double canonical_level, const char* op) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t batch = features_nhwc[0].size(0), channels = features_nhwc[0].size(1);
+  constexpr int64_t B = kBlock<acc_t>;
+  const int64_t batch = features[0].size(0), channels = features[0].size(1);
   const RoIList<acc_t> list = read_rois<scalar_t>(rois, batch, levels, canonical_scale, canonical_level, op);
-  const int64_t k = list.size(), ph = pp.pooled_h, pw = pp.pooled_w;
-  at::Tensor output = at::empty({k, channels, ph, pw}, features_nhwc[0].options().memory_format(at::MemoryFormat::Contiguous));
+  const int64_t k = list.size(), ph = pp.pooled_h, pw = pp.pooled_w, bins = ph * pw;
+  at::Tensor output = at::empty({k, channels, ph, pw}, features[0].options().memory_format(at::MemoryFormat::Contiguous));
   if (k == 0 || channels == 0) return output;
-  std::vector<const scalar_t*> data(levels.size());
-  for (size_t l = 0; l < levels.size(); ++l) data[l] = features_nhwc[l].data_ptr<scalar_t>();
+  const RoIsByImage by_image(list.batch, batch);
+  const std::vector<int64_t> offsets = level_offsets(levels, B);
+  const int64_t blocks = (channels + B - 1) / B;
   scalar_t* out = output.data_ptr<scalar_t>();
 
-  at::parallel_for(0, k, 1, [&](int64_t lo, int64_t hi) {
+  at::parallel_for(0, batch * blocks, 1, [&](int64_t lo, int64_t hi) {
+    std::vector<acc_t> buf(offsets.back());
+    std::vector<acc_t> roi_out(bins * B);
     RoISamples<acc_t> s;
-    // One RoI's output, bin-major ([PH * PW, C], a few tens of KB): accumulated in cache, then written to the
-    // NCHW output one channel row at a time. Writing each bin's channels straight to the [K, C, PH, PW] output
-    // would touch a new cache line per value.
-    std::vector<acc_t> roi_out(ph * pw * channels);
-    for (int64_t r = lo; r < hi; ++r) {
-      const int64_t l = list.level[r];
-      const int64_t height = levels[l].height, width = levels[l].width;
-      s.build(list.roi(r), static_cast<acc_t>(levels[l].scale), ph, pw, pp.sampling_ratio, pp.aligned, height, width);
-      const scalar_t* base = data[l] + list.batch[r] * height * width * channels;
-      for (int64_t p = 0; p < ph; ++p) {
-        for (int64_t q = 0; q < pw; ++q) {
-          acc_t* acc = roi_out.data() + (p * pw + q) * channels;
-          std::fill(acc, acc + channels, acc_t(0));
-          for (int64_t yi = s.y_begin[p]; yi < s.y_begin[p + 1]; ++yi) {
-            const AxisWeights<acc_t>& y = s.ys[yi];
-            for (int64_t xi = s.x_begin[q]; xi < s.x_begin[q + 1]; ++xi) {
-              const AxisWeights<acc_t>& x = s.xs[xi];
-              bilinear_accumulate(acc, channels, base + (y.low * width + x.low) * channels,
-                                  base + (y.low * width + x.high) * channels,
-                                  base + (y.high * width + x.low) * channels,
-                                  base + (y.high * width + x.high) * channels, y.w_low * x.w_low,
-                                  y.w_low * x.w_high, y.w_high * x.w_low, y.w_high * x.w_high);
-            }
-          }
-        }
+    for (int64_t task = lo; task < hi; ++task) {
+      const int64_t n = task / blocks, c0 = (task % blocks) * B, nc = std::min(B, channels - c0);
+      if (by_image.begin[n] == by_image.begin[n + 1]) continue;
+      for (size_t l = 0; l < levels.size(); ++l) {
+        gather_channel_block<scalar_t, acc_t>(features[l], n, c0, buf.data() + offsets[l]);
       }
-      const int64_t bins = ph * pw;
-      scalar_t* o = out + r * channels * bins;
-      for (int64_t c = 0; c < channels; ++c) {
-        for (int64_t b = 0; b < bins; ++b) o[c * bins + b] = static_cast<scalar_t>(roi_out[b * channels + c] / s.count);
+      for (int64_t i = by_image.begin[n]; i < by_image.begin[n + 1]; ++i) {
+        const int64_t r = by_image.ids[i], l = list.level[r];
+        s.build(list.roi(r), static_cast<acc_t>(levels[l].scale), ph, pw, pp.sampling_ratio, pp.aligned,
+                levels[l].height, levels[l].width);
+        pool_roi(buf.data() + offsets[l], levels[l].width, s, ph, pw, roi_out.data());
+        scalar_t* o = out + (r * channels + c0) * bins;
+        for (int64_t c = 0; c < nc; ++c) {
+          for (int64_t b = 0; b < bins; ++b) o[c * bins + b] = static_cast<scalar_t>(roi_out[b * B + c]);
+        }
       }
     }
   });
@@ -208,66 +230,50 @@ at::Tensor roi_align_forward_cpu_typed(const std::vector<at::Tensor>& features_n
 }
 
 template <typename scalar_t>
-std::vector<at::Tensor> roi_align_backward_cpu_typed(const at::Tensor& grad, const std::vector<LevelShape>& levels,
+std::vector<at::Tensor> roi_align_backward_cpu_typed(const at::Tensor& grad_in, const std::vector<LevelShape>& levels,
                                                      const at::Tensor& rois, const PoolParams& pp, int64_t batch,
                                                      int64_t channels, double canonical_scale,
                                                      double canonical_level, const char* op) {
   using acc_t = at::opmath_type<scalar_t>;
+  constexpr int64_t B = kBlock<acc_t>;
   const RoIList<acc_t> list = read_rois<scalar_t>(rois, batch, levels, canonical_scale, canonical_level, op);
-  const int64_t k = list.size(), ph = pp.pooled_h, pw = pp.pooled_w;
-  // Gradients accumulate in acc_t, channels-last, then are returned as channels-last tensors.
-  const auto acc_opts = grad.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
-  std::vector<at::Tensor> grad_acc;
-  std::vector<acc_t*> gdata;
-  for (const LevelShape& lv : levels) {
-    grad_acc.push_back(at::zeros({batch, lv.height, lv.width, channels}, acc_opts));
-    gdata.push_back(grad_acc.back().data_ptr<acc_t>());
+  const int64_t k = list.size(), ph = pp.pooled_h, pw = pp.pooled_w, bins = ph * pw;
+  std::vector<at::Tensor> grads;
+  if (k == 0 || channels == 0) {
+    for (const LevelShape& lv : levels) grads.push_back(at::zeros({batch, channels, lv.height, lv.width}, grad_in.options()));
+    return grads;
   }
-  if (k > 0 && channels > 0) {
-    // grad_output as [K, ph, pw, C] so each bin's gradient is a contiguous channel vector.
-    const at::Tensor g_nhwc = grad.permute({0, 2, 3, 1}).to(acc_opts.dtype()).contiguous();
-    const acc_t* g = g_nhwc.data_ptr<acc_t>();
-    constexpr int64_t kMinChannelsPerTask = 16;  // keeps the inner loops long enough to vectorise
-    at::parallel_for(0, channels, kMinChannelsPerTask, [&](int64_t c0, int64_t c1) {
-      RoISamples<acc_t> s;
-      std::vector<acc_t> gbin(c1 - c0);
-      for (int64_t r = 0; r < k; ++r) {
-        const int64_t l = list.level[r];
-        const int64_t height = levels[l].height, width = levels[l].width;
-        s.build(list.roi(r), static_cast<acc_t>(levels[l].scale), ph, pw, pp.sampling_ratio, pp.aligned, height,
-                width);
-        acc_t* base = gdata[l] + list.batch[r] * height * width * channels + c0;
-        for (int64_t p = 0; p < ph; ++p) {
-          for (int64_t q = 0; q < pw; ++q) {
-            const acc_t* gsrc = g + ((r * ph + p) * pw + q) * channels + c0;
-            for (int64_t c = 0; c < c1 - c0; ++c) gbin[c] = gsrc[c] / s.count;
-            for (int64_t yi = s.y_begin[p]; yi < s.y_begin[p + 1]; ++yi) {
-              const AxisWeights<acc_t>& y = s.ys[yi];
-              for (int64_t xi = s.x_begin[q]; xi < s.x_begin[q + 1]; ++xi) {
-                const AxisWeights<acc_t>& x = s.xs[xi];
-                bilinear_scatter(base + (y.low * width + x.low) * channels, base + (y.low * width + x.high) * channels,
-                                 base + (y.high * width + x.low) * channels,
-                                 base + (y.high * width + x.high) * channels, gbin.data(), c1 - c0,
-                                 y.w_low * x.w_low, y.w_low * x.w_high, y.w_high * x.w_low, y.w_high * x.w_high);
-              }
-            }
-          }
-        }
-      }
-    });
-  }
-  std::vector<at::Tensor> result;
-  for (const at::Tensor& t : grad_acc) {
-    // [N, H, W, C] memory viewed as an [N, C, H, W] channels-last tensor.
-    result.push_back(t.permute({0, 3, 1, 2}).to(grad.scalar_type()));
-  }
-  return result;
-}
+  // Every task writes its whole block back (zeros where no RoI reaches), so no zero-fill is needed first.
+  for (const LevelShape& lv : levels) grads.push_back(at::empty({batch, channels, lv.height, lv.width}, grad_in.options()));
+  const at::Tensor grad_t = grad_in.contiguous();
+  const scalar_t* grad = grad_t.data_ptr<scalar_t>();
+  const RoIsByImage by_image(list.batch, batch);
+  const std::vector<int64_t> offsets = level_offsets(levels, B);
+  const int64_t blocks = (channels + B - 1) / B;
 
-std::vector<at::Tensor> to_channels_last(const std::vector<at::Tensor>& features) {
-  std::vector<at::Tensor> out;
-  for (const at::Tensor& f : features) out.push_back(f.contiguous(at::MemoryFormat::ChannelsLast));
-  return out;
+  at::parallel_for(0, batch * blocks, 1, [&](int64_t lo, int64_t hi) {
+    std::vector<acc_t> buf(offsets.back());
+    std::vector<acc_t> roi_grad(bins * B, acc_t(0));
+    RoISamples<acc_t> s;
+    for (int64_t task = lo; task < hi; ++task) {
+      const int64_t n = task / blocks, c0 = (task % blocks) * B, nc = std::min(B, channels - c0);
+      std::fill(buf.begin(), buf.end(), acc_t(0));
+      for (int64_t i = by_image.begin[n]; i < by_image.begin[n + 1]; ++i) {
+        const int64_t r = by_image.ids[i], l = list.level[r];
+        const scalar_t* g = grad + (r * channels + c0) * bins;
+        for (int64_t c = 0; c < nc; ++c) {
+          for (int64_t b = 0; b < bins; ++b) roi_grad[b * B + c] = static_cast<acc_t>(g[c * bins + b]);
+        }
+        s.build(list.roi(r), static_cast<acc_t>(levels[l].scale), ph, pw, pp.sampling_ratio, pp.aligned,
+                levels[l].height, levels[l].width);
+        unpool_roi(buf.data() + offsets[l], levels[l].width, s, ph, pw, roi_grad.data());
+      }
+      for (size_t l = 0; l < levels.size(); ++l) {
+        scatter_channel_block<scalar_t, acc_t>(buf.data() + offsets[l], n, c0, grads[l]);
+      }
+    }
+  });
+  return grads;
 }
 
 at::Tensor roi_align_forward_cpu(const at::Tensor& input, const at::Tensor& rois, double spatial_scale,
@@ -275,10 +281,9 @@ at::Tensor roi_align_forward_cpu(const at::Tensor& input, const at::Tensor& rois
   check_roi_inputs(input, rois, spatial_scale, pooled_height, pooled_width, "roi_align");
   const std::vector<LevelShape> levels{{input.size(2), input.size(3), spatial_scale}};
   const PoolParams pp{pooled_height, pooled_width, sampling_ratio, aligned};
-  const std::vector<at::Tensor> features = to_channels_last({input});
   at::Tensor out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "roi_align_forward_cpu", [&] {
-    out = roi_align_forward_cpu_typed<scalar_t>(features, levels, rois, pp, 0, 0, "roi_align");
+    out = roi_align_forward_cpu_typed<scalar_t>({input}, levels, rois, pp, 0, 0, "roi_align");
   });
   return out;
 }
@@ -307,10 +312,9 @@ at::Tensor multi_scale_roi_align_cpu(at::TensorList features, const at::Tensor& 
   std::vector<LevelShape> levels;
   for (size_t l = 0; l < features.size(); ++l) levels.push_back({features[l].size(2), features[l].size(3), scales[l]});
   const PoolParams pp{pooled_height, pooled_width, sampling_ratio, aligned};
-  const std::vector<at::Tensor> nhwc = to_channels_last(features.vec());
   at::Tensor out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, rois.scalar_type(), "multi_scale_roi_align_cpu", [&] {
-    out = roi_align_forward_cpu_typed<scalar_t>(nhwc, levels, rois, pp, canonical_scale, canonical_level,
+    out = roi_align_forward_cpu_typed<scalar_t>(features.vec(), levels, rois, pp, canonical_scale, canonical_level,
                                                 "multi_scale_roi_align");
   });
   return out;
@@ -325,6 +329,10 @@ std::vector<at::Tensor> multi_scale_roi_align_backward_cpu(const at::Tensor& gra
                                                            at::IntArrayRef widths) {
   TORCH_CHECK(heights.size() == scales.size() && widths.size() == scales.size(),
               "multi_scale_roi_align backward: heights, widths and scales must have the same length");
+  TORCH_CHECK(grad.dim() == 4 && grad.size(0) == rois.size(0) && grad.size(1) == channels &&
+                  grad.size(2) == pooled_height && grad.size(3) == pooled_width,
+              "multi_scale_roi_align backward: grad must be [K, C, pooled_height, pooled_width] = [", rois.size(0),
+              ", ", channels, ", ", pooled_height, ", ", pooled_width, "], got ", grad.sizes());
   std::vector<LevelShape> levels;
   for (size_t l = 0; l < scales.size(); ++l) levels.push_back({heights[l], widths[l], scales[l]});
   const PoolParams pp{pooled_height, pooled_width, sampling_ratio, aligned};

@@ -1,8 +1,9 @@
 // CPU kernels of roi_pool, forward and backward.
 //
-// Forward: channels-last reads (NCHW input is converted once), so each bin's max over its window is a running max
-// over contiguous channel vectors, which the compiler vectorises; parallel over RoIs. Backward: a scatter of each
-// output gradient to its argmax, parallel over channels (each thread owns its planes: no races, deterministic).
+// Forward: one task per (image, block of 16 channels), copied into a cache-resident channel-interleaved buffer
+// (roi_block.h), so each bin's max is a running max over one vector per pixel; tasks run in parallel. Backward: a
+// scatter of each output gradient to its argmax, parallel over channels (each thread owns its planes: no races,
+// deterministic).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -10,36 +11,65 @@
 #include <torch/library.h>
 
 #include <cfloat>
+#include <cstring>
+#include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "ops/common/checks.h"
 #include "ops/common/roi_math.h"
+#include "ops/cpu/roi_block.h"
 
 namespace fasterrcnn_ext {
 namespace {
 
-// Running max of a bin window for all channels; the first occurrence wins ties (strict >), as in torchvision.
-// The index is int32 (a plane has fewer than 2^31 pixels, checked) so the loop has one vector width with float.
-template <typename scalar_t, typename acc_t>
-__attribute__((always_inline)) inline void running_max_impl(acc_t* __restrict__ best, int32_t* __restrict__ arg,
-                                                            const scalar_t* __restrict__ v, int64_t n,
-                                                            int32_t index) {
-  for (int64_t c = 0; c < n; ++c) {
-    const acc_t x = static_cast<acc_t>(v[c]);
-    const bool greater = x > best[c];
-    best[c] = greater ? x : best[c];
-    arg[c] = greater ? index : arg[c];
+// One channel block as a GCC vector (64 bytes): compilers do not vectorise a running max with argmax on their
+// own, so it is written with vector types; each target_clones clone lowers them to its widest registers.
+template <typename acc_t>
+struct BlockVec;
+template <>
+struct BlockVec<float> {
+  typedef float V __attribute__((vector_size(64)));
+  typedef int32_t I __attribute__((vector_size(64)));
+};
+template <>
+struct BlockVec<double> {
+  typedef double V __attribute__((vector_size(64)));
+  typedef int64_t I __attribute__((vector_size(64)));
+};
+template <typename acc_t>
+using block_index_t = std::remove_reference_t<decltype(std::declval<typename BlockVec<acc_t>::I>()[0])>;
+
+// Max over a bin's window of buf ([H][W][kBlock]) for the block's channels; the first occurrence wins ties (strict
+// >, NaN never wins), as in torchvision. The argmax is the index into the (H, W) plane (< 2^31 pixels, checked).
+template <typename acc_t>
+__attribute__((always_inline)) inline void max_pool_bin_impl(const acc_t* __restrict__ buf, int64_t width,
+                                                             int64_t h0, int64_t h1, int64_t w0, int64_t w1,
+                                                             acc_t* __restrict__ best, block_index_t<acc_t>* arg) {
+  using V = typename BlockVec<acc_t>::V;
+  using I = typename BlockVec<acc_t>::I;
+  const bool empty = h1 <= h0 || w1 <= w0;
+  V vbest = V{} + (empty ? acc_t(0) : static_cast<acc_t>(-FLT_MAX));
+  I varg = I{} - 1;
+  for (int64_t h = h0; h < h1; ++h) {
+    for (int64_t w = w0; w < w1; ++w) {
+      V v;
+      std::memcpy(&v, buf + (h * width + w) * kBlock<acc_t>, sizeof(V));
+      const I greater = v > vbest;
+      vbest = greater ? v : vbest;
+      varg = greater ? I{} + static_cast<block_index_t<acc_t>>(h * width + w) : varg;
+    }
   }
+  std::memcpy(best, &vbest, sizeof(V));
+  std::memcpy(arg, &varg, sizeof(I));
 }
-FRCNN_CPU_MULTIVERSION void running_max(float* best, int32_t* arg, const float* v, int64_t n, int32_t index) {
-  running_max_impl<float, float>(best, arg, v, n, index);
+FRCNN_CPU_MULTIVERSION void max_pool_bin(const float* buf, int64_t width, int64_t h0, int64_t h1, int64_t w0,
+                                         int64_t w1, float* best, int32_t* arg) {
+  max_pool_bin_impl(buf, width, h0, h1, w0, w1, best, arg);
 }
-FRCNN_CPU_MULTIVERSION void running_max(double* best, int32_t* arg, const double* v, int64_t n, int32_t index) {
-  running_max_impl<double, double>(best, arg, v, n, index);
-}
-template <typename scalar_t>
-void running_max(float* best, int32_t* arg, const scalar_t* v, int64_t n, int32_t index) {
-  running_max_impl<scalar_t, float>(best, arg, v, n, index);
+FRCNN_CPU_MULTIVERSION void max_pool_bin(const double* buf, int64_t width, int64_t h0, int64_t h1, int64_t w0,
+                                         int64_t w1, double* best, int64_t* arg) {
+  max_pool_bin_impl(buf, width, h0, h1, w0, w1, best, arg);
 }
 
 // The rounded RoI on the feature map (torchvision's RoIPool geometry); `valid` is false for NaN coordinates.
@@ -84,38 +114,46 @@ std::tuple<at::Tensor, at::Tensor> roi_pool_forward_cpu_typed(const at::Tensor& 
     TORCH_CHECK(b >= 0 && b < static_cast<acc_t>(batch), "roi_pool: rois[", r, ", 0] = ", b,
                 " is not a valid batch index: the input has batch size ", batch);
   }
-  const at::Tensor nhwc = input.contiguous(at::MemoryFormat::ChannelsLast);
-  const scalar_t* data = nhwc.data_ptr<scalar_t>();
   scalar_t* out = output.data_ptr<scalar_t>();
   int64_t* arg_out = argmax.data_ptr<int64_t>();
   const acc_t scale = static_cast<acc_t>(spatial_scale);
+  constexpr int64_t B = kBlock<acc_t>;
+  const int64_t blocks = (channels + B - 1) / B, bins = ph * pw;
+  std::vector<int64_t> batch_of_roi(k);
+  for (int64_t r = 0; r < k; ++r) batch_of_roi[r] = static_cast<int64_t>(rois[5 * r]);
+  const RoIsByImage by_image(batch_of_roi, batch);
 
-  at::parallel_for(0, k, 1, [&](int64_t lo, int64_t hi) {
-    std::vector<acc_t> best(channels);
-    std::vector<int32_t> arg(channels);
-    for (int64_t r = lo; r < hi; ++r) {
-      const acc_t* roi = rois + 5 * r;
-      const RoIPoolGeometry<acc_t> g = roi_pool_geometry(roi, scale, ph, pw);
-      const scalar_t* base = data + static_cast<int64_t>(roi[0]) * height * width * channels;
-      for (int64_t p = 0; p < ph; ++p) {
-        int64_t h0 = 0, h1 = 0;
-        if (g.valid) roi_pool_bin(p, g.bin_h, g.start_h, height, h0, h1);
+  at::parallel_for(0, batch * blocks, 1, [&](int64_t lo, int64_t hi) {
+    std::vector<acc_t> buf(height * width * B);
+    std::vector<acc_t> best(bins * B);
+    std::vector<block_index_t<acc_t>> arg(bins * B);
+    std::vector<int64_t> h0(ph), h1(ph), w0(pw), w1(pw);
+    for (int64_t task = lo; task < hi; ++task) {
+      const int64_t n = task / blocks, c0 = (task % blocks) * B, nc = std::min(B, channels - c0);
+      if (by_image.begin[n] == by_image.begin[n + 1]) continue;
+      gather_channel_block<scalar_t, acc_t>(input, n, c0, buf.data());
+      for (int64_t i = by_image.begin[n]; i < by_image.begin[n + 1]; ++i) {
+        const int64_t r = by_image.ids[i];
+        const RoIPoolGeometry<acc_t> g = roi_pool_geometry(rois + 5 * r, scale, ph, pw);
+        for (int64_t p = 0; p < ph; ++p) {
+          h0[p] = h1[p] = 0;
+          if (g.valid) roi_pool_bin(p, g.bin_h, g.start_h, height, h0[p], h1[p]);
+        }
         for (int64_t q = 0; q < pw; ++q) {
-          int64_t w0 = 0, w1 = 0;
-          if (g.valid) roi_pool_bin(q, g.bin_w, g.start_w, width, w0, w1);
-          const bool empty = h1 <= h0 || w1 <= w0;
-          std::fill(best.begin(), best.end(), empty ? acc_t(0) : static_cast<acc_t>(-FLT_MAX));
-          std::fill(arg.begin(), arg.end(), int32_t{-1});
-          for (int64_t h = h0; h < h1; ++h) {
-            for (int64_t w = w0; w < w1; ++w) {
-              running_max(best.data(), arg.data(), base + (h * width + w) * channels, channels,
-                          static_cast<int32_t>(h * width + w));
-            }
+          w0[q] = w1[q] = 0;
+          if (g.valid) roi_pool_bin(q, g.bin_w, g.start_w, width, w0[q], w1[q]);
+        }
+        for (int64_t p = 0; p < ph; ++p) {
+          for (int64_t q = 0; q < pw; ++q) {
+            max_pool_bin(buf.data(), width, h0[p], h1[p], w0[q], w1[q], best.data() + (p * pw + q) * B,
+                         arg.data() + (p * pw + q) * B);
           }
-          const int64_t o = (r * channels * ph + p) * pw + q;
-          for (int64_t c = 0; c < channels; ++c) {
-            out[o + c * ph * pw] = static_cast<scalar_t>(best[c]);
-            arg_out[o + c * ph * pw] = arg[c];
+        }
+        const int64_t o = (r * channels + c0) * bins;
+        for (int64_t c = 0; c < nc; ++c) {
+          for (int64_t b = 0; b < bins; ++b) {
+            out[o + c * bins + b] = static_cast<scalar_t>(best[b * B + c]);
+            arg_out[o + c * bins + b] = arg[b * B + c];
           }
         }
       }
