@@ -60,6 +60,72 @@ def nms_cases(device: str) -> list[Case]:
     return cases
 
 
+def realistic_rois(k: int, image_size=(800, 1344), device="cpu", seed=0) -> torch.Tensor:
+    """[K, 5] RoIs of one image with log-uniform sizes from 20 to 400 pixels and aspect ratios 1:2 to 2:1."""
+    g = torch.Generator().manual_seed(seed)
+    h, w = image_size
+    size = torch.exp(torch.empty(k).uniform_(3.0, 6.0, generator=g))
+    ratio = torch.exp(torch.empty(k).uniform_(-0.7, 0.7, generator=g))
+    bw, bh = size * ratio.sqrt(), size / ratio.sqrt()
+    cx, cy = torch.rand(k, generator=g) * w, torch.rand(k, generator=g) * h
+    boxes = torch.stack([cx - bw / 2, cy - bh / 2, cx + bw / 2, cy + bh / 2], 1)
+    boxes = torch.minimum(boxes.clamp(min=0), torch.tensor([w, h, w, h], dtype=torch.float32))
+    return torch.cat([torch.zeros(k, 1), boxes], 1).to(device)
+
+
+def fpn_features(device="cpu", channels=256, image_size=(800, 1344), seed=0):
+    """P2 to P5 of an FPN for one 800x1344 image: 1x256x200x336 down to 1x256x25x42."""
+    g = torch.Generator().manual_seed(seed)
+    h, w = image_size
+    return {str(i): torch.randn(1, channels, h // 2 ** (i + 2), w // 2 ** (i + 2), generator=g).to(device)
+            for i in range(4)}
+
+
+def roi_cases(device: str) -> list[Case]:
+    cuda = device == "cuda"
+    feats = fpn_features(device)
+    p2 = feats["0"]
+    rois = realistic_rois(1000, device=device)
+    cases = [
+        Case("roi_align fwd, 1x256x200x336, 1000 RoIs, 7x7",
+             lambda: ops.roi_align(p2, rois, 7, 0.25, 2),
+             lambda: torchvision.ops.roi_align(p2, rois, 7, 0.25, 2),
+             target=1.5 if cuda else 10.0),
+    ]
+    if not cuda:
+        p2_cl = p2.contiguous(memory_format=torch.channels_last)
+        cases.append(Case("roi_align fwd, channels_last input",
+                          lambda: ops.roi_align(p2_cl, rois, 7, 0.25, 2),
+                          lambda: torchvision.ops.roi_align(p2_cl, rois, 7, 0.25, 2),
+                          target=10.0))
+
+    def fwd_bwd(module):
+        def run():
+            with torch.enable_grad():
+                x = p2.detach().requires_grad_()
+                out = module.roi_align(x, rois, 7, 0.25, 2)
+                out.backward(grad)
+        return run
+
+    grad = torch.randn(1000, 256, 7, 7, generator=torch.Generator().manual_seed(1)).to(device)
+    cases.append(Case("roi_align fwd+bwd", fwd_bwd(ops), fwd_bwd(torchvision.ops), target=1.0 if cuda else 10.0))
+    cases.append(Case("roi_pool fwd, 1x256x200x336, 1000 RoIs, 7x7",
+                      lambda: ops.roi_pool(p2, rois, 7, 0.25),
+                      lambda: torchvision.ops.roi_pool(p2, rois, 7, 0.25),
+                      target=1.0 if cuda else 10.0))
+    names = list(feats)
+    ours_m = ops.MultiScaleRoIAlign(names, 7, 2)
+    theirs_m = torchvision.ops.MultiScaleRoIAlign(names, 7, 2)
+    boxes = [rois[:, 1:]]
+    shapes = [(800, 1344)]
+    cases.append(Case("MultiScaleRoIAlign, P2-P5, 1000 RoIs",
+                      lambda: ours_m(feats, boxes, shapes),
+                      lambda: theirs_m(feats, boxes, shapes),
+                      target=3.0 if cuda else 10.0))
+    return cases
+
+
 ALL_CASES: dict[str, Callable[[str], list[Case]]] = {
     "nms": nms_cases,
+    "roi": roi_cases,
 }

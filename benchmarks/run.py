@@ -28,7 +28,8 @@ from cases import ALL_CASES  # noqa: E402
 
 
 def _median_seconds(fn, min_run_time: float) -> float:
-    timer = tbench.Timer(stmt="fn()", globals={"fn": fn})
+    # torch.utils.benchmark runs with 1 thread unless told otherwise.
+    timer = tbench.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
     return timer.blocked_autorange(min_run_time=min_run_time).median
 
 
@@ -71,7 +72,7 @@ def run(device: str = "cpu", quick: bool = False, only: list[str] | None = None,
     print(f"fasterrcnn_ext benchmark on {device} ({_device_name(device)})", file=out)
     print(header, file=out)
     print("-" * len(header), file=out)
-    with torch.inference_mode():
+    with torch.no_grad():  # (not inference_mode: the backward cases re-enable grad)
         for group in groups:
             for case in ALL_CASES[group](device):
                 case.ours()

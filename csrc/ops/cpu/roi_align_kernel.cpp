@@ -181,6 +181,22 @@ RoIList<acc_t> read_rois(const at::Tensor& rois_in, int64_t batch_size, const st
   return list;
 }
 
+// The RoIs of each image, ordered by level and then top edge: consecutive RoIs then read overlapping rows of the
+// block buffer, which stay in L1/L2 instead of coming from L3. Ties keep RoI order, so the order (and the backward's
+// summation order) is fixed.
+template <typename acc_t>
+RoIsByImage rois_in_scan_order(const RoIList<acc_t>& list, int64_t batch) {
+  RoIsByImage by_image(list.batch, batch);
+  for (int64_t n = 0; n < batch; ++n) {
+    std::stable_sort(by_image.ids.begin() + by_image.begin[n], by_image.ids.begin() + by_image.begin[n + 1],
+                     [&](int64_t a, int64_t b) {
+                       if (list.level[a] != list.level[b]) return list.level[a] < list.level[b];
+                       return list.roi(a)[2] < list.roi(b)[2];
+                     });
+  }
+  return by_image;
+}
+
 // Offsets of each level inside one task's buffer.
 std::vector<int64_t> level_offsets(const std::vector<LevelShape>& levels, int64_t block) {
   std::vector<int64_t> off{0};
@@ -199,7 +215,7 @@ at::Tensor roi_align_forward_cpu_typed(const std::vector<at::Tensor>& features, 
   const int64_t k = list.size(), ph = pp.pooled_h, pw = pp.pooled_w, bins = ph * pw;
   at::Tensor output = at::empty({k, channels, ph, pw}, features[0].options().memory_format(at::MemoryFormat::Contiguous));
   if (k == 0 || channels == 0) return output;
-  const RoIsByImage by_image(list.batch, batch);
+  const RoIsByImage by_image = rois_in_scan_order(list, batch);
   const std::vector<int64_t> offsets = level_offsets(levels, B);
   const int64_t blocks = (channels + B - 1) / B;
   scalar_t* out = output.data_ptr<scalar_t>();
@@ -247,7 +263,7 @@ std::vector<at::Tensor> roi_align_backward_cpu_typed(const at::Tensor& grad_in, 
   for (const LevelShape& lv : levels) grads.push_back(at::empty({batch, channels, lv.height, lv.width}, grad_in.options()));
   const at::Tensor grad_t = grad_in.contiguous();
   const scalar_t* grad = grad_t.data_ptr<scalar_t>();
-  const RoIsByImage by_image(list.batch, batch);
+  const RoIsByImage by_image = rois_in_scan_order(list, batch);
   const std::vector<int64_t> offsets = level_offsets(levels, B);
   const int64_t blocks = (channels + B - 1) / B;
 
