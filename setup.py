@@ -126,8 +126,10 @@ def _extensions():
     # -fopenmp: at::parallel_for is inline and uses `#pragma omp parallel` when torch's backend is OpenMP;
     # without the flag the pragma is ignored and every "parallel" loop runs on one thread. The libgomp.so.1 it
     # links is the one torch already loaded (same soname), so torch.set_num_threads applies.
-    cxx_flags = ["-O3", "-fvisibility=hidden", "-fopenmp"]
-    nvcc_flags = ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]
+    # -ffp-contract=off / --fmad=false: no fused multiply-adds, so the shared box math rounds like torchvision's
+    # tensor ops and the CPU and CUDA kernels agree bit for bit.
+    cxx_flags = ["-O3", "-fvisibility=hidden", "-fopenmp", "-ffp-contract=off"]
+    nvcc_flags = ["-O3", "--expt-relaxed-constexpr", "-lineinfo", "--fmad=false"]
     define_macros = [("FRCNN_VERSION", f'"{VERSION}"')]
     include_dirs = [os.path.join(ROOT, "csrc")]
     cuda_version, arch_list = None, None

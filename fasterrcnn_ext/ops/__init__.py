@@ -1,11 +1,21 @@
 """Drop-in replacements for torchvision.ops, on fasterrcnn_ext's kernels."""
 
-from .boxes import batched_nms, nms
+from .boxes import (
+    BBOX_XFORM_CLIP,
+    batched_nms,
+    box_iou,
+    clip_boxes_to_image,
+    decode_boxes,
+    encode_boxes,
+    nms,
+    remove_small_boxes,
+)
 from .poolers import MultiScaleRoIAlign, multi_scale_roi_align
 from .roi_align import RoIAlign, roi_align
 from .roi_pool import RoIPool, roi_pool
 
 __all__ = [
-    "nms", "batched_nms",
+    "nms", "batched_nms", "box_iou", "clip_boxes_to_image", "remove_small_boxes", "encode_boxes", "decode_boxes",
+    "BBOX_XFORM_CLIP",
     "roi_align", "RoIAlign", "roi_pool", "RoIPool", "MultiScaleRoIAlign", "multi_scale_roi_align",
 ]

@@ -1,9 +1,13 @@
-"""Box ops, mirroring torchvision.ops.boxes: nms, batched_nms.
+"""Box ops, mirroring torchvision.ops.boxes (nms, batched_nms, box_iou, clip_boxes_to_image, remove_small_boxes) and
+torchvision's BoxCoder (encode_boxes, decode_boxes).
 
-Shapes: N boxes, as ``Tensor[N, 4]`` in (x1, y1, x2, y2) format with 0 <= x1 < x2 and 0 <= y1 < y2.
+Shapes: N (and M) boxes, as ``Tensor[N, 4]`` in (x1, y1, x2, y2) format with 0 <= x1 < x2 and 0 <= y1 < y2;
+C classes.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import Tensor
@@ -73,3 +77,89 @@ def _batched_nms_fake(boxes, scores, idxs, iou_threshold, *, max_keep=-1):
                  lambda: f"batched_nms: boxes must be a [N, 4] tensor, got {boxes.shape}")
     torch._check(scores.dim() == 1 and idxs.dim() == 1, lambda: "batched_nms: scores and idxs must be [N] tensors")
     return _nms_fake_result(boxes, max_keep)
+
+
+# log(1000 / 16): the largest box an image holds over the smallest stride; bounds exp() in decode_boxes.
+BBOX_XFORM_CLIP = math.log(1000.0 / 16)
+
+
+def box_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
+    """Intersection over union of every pair of boxes.
+
+    Args:
+        boxes1 (Tensor[N, 4]), boxes2 (Tensor[M, 4]): boxes in (x1, y1, x2, y2) format, same dtype.
+
+    Returns:
+        Tensor[N, M]: the IoU, in the boxes' dtype (float32 for float16/bfloat16 input, as torchvision).
+    """
+    return _ops().box_iou(boxes1, boxes2)
+
+
+def clip_boxes_to_image(boxes: Tensor, size: tuple[int, int]) -> Tensor:
+    """Clips boxes (Tensor[..., 4]) to an image of ``size`` (height, width): x to [0, width], y to [0, height].
+    NaN coordinates stay NaN, as with torch.clamp."""
+    height, width = size
+    return _ops().clip_boxes_to_image(boxes, int(height), int(width))
+
+
+def remove_small_boxes(boxes: Tensor, min_size: float) -> Tensor:
+    """Indices (Tensor[K], int64) of the boxes (Tensor[N, 4]) whose width and height are both >= min_size.
+    Boxes with NaN sides are removed."""
+    return _ops().remove_small_boxes(boxes, float(min_size))
+
+
+def encode_boxes(reference_boxes: Tensor, proposals: Tensor, weights) -> Tensor:
+    """Regression targets (Tensor[N, 4]: dx, dy, dw, dh) that take ``proposals`` to ``reference_boxes`` (both
+    Tensor[N, 4]); torchvision's BoxCoder.encode_single with ``weights`` (wx, wy, ww, wh)."""
+    return _ops().encode_boxes(reference_boxes, proposals, [float(w) for w in weights])
+
+
+def decode_boxes(rel_codes: Tensor, boxes: Tensor, weights, bbox_xform_clip: float = BBOX_XFORM_CLIP) -> Tensor:
+    """Applies regression deltas to boxes; torchvision's BoxCoder.decode_single.
+
+    Args:
+        rel_codes (Tensor[N, 4 * C]): (dx, dy, dw, dh) per box and class.
+        boxes (Tensor[N, 4]): reference boxes (anchors or proposals), same dtype.
+        weights ((wx, wy, ww, wh)): the deltas are divided by these.
+        bbox_xform_clip (float): upper bound of dw and dh before exp().
+
+    Returns:
+        Tensor[N, 4 * C]: decoded boxes, in (x1, y1, x2, y2) format.
+    """
+    return _ops().decode_boxes(rel_codes, boxes, [float(w) for w in weights], float(bbox_xform_clip))
+
+
+@register_fake("fasterrcnn_ext::box_iou")
+def _box_iou_fake(boxes1, boxes2):
+    torch._check(boxes1.dim() == 2 and boxes1.size(1) == 4 and boxes2.dim() == 2 and boxes2.size(1) == 4,
+                 lambda: "box_iou: boxes must be [N, 4] tensors")
+    dtype = torch.float32 if boxes1.dtype in (torch.float16, torch.bfloat16) else boxes1.dtype
+    return boxes1.new_empty((boxes1.size(0), boxes2.size(0)), dtype=dtype)
+
+
+@register_fake("fasterrcnn_ext::clip_boxes_to_image")
+def _clip_fake(boxes, height, width):
+    return torch.empty_like(boxes, memory_format=torch.contiguous_format)
+
+
+@register_fake("fasterrcnn_ext::remove_small_boxes")
+def _remove_small_fake(boxes, min_size):
+    return boxes.new_empty((torch.library.get_ctx().new_dynamic_size(),), dtype=torch.long)
+
+
+@register_fake("fasterrcnn_ext::encode_boxes")
+def _encode_fake(reference_boxes, proposals, weights):
+    torch._check(len(weights) == 4, lambda: "encode_boxes: weights must have 4 values")
+    return torch.empty_like(reference_boxes, memory_format=torch.contiguous_format)
+
+
+@register_fake("fasterrcnn_ext::decode_boxes")
+def _decode_fake(rel_codes, boxes, weights, bbox_xform_clip):
+    torch._check(len(weights) == 4, lambda: "decode_boxes: weights must have 4 values")
+    return torch.empty_like(rel_codes, memory_format=torch.contiguous_format)
+
+
+@register_fake("fasterrcnn_ext::anchor_grid")
+def _anchor_grid_fake(cell_anchors, grid_sizes, strides):
+    total = sum(grid_sizes[2 * i] * grid_sizes[2 * i + 1] * a.size(0) for i, a in enumerate(cell_anchors))
+    return cell_anchors[0].new_empty((total, 4))

@@ -51,3 +51,59 @@ inline acc_t iou_threshold_as(double threshold) {
 }
 
 }  // namespace fasterrcnn_ext
+
+namespace fasterrcnn_ext {
+
+// Box regression (Faster R-CNN eq. 2), as torchvision's BoxCoder, in acc_t (float32 at least).
+// bbox_xform_clip bounds dw and dh before exp(): log(1000 / 16) keeps a box from growing more than 1000/16 = 62.5x
+// the anchor (the largest box an image holds over the smallest stride), and keeps exp() finite.
+template <typename T>
+struct BoxWeights {
+  T wx, wy, ww, wh;
+};
+
+template <typename T>
+FRCNN_INLINE void decode_box(T dx, T dy, T dw, T dh, T x1, T y1, T x2, T y2, const BoxWeights<T>& w, T clip,
+                             T* out) {
+  const T width = x2 - x1, height = y2 - y1;
+  const T ctr_x = x1 + T(0.5) * width, ctr_y = y1 + T(0.5) * height;
+  dx = dx / w.wx;
+  dy = dy / w.wy;
+  dw = min_of(dw / w.ww, clip);  // NaN stays NaN, as torch.clamp
+  dh = min_of(dh / w.wh, clip);
+  const T pred_ctr_x = dx * width + ctr_x, pred_ctr_y = dy * height + ctr_y;
+  const T pred_w = exp(dw) * width, pred_h = exp(dh) * height;
+  const T half_w = T(0.5) * pred_w, half_h = T(0.5) * pred_h;
+  out[0] = pred_ctr_x - half_w;
+  out[1] = pred_ctr_y - half_h;
+  out[2] = pred_ctr_x + half_w;
+  out[3] = pred_ctr_y + half_h;
+}
+
+// The regression targets that take `proposal` to `reference` (the inverse of decode_box).
+template <typename T>
+FRCNN_INLINE void encode_box(T rx1, T ry1, T rx2, T ry2, T px1, T py1, T px2, T py2, const BoxWeights<T>& w,
+                             T* out) {
+  const T ex_w = px2 - px1, ex_h = py2 - py1;
+  const T ex_ctr_x = px1 + T(0.5) * ex_w, ex_ctr_y = py1 + T(0.5) * ex_h;
+  const T gt_w = rx2 - rx1, gt_h = ry2 - ry1;
+  const T gt_ctr_x = rx1 + T(0.5) * gt_w, gt_ctr_y = ry1 + T(0.5) * gt_h;
+  out[0] = w.wx * (gt_ctr_x - ex_ctr_x) / ex_w;
+  out[1] = w.wy * (gt_ctr_y - ex_ctr_y) / ex_h;
+  out[2] = w.ww * log(gt_w / ex_w);
+  out[3] = w.wh * log(gt_h / ex_h);
+}
+
+// torch.clamp(v, 0, limit): NaN stays NaN.
+template <typename T>
+FRCNN_INLINE T clip_coordinate(T v, T limit) {
+  return v < T(0) ? T(0) : (v > limit ? limit : v);
+}
+
+// torchvision's remove_small_boxes test: both sides at least min_size (NaN sides fail).
+template <typename T>
+FRCNN_INLINE bool box_is_large_enough(T x1, T y1, T x2, T y2, T min_size) {
+  return (x2 - x1) >= min_size && (y2 - y1) >= min_size;
+}
+
+}  // namespace fasterrcnn_ext

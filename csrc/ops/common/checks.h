@@ -88,3 +88,62 @@ inline void check_multi_scale_inputs(at::TensorList features, const at::Tensor& 
 }
 
 }  // namespace fasterrcnn_ext
+
+namespace fasterrcnn_ext {
+
+// Box-coder weights (wx, wy, ww, wh).
+inline void check_box_weights(at::ArrayRef<double> weights, const char* op) {
+  TORCH_CHECK(weights.size() == 4, op, ": weights must have 4 values (wx, wy, ww, wh), got ", weights.size(), ": ",
+              weights);
+}
+
+// decode_boxes arguments: rel_codes [N, 4 * C], boxes [N, 4], same dtype and device.
+inline void check_decode_inputs(const at::Tensor& rel_codes, const at::Tensor& boxes, at::ArrayRef<double> weights) {
+  check_box_weights(weights, "decode_boxes");
+  check_boxes(boxes, "decode_boxes", "boxes");
+  TORCH_CHECK(rel_codes.dim() == 2 && rel_codes.size(1) % 4 == 0 && rel_codes.size(1) > 0,
+              "decode_boxes: rel_codes must be a [N, 4 * C] tensor, got shape ", rel_codes.sizes());
+  TORCH_CHECK(rel_codes.size(0) == boxes.size(0), "decode_boxes: rel_codes and boxes must have the same length, got ",
+              rel_codes.size(0), " and ", boxes.size(0));
+  check_same_dtype(rel_codes, "rel_codes", boxes, "boxes", "decode_boxes");
+  check_same_device(rel_codes, "rel_codes", boxes, "boxes", "decode_boxes");
+}
+
+inline void check_encode_inputs(const at::Tensor& reference, const at::Tensor& proposals,
+                                at::ArrayRef<double> weights) {
+  check_box_weights(weights, "encode_boxes");
+  check_boxes(reference, "encode_boxes", "reference_boxes");
+  check_boxes(proposals, "encode_boxes", "proposals");
+  TORCH_CHECK(reference.size(0) == proposals.size(0),
+              "encode_boxes: reference_boxes and proposals must have the same length, got ", reference.size(0), " and ",
+              proposals.size(0));
+  check_same_dtype(reference, "reference_boxes", proposals, "proposals", "encode_boxes");
+  check_same_device(reference, "reference_boxes", proposals, "proposals", "encode_boxes");
+}
+
+inline void check_clip_inputs(const at::Tensor& boxes, int64_t height, int64_t width) {
+  TORCH_CHECK(boxes.dim() >= 1 && boxes.size(-1) == 4, "clip_boxes_to_image: boxes must be a [..., 4] tensor, got shape ",
+              boxes.sizes());
+  TORCH_CHECK(at::isFloatingType(boxes.scalar_type()),
+              "clip_boxes_to_image: boxes must be a floating-point tensor, got dtype ", boxes.scalar_type());
+  TORCH_CHECK(height >= 0 && width >= 0, "clip_boxes_to_image: the image size must be non-negative, got (", height,
+              ", ", width, ")");
+}
+
+inline void check_anchor_inputs(at::TensorList cell_anchors, at::IntArrayRef grid_sizes, at::IntArrayRef strides) {
+  const size_t levels = cell_anchors.size();
+  TORCH_CHECK(grid_sizes.size() == 2 * levels && strides.size() == 2 * levels, "anchor_grid: got ", levels,
+              " levels of cell anchors, so grid_sizes and strides need ", 2 * levels, " values each (h, w per level), got ",
+              grid_sizes.size(), " and ", strides.size());
+  for (size_t l = 0; l < levels; ++l) {
+    TORCH_CHECK(cell_anchors[l].dim() == 2 && cell_anchors[l].size(1) == 4, "anchor_grid: cell_anchors[", l,
+                "] must be a [A, 4] tensor, got shape ", cell_anchors[l].sizes());
+    TORCH_CHECK(cell_anchors[l].scalar_type() == cell_anchors[0].scalar_type() &&
+                    cell_anchors[l].device() == cell_anchors[0].device(),
+                "anchor_grid: every level's cell anchors must have the dtype and device of level 0");
+    TORCH_CHECK(grid_sizes[2 * l] >= 0 && grid_sizes[2 * l + 1] >= 0, "anchor_grid: grid sizes must be >= 0, got ",
+                grid_sizes);
+  }
+}
+
+}  // namespace fasterrcnn_ext

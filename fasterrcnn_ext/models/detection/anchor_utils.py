@@ -1,0 +1,82 @@
+"""Anchor generation, mirroring torchvision.models.detection.anchor_utils.AnchorGenerator, on one fused op.
+
+Shapes: N images, L feature levels (level l is H_l x W_l), A_l anchors per location, sum_l H_l * W_l * A_l anchors
+per image (257,796 for the design notes' FPN at 800x1344).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+from torchvision.models.detection.image_list import ImageList
+
+from ..._library import ops as _ops
+
+
+class AnchorGenerator(nn.Module):
+    """Anchors for a set of feature maps: for every level, every location and every (size, aspect ratio).
+
+    Same interface and same anchors as torchvision's AnchorGenerator (including the rounding of the base anchors);
+    the grids of all levels come from one op call, with no Python loop over levels or images and no host sync.
+
+    Args:
+        sizes (tuple of tuples of int): anchor sizes (sqrt of area) per level, e.g. ((32,), (64,), ...).
+        aspect_ratios (tuple of tuples of float): height / width ratios per level.
+    """
+
+    def __init__(self, sizes=((128, 256, 512),), aspect_ratios=((0.5, 1.0, 2.0),)):
+        super().__init__()
+        if not isinstance(sizes[0], (list, tuple)):
+            sizes = tuple((s,) for s in sizes)
+        if not isinstance(aspect_ratios[0], (list, tuple)):
+            aspect_ratios = (aspect_ratios,) * len(sizes)
+        if len(sizes) != len(aspect_ratios):
+            raise ValueError(f"AnchorGenerator: sizes ({len(sizes)} levels) and aspect_ratios "
+                             f"({len(aspect_ratios)} levels) must have the same length")
+        self.sizes = sizes
+        self.aspect_ratios = aspect_ratios
+        self.cell_anchors = [self.generate_anchors(size, ratio) for size, ratio in zip(sizes, aspect_ratios)]
+
+    @staticmethod
+    def generate_anchors(scales, aspect_ratios, dtype: torch.dtype = torch.float32,
+                         device: torch.device = torch.device("cpu")) -> Tensor:
+        """Zero-centred anchors [A, 4] of one level, rounded to integers as torchvision does."""
+        scales = torch.as_tensor(scales, dtype=dtype, device=device)
+        aspect_ratios = torch.as_tensor(aspect_ratios, dtype=dtype, device=device)
+        h_ratios = torch.sqrt(aspect_ratios)
+        w_ratios = 1 / h_ratios
+        ws = (w_ratios[:, None] * scales[None, :]).view(-1)
+        hs = (h_ratios[:, None] * scales[None, :]).view(-1)
+        base_anchors = torch.stack([-ws, -hs, ws, hs], dim=1) / 2
+        return base_anchors.round()
+
+    def set_cell_anchors(self, dtype: torch.dtype, device: torch.device) -> None:
+        self.cell_anchors = [a.to(dtype=dtype, device=device) for a in self.cell_anchors]
+
+    def num_anchors_per_location(self) -> list[int]:
+        return [len(s) * len(a) for s, a in zip(self.sizes, self.aspect_ratios)]
+
+    def all_anchors(self, grid_sizes: list[tuple[int, int]], strides: list[tuple[int, int]]) -> Tensor:
+        """The anchors of every level in one Tensor[sum_l H_l * W_l * A_l, 4] (level, row, column, anchor order)."""
+        if len(grid_sizes) != len(self.cell_anchors):
+            raise ValueError(f"AnchorGenerator: got {len(grid_sizes)} feature maps but anchors for "
+                             f"{len(self.cell_anchors)} levels (sizes={self.sizes})")
+        flat_sizes = [int(v) for g in grid_sizes for v in g]
+        flat_strides = [int(v) for s in strides for v in s]
+        return _ops().anchor_grid(self.cell_anchors, flat_sizes, flat_strides)
+
+    def grid_anchors(self, grid_sizes: list[tuple[int, int]], strides: list[tuple[int, int]]) -> list[Tensor]:
+        """torchvision's per-level list of anchors."""
+        anchors = self.all_anchors(grid_sizes, strides)
+        counts = [g[0] * g[1] * a.size(0) for g, a in zip(grid_sizes, self.cell_anchors)]
+        return list(anchors.split(counts))
+
+    def forward(self, image_list: ImageList, feature_maps: list[Tensor]) -> list[Tensor]:
+        """One Tensor[sum_l H_l * W_l * A_l, 4] per image (all images of a batch share one padded size, so the
+        same tensor is returned for each: treat it as read-only)."""
+        grid_sizes = [tuple(f.shape[-2:]) for f in feature_maps]
+        image_size = image_list.tensors.shape[-2:]
+        strides = [(image_size[0] // g[0], image_size[1] // g[1]) for g in grid_sizes]
+        self.set_cell_anchors(feature_maps[0].dtype, feature_maps[0].device)
+        anchors = self.all_anchors(grid_sizes, strides)
+        return [anchors for _ in range(len(image_list.image_sizes))]
