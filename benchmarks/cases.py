@@ -125,7 +125,63 @@ def roi_cases(device: str) -> list[Case]:
     return cases
 
 
+def box_cases(device: str) -> list[Case]:
+    from torchvision.models.detection._utils import BoxCoder
+    from torchvision.models.detection.anchor_utils import AnchorGenerator
+    from torchvision.models.detection.image_list import ImageList
+    from torchvision.models.detection.roi_heads import RoIHeads
+    from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead
+
+    from fasterrcnn_ext.models.detection import AnchorGenerator as OurAnchorGenerator
+
+    cuda = device == "cuda"
+    g = torch.Generator().manual_seed(0)
+    sizes, ratios = ((32,), (64,), (128,), (256,), (512,)), ((0.5, 1.0, 2.0),) * 5
+    cases = []
+    # The design notes' FPN at 800 pixels: an image padded to 768x1344, 257,796 anchors.
+    feats = [torch.zeros(2, 1, 768 // s, 1344 // s, device=device) for s in (4, 8, 16, 32)]
+    feats.append(torch.zeros(2, 1, 12, 21, device=device))
+    ours_gen, theirs_gen = OurAnchorGenerator(sizes, ratios), AnchorGenerator(sizes, ratios)
+    images = ImageList(torch.zeros(1, 3, 768, 1344, device=device), [(750, 1333)])
+    cases.append(Case("anchors, FPN at 768x1344 (257,796)", lambda: ours_gen(images, feats),
+                      lambda: theirs_gen(images, feats), target=1.0))
+    anchors = theirs_gen(images, feats)[0]
+    per_level = [f.shape[-2] * f.shape[-1] * 3 for f in feats]
+    total = anchors.shape[0]
+    deltas = (torch.randn(2, total, 4, generator=g) * 0.3).to(device)
+    objectness = (torch.randn(2, total, generator=g) * 2).to(device)
+    coder = BoxCoder((1.0, 1.0, 1.0, 1.0))
+    cases.append(Case("decode 257,796 anchors (BoxCoder)", lambda: ops.decode_boxes(deltas[0], anchors, (1, 1, 1, 1)),
+                      lambda: coder.decode_single(deltas[0], anchors), target=2.0))
+    rpn = RegionProposalNetwork(theirs_gen, RPNHead(1, 3), 0.7, 0.3, 256, 0.5, dict(training=2000, testing=1000),
+                                dict(training=2000, testing=1000), 0.7).eval()
+    for batch in (1, 2):
+        image_sizes = [(750, 1333), (768, 1100)][:batch]
+
+        def theirs(batch=batch, image_sizes=image_sizes):
+            proposals = coder.decode(deltas[:batch], [anchors] * batch).view(batch, -1, 4)
+            return rpn.filter_proposals(proposals, objectness[:batch], image_sizes, per_level)
+
+        def ours(batch=batch, image_sizes=image_sizes):
+            return ops.rpn_proposals(objectness[:batch], deltas[:batch], anchors, per_level, image_sizes, 1000, 1000,
+                                     0.7)
+
+        cases.append(Case(f"RPN proposal selection, R50-FPN 800px, batch {batch}", ours, theirs,
+                          target=3.0 if cuda else 5.0))
+    heads = RoIHeads(None, None, None, 0.5, 0.5, 512, 0.25, None, 0.05, 0.5, 100)
+    xy = torch.rand(1000, 2, generator=g) * torch.tensor([1200.0, 700.0])
+    proposals = [torch.cat([xy, xy + torch.rand(1000, 2, generator=g) * 300 + 4], 1).to(device)]
+    class_logits = (torch.randn(1000, 91, generator=g) * 3).to(device)
+    box_regression = torch.randn(1000, 364, generator=g).to(device)
+    cases.append(Case("detection post-processing, 1000 proposals, 91 classes",
+                      lambda: ops.detection_postprocess(class_logits, box_regression, proposals, [(750, 1333)]),
+                      lambda: heads.postprocess_detections(class_logits, box_regression, proposals, [(750, 1333)]),
+                      target=3.0))
+    return cases
+
+
 ALL_CASES: dict[str, Callable[[str], list[Case]]] = {
+    "boxes": box_cases,
     "nms": nms_cases,
     "roi": roi_cases,
 }

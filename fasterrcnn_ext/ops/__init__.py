@@ -11,11 +11,12 @@ from .boxes import (
     remove_small_boxes,
 )
 from .poolers import MultiScaleRoIAlign, multi_scale_roi_align
+from .postprocess import detection_postprocess, rpn_proposals
 from .roi_align import RoIAlign, roi_align
 from .roi_pool import RoIPool, roi_pool
 
 __all__ = [
     "nms", "batched_nms", "box_iou", "clip_boxes_to_image", "remove_small_boxes", "encode_boxes", "decode_boxes",
-    "BBOX_XFORM_CLIP",
+    "BBOX_XFORM_CLIP", "rpn_proposals", "detection_postprocess",
     "roi_align", "RoIAlign", "roi_pool", "RoIPool", "MultiScaleRoIAlign", "multi_scale_roi_align",
 ]

@@ -147,3 +147,61 @@ inline void check_anchor_inputs(at::TensorList cell_anchors, at::IntArrayRef gri
 }
 
 }  // namespace fasterrcnn_ext
+
+namespace fasterrcnn_ext {
+
+inline void check_rpn_inputs(const at::Tensor& objectness, const at::Tensor& deltas, const at::Tensor& anchors,
+                             at::IntArrayRef num_anchors_per_level, at::IntArrayRef image_sizes) {
+  const char* op = "rpn_proposals";
+  TORCH_CHECK(objectness.dim() == 2, op, ": objectness must be a [N, A] tensor of logits, got shape ",
+              objectness.sizes());
+  TORCH_CHECK(deltas.dim() == 3 && deltas.size(2) == 4 && deltas.size(0) == objectness.size(0) &&
+                  deltas.size(1) == objectness.size(1),
+              op, ": deltas must be [N, A, 4] = [", objectness.size(0), ", ", objectness.size(1),
+              ", 4] to match objectness, got ", deltas.sizes());
+  TORCH_CHECK(anchors.dim() == 2 && anchors.size(1) == 4 && anchors.size(0) == objectness.size(1), op,
+              ": anchors must be [A, 4] = [", objectness.size(1), ", 4] to match objectness, got ", anchors.sizes());
+  check_same_dtype(objectness, "objectness", deltas, "deltas", op);
+  check_same_dtype(objectness, "objectness", anchors, "anchors", op);
+  TORCH_CHECK(at::isFloatingType(objectness.scalar_type()), op, ": objectness must be floating point, got ",
+              objectness.scalar_type());
+  int64_t total = 0;
+  for (int64_t n : num_anchors_per_level) {
+    TORCH_CHECK(n >= 0, op, ": num_anchors_per_level must be >= 0, got ", num_anchors_per_level);
+    total += n;
+  }
+  TORCH_CHECK(total == objectness.size(1), op, ": num_anchors_per_level ", num_anchors_per_level, " sums to ", total,
+              " but objectness has ", objectness.size(1), " anchors");
+  TORCH_CHECK(static_cast<int64_t>(image_sizes.size()) == 2 * objectness.size(0), op,
+              ": image_sizes must hold (height, width) for each of the ", objectness.size(0), " images, got ",
+              image_sizes.size(), " values");
+}
+
+inline void check_detection_inputs(const at::Tensor& class_logits, const at::Tensor& box_regression,
+                                   const at::Tensor& proposals, at::IntArrayRef boxes_per_image,
+                                   at::IntArrayRef image_sizes, at::ArrayRef<double> weights) {
+  const char* op = "detection_postprocess";
+  TORCH_CHECK(class_logits.dim() == 2 && class_logits.size(1) >= 1, op,
+              ": class_logits must be a [K, C] tensor, got shape ", class_logits.sizes());
+  const int64_t k = class_logits.size(0), c = class_logits.size(1);
+  TORCH_CHECK(box_regression.dim() == 2 && box_regression.size(0) == k && box_regression.size(1) == 4 * c, op,
+              ": box_regression must be [K, 4 * C] = [", k, ", ", 4 * c, "] to match class_logits, got ",
+              box_regression.sizes());
+  TORCH_CHECK(proposals.dim() == 2 && proposals.size(0) == k && proposals.size(1) == 4, op,
+              ": proposals must be [K, 4] = [", k, ", 4] to match class_logits, got ", proposals.sizes());
+  check_same_dtype(class_logits, "class_logits", box_regression, "box_regression", op);
+  check_same_dtype(class_logits, "class_logits", proposals, "proposals", op);
+  check_box_weights(weights, op);
+  int64_t total = 0;
+  for (int64_t n : boxes_per_image) {
+    TORCH_CHECK(n >= 0, op, ": boxes_per_image must be >= 0, got ", boxes_per_image);
+    total += n;
+  }
+  TORCH_CHECK(total == k, op, ": boxes_per_image ", boxes_per_image, " sums to ", total, " but there are ", k,
+              " proposals");
+  TORCH_CHECK(image_sizes.size() == 2 * boxes_per_image.size(), op,
+              ": image_sizes must hold (height, width) for each of the ", boxes_per_image.size(), " images, got ",
+              image_sizes.size(), " values");
+}
+
+}  // namespace fasterrcnn_ext

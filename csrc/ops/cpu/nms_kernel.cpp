@@ -22,6 +22,7 @@
 
 #include "ops/common/box_math.h"
 #include "ops/common/checks.h"
+#include "ops/cpu/nms_cpu.h"
 
 namespace fasterrcnn_ext {
 namespace {
@@ -126,38 +127,27 @@ struct ScoreOrder {
   }
 };
 
-template <typename scalar_t>
-at::Tensor nms_cpu_typed(const at::Tensor& boxes_in, const at::Tensor& scores_in, const at::Tensor* idxs_in,
-                         double iou_threshold, int64_t max_keep) {
-  using acc_t = at::opmath_type<scalar_t>;
-  const int64_t n = boxes_in.size(0);
-  const at::Tensor boxes = boxes_in.contiguous();
-  const scalar_t* box = boxes.data_ptr<scalar_t>();
+}  // namespace
 
-  std::vector<acc_t> score(n);
-  {
-    const at::Tensor scores = scores_in.contiguous();
-    const scalar_t* s = scores.data_ptr<scalar_t>();
-    for (int64_t k = 0; k < n; ++k) score[k] = static_cast<acc_t>(s[k]);
-  }
+template <typename acc_t>
+std::vector<int64_t> nms_keep(const acc_t* boxes, const acc_t* scores, const int64_t* classes, int64_t n,
+                              double iou_threshold, int64_t max_keep) {
+  if (n == 0 || max_keep == 0) return {};
   std::vector<int64_t> order(n);
   std::iota(order.begin(), order.end(), int64_t{0});
-
+  const ScoreOrder<acc_t> by_score{scores};
   // Segments of one class each: [seg_begin[c], seg_begin[c + 1]).
   std::vector<int64_t> seg_begin{0};
-  if (idxs_in != nullptr) {
-    const at::Tensor idxs_t = idxs_in->to(at::kLong).contiguous();
-    const int64_t* cls = idxs_t.data_ptr<int64_t>();
-    const ScoreOrder<acc_t> by_score{score.data()};
+  if (classes != nullptr) {
     std::sort(order.begin(), order.end(), [&](int64_t a, int64_t b) {
-      if (cls[a] != cls[b]) return cls[a] < cls[b];
+      if (classes[a] != classes[b]) return classes[a] < classes[b];
       return by_score(a, b);
     });
     for (int64_t k = 1; k < n; ++k) {
-      if (cls[order[k]] != cls[order[k - 1]]) seg_begin.push_back(k);
+      if (classes[order[k]] != classes[order[k - 1]]) seg_begin.push_back(k);
     }
   } else {
-    std::sort(order.begin(), order.end(), ScoreOrder<acc_t>{score.data()});
+    std::sort(order.begin(), order.end(), by_score);
   }
   seg_begin.push_back(n);
   const int64_t num_segments = static_cast<int64_t>(seg_begin.size()) - 1;
@@ -165,11 +155,11 @@ at::Tensor nms_cpu_typed(const at::Tensor& boxes_in, const at::Tensor& scores_in
   SortedBoxes<acc_t> b(n);
   at::parallel_for(0, n, 4096, [&](int64_t lo, int64_t hi) {
     for (int64_t k = lo; k < hi; ++k) {
-      const scalar_t* p = box + 4 * order[k];
-      b.x1[k] = static_cast<acc_t>(p[0]);
-      b.y1[k] = static_cast<acc_t>(p[1]);
-      b.x2[k] = static_cast<acc_t>(p[2]);
-      b.y2[k] = static_cast<acc_t>(p[3]);
+      const acc_t* p = boxes + 4 * order[k];
+      b.x1[k] = p[0];
+      b.y1[k] = p[1];
+      b.x2[k] = p[2];
+      b.y2[k] = p[3];
       b.area[k] = box_area(b.x1[k], b.y1[k], b.x2[k], b.y2[k]);
       b.pos[k] = order[k];
     }
@@ -190,11 +180,28 @@ at::Tensor nms_cpu_typed(const at::Tensor& boxes_in, const at::Tensor& scores_in
   for (int64_t c = 0; c < num_segments; ++c) {
     keep.insert(keep.end(), keep_buf.begin() + seg_begin[c], keep_buf.begin() + seg_begin[c] + kept_count[c]);
   }
-  if (num_segments > 1) {
-    std::sort(keep.begin(), keep.end(), ScoreOrder<acc_t>{score.data()});
-  }
+  if (num_segments > 1) std::sort(keep.begin(), keep.end(), by_score);
   if (max_keep >= 0 && static_cast<int64_t>(keep.size()) > max_keep) keep.resize(max_keep);
+  return keep;
+}
 
+template std::vector<int64_t> nms_keep<float>(const float*, const float*, const int64_t*, int64_t, double, int64_t);
+template std::vector<int64_t> nms_keep<double>(const double*, const double*, const int64_t*, int64_t, double, int64_t);
+
+namespace {
+
+template <typename scalar_t>
+at::Tensor nms_cpu_typed(const at::Tensor& boxes_in, const at::Tensor& scores_in, const at::Tensor* idxs_in,
+                         double iou_threshold, int64_t max_keep) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const auto acc_type = c10::CppTypeToScalarType<acc_t>::value;
+  const at::Tensor boxes = boxes_in.to(acc_type).contiguous(), scores = scores_in.to(acc_type).contiguous();
+  at::Tensor classes;
+  if (idxs_in != nullptr) classes = idxs_in->to(at::kLong).contiguous();
+  const std::vector<int64_t> keep =
+      nms_keep<acc_t>(boxes.data_ptr<acc_t>(), scores.data_ptr<acc_t>(),
+                      idxs_in != nullptr ? classes.data_ptr<int64_t>() : nullptr, boxes.size(0), iou_threshold,
+                      max_keep);
   at::Tensor out = at::empty({static_cast<int64_t>(keep.size())}, boxes_in.options().dtype(at::kLong));
   std::copy(keep.begin(), keep.end(), out.data_ptr<int64_t>());
   return out;

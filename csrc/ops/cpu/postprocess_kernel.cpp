@@ -1,0 +1,272 @@
+// Fused CPU kernels of rpn_proposals and detection_postprocess.
+//
+// torchvision decodes every anchor (257,796 at 800 pixels) and runs the selection as a chain of tensor ops and a
+// Python loop over images. Here: the top-k per level is an nth_element over the logits; only the selected anchors
+// are decoded; clipping, the size and score tests and the per-level (per-class) NMS run in one pass per image, with
+// the images (and, for the top-k, the levels) in parallel. Box math: box_math.h, in acc_t.
+// NaN logits or deltas: such candidates are dropped (NaN scores fail the score test, NaN boxes the size test), so
+// every output is finite.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <numeric>
+#include <vector>
+
+#include "ops/common/box_math.h"
+#include "ops/common/checks.h"
+#include "ops/cpu/nms_cpu.h"
+
+namespace fasterrcnn_ext {
+namespace {
+
+// log(1000 / 16): see decode_box.
+constexpr double kBBoxXformClip = 4.135166556742356;
+
+// Indices (relative to `values`) of the k largest values; NaN ranks below every number. Order: increasing index.
+template <typename acc_t>
+std::vector<int64_t> top_k_indices(const acc_t* values, int64_t n, int64_t k) {
+  std::vector<int64_t> out;
+  if (k <= 0 || n <= 0) return out;
+  if (k >= n) {
+    out.resize(n);
+    std::iota(out.begin(), out.end(), int64_t{0});
+    return out;
+  }
+  std::vector<acc_t> v(values, values + n);
+  for (acc_t& x : v) {
+    if (std::isnan(x)) x = -std::numeric_limits<acc_t>::infinity();
+  }
+  std::nth_element(v.begin(), v.begin() + (k - 1), v.end(), std::greater<acc_t>());
+  const acc_t kth = v[k - 1];
+  int64_t above = 0;  // values strictly above the k-th: all taken; ties at the k-th taken by lower index
+  for (int64_t i = 0; i < n; ++i) above += values[i] > kth;
+  int64_t ties_left = k - above;
+  out.reserve(k);
+  for (int64_t i = 0; i < n; ++i) {
+    const acc_t x = std::isnan(values[i]) ? -std::numeric_limits<acc_t>::infinity() : values[i];
+    if (x > kth || (x == kth && ties_left-- > 0)) out.push_back(i);
+  }
+  return out;
+}
+
+template <typename acc_t>
+acc_t sigmoid(acc_t x) {
+  return acc_t(1) / (acc_t(1) + std::exp(-x));
+}
+
+// Kept boxes of one image, in output order.
+template <typename acc_t>
+struct ImageResult {
+  std::vector<acc_t> boxes, scores;
+  std::vector<int64_t> labels;
+};
+
+// Candidates of one image before NMS.
+template <typename acc_t>
+struct Candidates {
+  std::vector<acc_t> boxes, scores;
+  std::vector<int64_t> classes;
+  void add(const acc_t* box, acc_t score, int64_t cls) {
+    boxes.insert(boxes.end(), box, box + 4);
+    scores.push_back(score);
+    classes.push_back(cls);
+  }
+  int64_t size() const { return static_cast<int64_t>(scores.size()); }
+};
+
+// NMS per class of one image's candidates; the kept boxes, scores and classes in score order.
+template <typename acc_t>
+ImageResult<acc_t> suppress(const Candidates<acc_t>& c, double nms_thresh, int64_t max_keep) {
+  ImageResult<acc_t> r;
+  const std::vector<int64_t> keep =
+      nms_keep<acc_t>(c.boxes.data(), c.scores.data(), c.classes.data(), c.size(), nms_thresh, max_keep);
+  for (int64_t i : keep) {
+    r.boxes.insert(r.boxes.end(), c.boxes.begin() + 4 * i, c.boxes.begin() + 4 * i + 4);
+    r.scores.push_back(c.scores[i]);
+    r.labels.push_back(c.classes[i]);
+  }
+  return r;
+}
+
+// Concatenates per-image results into (boxes [K, 4], scores [K], labels [K], counts [N]) of `dtype`.
+template <typename scalar_t, typename acc_t>
+std::vector<at::Tensor> concat_results(const std::vector<ImageResult<acc_t>>& results, const at::TensorOptions& opts) {
+  int64_t total = 0;
+  for (const auto& r : results) total += static_cast<int64_t>(r.scores.size());
+  at::Tensor boxes = at::empty({total, 4}, opts), scores = at::empty({total}, opts);
+  at::Tensor labels = at::empty({total}, opts.dtype(at::kLong));
+  at::Tensor counts = at::empty({static_cast<int64_t>(results.size())}, opts.dtype(at::kLong));
+  scalar_t* b = boxes.data_ptr<scalar_t>();
+  scalar_t* s = scores.data_ptr<scalar_t>();
+  int64_t* l = labels.data_ptr<int64_t>();
+  int64_t* cnt = counts.data_ptr<int64_t>();
+  int64_t o = 0;
+  for (size_t n = 0; n < results.size(); ++n) {
+    const auto& r = results[n];
+    const int64_t m = static_cast<int64_t>(r.scores.size());
+    for (int64_t i = 0; i < 4 * m; ++i) b[4 * o + i] = static_cast<scalar_t>(r.boxes[i]);
+    for (int64_t i = 0; i < m; ++i) {
+      s[o + i] = static_cast<scalar_t>(r.scores[i]);
+      l[o + i] = r.labels[i];
+    }
+    cnt[n] = m;
+    o += m;
+  }
+  return {boxes, scores, labels, counts};
+}
+
+template <typename scalar_t>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> rpn_proposals_cpu_typed(
+    const at::Tensor& objectness_in, const at::Tensor& deltas_in, const at::Tensor& anchors_in,
+    at::IntArrayRef num_anchors_per_level, at::IntArrayRef image_sizes, int64_t pre_nms_top_n, int64_t post_nms_top_n,
+    double nms_thresh, double score_thresh, double min_size) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const auto acc_type = c10::CppTypeToScalarType<acc_t>::value;
+  const at::Tensor objectness = objectness_in.to(acc_type).contiguous();
+  const at::Tensor deltas = deltas_in.contiguous(), anchors = anchors_in.contiguous();
+  const int64_t batch = objectness.size(0), total = objectness.size(1);
+  const int64_t levels = static_cast<int64_t>(num_anchors_per_level.size());
+  std::vector<int64_t> level_begin{0};
+  for (int64_t n : num_anchors_per_level) level_begin.push_back(level_begin.back() + n);
+  const acc_t* logits = objectness.data_ptr<acc_t>();
+  const scalar_t* d = deltas.data_ptr<scalar_t>();
+  const scalar_t* a = anchors.data_ptr<scalar_t>();
+
+  // The top pre_nms_top_n anchors of each (image, level), in parallel.
+  std::vector<std::vector<int64_t>> top(batch * levels);
+  at::parallel_for(0, batch * levels, 1, [&](int64_t lo, int64_t hi) {
+    for (int64_t t = lo; t < hi; ++t) {
+      const int64_t n = t / levels, l = t % levels;
+      const int64_t begin = level_begin[l], count = num_anchors_per_level[l];
+      top[t] = top_k_indices(logits + n * total + begin, count, std::min(pre_nms_top_n, count));
+      for (int64_t& i : top[t]) i += begin;
+    }
+  });
+
+  const BoxWeights<acc_t> unit{1, 1, 1, 1};
+  const acc_t clip = static_cast<acc_t>(kBBoxXformClip);
+  const acc_t min_side = static_cast<acc_t>(min_size), min_score = static_cast<acc_t>(score_thresh);
+  std::vector<ImageResult<acc_t>> results(batch);
+  at::parallel_for(0, batch, 1, [&](int64_t lo, int64_t hi) {
+    for (int64_t n = lo; n < hi; ++n) {
+      const acc_t height = static_cast<acc_t>(image_sizes[2 * n]), width = static_cast<acc_t>(image_sizes[2 * n + 1]);
+      Candidates<acc_t> c;
+      for (int64_t l = 0; l < levels; ++l) {
+        for (int64_t i : top[n * levels + l]) {
+          const acc_t score = sigmoid(logits[n * total + i]);
+          if (!(score >= min_score)) continue;  // ">=" as torchvision; NaN fails
+          const scalar_t* dd = d + (n * total + i) * 4;
+          const scalar_t* aa = a + i * 4;
+          acc_t box[4];
+          decode_box<acc_t>(dd[0], dd[1], dd[2], dd[3], aa[0], aa[1], aa[2], aa[3], unit, clip, box);
+          box[0] = clip_coordinate(box[0], width);
+          box[1] = clip_coordinate(box[1], height);
+          box[2] = clip_coordinate(box[2], width);
+          box[3] = clip_coordinate(box[3], height);
+          if (!box_is_large_enough(box[0], box[1], box[2], box[3], min_side)) continue;
+          c.add(box, score, l);
+        }
+      }
+      results[n] = suppress(c, nms_thresh, post_nms_top_n);
+    }
+  });
+  std::vector<at::Tensor> out = concat_results<scalar_t>(results, objectness_in.options());
+  return {out[0], out[1], out[3]};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> rpn_proposals_cpu(
+    const at::Tensor& objectness, const at::Tensor& deltas, const at::Tensor& anchors,
+    at::IntArrayRef num_anchors_per_level, at::IntArrayRef image_sizes, int64_t pre_nms_top_n, int64_t post_nms_top_n,
+    double nms_thresh, double score_thresh, double min_size) {
+  check_rpn_inputs(objectness, deltas, anchors, num_anchors_per_level, image_sizes);
+  std::tuple<at::Tensor, at::Tensor, at::Tensor> out;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, objectness.scalar_type(), "rpn_proposals_cpu", [&] {
+    out = rpn_proposals_cpu_typed<scalar_t>(objectness, deltas, anchors, num_anchors_per_level, image_sizes,
+                                            pre_nms_top_n, post_nms_top_n, nms_thresh, score_thresh, min_size);
+  });
+  return out;
+}
+
+template <typename scalar_t>
+std::vector<at::Tensor> detection_postprocess_cpu_typed(const at::Tensor& class_logits_in,
+                                                        const at::Tensor& box_regression_in,
+                                                        const at::Tensor& proposals_in, at::IntArrayRef boxes_per_image,
+                                                        at::IntArrayRef image_sizes, at::ArrayRef<double> weights,
+                                                        double score_thresh, double nms_thresh,
+                                                        int64_t detections_per_img, double min_size) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const at::Tensor class_logits = class_logits_in.contiguous(), box_regression = box_regression_in.contiguous();
+  const at::Tensor proposals = proposals_in.contiguous();
+  const int64_t classes = class_logits.size(1), batch = static_cast<int64_t>(boxes_per_image.size());
+  std::vector<int64_t> image_begin{0};
+  for (int64_t n : boxes_per_image) image_begin.push_back(image_begin.back() + n);
+  const scalar_t* logits = class_logits.data_ptr<scalar_t>();
+  const scalar_t* reg = box_regression.data_ptr<scalar_t>();
+  const scalar_t* props = proposals.data_ptr<scalar_t>();
+  const BoxWeights<acc_t> w{static_cast<acc_t>(weights[0]), static_cast<acc_t>(weights[1]),
+                            static_cast<acc_t>(weights[2]), static_cast<acc_t>(weights[3])};
+  const acc_t clip = static_cast<acc_t>(kBBoxXformClip);
+  const acc_t min_side = static_cast<acc_t>(min_size), min_score = static_cast<acc_t>(score_thresh);
+
+  std::vector<ImageResult<acc_t>> results(batch);
+  at::parallel_for(0, batch, 1, [&](int64_t lo, int64_t hi) {
+    std::vector<acc_t> prob(classes);
+    for (int64_t n = lo; n < hi; ++n) {
+      const acc_t height = static_cast<acc_t>(image_sizes[2 * n]), width = static_cast<acc_t>(image_sizes[2 * n + 1]);
+      Candidates<acc_t> c;
+      for (int64_t i = image_begin[n]; i < image_begin[n + 1]; ++i) {
+        // Softmax over the classes, max-subtracted as torch.softmax.
+        const scalar_t* row = logits + i * classes;
+        acc_t max_logit = static_cast<acc_t>(row[0]);
+        for (int64_t k = 1; k < classes; ++k) max_logit = std::max(max_logit, static_cast<acc_t>(row[k]));
+        acc_t sum = 0;
+        for (int64_t k = 0; k < classes; ++k) sum += (prob[k] = std::exp(static_cast<acc_t>(row[k]) - max_logit));
+        const scalar_t* p = props + 4 * i;
+        for (int64_t k = 1; k < classes; ++k) {  // class 0 is the background
+          const acc_t score = prob[k] / sum;
+          if (!(score > min_score)) continue;  // ">" as torchvision; NaN fails
+          const scalar_t* dd = reg + (i * classes + k) * 4;
+          acc_t box[4];
+          decode_box<acc_t>(dd[0], dd[1], dd[2], dd[3], p[0], p[1], p[2], p[3], w, clip, box);
+          box[0] = clip_coordinate(box[0], width);
+          box[1] = clip_coordinate(box[1], height);
+          box[2] = clip_coordinate(box[2], width);
+          box[3] = clip_coordinate(box[3], height);
+          if (!box_is_large_enough(box[0], box[1], box[2], box[3], min_side)) continue;
+          c.add(box, score, k);
+        }
+      }
+      results[n] = suppress(c, nms_thresh, detections_per_img);
+    }
+  });
+  return concat_results<scalar_t>(results, class_logits_in.options());
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> detection_postprocess_cpu(
+    const at::Tensor& class_logits, const at::Tensor& box_regression, const at::Tensor& proposals,
+    at::IntArrayRef boxes_per_image, at::IntArrayRef image_sizes, at::ArrayRef<double> weights, double score_thresh,
+    double nms_thresh, int64_t detections_per_img, double min_size) {
+  check_detection_inputs(class_logits, box_regression, proposals, boxes_per_image, image_sizes, weights);
+  std::vector<at::Tensor> out;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, class_logits.scalar_type(), "detection_postprocess_cpu",
+                                  [&] {
+                                    out = detection_postprocess_cpu_typed<scalar_t>(
+                                        class_logits, box_regression, proposals, boxes_per_image, image_sizes,
+                                        weights, score_thresh, nms_thresh, detections_per_img, min_size);
+                                  });
+  return {out[0], out[1], out[2], out[3]};
+}
+
+}  // namespace
+}  // namespace fasterrcnn_ext
+
+TORCH_LIBRARY_IMPL(fasterrcnn_ext, CPU, m) {
+  m.impl("rpn_proposals", &fasterrcnn_ext::rpn_proposals_cpu);
+  m.impl("detection_postprocess", &fasterrcnn_ext::detection_postprocess_cpu);
+}

@@ -1,0 +1,133 @@
+// Device-generic rpn_proposals and detection_postprocess: the whole batch as tensor ops plus one class-aware NMS
+// over (image, level) or (image, class) groups. No Python, no loop over images; on CUDA the data-dependent sizes
+// cost the syncs of the mask selection and of the NMS. Registered as CompositeExplicitAutograd (what CUDA runs:
+// the CPU has its fused kernel) and as the private _*_generic ops, so the CPU tests cover this path too.
+#include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/library.h>
+
+#include <vector>
+
+#include "ops/common/checks.h"
+
+namespace fasterrcnn_ext {
+namespace {
+
+constexpr double kBBoxXformClip = 4.135166556742356;  // log(1000 / 16)
+
+at::Tensor batched_nms_op(const at::Tensor& boxes, const at::Tensor& scores, const at::Tensor& idxs, double thresh) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("fasterrcnn_ext::batched_nms", "")
+                       .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, double, int64_t)>();
+  return op.call(boxes, scores, idxs, thresh, -1);
+}
+
+at::Tensor decode_op(const at::Tensor& rel, const at::Tensor& boxes, at::ArrayRef<double> weights) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("fasterrcnn_ext::decode_boxes", "")
+                       .typed<at::Tensor(const at::Tensor&, const at::Tensor&, at::ArrayRef<double>, double)>();
+  return op.call(rel, boxes, weights, kBBoxXformClip);
+}
+
+// boxes [..., 4] clipped to per-row image sizes hw [..., 2] (height, width), keeping NaN as torch.clamp does.
+at::Tensor clip_rows(const at::Tensor& boxes, const at::Tensor& hw) {
+  const at::Tensor limit = at::stack({hw.select(-1, 1), hw.select(-1, 0), hw.select(-1, 1), hw.select(-1, 0)}, -1);
+  const at::Tensor zero = at::zeros({}, boxes.options());
+  return at::where(boxes < 0, zero, at::where(boxes > limit, limit, boxes));
+}
+
+at::Tensor large_enough(const at::Tensor& boxes, double min_size) {
+  const at::Tensor w = boxes.select(-1, 2) - boxes.select(-1, 0), h = boxes.select(-1, 3) - boxes.select(-1, 1);
+  return w.ge(min_size).logical_and(h.ge(min_size));
+}
+
+// From kept indices `kept` (into rows grouped by image `image_of`, already in score order), the first `limit` of
+// each image, grouped by image; and the per-image counts.
+std::pair<at::Tensor, at::Tensor> first_per_image(const at::Tensor& kept, const at::Tensor& image_of, int64_t batch,
+                                                  int64_t limit) {
+  const at::Tensor img = image_of.index_select(0, kept);
+  const at::Tensor order = std::get<1>(img.sort(/*stable=*/true, 0, false));
+  const at::Tensor sorted = kept.index_select(0, order), sorted_img = img.index_select(0, order);
+  const at::Tensor counts = at::bincount(sorted_img, {}, batch);
+  const at::Tensor starts = counts.cumsum(0) - counts;
+  const at::Tensor rank = at::arange(sorted.size(0), kept.options()) - starts.index_select(0, sorted_img);
+  const at::Tensor take = limit >= 0 ? rank.lt(limit) : at::ones_like(rank, rank.options().dtype(at::kBool));
+  return {sorted.masked_select(take), limit >= 0 ? counts.clamp_max(limit) : counts};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> rpn_proposals_generic(
+    const at::Tensor& objectness, const at::Tensor& deltas, const at::Tensor& anchors,
+    at::IntArrayRef num_anchors_per_level, at::IntArrayRef image_sizes, int64_t pre_nms_top_n, int64_t post_nms_top_n,
+    double nms_thresh, double score_thresh, double min_size) {
+  check_rpn_inputs(objectness, deltas, anchors, num_anchors_per_level, image_sizes);
+  const int64_t batch = objectness.size(0), levels = static_cast<int64_t>(num_anchors_per_level.size());
+  const auto long_opts = objectness.options().dtype(at::kLong);
+  // NaN logits rank last in the top-k, as in the CPU kernel (torch.topk would rank them first).
+  const at::Tensor logits = at::where(objectness.isnan(), -std::numeric_limits<double>::infinity(), objectness);
+  std::vector<at::Tensor> top, level_ids;
+  int64_t begin = 0;
+  for (int64_t l = 0; l < levels; ++l) {
+    const int64_t count = num_anchors_per_level[l], k = std::min(pre_nms_top_n, count);
+    if (k > 0) {
+      top.push_back(std::get<1>(logits.slice(1, begin, begin + count).topk(k, 1)) + begin);
+      level_ids.push_back(at::full({k}, l, long_opts));
+    }
+    begin += count;
+  }
+  if (top.empty()) {
+    return {at::empty({0, 4}, objectness.options()), at::empty({0}, objectness.options()), at::zeros({batch}, long_opts)};
+  }
+  const at::Tensor idx = at::cat(top, 1);  // [N, K]
+  const int64_t k = idx.size(1);
+  const at::Tensor scores = objectness.gather(1, idx).sigmoid().reshape({-1});
+  const at::Tensor rel = deltas.gather(1, idx.unsqueeze(2).expand({batch, k, 4})).reshape({-1, 4});
+  const at::Tensor base = anchors.index_select(0, idx.reshape({-1}));
+  const at::Tensor image_of = at::arange(batch, long_opts).repeat_interleave(k);
+  const at::Tensor hw = at::tensor(image_sizes.vec(), long_opts).to(objectness.scalar_type()).view({batch, 2});
+  const at::Tensor boxes = clip_rows(decode_op(rel, base, {1.0, 1.0, 1.0, 1.0}), hw.index_select(0, image_of));
+  const at::Tensor valid = large_enough(boxes, min_size).logical_and(scores.ge(score_thresh));
+  const at::Tensor candidates = valid.nonzero().squeeze(1);
+  const at::Tensor group = image_of * levels + at::cat(level_ids).repeat({batch});
+  const at::Tensor kept = candidates.index_select(
+      0, batched_nms_op(boxes.index_select(0, candidates), scores.index_select(0, candidates),
+                        group.index_select(0, candidates), nms_thresh));
+  const auto [rows, counts] = first_per_image(kept, image_of, batch, post_nms_top_n);
+  return {boxes.index_select(0, rows), scores.index_select(0, rows), counts};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> detection_postprocess_generic(
+    const at::Tensor& class_logits, const at::Tensor& box_regression, const at::Tensor& proposals,
+    at::IntArrayRef boxes_per_image, at::IntArrayRef image_sizes, at::ArrayRef<double> weights, double score_thresh,
+    double nms_thresh, int64_t detections_per_img, double min_size) {
+  check_detection_inputs(class_logits, box_regression, proposals, boxes_per_image, image_sizes, weights);
+  const int64_t batch = static_cast<int64_t>(boxes_per_image.size()), classes = class_logits.size(1);
+  const int64_t k = class_logits.size(0);
+  const auto long_opts = class_logits.options().dtype(at::kLong);
+  const at::Tensor per_image = at::tensor(boxes_per_image.vec(), long_opts);
+  const at::Tensor proposal_image = at::arange(batch, long_opts).repeat_interleave(per_image, 0, k);
+  const at::Tensor hw = at::tensor(image_sizes.vec(), long_opts).to(class_logits.scalar_type()).view({batch, 2});
+  // Foreground classes only: [K, C - 1] candidates, row-major as torchvision flattens them.
+  const at::Tensor scores = class_logits.softmax(-1).slice(1, 1).reshape({-1});
+  at::Tensor boxes = decode_op(box_regression, proposals, weights).view({k, classes, 4}).slice(1, 1);
+  boxes = clip_rows(boxes, hw.index_select(0, proposal_image).unsqueeze(1)).reshape({-1, 4});
+  const at::Tensor labels = at::arange(1, classes, long_opts).repeat({k});
+  const at::Tensor image_of = proposal_image.repeat_interleave(classes - 1);
+  const at::Tensor valid = scores.gt(score_thresh).logical_and(large_enough(boxes, min_size));
+  const at::Tensor candidates = valid.nonzero().squeeze(1);
+  const at::Tensor group = image_of * classes + labels;
+  const at::Tensor kept = candidates.index_select(
+      0, batched_nms_op(boxes.index_select(0, candidates), scores.index_select(0, candidates),
+                        group.index_select(0, candidates), nms_thresh));
+  const auto [rows, counts] = first_per_image(kept, image_of, batch, detections_per_img);
+  return {boxes.index_select(0, rows), scores.index_select(0, rows), labels.index_select(0, rows), counts};
+}
+
+}  // namespace
+}  // namespace fasterrcnn_ext
+
+TORCH_LIBRARY_IMPL(fasterrcnn_ext, CompositeExplicitAutograd, m) {
+  m.impl("rpn_proposals", &fasterrcnn_ext::rpn_proposals_generic);
+  m.impl("detection_postprocess", &fasterrcnn_ext::detection_postprocess_generic);
+  m.impl("_rpn_proposals_generic", &fasterrcnn_ext::rpn_proposals_generic);
+  m.impl("_detection_postprocess_generic", &fasterrcnn_ext::detection_postprocess_generic);
+}

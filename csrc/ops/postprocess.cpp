@@ -1,0 +1,35 @@
+// Schemas of the fused post-processing ops. Kernels: cpu/postprocess_kernel.cpp (fused, CPU) and
+// generic/postprocess.cpp (tensor ops, any device: the CUDA path).
+#include <torch/library.h>
+
+TORCH_LIBRARY_FRAGMENT(fasterrcnn_ext, m) {
+  // The proposal selection of torchvision's RegionProposalNetwork (decode, then filter_proposals) for a batch:
+  // per image and level, the pre_nms_top_n best logits; their boxes decoded from the anchors (weights 1, 1, 1, 1),
+  // clipped to the image, boxes with a side < min_size and scores (sigmoid) < score_thresh dropped, NMS per level
+  // at nms_thresh, the post_nms_top_n best kept.
+  //   objectness [N, A] logits, deltas [N, A, 4], anchors [A, 4] (levels concatenated, num_anchors_per_level each),
+  //   image_sizes [h0, w0, h1, w1, ...].
+  // Returns boxes [K, 4], scores [K] (sigmoid) and counts [N] (int64: the first counts[0] rows are image 0's, ...).
+  m.def(
+      "rpn_proposals(Tensor objectness, Tensor deltas, Tensor anchors, SymInt[] num_anchors_per_level, "
+      "SymInt[] image_sizes, int pre_nms_top_n, int post_nms_top_n, float nms_thresh, float score_thresh, "
+      "float min_size) -> (Tensor, Tensor, Tensor)");
+  // torchvision's RoIHeads.postprocess_detections for a batch: softmax over classes, per-class boxes decoded from
+  // the proposals with `weights`, clipped, background and scores <= score_thresh and boxes with a side < min_size
+  // dropped, NMS per class at nms_thresh, the detections_per_img best kept.
+  //   class_logits [K, C], box_regression [K, 4 * C], proposals [K, 4] (boxes_per_image rows per image).
+  // Returns boxes [D, 4], scores [D], labels [D] (int64) and counts [N].
+  m.def(
+      "detection_postprocess(Tensor class_logits, Tensor box_regression, Tensor proposals, SymInt[] boxes_per_image, "
+      "SymInt[] image_sizes, float[] weights, float score_thresh, float nms_thresh, int detections_per_img, "
+      "float min_size=0.01) -> (Tensor, Tensor, Tensor, Tensor)");
+  // The device-generic implementations (what CUDA runs), callable on any device so the CPU tests cover them.
+  m.def(
+      "_rpn_proposals_generic(Tensor objectness, Tensor deltas, Tensor anchors, SymInt[] num_anchors_per_level, "
+      "SymInt[] image_sizes, int pre_nms_top_n, int post_nms_top_n, float nms_thresh, float score_thresh, "
+      "float min_size) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "_detection_postprocess_generic(Tensor class_logits, Tensor box_regression, Tensor proposals, "
+      "SymInt[] boxes_per_image, SymInt[] image_sizes, float[] weights, float score_thresh, float nms_thresh, "
+      "int detections_per_img, float min_size=0.01) -> (Tensor, Tensor, Tensor, Tensor)");
+}

@@ -1,0 +1,89 @@
+"""Fused post-processing: the RPN's proposal selection and the detector's final detections, one op call per batch.
+
+Shapes: N images, A anchors (all levels), K proposals (all images), C classes (background included), D detections.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .._library import ops as _ops
+from ._registration import register_fake
+
+
+def _split(counts: Tensor, *tensors: Tensor) -> list[list[Tensor]]:
+    sizes = counts.tolist()  # the per-image sizes: the one host read, after the outputs exist
+    return [list(t.split(sizes)) for t in tensors]
+
+
+def rpn_proposals(objectness: Tensor, deltas: Tensor, anchors: Tensor, num_anchors_per_level: list[int],
+                  image_sizes: list[tuple[int, int]], pre_nms_top_n: int, post_nms_top_n: int, nms_thresh: float,
+                  score_thresh: float = 0.0, min_size: float = 1e-3) -> tuple[list[Tensor], list[Tensor]]:
+    """torchvision's RegionProposalNetwork selection (decode, then filter_proposals) in one op.
+
+    Args:
+        objectness (Tensor[N, A]): objectness logits, levels concatenated as torchvision's RPN orders them.
+        deltas (Tensor[N, A, 4]): box regression of every anchor.
+        anchors (Tensor[A, 4]): the anchors (the same for every image of the batch).
+        num_anchors_per_level (list of int): anchors of each level, summing to A.
+        image_sizes (list of (int, int)): (height, width) of each image, to clip to.
+        pre_nms_top_n, post_nms_top_n (int): best logits kept per image and level before NMS; proposals kept per
+            image after it.
+        nms_thresh (float): IoU threshold of the per-level NMS.
+        score_thresh (float): minimum sigmoid score (>=). min_size (float): minimum box side (>=).
+
+    Returns:
+        (boxes, scores): one Tensor[P_i, 4] and one Tensor[P_i] per image, by decreasing score. Candidates with NaN
+        logits or deltas are dropped (a NaN logit also never takes a top-k slot from a number).
+    """
+    boxes, scores, counts = _ops().rpn_proposals(
+        objectness, deltas, anchors, [int(n) for n in num_anchors_per_level],
+        [int(v) for hw in image_sizes for v in hw], int(pre_nms_top_n), int(post_nms_top_n), float(nms_thresh),
+        float(score_thresh), float(min_size))
+    return tuple(_split(counts, boxes, scores))
+
+
+def detection_postprocess(class_logits: Tensor, box_regression: Tensor, proposals: list[Tensor],
+                          image_sizes: list[tuple[int, int]], weights=(10.0, 10.0, 5.0, 5.0), score_thresh: float = 0.05,
+                          nms_thresh: float = 0.5, detections_per_img: int = 100, min_size: float = 1e-2
+                          ) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
+    """torchvision's RoIHeads.postprocess_detections in one op.
+
+    Args:
+        class_logits (Tensor[K, C]), box_regression (Tensor[K, 4 * C]): the box head's outputs for all images.
+        proposals (list of Tensor[K_i, 4]): each image's proposals (sum K_i = K).
+        image_sizes (list of (int, int)): (height, width) of each image.
+        weights ((wx, wy, ww, wh)): box coder weights. score_thresh: scores (softmax) must be > it.
+        nms_thresh: per-class NMS IoU threshold. detections_per_img: detections kept per image.
+        min_size: minimum box side (>=).
+
+    Returns:
+        (boxes, scores, labels): per image, Tensor[D_i, 4], Tensor[D_i], Tensor[D_i] (int64), by decreasing score.
+        Rows with NaN logits or deltas are dropped.
+    """
+    boxes_per_image = [int(p.size(0)) for p in proposals]
+    boxes, scores, labels, counts = _ops().detection_postprocess(
+        class_logits, box_regression, torch.cat(proposals), boxes_per_image,
+        [int(v) for hw in image_sizes for v in hw], [float(w) for w in weights], float(score_thresh),
+        float(nms_thresh), int(detections_per_img), float(min_size))
+    return tuple(_split(counts, boxes, scores, labels))
+
+
+def _rpn_fake(objectness, deltas, anchors, num_anchors_per_level, image_sizes, pre_nms_top_n, post_nms_top_n,
+              nms_thresh, score_thresh, min_size):
+    n = torch.library.get_ctx().new_dynamic_size()
+    return (objectness.new_empty((n, 4)), objectness.new_empty((n,)),
+            objectness.new_empty((objectness.size(0),), dtype=torch.long))
+
+
+def _detection_fake(class_logits, box_regression, proposals, boxes_per_image, image_sizes, weights, score_thresh,
+                    nms_thresh, detections_per_img, min_size=0.01):
+    n = torch.library.get_ctx().new_dynamic_size()
+    return (class_logits.new_empty((n, 4)), class_logits.new_empty((n,)), class_logits.new_empty((n,), dtype=torch.long),
+            class_logits.new_empty((len(boxes_per_image),), dtype=torch.long))
+
+
+for _name, _fake in [("rpn_proposals", _rpn_fake), ("_rpn_proposals_generic", _rpn_fake),
+                     ("detection_postprocess", _detection_fake), ("_detection_postprocess_generic", _detection_fake)]:
+    register_fake(f"fasterrcnn_ext::{_name}")(_fake)

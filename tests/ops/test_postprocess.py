@@ -1,0 +1,179 @@
+"""The fused post-processing ops against torchvision's RegionProposalNetwork and RoIHeads, on real-sized inputs."""
+
+import pytest
+import torch
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.image_list import ImageList
+from torchvision.models.detection.roi_heads import RoIHeads
+from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead
+
+import fasterrcnn_ext.ops as ops
+
+FPN_SIZES = ((32,), (64,), (128,), (256,), (512,))
+FPN_RATIOS = ((0.5, 1.0, 2.0),) * 5
+IMAGE_SIZES = [(750, 1333), (768, 1100)]  # batched and padded to 768x1344: 257,796 anchors
+
+
+def rpn_inputs(batch, dtype=torch.float32, device="cpu"):
+    images = ImageList(torch.zeros(batch, 3, 768, 1344), IMAGE_SIZES[:batch])
+    feats = [torch.zeros(batch, 1, 768 // s, 1344 // s) for s in (4, 8, 16, 32)] + [torch.zeros(batch, 1, 12, 21)]
+    anchors = AnchorGenerator(FPN_SIZES, FPN_RATIOS)(images, feats)[0]
+    per_level = [f.shape[-2] * f.shape[-1] * 3 for f in feats]
+    a = anchors.shape[0]
+    objectness = torch.randn(batch, a) * 2
+    deltas = torch.randn(batch, a, 4) * 0.3
+    return (objectness.to(device, dtype), deltas.to(device, dtype), anchors.to(device, dtype), per_level,
+            IMAGE_SIZES[:batch])
+
+
+def torchvision_rpn(pre_nms_top_n=1000, post_nms_top_n=1000, nms_thresh=0.7, score_thresh=0.0):
+    rpn = RegionProposalNetwork(AnchorGenerator(FPN_SIZES, FPN_RATIOS), RPNHead(1, 3), 0.7, 0.3, 256, 0.5,
+                                dict(training=pre_nms_top_n, testing=pre_nms_top_n),
+                                dict(training=post_nms_top_n, testing=post_nms_top_n), nms_thresh, score_thresh)
+    return rpn.eval()
+
+
+def canonical(boxes, scores, *extra):
+    """Rows by decreasing score, tied scores by coordinates: tied scores may come in either order."""
+    order = torch.arange(len(scores))
+    for column in (3, 2, 1, 0):
+        order = order[torch.sort(boxes[order, column].double(), stable=True).indices]
+    order = order[torch.sort(scores[order].double(), descending=True, stable=True).indices]
+    return (boxes[order], scores[order], *(e[order] for e in extra))
+
+
+def assert_same_proposals(ours, theirs):
+    for (b, s), (tb, ts) in zip(zip(*ours), zip(*theirs)):
+        assert b.shape == tb.shape, (b.shape, tb.shape)
+        b, s = canonical(b, s)
+        tb, ts = canonical(tb, ts)
+        torch.testing.assert_close(s, ts, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(b, tb, rtol=1e-5, atol=1e-3)
+
+
+def reference_proposals(objectness, deltas, anchors, per_level, image_sizes, **kw):
+    rpn = torchvision_rpn(**kw)
+    n = objectness.shape[0]
+    proposals = rpn.box_coder.decode(deltas.reshape(-1, 4)[None].reshape(n, -1, 4).detach(), [anchors] * n)
+    return rpn.filter_proposals(proposals.view(n, -1, 4), objectness, image_sizes, per_level)
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+@pytest.mark.parametrize("op", ["rpn_proposals", "_rpn_proposals_generic"])
+def test_rpn_proposals_match_torchvision(batch, op):
+    objectness, deltas, anchors, per_level, sizes = rpn_inputs(batch)
+    theirs = reference_proposals(objectness, deltas, anchors, per_level, sizes)
+    boxes, scores, counts = getattr(torch.ops.fasterrcnn_ext, op)(
+        objectness, deltas, anchors, per_level, [v for hw in sizes for v in hw], 1000, 1000, 0.7, 0.0, 1e-3)
+    assert counts.tolist() == [len(b) for b in theirs[0]]
+    assert_same_proposals((boxes.split(counts.tolist()), scores.split(counts.tolist())), theirs)
+
+
+def test_rpn_proposals_training_sizes_and_score_thresh():
+    objectness, deltas, anchors, per_level, sizes = rpn_inputs(2)
+    kw = dict(pre_nms_top_n=2000, post_nms_top_n=300, nms_thresh=0.6, score_thresh=0.6)
+    theirs = reference_proposals(objectness, deltas, anchors, per_level, sizes, **kw)
+    ours = ops.rpn_proposals(objectness, deltas, anchors, per_level, sizes, 2000, 300, 0.6, 0.6)
+    assert_same_proposals(ours, theirs)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16])
+def test_rpn_proposals_dtypes(dtype):
+    objectness, deltas, anchors, per_level, sizes = rpn_inputs(1, dtype=dtype)
+    boxes, scores = ops.rpn_proposals(objectness, deltas, anchors, per_level, sizes, 500, 300, 0.7)
+    assert boxes[0].dtype == dtype and scores[0].dtype == dtype
+    assert 0 < len(boxes[0]) <= 300
+    if dtype == torch.float64:
+        theirs = reference_proposals(objectness, deltas, anchors, per_level, sizes, pre_nms_top_n=500,
+                                     post_nms_top_n=300)
+        assert_same_proposals((boxes, scores), theirs)
+
+
+def test_rpn_proposals_nan_inputs_are_dropped():
+    objectness, deltas, anchors, per_level, sizes = rpn_inputs(1)
+    objectness[0, ::3] = float("nan")
+    deltas[0, 1::7, 2] = float("nan")
+    deltas[0, 2::11, 0] = float("inf")
+    boxes, scores = ops.rpn_proposals(objectness, deltas, anchors, per_level, sizes, 1000, 1000, 0.7)
+    assert len(boxes[0]) > 0
+    assert torch.isfinite(boxes[0]).all() and torch.isfinite(scores[0]).all()
+    generic = torch.ops.fasterrcnn_ext._rpn_proposals_generic(objectness, deltas, anchors, per_level,
+                                                              [v for hw in sizes for v in hw], 1000, 1000, 0.7, 0.0, 1e-3)
+    torch.testing.assert_close(canonical(generic[0], generic[1])[0], canonical(boxes[0], scores[0])[0],
+                               rtol=1e-5, atol=1e-3)
+
+
+def test_rpn_proposals_bad_input():
+    objectness, deltas, anchors, per_level, sizes = rpn_inputs(1)
+    with pytest.raises(RuntimeError, match=r"deltas must be \[N, A, 4\]"):
+        ops.rpn_proposals(objectness, deltas[:, :-1], anchors, per_level, sizes, 10, 10, 0.7)
+    with pytest.raises(RuntimeError, match=r"num_anchors_per_level .* sums to"):
+        ops.rpn_proposals(objectness, deltas, anchors, per_level[:-1], sizes, 10, 10, 0.7)
+    with pytest.raises(RuntimeError, match=r"image_sizes must hold \(height, width\) for each of the 1 images"):
+        ops.rpn_proposals(objectness, deltas, anchors, per_level, sizes * 2, 10, 10, 0.7)
+
+
+def detection_inputs(boxes_per_image=(1000, 700), classes=91, dtype=torch.float32):
+    k = sum(boxes_per_image)
+    xy = torch.rand(k, 2) * torch.tensor([1200.0, 700.0])
+    proposals = torch.cat([xy, xy + torch.rand(k, 2) * 300 + 4], 1)
+    class_logits = torch.randn(k, classes) * 3
+    box_regression = torch.randn(k, 4 * classes)
+    return class_logits.to(dtype), box_regression.to(dtype), list(proposals.to(dtype).split(list(boxes_per_image)))
+
+
+def torchvision_postprocess(class_logits, box_regression, proposals, image_sizes, score_thresh=0.05, nms_thresh=0.5,
+                            detections_per_img=100):
+    heads = RoIHeads(None, None, None, 0.5, 0.5, 512, 0.25, None, score_thresh, nms_thresh, detections_per_img)
+    return heads.postprocess_detections(class_logits, box_regression, proposals, image_sizes)
+
+
+@pytest.mark.parametrize("op", ["detection_postprocess", "_detection_postprocess_generic"])
+@pytest.mark.parametrize("score_thresh, detections", [(0.05, 100), (0.3, 20), (0.0, 300)])
+def test_detection_postprocess_matches_torchvision(op, score_thresh, detections):
+    class_logits, box_regression, proposals = detection_inputs()
+    sizes = IMAGE_SIZES
+    theirs = torchvision_postprocess(class_logits, box_regression, proposals, sizes, score_thresh, 0.5, detections)
+    boxes, scores, labels, counts = getattr(torch.ops.fasterrcnn_ext, op)(
+        class_logits, box_regression, torch.cat(proposals), [len(p) for p in proposals],
+        [v for hw in sizes for v in hw], [10.0, 10.0, 5.0, 5.0], score_thresh, 0.5, detections, 0.01)
+    assert counts.tolist() == [len(b) for b in theirs[0]]
+    sizes_ = counts.tolist()
+    for b, s, l, tb, ts, tl in zip(boxes.split(sizes_), scores.split(sizes_), labels.split(sizes_), *theirs):
+        b, s, l = canonical(b, s, l)
+        tb, ts, tl = canonical(tb, ts, tl)
+        torch.testing.assert_close(l, tl)
+        torch.testing.assert_close(s, ts, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(b, tb, rtol=1e-5, atol=1e-3)
+
+
+def test_detection_postprocess_empty_image_and_nan():
+    class_logits, box_regression, proposals = detection_inputs((300, 0))
+    class_logits[::5] = float("nan")
+    box_regression[1::5] = float("nan")
+    boxes, scores, labels = ops.detection_postprocess(class_logits, box_regression, proposals, IMAGE_SIZES)
+    assert len(boxes[1]) == 0 and boxes[1].shape == (0, 4)
+    assert torch.isfinite(boxes[0]).all() and torch.isfinite(scores[0]).all()
+    assert (labels[0] >= 1).all()
+
+
+def test_detection_postprocess_bad_input():
+    class_logits, box_regression, proposals = detection_inputs((10, 5))
+    with pytest.raises(RuntimeError, match=r"box_regression must be \[K, 4 \* C\]"):
+        ops.detection_postprocess(class_logits, box_regression[:, :-4], proposals, IMAGE_SIZES)
+    with pytest.raises(RuntimeError, match=r"weights must have 4 values"):
+        ops.detection_postprocess(class_logits, box_regression, proposals, IMAGE_SIZES, weights=(1.0, 1.0))
+
+
+def test_opcheck():
+    objectness, deltas, anchors, per_level, sizes = rpn_inputs(1)
+    flat = [v for hw in sizes for v in hw]
+    small = objectness[:, :4000], deltas[:, :4000], anchors[:4000]
+    for name in ("rpn_proposals", "_rpn_proposals_generic"):
+        torch.library.opcheck(getattr(torch.ops.fasterrcnn_ext, name).default,
+                              (*small, [4000], flat, 300, 100, 0.7, 0.0, 1e-3))
+    class_logits, box_regression, proposals = detection_inputs((50, 30), classes=5)
+    for name in ("detection_postprocess", "_detection_postprocess_generic"):
+        torch.library.opcheck(getattr(torch.ops.fasterrcnn_ext, name).default,
+                              (class_logits, box_regression, torch.cat(proposals), [50, 30], [v for hw in IMAGE_SIZES for v in hw],
+                               [10.0, 10.0, 5.0, 5.0], 0.05, 0.5, 100, 0.01))
