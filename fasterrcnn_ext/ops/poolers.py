@@ -8,7 +8,8 @@ from __future__ import annotations
 import math
 
 import torch
-from torch import Tensor, nn
+import torchvision
+from torch import Tensor
 
 from .._library import ops as _ops
 from ._registration import register_autograd, register_fake
@@ -46,7 +47,7 @@ def infer_scale(feature: Tensor, original_size: tuple[int, int]) -> float:
     return 2.0 ** round(math.log2(approx))
 
 
-class MultiScaleRoIAlign(nn.Module):
+class MultiScaleRoIAlign(torchvision.ops.MultiScaleRoIAlign):
     """Multi-scale RoIAlign pooling for FPN detectors (torchvision.ops.MultiScaleRoIAlign), on a fused op.
 
     Args:
@@ -56,18 +57,14 @@ class MultiScaleRoIAlign(nn.Module):
         canonical_scale (int): s0 of the FPN level rule (224, the ImageNet pre-training size).
         canonical_level (int): k0 of the FPN level rule (4: a 224x224 RoI comes from P4).
 
-    As in torchvision, the scales are inferred from the first batch's shapes and then kept.
+    As in torchvision, the scales are inferred from the first batch's shapes and then kept. A subclass of
+    torchvision's, so torchvision's detection models accept it.
     """
 
     def __init__(self, featmap_names: list[str], output_size, sampling_ratio: int, *, canonical_scale: int = 224,
                  canonical_level: int = 4):
-        super().__init__()
-        self.featmap_names = list(featmap_names)
-        self.sampling_ratio = sampling_ratio
-        self.output_size = pair(output_size)
-        self.canonical_scale = canonical_scale
-        self.canonical_level = canonical_level
-        self.scales: list[float] | None = None
+        super().__init__(list(featmap_names), pair(output_size), sampling_ratio, canonical_scale=canonical_scale,
+                         canonical_level=canonical_level)
 
     def forward(self, x: dict[str, Tensor], boxes: list[Tensor], image_shapes: list[tuple[int, int]]) -> Tensor:
         """Pools ``boxes`` (one Tensor[L_i, 4] per image, image coordinates) from the named feature maps of ``x``.

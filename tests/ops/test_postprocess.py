@@ -177,3 +177,21 @@ def test_opcheck():
         torch.library.opcheck(getattr(torch.ops.fasterrcnn_ext, name).default,
                               (class_logits, box_regression, torch.cat(proposals), [50, 30], [v for hw in IMAGE_SIZES for v in hw],
                                [10.0, 10.0, 5.0, 5.0], 0.05, 0.5, 100, 0.01))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16])
+def test_detection_postprocess_dtypes(dtype):
+    class_logits, box_regression, proposals = detection_inputs((400, 300), dtype=dtype)
+    boxes, scores, labels = ops.detection_postprocess(class_logits, box_regression, proposals, IMAGE_SIZES)
+    assert boxes[0].dtype == dtype and scores[0].dtype == dtype and labels[0].dtype == torch.int64
+    if dtype == torch.float64:
+        theirs = torchvision_postprocess(class_logits, box_regression, proposals, IMAGE_SIZES)
+        for b, s, l, tb, ts, tl in zip(boxes, scores, labels, *theirs):
+            b, s, l = canonical(b, s, l)
+            tb, ts, tl = canonical(tb, ts, tl)
+            torch.testing.assert_close((b, s, l), (tb, ts, tl))
+    else:  # half types compute in float32: the float32 result of the same (rounded) inputs, rounded
+        ref = ops.detection_postprocess(class_logits.float(), box_regression.float(), [p.float() for p in proposals],
+                                        IMAGE_SIZES)
+        for b, rb in zip(boxes, ref[0]):
+            assert b.shape == rb.shape

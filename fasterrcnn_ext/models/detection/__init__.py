@@ -1,5 +1,29 @@
-"""Faster R-CNN on fasterrcnn_ext's kernels, mirroring torchvision.models.detection."""
+"""Faster R-CNN on fasterrcnn_ext's kernels, mirroring torchvision.models.detection (same builders, arguments and
+state_dict keys), plus the classic VGG16 model of the design notes."""
 
+from torchvision.models.detection.transform import GeneralizedRCNNTransform
+
+from ._utils import BoxCoder
 from .anchor_utils import AnchorGenerator
+from .faster_rcnn import (
+    FasterRCNN,
+    FastRCNNPredictor,
+    RoIPoolLevel,
+    TwoMLPHead,
+    VGG16BoxHead,
+    fasterrcnn_mobilenet_v3_large_320_fpn,
+    fasterrcnn_mobilenet_v3_large_fpn,
+    fasterrcnn_resnet50_fpn,
+    fasterrcnn_resnet50_fpn_v2,
+    fasterrcnn_vgg16,
+    load_checkpoint_state_dict,
+)
+from .roi_heads import RoIHeads
+from .rpn import RegionProposalNetwork, RPNHead
 
-__all__ = ["AnchorGenerator"]
+__all__ = [
+    "AnchorGenerator", "BoxCoder", "FasterRCNN", "FastRCNNPredictor", "GeneralizedRCNNTransform", "RPNHead",
+    "RegionProposalNetwork", "RoIHeads", "RoIPoolLevel", "TwoMLPHead", "VGG16BoxHead",
+    "fasterrcnn_mobilenet_v3_large_320_fpn", "fasterrcnn_mobilenet_v3_large_fpn", "fasterrcnn_resnet50_fpn",
+    "fasterrcnn_resnet50_fpn_v2", "fasterrcnn_vgg16", "load_checkpoint_state_dict",
+]

@@ -8,16 +8,19 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
+from torchvision.models.detection import anchor_utils as tv_anchor_utils
 from torchvision.models.detection.image_list import ImageList
 
 from ..._library import ops as _ops
 
 
-class AnchorGenerator(nn.Module):
+class AnchorGenerator(tv_anchor_utils.AnchorGenerator):
     """Anchors for a set of feature maps: for every level, every location and every (size, aspect ratio).
 
     Same interface and same anchors as torchvision's AnchorGenerator (including the rounding of the base anchors);
     the grids of all levels come from one op call, with no Python loop over levels or images and no host sync.
+
+    A subclass of torchvision's, so torchvision's detection models accept it.
 
     Args:
         sizes (tuple of tuples of int): anchor sizes (sqrt of area) per level, e.g. ((32,), (64,), ...).
@@ -25,7 +28,7 @@ class AnchorGenerator(nn.Module):
     """
 
     def __init__(self, sizes=((128, 256, 512),), aspect_ratios=((0.5, 1.0, 2.0),)):
-        super().__init__()
+        nn.Module.__init__(self)
         if not isinstance(sizes[0], (list, tuple)):
             sizes = tuple((s,) for s in sizes)
         if not isinstance(aspect_ratios[0], (list, tuple)):

@@ -1,0 +1,252 @@
+"""Faster R-CNN (Ren et al., 2015) on fasterrcnn_ext's kernels: a drop-in for torchvision's FasterRCNN and builders
+(same arguments, same state_dict keys, same detections), plus the classic VGG16 model of the design notes.
+
+Shapes: N images, each [3, H_i, W_i] in [0, 1]; K_i detections of image i.
+
+Everything downstream of the backbone features runs on our ops: anchors, proposal selection, RoI pooling, box
+coding, matching IoU, post-processing. The backbones, the FPN, the heads, the transform, the matcher, the sampler and
+the losses are torchvision's own modules, so weights and training behave as in torchvision.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import OrderedDict
+
+import torch
+import torchvision
+from torch import Tensor, nn
+from torchvision.models.detection import faster_rcnn as tv_faster_rcnn
+from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
+
+from ... import ops
+from .anchor_utils import AnchorGenerator
+from .roi_heads import RoIHeads
+from .rpn import RegionProposalNetwork, RPNHead
+
+__all__ = [
+    "FasterRCNN", "FastRCNNPredictor", "TwoMLPHead", "RPNHead", "VGG16BoxHead", "RoIPoolLevel",
+    "fasterrcnn_resnet50_fpn", "fasterrcnn_resnet50_fpn_v2", "fasterrcnn_mobilenet_v3_large_fpn",
+    "fasterrcnn_mobilenet_v3_large_320_fpn", "fasterrcnn_vgg16",
+]
+
+
+def _check_inputs(images, targets, training: bool) -> None:
+    """ValueErrors that name the image and the problem, before any work is done."""
+    if not isinstance(images, (list, tuple)):
+        raise ValueError(f"images must be a list of [C, H, W] tensors, got {type(images).__name__}")
+    for i, image in enumerate(images):
+        if not isinstance(image, Tensor) or image.dim() != 3:
+            shape = tuple(image.shape) if isinstance(image, Tensor) else type(image).__name__
+            raise ValueError(f"images[{i}] must be a [C, H, W] tensor, got {shape}")
+    if training and targets is None:
+        raise ValueError("targets are required in training mode: one dict with 'boxes' and 'labels' per image")
+    if targets is None:
+        return
+    if len(targets) != len(images):
+        raise ValueError(f"got {len(images)} images but {len(targets)} targets")
+    for i, target in enumerate(targets):
+        boxes = target.get("boxes") if isinstance(target, dict) else None
+        if not isinstance(boxes, Tensor) or boxes.dim() != 2 or boxes.shape[-1] != 4:
+            shape = tuple(boxes.shape) if isinstance(boxes, Tensor) else type(boxes).__name__
+            raise ValueError(f"targets[{i}]['boxes'] must be a [K, 4] tensor, got {shape}")
+        if "labels" not in target:
+            raise ValueError(f"targets[{i}] has no 'labels'")
+        degenerate = (boxes[:, 2] <= boxes[:, 0]) | (boxes[:, 3] <= boxes[:, 1])
+        if degenerate.any():
+            k = int(degenerate.nonzero()[0, 0])
+            raise ValueError(f"targets[{i}]['boxes'][{k}] = {boxes[k].tolist()} of image {i} has x2 <= x1 or y2 <= y1: "
+                             "boxes need positive width and height")
+
+
+class FasterRCNN(tv_faster_rcnn.FasterRCNN):
+    """torchvision's FasterRCNN on fasterrcnn_ext's kernels: the same constructor arguments (see torchvision's
+    documentation), the same submodules and state_dict keys.
+
+    Defaults differ only in type: the anchor generator is our AnchorGenerator (FPN sizes 32 to 512, ratios 0.5, 1, 2)
+    and the box pooler our MultiScaleRoIAlign. A ``box_roi_pool`` that is not a MultiScaleRoIAlign (RoIPoolLevel for
+    the VGG16 model) is accepted too.
+
+    forward(images, targets=None): in training, the dict of losses (loss_classifier, loss_box_reg, loss_objectness,
+    loss_rpn_box_reg); in eval, one dict per image with boxes [K_i, 4], labels [K_i] and scores [K_i].
+    """
+
+    def __init__(self, backbone: nn.Module, num_classes: int | None = None, **kwargs):
+        if kwargs.get("rpn_anchor_generator") is None:
+            kwargs["rpn_anchor_generator"] = AnchorGenerator(((32,), (64,), (128,), (256,), (512,)),
+                                                             ((0.5, 1.0, 2.0),) * 5)
+        pool = kwargs.get("box_roi_pool")
+        custom_pool = pool is not None and not isinstance(pool, torchvision.ops.MultiScaleRoIAlign)
+        if pool is None or custom_pool:
+            kwargs["box_roi_pool"] = ops.MultiScaleRoIAlign(["0", "1", "2", "3"], 7, 2)
+        super().__init__(backbone, num_classes, **kwargs)
+        self.rpn = RegionProposalNetwork.adopt(self.rpn)
+        self.roi_heads = RoIHeads.adopt(self.roi_heads)
+        if custom_pool:
+            self.roi_heads.box_roi_pool = pool
+
+    @classmethod
+    def adopt(cls, model: tv_faster_rcnn.FasterRCNN) -> FasterRCNN:
+        """Our FasterRCNN over a torchvision FasterRCNN's modules and weights (shared, not copied)."""
+        ours = cls.__new__(cls)
+        nn.Module.__init__(ours)
+        ours.__dict__.update(model.__dict__)
+        ours.rpn = RegionProposalNetwork.adopt(model.rpn)
+        gen = model.rpn.anchor_generator
+        if not isinstance(gen, AnchorGenerator):
+            ours.rpn.anchor_generator = AnchorGenerator(gen.sizes, gen.aspect_ratios)
+        ours.roi_heads = RoIHeads.adopt(model.roi_heads)
+        pool = model.roi_heads.box_roi_pool
+        if isinstance(pool, torchvision.ops.MultiScaleRoIAlign) and not isinstance(pool, ops.MultiScaleRoIAlign):
+            ours.roi_heads.box_roi_pool = ops.MultiScaleRoIAlign(
+                pool.featmap_names, pool.output_size, pool.sampling_ratio, canonical_scale=pool.canonical_scale,
+                canonical_level=pool.canonical_level)
+        return ours
+
+    def forward(self, images: list[Tensor], targets: list[dict[str, Tensor]] | None = None):
+        _check_inputs(images, targets, self.training)
+        return super().forward(images, targets)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Builders: torchvision's builders (same arguments and weights), then our kernels over the same modules.
+
+
+def _is_local_checkpoint(weights) -> bool:
+    return isinstance(weights, (str, os.PathLike)) and (os.path.exists(weights) or str(weights).endswith((".pt", ".pth")))
+
+
+def load_checkpoint_state_dict(path) -> dict[str, Tensor]:
+    """The model state_dict of a checkpoint file: a bare state_dict, or a training checkpoint with a "model" entry."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint {path!s} does not exist")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unpickling problem is a corrupt checkpoint for the user
+        raise ValueError(f"checkpoint {path!s} could not be read: {e}") from e
+    state = checkpoint.get("model", checkpoint) if isinstance(checkpoint, dict) else None
+    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
+        raise ValueError(f"checkpoint {path!s} holds no model state_dict")
+    return state
+
+
+def _build(tv_builder, weights, num_classes, kwargs) -> FasterRCNN:
+    local = weights if _is_local_checkpoint(weights) else None
+    state = None
+    if local is not None:
+        state = load_checkpoint_state_dict(local)
+        predictor = state.get("roi_heads.box_predictor.cls_score.weight")
+        if predictor is not None:
+            if num_classes is not None and num_classes != predictor.shape[0]:
+                raise ValueError(f"checkpoint {local!s} has {predictor.shape[0]} classes, not num_classes={num_classes}")
+            num_classes = predictor.shape[0]
+        weights = None
+        kwargs.setdefault("weights_backbone", None)  # the checkpoint holds the backbone too: nothing to download
+    model = FasterRCNN.adopt(tv_builder(weights=weights, num_classes=num_classes, **kwargs))
+    if state is not None:
+        model.load_state_dict(state, strict=True)
+    return model
+
+
+def fasterrcnn_resnet50_fpn(*, weights=None, progress: bool = True, num_classes: int | None = None, **kwargs) -> FasterRCNN:
+    """torchvision.models.detection.fasterrcnn_resnet50_fpn on our kernels. ``weights``: torchvision's weights enum or
+    its name (downloaded by torchvision), or a local checkpoint path. Other arguments as torchvision's."""
+    return _build(tv_faster_rcnn.fasterrcnn_resnet50_fpn, weights, num_classes, dict(progress=progress, **kwargs))
+
+
+def fasterrcnn_resnet50_fpn_v2(*, weights=None, progress: bool = True, num_classes: int | None = None,
+                               **kwargs) -> FasterRCNN:
+    """torchvision.models.detection.fasterrcnn_resnet50_fpn_v2 on our kernels (see fasterrcnn_resnet50_fpn)."""
+    return _build(tv_faster_rcnn.fasterrcnn_resnet50_fpn_v2, weights, num_classes, dict(progress=progress, **kwargs))
+
+
+def fasterrcnn_mobilenet_v3_large_fpn(*, weights=None, progress: bool = True, num_classes: int | None = None,
+                                      **kwargs) -> FasterRCNN:
+    """torchvision.models.detection.fasterrcnn_mobilenet_v3_large_fpn on our kernels."""
+    return _build(tv_faster_rcnn.fasterrcnn_mobilenet_v3_large_fpn, weights, num_classes,
+                  dict(progress=progress, **kwargs))
+
+
+def fasterrcnn_mobilenet_v3_large_320_fpn(*, weights=None, progress: bool = True, num_classes: int | None = None,
+                                          **kwargs) -> FasterRCNN:
+    """torchvision.models.detection.fasterrcnn_mobilenet_v3_large_320_fpn on our kernels."""
+    return _build(tv_faster_rcnn.fasterrcnn_mobilenet_v3_large_320_fpn, weights, num_classes,
+                  dict(progress=progress, **kwargs))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The classic VGG16 Faster R-CNN of the design notes.
+
+VGG16_STRIDE = 16  # conv5_3 after four 2x2 max-pools
+
+
+class RoIPoolLevel(nn.Module):
+    """RoIPool of one feature map, with the pooler interface RoIHeads calls: forward(features, proposals, image_shapes).
+
+    Args:
+        output_size (int or (int, int)): pooled size (7 for VGG16's fc6).
+        spatial_scale (float): feature size / image size (1/16 for VGG16 conv5_3).
+        featmap_name (str): the key of the feature map in the backbone's output ("0" for a single tensor).
+    """
+
+    def __init__(self, output_size=7, spatial_scale: float = 1.0 / VGG16_STRIDE, featmap_name: str = "0"):
+        super().__init__()
+        self.output_size = output_size
+        self.spatial_scale = spatial_scale
+        self.featmap_name = featmap_name
+
+    def forward(self, features: dict[str, Tensor], proposals: list[Tensor], image_shapes) -> Tensor:
+        return ops.roi_pool(features[self.featmap_name], proposals, self.output_size, self.spatial_scale)
+
+
+class VGG16BoxHead(nn.Module):
+    """fc6 and fc7 of VGG16 (4096 units each, ReLU and dropout as in the classifier) on 512x7x7 pooled features."""
+
+    def __init__(self, in_features: int = 512 * 7 * 7, hidden: int = 4096, dropout: float = 0.5):
+        super().__init__()
+        self.fc6 = nn.Linear(in_features, hidden)
+        self.fc7 = nn.Linear(hidden, hidden)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.dropout(torch.relu(self.fc6(x.flatten(start_dim=1))))
+        return self.dropout(torch.relu(self.fc7(x)))
+
+
+def fasterrcnn_vgg16(*, weights=None, num_classes: int = 21, weights_backbone=None, progress: bool = True,
+                     trainable_layers: int = 10, **kwargs) -> FasterRCNN:
+    """The classic Faster R-CNN of the design notes: VGG16 conv layers up to conv5_3 (stride 16, 512 channels), an
+    RPN with a 3x3 conv and 9 anchors per location (sizes 128, 256, 512 x ratios 0.5, 1, 2), RoIPool 7x7, fc6 and
+    fc7 with 4096 units, images resized to a 600-pixel short side (1000 at most).
+
+    Args:
+        weights: a local checkpoint path of this model, or None.
+        num_classes (int): including the background (21: PASCAL VOC).
+        weights_backbone: torchvision's VGG16 weights (enum or name) for conv1_1 to conv5_3, fc6 and fc7, or None.
+        trainable_layers (int): conv layers trained, counted from conv5_3 (10 of 13: conv1 and conv2 frozen, as
+            the classic setup).
+        **kwargs: FasterRCNN arguments (min_size, rpn_* and box_* thresholds, ...).
+    """
+    vgg = torchvision.models.vgg16(weights=weights_backbone, progress=progress)
+    backbone = vgg.features[:-1]  # conv1_1 .. relu5_3, without pool5
+    backbone.out_channels = 512
+    convs = [m for m in backbone if isinstance(m, nn.Conv2d)]
+    if not 0 <= trainable_layers <= len(convs):
+        raise ValueError(f"trainable_layers must be in [0, {len(convs)}], got {trainable_layers}")
+    for conv in convs[: len(convs) - trainable_layers]:
+        conv.requires_grad_(False)
+    box_head = VGG16BoxHead()
+    if weights_backbone is not None:  # fc6 and fc7 start from VGG16's classifier
+        box_head.fc6.load_state_dict(vgg.classifier[0].state_dict())
+        box_head.fc7.load_state_dict(vgg.classifier[3].state_dict())
+    defaults = dict(min_size=600, max_size=1000, rpn_pre_nms_top_n_train=12000, rpn_pre_nms_top_n_test=6000,
+                    rpn_post_nms_top_n_train=2000, rpn_post_nms_top_n_test=300, box_batch_size_per_image=128)
+    defaults.update(kwargs)
+    anchor_generator = AnchorGenerator(((128, 256, 512),), ((0.5, 1.0, 2.0),))
+    model = FasterRCNN(backbone, num_classes=None, rpn_anchor_generator=anchor_generator,
+                       rpn_head=RPNHead(512, anchor_generator.num_anchors_per_location()[0]),
+                       box_roi_pool=RoIPoolLevel(7, 1.0 / VGG16_STRIDE), box_head=box_head,
+                       box_predictor=FastRCNNPredictor(4096, num_classes), **defaults)
+    if weights is not None:
+        model.load_state_dict(load_checkpoint_state_dict(weights), strict=True)
+    return model

@@ -1,0 +1,57 @@
+"""The box head stage: torchvision's RoIHeads (same submodules, state_dict keys, sampling and losses) with
+fasterrcnn_ext's RoI pooling, box coder, IoU and the fused detection post-processing.
+
+Shapes: N images, P_i proposals of image i, C classes (background included), D_i detections of image i.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+from torchvision.models.detection import roi_heads as tv_roi_heads
+
+from ... import ops
+from ._utils import BoxCoder
+
+__all__ = ["RoIHeads"]
+
+
+class RoIHeads(tv_roi_heads.RoIHeads):
+    """torchvision's RoIHeads (box branch) on fasterrcnn_ext's kernels; the same arguments:
+
+    Args:
+        box_roi_pool (nn.Module): pools each proposal's features (MultiScaleRoIAlign, RoIPool, ...).
+        box_head (nn.Module): TwoMLPHead or another feature head. box_predictor: FastRCNNPredictor.
+        fg_iou_thresh, bg_iou_thresh (float): IoU of a proposal with a ground-truth box to be a positive/negative.
+        batch_size_per_image (int), positive_fraction (float): proposals sampled per image for the losses.
+        bbox_reg_weights ((wx, wy, ww, wh) or None): box coder weights, (10, 10, 5, 5) by default.
+        score_thresh (float), nms_thresh (float), detections_per_img (int): post-processing in eval.
+    """
+
+    def __init__(self, box_roi_pool: nn.Module, box_head: nn.Module, box_predictor: nn.Module, fg_iou_thresh: float,
+                 bg_iou_thresh: float, batch_size_per_image: int, positive_fraction: float,
+                 bbox_reg_weights: tuple[float, float, float, float] | None, score_thresh: float, nms_thresh: float,
+                 detections_per_img: int, **kwargs):
+        super().__init__(box_roi_pool, box_head, box_predictor, fg_iou_thresh, bg_iou_thresh, batch_size_per_image,
+                         positive_fraction, bbox_reg_weights, score_thresh, nms_thresh, detections_per_img, **kwargs)
+        self._use_our_kernels()
+
+    @classmethod
+    def adopt(cls, heads: tv_roi_heads.RoIHeads) -> RoIHeads:
+        """This class over an existing torchvision RoIHeads' submodules and settings (nothing is copied)."""
+        ours = cls.__new__(cls)
+        nn.Module.__init__(ours)
+        ours.__dict__.update(heads.__dict__)
+        ours._use_our_kernels()
+        return ours
+
+    def _use_our_kernels(self) -> None:
+        self.box_coder = BoxCoder(self.box_coder.weights)
+        self.box_similarity = ops.box_iou
+
+    def postprocess_detections(self, class_logits: Tensor, box_regression: Tensor, proposals: list[Tensor],
+                               image_shapes: list[tuple[int, int]]) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
+        """Detections per image in one fused op (softmax, decode, clip, thresholds, per-class NMS, top-k)."""
+        boxes, scores, labels = ops.detection_postprocess(
+            class_logits, box_regression, proposals, image_shapes, self.box_coder.weights, self.score_thresh,
+            self.nms_thresh, self.detections_per_img)
+        return list(boxes), list(scores), list(labels)

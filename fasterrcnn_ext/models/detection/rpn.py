@@ -1,0 +1,81 @@
+"""The region proposal network: torchvision's RegionProposalNetwork (same submodules, state_dict keys, matching,
+sampling and losses) with fasterrcnn_ext's anchors, box coder, IoU and the fused proposal selection.
+
+Shapes: N images, L feature levels (H_l x W_l), A anchors per location, P proposals per image.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+from torchvision.models.detection import rpn as tv_rpn
+from torchvision.models.detection.image_list import ImageList
+from torchvision.models.detection.rpn import RPNHead, concat_box_prediction_layers
+
+from ... import ops
+from ._utils import BoxCoder
+from .anchor_utils import AnchorGenerator
+
+__all__ = ["RegionProposalNetwork", "RPNHead"]
+
+
+class RegionProposalNetwork(tv_rpn.RegionProposalNetwork):
+    """torchvision's RegionProposalNetwork on fasterrcnn_ext's kernels; the same arguments:
+
+    Args:
+        anchor_generator (AnchorGenerator): anchors of every level.
+        head (nn.Module): objectness and box-regression convolutions (RPNHead).
+        fg_iou_thresh, bg_iou_thresh (float): IoU of an anchor with a ground-truth box to be a positive or a
+            negative for training.
+        batch_size_per_image (int), positive_fraction (float): anchors sampled per image for the losses.
+        pre_nms_top_n, post_nms_top_n (dict with "training" and "testing"): proposals kept per level before NMS and
+            per image after it.
+        nms_thresh (float): IoU threshold of the per-level NMS.
+        score_thresh (float): minimum objectness (sigmoid) of a proposal.
+    """
+
+    def __init__(self, anchor_generator: AnchorGenerator, head: nn.Module, fg_iou_thresh: float,
+                 bg_iou_thresh: float, batch_size_per_image: int, positive_fraction: float,
+                 pre_nms_top_n: dict[str, int], post_nms_top_n: dict[str, int], nms_thresh: float,
+                 score_thresh: float = 0.0):
+        super().__init__(anchor_generator, head, fg_iou_thresh, bg_iou_thresh, batch_size_per_image,
+                         positive_fraction, pre_nms_top_n, post_nms_top_n, nms_thresh, score_thresh)
+        self.box_coder = BoxCoder((1.0, 1.0, 1.0, 1.0))
+        self.box_similarity = ops.box_iou
+
+    @classmethod
+    def adopt(cls, rpn: tv_rpn.RegionProposalNetwork) -> RegionProposalNetwork:
+        """This class over an existing torchvision RPN's submodules and settings (nothing is copied)."""
+        ours = cls.__new__(cls)
+        nn.Module.__init__(ours)
+        ours.__dict__.update(rpn.__dict__)
+        ours.box_coder = BoxCoder((1.0, 1.0, 1.0, 1.0))
+        ours.box_similarity = ops.box_iou
+        return ours
+
+    def filter_proposals(self, proposals, objectness, image_shapes, num_anchors_per_level):
+        raise NotImplementedError("fasterrcnn_ext's RPN selects proposals with the fused rpn_proposals op in forward")
+
+    def forward(self, images: ImageList, features: dict[str, Tensor],
+                targets: list[dict[str, Tensor]] | None = None) -> tuple[list[Tensor], dict[str, Tensor]]:
+        """Returns one Tensor[P_i, 4] of proposals per image and, in training, the RPN losses."""
+        features = list(features.values())
+        objectness, pred_bbox_deltas = self.head(features)
+        anchors = self.anchor_generator(images, features)
+        num_images = len(anchors)
+        num_anchors_per_level = [o.shape[1] * o.shape[2] * o.shape[3] for o in objectness]
+        objectness, pred_bbox_deltas = concat_box_prediction_layers(objectness, pred_bbox_deltas)
+        # Faster R-CNN does not backpropagate through the proposals: the selection sees detached tensors.
+        boxes, _ = ops.rpn_proposals(
+            objectness.detach().view(num_images, -1), pred_bbox_deltas.detach().view(num_images, -1, 4), anchors[0],
+            num_anchors_per_level, images.image_sizes, self.pre_nms_top_n(), self.post_nms_top_n(), self.nms_thresh,
+            self.score_thresh, self.min_size)
+        losses = {}
+        if self.training:
+            if targets is None:
+                raise ValueError("RegionProposalNetwork: targets are required in training mode")
+            labels, matched_gt_boxes = self.assign_targets_to_anchors(anchors, targets)
+            regression_targets = self.box_coder.encode(matched_gt_boxes, anchors)
+            loss_objectness, loss_rpn_box_reg = self.compute_loss(objectness, pred_bbox_deltas, labels,
+                                                                  regression_targets)
+            losses = {"loss_objectness": loss_objectness, "loss_rpn_box_reg": loss_rpn_box_reg}
+        return list(boxes), losses
