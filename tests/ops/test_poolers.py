@@ -62,8 +62,10 @@ def test_empty_boxes():
 def test_bad_scales():
     feats = list(fpn_features().values())
     rois = torch.tensor([[0, 0, 0, 10, 10.0]])
-    with pytest.raises(RuntimeError, match="scales must halve"):
+    with pytest.raises(RuntimeError, match="one feature map per level"):
         ops.multi_scale_roi_align(feats, rois, 7, [1 / 4, 1 / 16, 1 / 32, 1 / 64])
+    with pytest.raises(RuntimeError, match="powers of 2"):
+        ops.multi_scale_roi_align(feats, rois, 7, [1 / 4, 1 / 8, 1 / 12, 1 / 32])
     with pytest.raises(RuntimeError, match="got 4 feature maps but 3 scales"):
         ops.multi_scale_roi_align(feats, rois, 7, [1 / 4, 1 / 8, 1 / 16])
 

@@ -76,15 +76,18 @@ inline void check_multi_scale_inputs(at::TensorList features, const at::Tensor& 
               " feature maps but ", scales.size(), " scales");
   for (size_t l = 0; l < features.size(); ++l) {
     check_roi_inputs(features[l], rois, scales[l], pooled_height, pooled_width, "multi_scale_roi_align");
-    // Level k of the pyramid is features[k - k_min]: the scales must halve from one level to the next.
-    TORCH_CHECK(l == 0 || scales[l] == scales[l - 1] / 2, "multi_scale_roi_align: scales must halve from level to level ",
-                "(an FPN), got ", scales);
     const double k = -std::log2(scales[l]);
     TORCH_CHECK(k == std::round(k), "multi_scale_roi_align: scales must be powers of 2, got ", scales);
     TORCH_CHECK(features[l].size(0) == features[0].size(0) && features[l].size(1) == features[0].size(1),
                 "multi_scale_roi_align: every feature map must have the batch size and channels of features[0] ",
                 features[0].sizes(), ", but features[", l, "] has shape ", features[l].sizes());
   }
+  // As torchvision's LevelMapper: a RoI's level k in [k_min, k_max] (from the first and last scales) reads
+  // features[k - k_min], so that range must fit in the feature list.
+  const double k_min = -std::log2(scales.front()), k_max = -std::log2(scales.back());
+  TORCH_CHECK(k_min <= k_max && k_max - k_min < static_cast<double>(features.size()),
+              "multi_scale_roi_align: the scales must go from fine to coarse with one feature map per level ",
+              "between the first and the last, got ", scales);
 }
 
 }  // namespace fasterrcnn_ext

@@ -1,0 +1,194 @@
+"""The detector against torchvision's: same state_dict, same detections in eval, same losses in training."""
+
+import pytest
+import torch
+import torchvision
+from torchvision.models.detection import faster_rcnn as tv
+
+from fasterrcnn_ext.models import detection as ours
+
+SMALL = dict(min_size=320, max_size=512)  # small images keep the CPU tests quick
+
+
+def images_and_targets(n=2, seed=0, sizes=None):
+    """Random images and boxes; the last image is a negative (no boxes).
+
+    By default every image is 320x416: with min_size 320 the transform neither resizes nor pads them. Padding makes
+    regions of identical features, hence tied scores, which two correct implementations may order differently.
+    """
+    g = torch.Generator().manual_seed(seed)
+    sizes = sizes or [(320, 416)] * n
+    images = [torch.rand(3, h, w, generator=g) for h, w in sizes]
+    targets = []
+    for i in range(n):
+        xy = torch.rand(3, 2, generator=g) * 200
+        boxes = torch.cat([xy, xy + torch.rand(3, 2, generator=g) * 100 + 20], 1)
+        targets.append({"boxes": boxes, "labels": torch.randint(1, 5, (3,), generator=g)})
+    targets[-1] = {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.long)}  # a negative image
+    return images, targets
+
+
+def spread_scores(model):
+    """Randomly initialised heads give near-equal scores, whose order a last-bit difference can flip; larger
+    weights spread the scores so that detections are comparable one to one."""
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for layer in (model.rpn.head.cls_logits, model.rpn.head.bbox_pred, model.roi_heads.box_predictor.cls_score):
+            layer.weight.copy_(torch.randn(layer.weight.shape, generator=g) * 0.05)
+
+
+def model_pair(name, **kw):
+    torch.manual_seed(0)
+    theirs = getattr(tv, name)(weights=None, weights_backbone=None, num_classes=5, **SMALL, **kw)
+    spread_scores(theirs)
+    mine = getattr(ours, name)(weights=None, weights_backbone=None, num_classes=5, **SMALL, **kw)
+    mine.load_state_dict(theirs.state_dict(), strict=True)
+    return mine, theirs
+
+
+def assert_same_detections(mine, theirs):
+    for a, b in zip(mine, theirs):
+        assert a.keys() == b.keys()
+        assert len(a["boxes"]) == len(b["boxes"])
+        if len(b["boxes"]) == 0:
+            continue
+        # Every detection has a twin: same label, IoU >= 0.99, score within 1e-3.
+        iou = torchvision.ops.box_iou(a["boxes"], b["boxes"])
+        same_label = a["labels"][:, None] == b["labels"][None, :]
+        close_score = (a["scores"][:, None] - b["scores"][None, :]).abs() <= 1e-3
+        assert ((iou >= 0.99) & same_label & close_score).any(1).all()
+
+
+BUILDERS = ["fasterrcnn_resnet50_fpn", "fasterrcnn_resnet50_fpn_v2", "fasterrcnn_mobilenet_v3_large_fpn",
+            "fasterrcnn_mobilenet_v3_large_320_fpn"]
+
+
+def test_eval_detections_equal_torchvision():
+    """The whole model, images in, detections out."""
+    mine, theirs = model_pair("fasterrcnn_resnet50_fpn", box_score_thresh=0.05, box_detections_per_img=1000)
+    images, _ = images_and_targets()
+    mine.eval()
+    theirs.eval()
+    with torch.no_grad():
+        a, b = mine(images), theirs(images)
+    assert sum(len(d["boxes"]) for d in b) > 0
+    assert_same_detections(a, b)
+
+
+@pytest.mark.parametrize("name", BUILDERS)
+def test_eval_downstream_of_backbone_equals_torchvision(name):
+    """Every builder, on random features of the backbone's shapes: randomly initialised backbones can give flat
+    features and so tied scores, whose order two correct implementations may break differently."""
+    mine, theirs = model_pair(name, box_score_thresh=0.05, box_detections_per_img=1000)
+    assert list(mine.state_dict()) == list(theirs.state_dict())
+    mine.eval()
+    theirs.eval()
+    images, _ = images_and_targets()
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        image_list, _ = theirs.transform(images)
+        features = {k: torch.randn(v.shape, generator=g) for k, v in theirs.backbone(image_list.tensors).items()}
+        proposals, _ = mine.rpn(image_list, features)
+        expected, _ = theirs.rpn(image_list, features)
+        for p, e in zip(proposals, expected):
+            assert p.shape == e.shape
+            assert torchvision.ops.box_iou(p, e).max(1).values.min() > 0.999
+        a, _ = mine.roi_heads(features, expected, image_list.image_sizes)
+        b, _ = theirs.roi_heads(features, expected, image_list.image_sizes)
+    assert sum(len(d["boxes"]) for d in b) > 0
+    assert_same_detections(a, b)
+
+
+@pytest.mark.parametrize("name", ["fasterrcnn_resnet50_fpn", "fasterrcnn_mobilenet_v3_large_fpn"])
+def test_train_losses_equal_torchvision(name):
+    mine, theirs = model_pair(name)
+    images, targets = images_and_targets()
+    mine.train()
+    theirs.train()
+    torch.manual_seed(1)
+    a = mine(images, targets)
+    torch.manual_seed(1)
+    b = theirs(images, targets)
+    assert a.keys() == b.keys() == {"loss_classifier", "loss_box_reg", "loss_objectness", "loss_rpn_box_reg"}
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+    sum(a.values()).backward()
+
+
+def test_batched_equals_one_image_at_a_time():
+    model = ours.fasterrcnn_mobilenet_v3_large_320_fpn(weights=None, weights_backbone=None, num_classes=5,
+                                                      box_score_thresh=0.0).eval()
+    images, _ = images_and_targets(3)
+    images = [images[0]] * 3  # same size: batching adds no padding
+    with torch.no_grad():
+        batched = model(images)
+        single = [model([img])[0] for img in images]
+    for a, b in zip(batched, single):
+        torch.testing.assert_close(a["boxes"], b["boxes"])
+        torch.testing.assert_close(a["scores"], b["scores"])
+
+
+def test_vgg16_train_step_and_eval():
+    torch.manual_seed(0)
+    model = ours.fasterrcnn_vgg16(num_classes=5, min_size=224, max_size=320)
+    assert model.backbone[-1].__class__ is torch.nn.ReLU and model.backbone.out_channels == 512
+    assert model.rpn.anchor_generator.num_anchors_per_location() == [9]
+    images, targets = images_and_targets(sizes=[(300, 400), (260, 350)])  # different sizes batch together
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=1e-3, momentum=0.9)
+    losses = model(images, targets)
+    assert set(losses) == {"loss_classifier", "loss_box_reg", "loss_objectness", "loss_rpn_box_reg"}
+    loss = sum(losses.values())
+    assert torch.isfinite(loss)
+    loss.backward()
+    frozen = model.backbone[0].weight  # conv1_1: frozen as in the classic setup
+    assert frozen.grad is None and model.roi_heads.box_head.fc6.weight.grad is not None
+    optimizer.step()
+    model.eval()
+    with torch.no_grad():
+        out = model(images)
+    assert len(out) == 2 and all(set(d) == {"boxes", "labels", "scores"} for d in out)
+
+
+@pytest.mark.parametrize(
+    "images, targets, training, message",
+    [
+        ([torch.rand(300, 400)], None, False, r"images\[0\] must be a \[C, H, W\] tensor, got \(300, 400\)"),
+        ([torch.rand(3, 64, 64), torch.rand(64, 64)], None, False, r"images\[1\] must be a \[C, H, W\] tensor"),
+        ([torch.rand(3, 64, 64)], None, True, r"targets are required in training mode"),
+        ([torch.rand(3, 64, 64)], [{"boxes": torch.tensor([[10.0, 10, 5, 20]]), "labels": torch.tensor([1])}], True,
+         r"targets\[0\]\['boxes'\]\[0\] .* of image 0 has x2 <= x1 or y2 <= y1"),
+        ([torch.rand(3, 64, 64)], [{"boxes": torch.tensor([[10.0, 10, 20, 10]]), "labels": torch.tensor([1])}], True,
+         r"has x2 <= x1 or y2 <= y1"),
+    ],
+)
+def test_bad_input(images, targets, training, message):
+    model = ours.fasterrcnn_mobilenet_v3_large_320_fpn(weights=None, weights_backbone=None, num_classes=3)
+    model.train(training)
+    with pytest.raises(ValueError, match=message):
+        model(images, targets)
+
+
+def test_local_checkpoint_weights(tmp_path):
+    mine, _ = model_pair("fasterrcnn_mobilenet_v3_large_320_fpn")
+    path = tmp_path / "model.pt"
+    torch.save({"model": mine.state_dict(), "iteration": 3}, path)
+    loaded = ours.fasterrcnn_mobilenet_v3_large_320_fpn(weights=str(path), **SMALL)
+    for (k, v), (k2, v2) in zip(mine.state_dict().items(), loaded.state_dict().items()):
+        assert k == k2 and torch.equal(v, v2)
+    with pytest.raises(ValueError, match="has 5 classes, not num_classes=7"):
+        ours.fasterrcnn_mobilenet_v3_large_320_fpn(weights=str(path), num_classes=7)
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="could not be read"):
+        ours.fasterrcnn_mobilenet_v3_large_320_fpn(weights=str(bad))
+
+
+def test_uses_our_kernels():
+    model = ours.fasterrcnn_resnet50_fpn(weights=None, weights_backbone=None, num_classes=3)
+    assert isinstance(model.rpn, ours.RegionProposalNetwork)
+    assert isinstance(model.rpn.anchor_generator, ours.AnchorGenerator)
+    assert isinstance(model.roi_heads, ours.RoIHeads)
+    from fasterrcnn_ext.ops import MultiScaleRoIAlign
+    assert isinstance(model.roi_heads.box_roi_pool, MultiScaleRoIAlign)
