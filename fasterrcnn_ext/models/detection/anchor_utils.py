@@ -76,10 +76,14 @@ class AnchorGenerator(tv_anchor_utils.AnchorGenerator):
 
     def forward(self, image_list: ImageList, feature_maps: list[Tensor]) -> list[Tensor]:
         """One Tensor[sum_l H_l * W_l * A_l, 4] per image (all images of a batch share one padded size, so the
-        same tensor is returned for each: treat it as read-only)."""
+        same tensor is returned for each: treat it as read-only). Anchors take the features' dtype, except that
+        half-precision features get float32 anchors (fp32 box coordinates)."""
         grid_sizes = [tuple(f.shape[-2:]) for f in feature_maps]
         image_size = image_list.tensors.shape[-2:]
         strides = [(image_size[0] // g[0], image_size[1] // g[1]) for g in grid_sizes]
-        self.set_cell_anchors(feature_maps[0].dtype, feature_maps[0].device)
+        dtype = feature_maps[0].dtype
+        if dtype in (torch.float16, torch.bfloat16):  # half-precision features (autocast): float32 box coordinates
+            dtype = torch.float32
+        self.set_cell_anchors(dtype, feature_maps[0].device)
         anchors = self.all_anchors(grid_sizes, strides)
         return [anchors for _ in range(len(image_list.image_sizes))]

@@ -20,6 +20,7 @@ from torchvision.models.detection import faster_rcnn as tv_faster_rcnn
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 
 from ... import ops
+from ._inference import InferenceCopy
 from .anchor_utils import AnchorGenerator
 from .roi_heads import RoIHeads
 from .rpn import RegionProposalNetwork, RPNHead
@@ -69,7 +70,14 @@ class FasterRCNN(tv_faster_rcnn.FasterRCNN):
 
     forward(images, targets=None): in training, the dict of losses (loss_classifier, loss_box_reg, loss_objectness,
     loss_rpn_box_reg); in eval, one dict per image with boxes [K_i, 4], labels [K_i] and scores [K_i].
+
+    Inference (eval mode under torch.no_grad or torch.inference_mode) runs the backbone from a private copy with the
+    batch norms folded into the convolutions and in channels_last (rebuilt when the weights change; about the
+    backbone's size in extra memory). ``inference_dtype = torch.bfloat16`` opts into bfloat16 autocast for the learned
+    layers (for CPUs with AMX or AVX512-BF16); boxes, anchors and post-processing stay in float32.
     """
+
+    inference_dtype: torch.dtype | None = None
 
     def __init__(self, backbone: nn.Module, num_classes: int | None = None, **kwargs):
         if kwargs.get("rpn_anchor_generator") is None:
@@ -80,6 +88,7 @@ class FasterRCNN(tv_faster_rcnn.FasterRCNN):
         if pool is None or custom_pool:
             kwargs["box_roi_pool"] = ops.MultiScaleRoIAlign(["0", "1", "2", "3"], 7, 2)
         super().__init__(backbone, num_classes, **kwargs)
+        self._backbone_for_inference = InferenceCopy()
         self.rpn = RegionProposalNetwork.adopt(self.rpn)
         self.roi_heads = RoIHeads.adopt(self.roi_heads)
         if custom_pool:
@@ -91,6 +100,7 @@ class FasterRCNN(tv_faster_rcnn.FasterRCNN):
         ours = cls.__new__(cls)
         nn.Module.__init__(ours)
         ours.__dict__.update(model.__dict__)
+        ours._backbone_for_inference = InferenceCopy()
         ours.rpn = RegionProposalNetwork.adopt(model.rpn)
         gen = model.rpn.anchor_generator
         if not isinstance(gen, AnchorGenerator):
@@ -105,7 +115,23 @@ class FasterRCNN(tv_faster_rcnn.FasterRCNN):
 
     def forward(self, images: list[Tensor], targets: list[dict[str, Tensor]] | None = None):
         _check_inputs(images, targets, self.training)
-        return super().forward(images, targets)
+        if self.training or torch.is_grad_enabled() or torch.jit.is_scripting():
+            return super().forward(images, targets)
+        return self._inference_forward(images)
+
+    def _inference_forward(self, images: list[Tensor]) -> list[dict[str, Tensor]]:
+        original_image_sizes = [(int(img.shape[-2]), int(img.shape[-1])) for img in images]
+        image_list, _ = self.transform(images)
+        backbone = self._backbone_for_inference.get(self.backbone)
+        device_type = image_list.tensors.device.type
+        with torch.autocast(device_type, dtype=self.inference_dtype or torch.float32,
+                            enabled=self.inference_dtype is not None):
+            features = backbone(image_list.tensors.contiguous(memory_format=torch.channels_last))
+            if isinstance(features, Tensor):
+                features = OrderedDict([("0", features)])
+            proposals, _ = self.rpn(image_list, features)
+            detections, _ = self.roi_heads(features, proposals, image_list.image_sizes)
+        return self.transform.postprocess(detections, image_list.image_sizes, original_image_sizes)
 
 
 # ---------------------------------------------------------------------------------------------------------------
