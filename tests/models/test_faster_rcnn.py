@@ -64,8 +64,9 @@ BUILDERS = ["fasterrcnn_resnet50_fpn", "fasterrcnn_resnet50_fpn_v2", "fasterrcnn
 
 
 def test_eval_detections_equal_torchvision():
-    """The whole model, images in, detections out."""
+    """The whole model, images in, detections out (the backbone run as is: see the fast-path test below)."""
     mine, theirs = model_pair("fasterrcnn_resnet50_fpn", box_score_thresh=0.05, box_detections_per_img=1000)
+    mine.fast_inference = False
     images, _ = images_and_targets()
     mine.eval()
     theirs.eval()
@@ -192,3 +193,40 @@ def test_uses_our_kernels():
     assert isinstance(model.roi_heads, ours.RoIHeads)
     from fasterrcnn_ext.ops import MultiScaleRoIAlign
     assert isinstance(model.roi_heads.box_roi_pool, MultiScaleRoIAlign)
+
+
+@pytest.mark.parametrize("name", ["fasterrcnn_resnet50_fpn", "fasterrcnn_resnet50_fpn_v2",
+                                  "fasterrcnn_mobilenet_v3_large_fpn"])
+def test_fast_inference_backbone_equals_backbone(name):
+    """The inference copy (batch norms folded, channels_last) computes the backbone's features."""
+    mine, _ = model_pair(name)
+    mine.eval()
+    for m in mine.backbone.modules():  # non-trivial batch-norm statistics, so the folding matters
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+    x = torch.rand(1, 3, 320, 416)
+    with torch.no_grad():
+        expected = mine.backbone(x)
+        fast = mine._backbone_for_inference.get(mine.backbone)(x.contiguous(memory_format=torch.channels_last))
+    for k in expected:
+        torch.testing.assert_close(fast[k], expected[k], rtol=1e-4, atol=1e-4 * expected[k].abs().max().item())
+    # The copy follows the weights.
+    with torch.no_grad():
+        next(mine.backbone.parameters()).mul_(0.5)
+    with torch.no_grad():
+        changed = mine.backbone(x)
+        fast = mine._backbone_for_inference.get(mine.backbone)(x.contiguous(memory_format=torch.channels_last))
+    for k in changed:
+        torch.testing.assert_close(fast[k], changed[k], rtol=1e-4, atol=1e-4 * changed[k].abs().max().item())
+
+
+def test_bfloat16_inference_runs_and_keeps_float32_boxes():
+    mine, _ = model_pair("fasterrcnn_mobilenet_v3_large_320_fpn", box_score_thresh=0.0)
+    mine.eval()
+    mine.inference_dtype = torch.bfloat16
+    images, _ = images_and_targets()
+    with torch.no_grad():
+        out = mine(images)
+    assert all(d["boxes"].dtype == torch.float32 and d["scores"].dtype == torch.float32 for d in out)
+    assert sum(len(d["boxes"]) for d in out) > 0

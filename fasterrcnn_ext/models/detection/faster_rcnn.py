@@ -73,11 +73,14 @@ class FasterRCNN(tv_faster_rcnn.FasterRCNN):
 
     Inference (eval mode under torch.no_grad or torch.inference_mode) runs the backbone from a private copy with the
     batch norms folded into the convolutions and in channels_last (rebuilt when the weights change; about the
-    backbone's size in extra memory). ``inference_dtype = torch.bfloat16`` opts into bfloat16 autocast for the learned
+    backbone's size in extra memory); its features equal the plain backbone's up to float rounding. Set
+    ``fast_inference = False`` to run the backbone as is. ``inference_dtype = torch.bfloat16`` opts into bfloat16 autocast for the learned
     layers (for CPUs with AMX or AVX512-BF16); boxes, anchors and post-processing stay in float32.
     """
 
     inference_dtype: torch.dtype | None = None
+    # False: inference runs the backbone as trained (no folding, no channels_last), bit for bit as torchvision.
+    fast_inference: bool = True
 
     def __init__(self, backbone: nn.Module, num_classes: int | None = None, **kwargs):
         if kwargs.get("rpn_anchor_generator") is None:
@@ -115,7 +118,7 @@ class FasterRCNN(tv_faster_rcnn.FasterRCNN):
 
     def forward(self, images: list[Tensor], targets: list[dict[str, Tensor]] | None = None):
         _check_inputs(images, targets, self.training)
-        if self.training or torch.is_grad_enabled() or torch.jit.is_scripting():
+        if self.training or torch.is_grad_enabled() or not self.fast_inference:
             return super().forward(images, targets)
         return self._inference_forward(images)
 

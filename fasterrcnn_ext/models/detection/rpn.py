@@ -11,10 +11,7 @@ from torchvision.models.detection import rpn as tv_rpn
 from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.rpn import RPNHead, concat_box_prediction_layers
 
-import torch
-
 from ... import ops
-from ._inference import InferenceCopy
 from ._utils import BoxCoder
 from .anchor_utils import AnchorGenerator
 
@@ -44,7 +41,6 @@ class RegionProposalNetwork(tv_rpn.RegionProposalNetwork):
                          positive_fraction, pre_nms_top_n, post_nms_top_n, nms_thresh, score_thresh)
         self.box_coder = BoxCoder((1.0, 1.0, 1.0, 1.0))
         self.box_similarity = ops.box_iou
-        self._head_for_inference = InferenceCopy()
 
     @classmethod
     def adopt(cls, rpn: tv_rpn.RegionProposalNetwork) -> RegionProposalNetwork:
@@ -54,7 +50,6 @@ class RegionProposalNetwork(tv_rpn.RegionProposalNetwork):
         ours.__dict__.update(rpn.__dict__)
         ours.box_coder = BoxCoder((1.0, 1.0, 1.0, 1.0))
         ours.box_similarity = ops.box_iou
-        ours._head_for_inference = InferenceCopy()
         return ours
 
     def filter_proposals(self, proposals, objectness, image_shapes, num_anchors_per_level):
@@ -64,10 +59,7 @@ class RegionProposalNetwork(tv_rpn.RegionProposalNetwork):
                 targets: list[dict[str, Tensor]] | None = None) -> tuple[list[Tensor], dict[str, Tensor]]:
         """Returns one Tensor[P_i, 4] of proposals per image and, in training, the RPN losses."""
         features = list(features.values())
-        inference = not self.training and not torch.is_grad_enabled()
-        # Inference: the head's folded, channels_last copy (see _inference.py).
-        head = self._head_for_inference.get(self.head) if inference else self.head
-        objectness, pred_bbox_deltas = head(features)
+        objectness, pred_bbox_deltas = self.head(features)
         anchors = self.anchor_generator(images, features)
         num_images = len(anchors)
         num_anchors_per_level = [o.shape[1] * o.shape[2] * o.shape[3] for o in objectness]
