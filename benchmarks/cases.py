@@ -180,7 +180,63 @@ def box_cases(device: str) -> list[Case]:
     return cases
 
 
+def detector_cases(device: str) -> list[Case]:
+    """fasterrcnn_resnet50_fpn end to end (same random weights; no download), batch 1, an 800-pixel image; and the
+    part outside the learned layers (transform, anchors, proposal selection, RoI pooling, post-processing) alone."""
+    from torchvision.models.detection import faster_rcnn as tv
+    from torchvision.models.detection.rpn import concat_box_prediction_layers
+
+    from fasterrcnn_ext.models import detection as ours
+
+    torch.manual_seed(0)
+    theirs = tv.fasterrcnn_resnet50_fpn(weights=None, weights_backbone=None).eval().to(device)
+    mine = ours.fasterrcnn_resnet50_fpn(weights=None, weights_backbone=None).eval().to(device)
+    mine.load_state_dict(theirs.state_dict())
+    image = [torch.rand(3, 800, 1067, generator=torch.Generator().manual_seed(0)).to(device)]
+    cases = [Case("detector fp32, R50-FPN, 800px, batch 1", lambda: mine(image), lambda: theirs(image),
+                  target=1.3 if device == "cuda" else 1.5)]
+    if device == "cpu":
+        mine_bf16 = ours.fasterrcnn_resnet50_fpn(weights=None, weights_backbone=None).eval()
+        mine_bf16.load_state_dict(theirs.state_dict())
+        mine_bf16.inference_dtype = torch.bfloat16
+        cases.append(Case("detector bf16 (ours) vs fp32 (torchvision)", lambda: mine_bf16(image), lambda: theirs(image),
+                          target=3.0))
+
+    # The non-learned part, given the learned layers' outputs.
+    with torch.no_grad():
+        image_list, _ = theirs.transform(image)
+        features = theirs.backbone(image_list.tensors)
+        feature_list = list(features.values())
+        objectness, deltas = theirs.rpn.head(feature_list)
+        proposals, _ = theirs.rpn(image_list, features)
+        pooled = theirs.roi_heads.box_roi_pool(features, proposals, image_list.image_sizes)
+        class_logits, box_regression = theirs.roi_heads.box_predictor(theirs.roi_heads.box_head(pooled))
+
+    def outside_learned(model):
+        def run():
+            il, _ = model.transform(image)
+            anchors = model.rpn.anchor_generator(il, feature_list)
+            per_level = [o.shape[1] * o.shape[2] * o.shape[3] for o in objectness]
+            obj, dl = concat_box_prediction_layers(list(objectness), list(deltas))
+            if model is mine:
+                boxes, _ = ops.rpn_proposals(obj.view(1, -1), dl.view(1, -1, 4), anchors[0], per_level,
+                                             il.image_sizes, 1000, 1000, 0.7)
+            else:
+                props = model.rpn.box_coder.decode(dl, anchors).view(1, -1, 4)
+                boxes, _ = model.rpn.filter_proposals(props, obj, il.image_sizes, per_level)
+            model.roi_heads.box_roi_pool(features, boxes, il.image_sizes)
+            dets = model.roi_heads.postprocess_detections(class_logits, box_regression, proposals, il.image_sizes)
+            result = [{"boxes": b, "scores": s, "labels": lab} for b, s, lab in zip(*dets)]
+            return model.transform.postprocess(result, il.image_sizes, [(800, 1067)])
+        return run
+
+    cases.append(Case("detector outside the learned layers", outside_learned(mine), outside_learned(theirs),
+                      target=3.0))
+    return cases
+
+
 ALL_CASES: dict[str, Callable[[str], list[Case]]] = {
+    "detector": detector_cases,
     "boxes": box_cases,
     "nms": nms_cases,
     "roi": roi_cases,

@@ -230,3 +230,16 @@ def test_bfloat16_inference_runs_and_keeps_float32_boxes():
         out = mine(images)
     assert all(d["boxes"].dtype == torch.float32 and d["scores"].dtype == torch.float32 for d in out)
     assert sum(len(d["boxes"]) for d in out) > 0
+
+
+def test_torch_compile_eval_model():
+    """torch.compile of the eval model gives the eager detections. The graph breaks at the fused post-processing
+    ops, whose output sizes depend on the data (documented in the README)."""
+    mine, _ = model_pair("fasterrcnn_mobilenet_v3_large_320_fpn", box_score_thresh=0.0)
+    mine.eval()
+    images, _ = images_and_targets(1)
+    compiled = torch.compile(mine, backend="eager")
+    with torch.no_grad():
+        got, expected = compiled(images), mine(images)
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b)

@@ -7,6 +7,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 
 #include "host_device.h"
@@ -62,6 +63,34 @@ struct BoxWeights {
   T wx, wy, ww, wh;
 };
 
+// exp() for box decoding, identical on the host and the device: a Cephes-style polynomial (about 1 ulp in float32,
+// like torch.exp's vectorised one) written in plain arithmetic, so the CPU loops that call it vectorise and the CPU
+// and CUDA kernels give the same bits. NaN stays NaN; large inputs give inf, very negative ones 0.
+FRCNN_INLINE float box_exp(float x) {
+  // round(x / ln 2) by the 1.5 * 2^23 trick: plain additions, so it vectorises without -fno-trapping-math (which
+  // floor() needs) and rounds the same everywhere. Exact for |x / ln 2| < 2^22; larger x are handled below.
+  const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+  float r = x - n * 0.693359375f;                             // x - n ln 2, in two parts for accuracy
+  r = r - n * -2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  const float y = p * r * r + r + 1.0f;
+  // 2^n from the exponent bits; n is clamped first so the conversion is defined (NaN clamps too, y stays NaN).
+  const float n_clamped = n > -126.0f ? (n < 127.0f ? n : 127.0f) : -126.0f;
+  const int32_t bits = (static_cast<int32_t>(n_clamped) + 127) << 23;
+  float scale;
+  memcpy(&scale, &bits, sizeof(scale));
+  const float result = y * scale;
+  return x > 88.72283f ? INFINITY : (x < -87.33654f ? 0.0f : result);
+}
+FRCNN_INLINE double box_exp(double x) {
+  return exp(x);
+}
+
 template <typename T>
 FRCNN_INLINE void decode_box(T dx, T dy, T dw, T dh, T x1, T y1, T x2, T y2, const BoxWeights<T>& w, T clip,
                              T* out) {
@@ -72,7 +101,7 @@ FRCNN_INLINE void decode_box(T dx, T dy, T dw, T dh, T x1, T y1, T x2, T y2, con
   dw = min_of(dw / w.ww, clip);  // NaN stays NaN, as torch.clamp
   dh = min_of(dh / w.wh, clip);
   const T pred_ctr_x = dx * width + ctr_x, pred_ctr_y = dy * height + ctr_y;
-  const T pred_w = exp(dw) * width, pred_h = exp(dh) * height;
+  const T pred_w = box_exp(dw) * width, pred_h = box_exp(dh) * height;
   const T half_w = T(0.5) * pred_w, half_h = T(0.5) * pred_h;
   out[0] = pred_ctr_x - half_w;
   out[1] = pred_ctr_y - half_h;
