@@ -138,14 +138,47 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rpn_proposals_cpu_typed(
   const scalar_t* d = deltas.data_ptr<scalar_t>();
   const scalar_t* a = anchors.data_ptr<scalar_t>();
 
-  // The top pre_nms_top_n anchors of each (image, level), in parallel.
-  std::vector<std::vector<int64_t>> top(batch * levels);
-  at::parallel_for(0, batch * levels, 1, [&](int64_t lo, int64_t hi) {
+  // The top pre_nms_top_n anchors of each (image, level). Large levels (P2 has 3/4 of the anchors) are split into
+  // chunks whose top-k run in parallel; a level's top-k is then the top-k of its chunks' (in index order, so ties
+  // still go to the lower index).
+  constexpr int64_t kChunk = 32768;
+  struct Task {
+    int64_t image_level, begin, count;
+  };
+  std::vector<Task> tasks;
+  for (int64_t n = 0; n < batch; ++n) {
+    for (int64_t l = 0; l < levels; ++l) {
+      for (int64_t b = level_begin[l]; b < level_begin[l + 1]; b += kChunk) {
+        tasks.push_back({n * levels + l, b, std::min(kChunk, level_begin[l + 1] - b)});
+      }
+    }
+  }
+  std::vector<std::vector<int64_t>> chunk_top(tasks.size());
+  at::parallel_for(0, static_cast<int64_t>(tasks.size()), 1, [&](int64_t lo, int64_t hi) {
     for (int64_t t = lo; t < hi; ++t) {
-      const int64_t n = t / levels, l = t % levels;
-      const int64_t begin = level_begin[l], count = num_anchors_per_level[l];
-      top[t] = top_k_indices(logits + n * total + begin, count, std::min(pre_nms_top_n, count));
-      for (int64_t& i : top[t]) i += begin;
+      const Task& task = tasks[t];
+      const int64_t n = task.image_level / levels;
+      chunk_top[t] = top_k_indices(logits + n * total + task.begin, task.count, std::min(pre_nms_top_n, task.count));
+      for (int64_t& i : chunk_top[t]) i += task.begin;
+    }
+  });
+  std::vector<std::vector<int64_t>> top(batch * levels);
+  for (size_t t = 0; t < tasks.size(); ++t) {
+    std::vector<int64_t>& dst = top[tasks[t].image_level];
+    dst.insert(dst.end(), chunk_top[t].begin(), chunk_top[t].end());
+  }
+  at::parallel_for(0, batch * levels, 1, [&](int64_t lo, int64_t hi) {
+    std::vector<acc_t> values;
+    for (int64_t t = lo; t < hi; ++t) {
+      std::vector<int64_t>& candidates = top[t];
+      const int64_t k = std::min(pre_nms_top_n, num_anchors_per_level[t % levels]);
+      if (static_cast<int64_t>(candidates.size()) <= k) continue;
+      const acc_t* row = logits + (t / levels) * total;
+      values.resize(candidates.size());
+      for (size_t i = 0; i < candidates.size(); ++i) values[i] = row[candidates[i]];
+      std::vector<int64_t> keep = top_k_indices(values.data(), static_cast<int64_t>(values.size()), k);
+      for (int64_t& i : keep) i = candidates[i];
+      candidates = std::move(keep);
     }
   });
 
