@@ -208,3 +208,16 @@ inline void check_detection_inputs(const at::Tensor& class_logits, const at::Ten
 }
 
 }  // namespace fasterrcnn_ext
+
+namespace fasterrcnn_ext {
+
+// The gradient reaching a RoI pooling backward: [K, C, pooled_height, pooled_width].
+inline void check_pool_grad(const at::Tensor& grad, int64_t num_rois, int64_t channels, int64_t pooled_height,
+                            int64_t pooled_width, const char* op) {
+  TORCH_CHECK(grad.dim() == 4 && grad.size(0) == num_rois && grad.size(1) == channels &&
+                  grad.size(2) == pooled_height && grad.size(3) == pooled_width,
+              op, ": grad must be [K, C, pooled_height, pooled_width] = [", num_rois, ", ", channels, ", ",
+              pooled_height, ", ", pooled_width, "], got ", grad.sizes());
+}
+
+}  // namespace fasterrcnn_ext

@@ -60,6 +60,19 @@ acc_t sigmoid(acc_t x) {
   return acc_t(1) / (acc_t(1) + std::exp(-x));
 }
 
+// Decodes one candidate box, clips it to the image and applies the minimum-size test (NaN boxes fail it).
+template <typename acc_t, typename scalar_t>
+bool decode_clip_keep(const scalar_t* delta, const scalar_t* reference, const BoxWeights<acc_t>& w, acc_t clip,
+                      acc_t height, acc_t width, acc_t min_side, acc_t* box) {
+  decode_box<acc_t>(delta[0], delta[1], delta[2], delta[3], reference[0], reference[1], reference[2], reference[3], w,
+                    clip, box);
+  box[0] = clip_coordinate(box[0], width);
+  box[1] = clip_coordinate(box[1], height);
+  box[2] = clip_coordinate(box[2], width);
+  box[3] = clip_coordinate(box[3], height);
+  return box_is_large_enough(box[0], box[1], box[2], box[3], min_side);
+}
+
 // Kept boxes of one image, in output order.
 template <typename acc_t>
 struct ImageResult {
@@ -194,15 +207,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rpn_proposals_cpu_typed(
         for (int64_t i : top[n * levels + l]) {
           const acc_t score = sigmoid(logits[n * total + i]);
           if (!(score >= min_score)) continue;  // ">=" as torchvision; NaN fails
-          const scalar_t* dd = d + (n * total + i) * 4;
-          const scalar_t* aa = a + i * 4;
           acc_t box[4];
-          decode_box<acc_t>(dd[0], dd[1], dd[2], dd[3], aa[0], aa[1], aa[2], aa[3], unit, clip, box);
-          box[0] = clip_coordinate(box[0], width);
-          box[1] = clip_coordinate(box[1], height);
-          box[2] = clip_coordinate(box[2], width);
-          box[3] = clip_coordinate(box[3], height);
-          if (!box_is_large_enough(box[0], box[1], box[2], box[3], min_side)) continue;
+          if (!decode_clip_keep(d + (n * total + i) * 4, a + i * 4, unit, clip, height, width, min_side, box)) continue;
           c.add(box, score, l);
         }
       }
@@ -264,14 +270,8 @@ std::vector<at::Tensor> detection_postprocess_cpu_typed(const at::Tensor& class_
         for (int64_t k = 1; k < classes; ++k) {  // class 0 is the background
           const acc_t score = prob[k] / sum;
           if (!(score > min_score)) continue;  // ">" as torchvision; NaN fails
-          const scalar_t* dd = reg + (i * classes + k) * 4;
           acc_t box[4];
-          decode_box<acc_t>(dd[0], dd[1], dd[2], dd[3], p[0], p[1], p[2], p[3], w, clip, box);
-          box[0] = clip_coordinate(box[0], width);
-          box[1] = clip_coordinate(box[1], height);
-          box[2] = clip_coordinate(box[2], width);
-          box[3] = clip_coordinate(box[3], height);
-          if (!box_is_large_enough(box[0], box[1], box[2], box[3], min_side)) continue;
+          if (!decode_clip_keep(reg + (i * classes + k) * 4, p, w, clip, height, width, min_side, box)) continue;
           c.add(box, score, k);
         }
       }

@@ -307,10 +307,7 @@ at::Tensor roi_align_forward_cpu(const at::Tensor& input, const at::Tensor& rois
 at::Tensor roi_align_backward_cpu(const at::Tensor& grad, const at::Tensor& rois, double spatial_scale,
                                   int64_t pooled_height, int64_t pooled_width, int64_t batch_size, int64_t channels,
                                   int64_t height, int64_t width, int64_t sampling_ratio, bool aligned) {
-  TORCH_CHECK(grad.dim() == 4 && grad.size(0) == rois.size(0) && grad.size(1) == channels &&
-                  grad.size(2) == pooled_height && grad.size(3) == pooled_width,
-              "roi_align backward: grad must be [K, C, pooled_height, pooled_width] = [", rois.size(0), ", ",
-              channels, ", ", pooled_height, ", ", pooled_width, "], got ", grad.sizes());
+  check_pool_grad(grad, rois.size(0), channels, pooled_height, pooled_width, "roi_align backward");
   const std::vector<LevelShape> levels{{height, width, spatial_scale}};
   const PoolParams pp{pooled_height, pooled_width, sampling_ratio, aligned};
   at::Tensor out;
@@ -345,10 +342,7 @@ std::vector<at::Tensor> multi_scale_roi_align_backward_cpu(const at::Tensor& gra
                                                            at::IntArrayRef widths) {
   TORCH_CHECK(heights.size() == scales.size() && widths.size() == scales.size(),
               "multi_scale_roi_align backward: heights, widths and scales must have the same length");
-  TORCH_CHECK(grad.dim() == 4 && grad.size(0) == rois.size(0) && grad.size(1) == channels &&
-                  grad.size(2) == pooled_height && grad.size(3) == pooled_width,
-              "multi_scale_roi_align backward: grad must be [K, C, pooled_height, pooled_width] = [", rois.size(0),
-              ", ", channels, ", ", pooled_height, ", ", pooled_width, "], got ", grad.sizes());
+  check_pool_grad(grad, rois.size(0), channels, pooled_height, pooled_width, "multi_scale_roi_align backward");
   std::vector<LevelShape> levels;
   for (size_t l = 0; l < scales.size(); ++l) levels.push_back({heights[l], widths[l], scales[l]});
   const PoolParams pp{pooled_height, pooled_width, sampling_ratio, aligned};

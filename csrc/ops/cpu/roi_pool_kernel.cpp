@@ -177,10 +177,7 @@ at::Tensor roi_pool_backward_cpu(const at::Tensor& grad, const at::Tensor& rois,
                                  double spatial_scale, int64_t pooled_height, int64_t pooled_width,
                                  int64_t batch_size, int64_t channels, int64_t height, int64_t width) {
   const int64_t k = rois.size(0);
-  TORCH_CHECK(grad.dim() == 4 && grad.size(0) == k && grad.size(1) == channels && grad.size(2) == pooled_height &&
-                  grad.size(3) == pooled_width,
-              "roi_pool backward: grad must be [K, C, pooled_height, pooled_width] = [", k, ", ", channels, ", ",
-              pooled_height, ", ", pooled_width, "], got ", grad.sizes());
+  check_pool_grad(grad, k, channels, pooled_height, pooled_width, "roi_pool backward");
   TORCH_CHECK(argmax.sizes() == grad.sizes(), "roi_pool backward: argmax must have the shape of grad ", grad.sizes(),
               ", got ", argmax.sizes());
   at::Tensor grad_input = at::zeros({batch_size, channels, height, width}, grad.options());

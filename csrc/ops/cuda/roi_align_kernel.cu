@@ -222,10 +222,7 @@ std::vector<at::Tensor> backward_cuda(const at::Tensor& grad, const at::Tensor& 
   const at::Tensor rois = rois_in.contiguous();
   Pool pp = pool_in;
   pp.num_rois = rois.size(0);
-  TORCH_CHECK(grad.dim() == 4 && grad.size(0) == pp.num_rois && grad.size(1) == pp.channels &&
-                  grad.size(2) == pp.pooled_h && grad.size(3) == pp.pooled_w,
-              "roi_align backward: grad must be [K, C, pooled_height, pooled_width] = [", pp.num_rois, ", ",
-              pp.channels, ", ", pp.pooled_h, ", ", pp.pooled_w, "], got ", grad.sizes());
+  check_pool_grad(grad, pp.num_rois, pp.channels, pp.pooled_h, pp.pooled_w, "roi_align backward");
   const bool deterministic = at::globalContext().deterministicAlgorithms();
   std::vector<at::Tensor> result;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "roi_align_backward_cuda", [&] {

@@ -140,10 +140,7 @@ at::Tensor roi_pool_backward_cuda(const at::Tensor& grad_in, const at::Tensor& r
                                   double spatial_scale, int64_t pooled_height, int64_t pooled_width,
                                   int64_t batch_size, int64_t channels, int64_t height, int64_t width) {
   const int64_t k = rois_in.size(0);
-  TORCH_CHECK(grad_in.dim() == 4 && grad_in.size(0) == k && grad_in.size(1) == channels &&
-                  grad_in.size(2) == pooled_height && grad_in.size(3) == pooled_width,
-              "roi_pool backward: grad must be [K, C, pooled_height, pooled_width] = [", k, ", ", channels, ", ",
-              pooled_height, ", ", pooled_width, "], got ", grad_in.sizes());
+  check_pool_grad(grad_in, k, channels, pooled_height, pooled_width, "roi_pool backward");
   TORCH_CHECK(argmax_in.sizes() == grad_in.sizes(), "roi_pool backward: argmax must have the shape of grad ",
               grad_in.sizes(), ", got ", argmax_in.sizes());
   const c10::cuda::CUDAGuard guard(grad_in.device());
