@@ -57,3 +57,17 @@ def test_import_without_compiled_library_still_works(tmp_path):
             "except fasterrcnn_ext.ExtensionNotBuiltError as e:\n    print(e)\n")
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, check=True)
     assert "not built" in out.stdout and "pip install --no-build-isolation -e ." in out.stdout
+
+
+def test_every_op_is_opchecked():
+    """Each op in the registry appears in an opcheck call of the test suite."""
+    import pathlib
+    import re
+
+    sources = "".join(p.read_text() for p in pathlib.Path(__file__).parent.rglob("test_*.py"))
+    checked = set(re.findall(r"torch\.ops\.fasterrcnn_ext\.(\w+)\.default", sources))
+    for group in re.findall(r"for name in \(([^)]*)\)", sources):  # loops over op names
+        checked |= set(re.findall(r'"(\w+)"', group))
+    registered = {name for name in dir(torch.ops.fasterrcnn_ext) if not name.startswith("__")} - {"_build_info", "name"}
+    registered = {n for n in registered if isinstance(getattr(torch.ops.fasterrcnn_ext, n), torch._ops.OpOverloadPacket)}
+    assert registered - checked == set()

@@ -161,3 +161,17 @@ def test_cuda_deterministic_backward_equals_atomic_backward():
     finally:
         torch.use_deterministic_algorithms(False)
     torch.testing.assert_close(x.grad, atomic)
+
+
+def test_opcheck_backward_ops(device):
+    """The backward ops are ops of their own: opcheck them directly too."""
+    rois = random_rois(6, 2, image_hw=(20, 24), device=device)
+    grad = torch.randn(6, 3, 2, 2, device=device)
+    torch.library.opcheck(torch.ops.fasterrcnn_ext._roi_align_backward.default,
+                          (grad, rois, 0.5, 2, 2, 2, 3, 10, 12, 2, True))
+    torch.library.opcheck(torch.ops.fasterrcnn_ext._multi_scale_roi_align_backward.default,
+                          (grad, rois, [0.5, 0.25], 2, 2, 2, False, 224.0, 4.0, 2, 3, [10, 5], [12, 6]))
+    x = torch.randn(2, 3, 10, 12, device=device)
+    _, argmax = torch.ops.fasterrcnn_ext.roi_pool(x, rois, 0.5, 2, 2)
+    torch.library.opcheck(torch.ops.fasterrcnn_ext._roi_pool_backward.default,
+                          (grad, rois, argmax, 0.5, 2, 2, 2, 3, 10, 12))
