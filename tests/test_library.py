@@ -68,6 +68,7 @@ def test_every_op_is_opchecked():
     checked = set(re.findall(r"torch\.ops\.fasterrcnn_ext\.(\w+)\.default", sources))
     for group in re.findall(r"for name in \(([^)]*)\)", sources):  # loops over op names
         checked |= set(re.findall(r'"(\w+)"', group))
-    registered = {name for name in dir(torch.ops.fasterrcnn_ext) if not name.startswith("__")} - {"_build_info", "name"}
-    registered = {n for n in registered if isinstance(getattr(torch.ops.fasterrcnn_ext, n), torch._ops.OpOverloadPacket)}
+    registered = {name.split("::")[1] for name in torch._C._dispatch_get_all_op_names()
+                  if name.startswith("fasterrcnn_ext::")} - {"_build_info"}  # no tensors: nothing to opcheck
+    assert len(registered) >= 17
     assert registered - checked == set()
