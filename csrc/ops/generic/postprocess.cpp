@@ -1,11 +1,13 @@
 // Device-generic rpn_proposals and detection_postprocess: the whole batch as tensor ops plus one class-aware NMS
-// over (image, level) or (image, class) groups. No Python, no loop over images; on CUDA the data-dependent sizes
-// cost the syncs of the mask selection and of the NMS. Registered as CompositeExplicitAutograd (what CUDA runs:
+// over (image, level) or (image, class) groups. No Python, no loop over images. On CUDA the data-dependent sizes
+// cost host syncs: the NMS's and the final selection's (rpn_proposals), plus a candidate selection before the NMS
+// in detection_postprocess, where most of the K x C candidates fail the score test. Registered as CompositeExplicitAutograd (what CUDA runs:
 // the CPU has its fused kernel) and as the private _*_generic ops, so the CPU tests cover this path too.
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
+#include <limits>
 #include <vector>
 
 #include "ops/common/checks.h"
@@ -41,18 +43,23 @@ at::Tensor large_enough(const at::Tensor& boxes, double min_size) {
   return w.ge(min_size).logical_and(h.ge(min_size));
 }
 
-// From kept indices `kept` (into rows grouped by image `image_of`, already in score order), the first `limit` of
-// each image, grouped by image; and the per-image counts.
-std::pair<at::Tensor, at::Tensor> first_per_image(const at::Tensor& kept, const at::Tensor& image_of, int64_t batch,
-                                                  int64_t limit) {
+// From kept indices `kept` (into rows grouped by image `image_of`, in score order, rows failing `valid` last), the
+// first `limit` valid rows of each image, grouped by image; and the per-image counts. The one host sync is the
+// final mask selection, whose size is the output's.
+std::pair<at::Tensor, at::Tensor> first_per_image(const at::Tensor& kept, const at::Tensor& image_of,
+                                                  const at::Tensor& valid, int64_t batch, int64_t limit) {
   const at::Tensor img = image_of.index_select(0, kept);
   const at::Tensor order = std::get<1>(img.sort(/*stable=*/true, 0, false));
   const at::Tensor sorted = kept.index_select(0, order), sorted_img = img.index_select(0, order);
-  const at::Tensor counts = at::bincount(sorted_img, {}, batch);
-  const at::Tensor starts = counts.cumsum(0) - counts;
+  const at::Tensor ok = valid.index_select(0, sorted);
+  const at::Tensor in_image = at::bincount(sorted_img, {}, batch);
+  const at::Tensor starts = in_image.cumsum(0) - in_image;
+  // Within an image the valid rows come first (the invalid ones have NaN scores, ranked last), so a valid row's
+  // rank among the valid ones is its position in the image's segment.
   const at::Tensor rank = at::arange(sorted.size(0), kept.options()) - starts.index_select(0, sorted_img);
-  const at::Tensor take = limit >= 0 ? rank.lt(limit) : at::ones_like(rank, rank.options().dtype(at::kBool));
-  return {sorted.masked_select(take), limit >= 0 ? counts.clamp_max(limit) : counts};
+  const at::Tensor take = limit >= 0 ? ok.logical_and(rank.lt(limit)) : ok;
+  const at::Tensor counts = at::zeros({batch}, kept.options()).index_add_(0, sorted_img, take.to(at::kLong));
+  return {sorted.masked_select(take), counts};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> rpn_proposals_generic(
@@ -86,12 +93,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rpn_proposals_generic(
   const at::Tensor hw = at::tensor(image_sizes.vec(), long_opts).to(objectness.scalar_type()).view({batch, 2});
   const at::Tensor boxes = clip_rows(decode_op(rel, base, {1.0, 1.0, 1.0, 1.0}), hw.index_select(0, image_of));
   const at::Tensor valid = large_enough(boxes, min_size).logical_and(scores.ge(score_thresh));
-  const at::Tensor candidates = valid.nonzero().squeeze(1);
+  // No selection before the NMS (it would sync): invalid candidates get a NaN score, which ranks after every
+  // number, so they can only suppress each other; first_per_image drops them.
+  const at::Tensor nms_scores = at::where(valid, scores, std::numeric_limits<double>::quiet_NaN());
   const at::Tensor group = image_of * levels + at::cat(level_ids).repeat({batch});
-  const at::Tensor kept = candidates.index_select(
-      0, batched_nms_op(boxes.index_select(0, candidates), scores.index_select(0, candidates),
-                        group.index_select(0, candidates), nms_thresh));
-  const auto [rows, counts] = first_per_image(kept, image_of, batch, post_nms_top_n);
+  const at::Tensor kept = batched_nms_op(boxes, nms_scores, group, nms_thresh);
+  const auto [rows, counts] = first_per_image(kept, image_of, valid, batch, post_nms_top_n);
   return {boxes.index_select(0, rows), scores.index_select(0, rows), counts};
 }
 
@@ -118,7 +125,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> detection_postprocess
   const at::Tensor kept = candidates.index_select(
       0, batched_nms_op(boxes.index_select(0, candidates), scores.index_select(0, candidates),
                         group.index_select(0, candidates), nms_thresh));
-  const auto [rows, counts] = first_per_image(kept, image_of, batch, detections_per_img);
+  const auto [rows, counts] = first_per_image(kept, image_of, valid, batch, detections_per_img);
   return {boxes.index_select(0, rows), scores.index_select(0, rows), labels.index_select(0, rows), counts};
 }
 
