@@ -221,3 +221,14 @@ inline void check_pool_grad(const at::Tensor& grad, int64_t num_rois, int64_t ch
 }
 
 }  // namespace fasterrcnn_ext
+
+namespace fasterrcnn_ext {
+
+// multi_scale_roi_align backward: one (height, width) per level's scale.
+inline void check_level_shapes(at::ArrayRef<double> scales, at::IntArrayRef heights, at::IntArrayRef widths) {
+  TORCH_CHECK(heights.size() == scales.size() && widths.size() == scales.size(),
+              "multi_scale_roi_align backward: heights, widths and scales must have the same length, got ",
+              heights.size(), ", ", widths.size(), " and ", scales.size());
+}
+
+}  // namespace fasterrcnn_ext

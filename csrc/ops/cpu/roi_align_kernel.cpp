@@ -340,8 +340,7 @@ std::vector<at::Tensor> multi_scale_roi_align_backward_cpu(const at::Tensor& gra
                                                            double canonical_level, int64_t batch_size,
                                                            int64_t channels, at::IntArrayRef heights,
                                                            at::IntArrayRef widths) {
-  TORCH_CHECK(heights.size() == scales.size() && widths.size() == scales.size(),
-              "multi_scale_roi_align backward: heights, widths and scales must have the same length");
+  check_level_shapes(scales, heights, widths);
   check_pool_grad(grad, rois.size(0), channels, pooled_height, pooled_width, "multi_scale_roi_align backward");
   std::vector<LevelShape> levels;
   for (size_t l = 0; l < scales.size(); ++l) levels.push_back({heights[l], widths[l], scales[l]});

@@ -23,22 +23,10 @@
 namespace fasterrcnn_ext {
 namespace {
 
-// One channel block as a GCC vector (64 bytes): compilers do not vectorise a running max with argmax on their
-// own, so it is written with vector types; each target_clones clone lowers them to its widest registers.
+// The running max with argmax is written with roi_block.h's vector types: compilers do not vectorise it on their
+// own; each target_clones clone lowers the types to its widest registers.
 template <typename acc_t>
-struct BlockVec;
-template <>
-struct BlockVec<float> {
-  typedef float V __attribute__((vector_size(64)));
-  typedef int32_t I __attribute__((vector_size(64)));
-};
-template <>
-struct BlockVec<double> {
-  typedef double V __attribute__((vector_size(64)));
-  typedef int64_t I __attribute__((vector_size(64)));
-};
-template <typename acc_t>
-using block_index_t = std::remove_reference_t<decltype(std::declval<typename BlockVec<acc_t>::I>()[0])>;
+using block_index_t = std::remove_reference_t<decltype(std::declval<typename BlockTypes<acc_t>::Mask>()[0])>;
 
 // Max over a bin's window of buf ([H][W][kBlock]) for the block's channels; the first occurrence wins ties (strict
 // >, NaN never wins), as in torchvision. The argmax is the index into the (H, W) plane (< 2^31 pixels, checked).
@@ -46,8 +34,8 @@ template <typename acc_t>
 __attribute__((always_inline)) inline void max_pool_bin_impl(const acc_t* __restrict__ buf, int64_t width,
                                                              int64_t h0, int64_t h1, int64_t w0, int64_t w1,
                                                              acc_t* __restrict__ best, block_index_t<acc_t>* arg) {
-  using V = typename BlockVec<acc_t>::V;
-  using I = typename BlockVec<acc_t>::I;
+  using V = typename BlockTypes<acc_t>::V;
+  using I = typename BlockTypes<acc_t>::Mask;
   const bool empty = h1 <= h0 || w1 <= w0;
   V vbest = V{} + (empty ? acc_t(0) : static_cast<acc_t>(-FLT_MAX));
   I varg = I{} - 1;

@@ -288,8 +288,7 @@ std::vector<at::Tensor> multi_scale_roi_align_backward_cuda(const at::Tensor& gr
                                                             double canonical_level, int64_t batch_size,
                                                             int64_t channels, at::IntArrayRef heights,
                                                             at::IntArrayRef widths) {
-  TORCH_CHECK(heights.size() == scales.size() && widths.size() == scales.size(),
-              "multi_scale_roi_align backward: heights, widths and scales must have the same length");
+  check_level_shapes(scales, heights, widths);
   const Pool pp{pooled_height, pooled_width, sampling_ratio, batch_size, channels, 0, aligned,
                 static_cast<float>(canonical_scale), static_cast<float>(canonical_level)};
   return backward_cuda(grad, rois, scales, pp, heights, widths);
