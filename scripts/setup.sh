@@ -13,6 +13,9 @@ PIP=".venv/bin/python -m pip"
 $PIP install --quiet --upgrade pip
 # torch and torchvision: the releases this machine kind serves from local disk (a CUDA 13.0 build).
 $PIP install --quiet "torch==2.14.1" "torchvision==0.29.1"
+# The runtime dependencies beyond torch (pyproject.toml lists them too; the build below uses --no-deps so that pip
+# never swaps the torch above for another release).
+$PIP install --quiet "numpy" "pillow" "tqdm>=4.60" "pycocotools>=2.0.7"
 $PIP install --quiet -r requirements-dev.txt
 MAX_JOBS=${MAX_JOBS:-2} $PIP install --no-build-isolation --no-deps -e .
 .venv/bin/python -c "import fasterrcnn_ext, json; print(json.dumps(fasterrcnn_ext.build_info()))"

@@ -221,6 +221,27 @@ def test_fast_inference_backbone_equals_backbone(name):
         torch.testing.assert_close(fast[k], changed[k], rtol=1e-4, atol=1e-4 * changed[k].abs().max().item())
 
 
+def test_model_built_under_inference_mode_follows_in_place_weight_loads():
+    """Inference tensors keep no version counter: the inference copy must not go stale after load_state_dict."""
+    from fasterrcnn_ext.models.detection import fasterrcnn_tiny
+
+    torch.manual_seed(1)
+    trained = fasterrcnn_tiny(box_score_thresh=0.0).eval()
+    for m in trained.backbone.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+    images = [torch.rand(3, 160, 192)]
+    with torch.inference_mode():
+        model = fasterrcnn_tiny(box_score_thresh=0.0).eval()
+        model(images)  # a first call with the random weights
+        model.load_state_dict(trained.state_dict())
+        got = model(images)[0]
+        model.fast_inference = False
+        expected = model(images)[0]
+    assert len(expected["boxes"]) > 0
+    torch.testing.assert_close(got["boxes"], expected["boxes"], rtol=1e-4, atol=1e-3)
+
+
 def test_bfloat16_inference_runs_and_keeps_float32_boxes():
     mine, _ = model_pair("fasterrcnn_mobilenet_v3_large_320_fpn", box_score_thresh=0.0)
     mine.eval()

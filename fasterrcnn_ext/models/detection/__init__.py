@@ -20,10 +20,11 @@ from .faster_rcnn import (
 )
 from .roi_heads import RoIHeads
 from .rpn import RegionProposalNetwork, RPNHead
+from .tiny import TinyBackbone, fasterrcnn_tiny
 
 __all__ = [
     "AnchorGenerator", "BoxCoder", "FasterRCNN", "FastRCNNPredictor", "GeneralizedRCNNTransform", "RPNHead",
-    "RegionProposalNetwork", "RoIHeads", "RoIPoolLevel", "TwoMLPHead", "VGG16BoxHead",
+    "RegionProposalNetwork", "RoIHeads", "RoIPoolLevel", "TinyBackbone", "TwoMLPHead", "VGG16BoxHead",
     "fasterrcnn_mobilenet_v3_large_320_fpn", "fasterrcnn_mobilenet_v3_large_fpn", "fasterrcnn_resnet50_fpn",
-    "fasterrcnn_resnet50_fpn_v2", "fasterrcnn_vgg16", "load_checkpoint_state_dict",
+    "fasterrcnn_resnet50_fpn_v2", "fasterrcnn_tiny", "fasterrcnn_vgg16", "load_checkpoint_state_dict",
 ]

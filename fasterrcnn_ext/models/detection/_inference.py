@@ -62,6 +62,10 @@ class InferenceCopy:
         return tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in tensors)
 
     def get(self, module: nn.Module) -> nn.Module:
+        if any(p.is_inference() for p in module.parameters()):
+            # Built under torch.inference_mode: such tensors keep no version counter, so an in-place weight update
+            # could not be noticed. Run the module itself (correct, without the speed-ups).
+            return module
         key = self._state_key(module)
         if self._copy is None or key != self._key:
             clone = copy.deepcopy(module).eval()

@@ -1,0 +1,126 @@
+"""Times fasterrcnn_ext against torchvision in the same process and prints the ratios.
+
+    fasterrcnn-ext bench                      # CPU, all groups (also: python benchmarks/run.py)
+    fasterrcnn-ext bench --device cuda        # CUDA (times with CUDA events via torch.utils.benchmark)
+    fasterrcnn-ext bench --quick --only nms --json out.json
+
+Times are medians from torch.utils.benchmark with a fixed number of CPU threads (default 2, this project's
+machines). The speed targets live here, never in the unit tests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+
+import torch
+import torch.utils.benchmark as tbench
+
+import fasterrcnn_ext
+
+from .cases import ALL_CASES
+
+
+def _median_seconds(fn, min_run_time: float) -> float:
+    # torch.utils.benchmark runs with 1 thread unless told otherwise.
+    timer = tbench.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
+    return timer.blocked_autorange(min_run_time=min_run_time).median
+
+
+def _commit() -> str:
+    try:
+        root = os.path.dirname(os.path.abspath(__file__))
+        return subprocess.check_output(["git", "-C", root, "rev-parse", "--short", "HEAD"], text=True,
+                                       stderr=subprocess.DEVNULL).strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def _device_name(device: str) -> str:
+    if device == "cuda":
+        return torch.cuda.get_device_name()
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    name = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"{name}, {torch.get_num_threads()} threads"
+
+
+def run(device: str = "cpu", quick: bool = False, only: list[str] | None = None, threads: int = 2,
+        json_path: str | None = None, out=None) -> dict:
+    out = out or sys.stdout
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA GPU is visible")
+    torch.set_num_threads(threads)
+    # Steady state for both sides: freeing one large (mmap-backed) block makes glibc raise its mmap threshold, so
+    # later tensors up to that size come from the heap instead of fresh, page-faulting mappings. Without this, the
+    # figures depend on which benchmark ran first.
+    warm = torch.empty(30 << 20, dtype=torch.uint8)
+    del warm
+    min_run_time = 0.2 if quick else 1.0
+    groups = only or list(ALL_CASES)
+    unknown = [g for g in groups if g not in ALL_CASES]
+    if unknown:
+        raise SystemExit(f"unknown benchmark group(s) {unknown}; choose from {list(ALL_CASES)}")
+    rows = []
+    header = f"{'case':<52} {'ours ms':>10} {'torchvision ms':>15} {'speed-up':>9} {'target':>7}"
+    print(f"fasterrcnn_ext benchmark on {device} ({_device_name(device)})", file=out)
+    print(header, file=out)
+    print("-" * len(header), file=out)
+    with torch.no_grad():  # (not inference_mode: the backward cases re-enable grad)
+        for group in groups:
+            for case in ALL_CASES[group](device):
+                case.ours()
+                case.torchvision()  # warm-up (and lazy initialisation) outside the timing
+                ours = _median_seconds(case.ours, min_run_time)
+                theirs = _median_seconds(case.torchvision, min_run_time)
+                ratio = theirs / ours
+                mark = "" if ratio >= case.target else "  (below target)"
+                print(f"{case.name:<52} {ours * 1e3:>10.3f} {theirs * 1e3:>15.3f} {ratio:>8.1f}x {case.target:>6.1f}x"
+                      f"{mark}", file=out, flush=True)
+                rows.append({"group": group, "case": case.name, "ours_ms": ours * 1e3,
+                             "torchvision_ms": theirs * 1e3, "speedup": ratio, "target": case.target})
+    result = {
+        "device": device,
+        "device_name": _device_name(device),
+        "date": datetime.date.today().isoformat(),
+        "commit": _commit(),
+        "torch": torch.__version__,
+        "build_info": fasterrcnn_ext.build_info(),
+        "threads": threads,
+        "results": rows,
+    }
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump(result, f, indent=2)
+        print(f"wrote {json_path}", file=out)
+    return result
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--quick", action="store_true", help="shorter timing runs")
+    p.add_argument("--only", nargs="+", metavar="GROUP", help=f"groups to run: {', '.join(ALL_CASES)}")
+    p.add_argument("--threads", type=int, default=2, help="CPU threads (default 2)")
+    p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(p)
+    args = p.parse_args(argv)
+    run(args.device, args.quick, args.only, args.threads, args.json)
+
+
+if __name__ == "__main__":
+    main()

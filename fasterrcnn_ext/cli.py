@@ -1,0 +1,183 @@
+"""The ``fasterrcnn-ext`` command (also ``python -m fasterrcnn_ext``).
+
+    fasterrcnn-ext demo --out runs/demo                       # synthetic data, ~6 min on 2 CPU cores
+    fasterrcnn-ext train --data synthetic --model fasterrcnn_tiny --out runs/a --max-iters 1000
+    torchrun --nproc_per_node 2 -m fasterrcnn_ext train --data DIR --model fasterrcnn_resnet50_fpn --out runs/b --epochs 12
+    fasterrcnn-ext train ... --resume runs/a/last.pt          # continue (also after Ctrl-C)
+    fasterrcnn-ext eval --data DIR --weights runs/b/last.pt --out runs/b/eval
+    fasterrcnn-ext detect img1.jpg img2.png --weights runs/a/last.pt --out runs/a/detect
+    fasterrcnn-ext bench --quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+
+def _add_train(sub) -> None:
+    from .engine.checkpoint import MODEL_BUILDERS
+    from .engine.train import TrainConfig
+
+    d = TrainConfig()
+    p = sub.add_parser("train", help="train a detector (torchrun for several processes)")
+    p.add_argument("--data", required=True, help="'synthetic' or a COCO-format folder "
+                   "(annotations/instances_<split>*.json plus images)")
+    p.add_argument("--model", default=d.model, choices=list(MODEL_BUILDERS))
+    p.add_argument("--out", required=True, help="folder for last.pt, log.txt and losses.jsonl")
+    length = p.add_mutually_exclusive_group(required=True)
+    length.add_argument("--max-iters", type=int, help="optimizer steps")
+    length.add_argument("--epochs", type=int, help="passes over the training data")
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="images per step and process")
+    p.add_argument("--lr", type=float, default=d.lr, help="peak learning rate (SGD, warm-up then cosine)")
+    p.add_argument("--warmup-iters", type=int, default=d.warmup_iters)
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    p.add_argument("--resume", metavar="CKPT", help="continue from a last.pt")
+    p.add_argument("--amp", action="store_true", help="mixed precision (float16 on CUDA, bfloat16 on CPU)")
+    p.add_argument("--workers", type=int, default=d.workers, help="data-loading processes")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every, help="steps between saves")
+    p.add_argument("--log-every", type=int, default=d.log_every, help="steps between loss log lines")
+    p.add_argument("--skip-bad-images", action="store_true", help="warn and skip unreadable images")
+    p.add_argument("--weights-backbone", help="torchvision ImageNet weights for the backbone (e.g. DEFAULT)")
+    p.add_argument("--train-split", default=d.train_split, help="annotation split of --data DIR")
+    p.add_argument("--synthetic-images", type=int, default=d.synthetic_images, help="size of --data synthetic")
+    p.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when visible")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    p.set_defaults(run=_run_train)
+
+
+def _run_train(args) -> int:
+    from .engine.train import TrainConfig, train
+
+    import torch.distributed as dist
+
+    fields = set(TrainConfig.__dataclass_fields__)
+    try:
+        result = train(TrainConfig(**{k: v for k, v in vars(args).items() if k in fields}))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return 130 if result["interrupted"] else 0
+
+
+def _add_eval(sub) -> None:
+    p = sub.add_parser("eval", help="COCO mAP of a checkpoint")
+    p.add_argument("--data", required=True, help="'synthetic' (held-out images) or a COCO-format folder")
+    p.add_argument("--weights", required=True, metavar="CKPT")
+    p.add_argument("--out", required=True, help="folder for metrics.json and detections.json")
+    p.add_argument("--split", default="val", help="annotation split of --data DIR")
+    p.add_argument("--synthetic-images", type=int, default=200, help="held-out images of --data synthetic")
+    p.add_argument("--seed", type=int, default=0, help="the training seed of --data synthetic")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--workers", type=int, default=0)
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--no-progress", dest="progress", action="store_false")
+    p.set_defaults(run=_run_eval)
+
+
+def _run_eval(args) -> int:
+    from .engine.checkpoint import load_checkpoint, model_from_checkpoint
+    from .engine.detect import write_json
+    from .engine.evaluate import coco_metrics, predict
+    from .engine.train import build_dataset
+
+    checkpoint = load_checkpoint(args.weights)
+    dataset = build_dataset(args.data, train=False, split=args.split, seed=args.seed,
+                            synthetic_images=args.synthetic_images)
+    if list(checkpoint["class_names"]) != list(dataset.class_names):
+        raise ValueError(f"--weights {args.weights} detects {len(checkpoint['class_names'])} classes "
+                         f"({', '.join(checkpoint['class_names'])}); --data {args.data} has "
+                         f"{len(dataset.class_names)} ({', '.join(dataset.class_names)})")
+    model = model_from_checkpoint(checkpoint, args.weights)
+    results = predict(model, dataset, batch_size=args.batch_size, device=args.device, workers=args.workers,
+                      progress=args.progress, category_ids=dataset.category_ids)
+    metrics = coco_metrics(dataset.coco_ground_truth(), results)
+    os.makedirs(args.out, exist_ok=True)
+    write_json(os.path.join(args.out, "detections.json"), results)
+    write_json(os.path.join(args.out, "metrics.json"), metrics)
+    print(metrics.get("summary", ""), end="")
+    print(json.dumps({k: metrics[k] for k in ("map", "map_50", "map_75")}))
+    return 0
+
+
+def _add_detect(sub) -> None:
+    p = sub.add_parser("detect", help="annotated pictures and COCO results for image files")
+    p.add_argument("images", nargs="+")
+    p.add_argument("--weights", required=True, help="a checkpoint, or torchvision weights such as "
+                   "FasterRCNN_ResNet50_FPN_Weights.DEFAULT")
+    p.add_argument("--out", required=True)
+    p.add_argument("--score-thresh", type=float, default=0.5)
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.set_defaults(run=_run_detect)
+
+
+def _run_detect(args) -> int:
+    from .engine.detect import detect
+
+    detect(args.images, args.weights, args.out, score_thresh=args.score_thresh, device=args.device)
+    return 0
+
+
+def _add_demo(sub) -> None:
+    p = sub.add_parser("demo", help="train on synthetic shapes, evaluate, draw (about 6 min on 2 CPU cores)")
+    p.add_argument("--out", default="runs/demo")
+    p.add_argument("--max-iters", type=int, default=1500)
+    p.add_argument("--train-images", type=int, default=1000)
+    p.add_argument("--val-images", type=int, default=200)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--no-progress", dest="progress", action="store_false")
+    p.set_defaults(run=_run_demo)
+
+
+def _run_demo(args) -> int:
+    from .engine.demo import demo
+
+    metrics = demo(args.out, max_iters=args.max_iters, train_images=args.train_images, val_images=args.val_images,
+                   batch_size=args.batch_size, seed=args.seed, device=args.device, progress=args.progress)
+    print(metrics.get("summary", ""), end="")
+    print(f"held-out mAP@0.5 {metrics['map_50']:.3f}, mAP {metrics['map']:.3f} "
+          f"({metrics['total_seconds']:.0f} s); wrote {args.out}/metrics.json, model.pt and pictures/")
+    return 0
+
+
+def _add_bench(sub) -> None:
+    from .benchmark.run import add_arguments
+
+    p = sub.add_parser("bench", help="benchmark ops and detector against torchvision")
+    add_arguments(p)
+    p.set_defaults(run=_run_bench)
+
+
+def _run_bench(args) -> int:
+    from .benchmark.run import run
+
+    run(args.device, args.quick, args.only, args.threads, args.json)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fasterrcnn-ext", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add in (_add_train, _add_eval, _add_detect, _add_demo, _add_bench):
+        add(sub)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except (ValueError, FileNotFoundError, FileExistsError, FloatingPointError) as e:
+        # Bad input: one line naming the problem, not a traceback.
+        print(f"fasterrcnn-ext {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

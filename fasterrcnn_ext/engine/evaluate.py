@@ -1,0 +1,85 @@
+"""COCO evaluation with pycocotools: detections in the COCO results format, then COCOeval's bbox metrics."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+
+import torch
+from tqdm import tqdm
+
+from ..data import collate
+
+COCO_STAT_NAMES = ("map", "map_50", "map_75", "map_small", "map_medium", "map_large", "mar_1", "mar_10", "mar_100",
+                   "mar_small", "mar_medium", "mar_large")
+
+
+def detections_to_coco(detections: dict, image_id: int, category_ids=None) -> list[dict]:
+    """One image's detections ({boxes x1y1x2y2, labels, scores}) as COCO results: {image_id, category_id,
+    bbox [x, y, w, h], score}. ``category_ids[label - 1]`` maps labels to category ids (None: the label is the id,
+    as for torchvision's COCO weights)."""
+    boxes = detections["boxes"].detach().float().cpu()
+    xywh = torch.cat([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], dim=1).tolist()
+    labels = detections["labels"].tolist()
+    scores = detections["scores"].detach().float().cpu().tolist()
+    return [{"image_id": int(image_id), "category_id": int(category_ids[lab - 1] if category_ids else lab),
+             "bbox": [round(v, 2) for v in box], "score": round(s, 5)}
+            for box, lab, s in zip(xywh, labels, scores)]
+
+
+@torch.inference_mode()
+def predict(model, dataset, *, batch_size: int = 4, device="cpu", workers: int = 0, progress: bool = True,
+            category_ids=None) -> list[dict]:
+    """The model's detections on every image of ``dataset``, in the COCO results format."""
+    model.eval().to(device)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, collate_fn=collate, num_workers=workers)
+    results = []
+    for images, targets in tqdm(loader, desc="eval", disable=not progress, dynamic_ncols=True):
+        outputs = model([im.to(device) for im in images])
+        for target, output in zip(targets, outputs):
+            results += detections_to_coco(output, target["image_id"], category_ids)
+    return results
+
+
+def coco_metrics(ground_truth: dict, results: list[dict]) -> dict:
+    """COCOeval bbox metrics: map, map_50, map_75, ... and per_class AP (by category name; None where the class has
+    no ground truth)."""
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    names = {c["id"]: c["name"] for c in ground_truth["categories"]}
+    metrics = {"num_images": len(ground_truth["images"]), "num_detections": len(results)}
+    if not results:  # pycocotools cannot load an empty result list; nothing detected is an AP of 0
+        metrics.update({k: 0.0 for k in COCO_STAT_NAMES})
+        has_gt = {a["category_id"] for a in ground_truth.get("annotations", [])}
+        metrics["per_class"] = {names[c]: (0.0 if c in has_gt else None) for c in names}
+        return metrics
+    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints its progress
+        gt = COCO()
+        gt.dataset = ground_truth
+        gt.createIndex()
+        dt = gt.loadRes(results)
+        coco_eval = COCOeval(gt, dt, "bbox")
+        coco_eval.evaluate()
+        coco_eval.accumulate()
+        summary = io.StringIO()
+        with contextlib.redirect_stdout(summary):
+            coco_eval.summarize()
+    metrics.update({k: float(v) for k, v in zip(COCO_STAT_NAMES, coco_eval.stats)})
+    metrics["summary"] = summary.getvalue()
+    # precision: [IoU thresholds, recall points, categories, area ranges, max detections]; area "all", 100 dets.
+    precision = coco_eval.eval["precision"][:, :, :, 0, -1]
+    per_class = {}
+    for k, cat_id in enumerate(coco_eval.params.catIds):
+        p = precision[:, :, k]
+        p = p[p > -1]
+        per_class[names[cat_id]] = float(p.mean()) if p.size else None
+    metrics["per_class"] = per_class
+    return metrics
+
+
+def evaluate(model, dataset, *, batch_size: int = 4, device="cpu", workers: int = 0, progress: bool = True) -> dict:
+    """COCO bbox metrics of ``model`` on ``dataset`` (which provides coco_ground_truth() and category_ids)."""
+    results = predict(model, dataset, batch_size=batch_size, device=device, workers=workers, progress=progress,
+                      category_ids=dataset.category_ids)
+    return coco_metrics(dataset.coco_ground_truth(), results)

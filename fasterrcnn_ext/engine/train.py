@@ -1,0 +1,323 @@
+"""Training: one process, or one per device under ``torchrun`` (DistributedDataParallel: gloo on CPU, nccl on GPU).
+
+The loop counts optimizer steps (``iteration``). Every ``checkpoint_every`` steps, at the end, and on Ctrl-C or
+SIGTERM, rank 0 writes ``<out>/last.pt`` atomically with the model, optimizer, scheduler, grad scaler, RNG state,
+``iteration`` and the arguments; ``resume`` continues from it with the same data order and learning-rate schedule.
+Losses go to a tqdm bar and ``<out>/log.txt`` on rank 0 in the design notes' format (the median of the last 20
+steps, then the run's mean in brackets), and one JSON line per log step to ``<out>/losses.jsonl``, the loss curve,
+which a resumed run appends to.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import json
+import math
+import os
+import signal
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from ..data import SyntheticShapes, collate
+from ..data.coco import CocoDetection
+from .checkpoint import build_model, load_checkpoint, load_model_state, save_checkpoint
+
+LOSS_NAMES = ("loss_classifier", "loss_box_reg", "loss_objectness", "loss_rpn_box_reg")
+# Held-out synthetic images come from another seed, so they share no image with the training set.
+HELD_OUT_SEED_OFFSET = 1_000_003
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """Training arguments (the ``train`` subcommand's options).
+
+    Args:
+        data: "synthetic" or a COCO-format folder (annotations/instances_<train_split>*.json plus images).
+        model: a builder name (see checkpoint.MODEL_BUILDERS).
+        out: output folder for last.pt, log.txt and losses.jsonl.
+        max_iters / epochs: the length of training in optimizer steps, or in passes over the data (one of them).
+        batch_size: images per step and process.
+        lr: the peak learning rate (SGD with momentum), after a linear warm-up over warmup_iters, then a cosine decay
+            to lr_final_fraction * lr at the last step.
+        resume: a last.pt to continue from.
+        amp: autocast (float16 with a grad scaler on CUDA, bfloat16 on CPU).
+        skip_bad_images: warn and skip unreadable images instead of stopping.
+        weights_backbone: torchvision's ImageNet weights name for the backbone (downloaded by torchvision), or None.
+    """
+
+    data: str = "synthetic"
+    model: str = "fasterrcnn_tiny"
+    out: str = "runs/train"
+    max_iters: int | None = None
+    epochs: int | None = None
+    batch_size: int = 4
+    lr: float = 0.02
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    warmup_iters: int = 100
+    lr_final_fraction: float = 0.02
+    resume: str | None = None
+    amp: bool = False
+    workers: int = 0
+    seed: int = 0
+    checkpoint_every: int = 200
+    log_every: int = 20
+    skip_bad_images: bool = False
+    weights_backbone: str | None = None
+    train_split: str = "train"
+    synthetic_images: int = 1000
+    hflip: float = 0.5
+    device: str | None = None
+    progress: bool = True
+
+
+def build_dataset(data: str, *, train: bool, split: str, seed: int = 0, synthetic_images: int = 200,
+                  skip_bad_images: bool = False, hflip: float = 0.0):
+    if data == "synthetic":
+        return SyntheticShapes(synthetic_images, seed=seed if train else seed + HELD_OUT_SEED_OFFSET, cache=train)
+    if not os.path.isdir(data):
+        raise FileNotFoundError(f"--data {data}: not 'synthetic' and not a folder")
+    return CocoDetection(data, split, hflip=hflip if train else 0.0, skip_bad_images=skip_bad_images)
+
+
+def lr_factor(step: int, warmup_iters: int, max_iters: int, final_fraction: float) -> float:
+    """Linear warm-up from 1/1000, then cosine decay to final_fraction at max_iters."""
+    if step < warmup_iters:
+        return 1e-3 + (1 - 1e-3) * step / warmup_iters
+    progress = min(1.0, (step - warmup_iters) / max(1, max_iters - warmup_iters))
+    return final_fraction + (1 - final_fraction) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def epoch_batches(num_items: int, epoch: int, seed: int, rank: int, world_size: int, batch_size: int) -> list[list[int]]:
+    """This rank's batches of one epoch: a permutation fixed by (seed, epoch), padded by wrapping so every rank gets
+    the same number of batches (DDP needs every rank to step together)."""
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    order = torch.randperm(num_items, generator=generator)
+    order = torch.cat([order, order[: (-num_items) % world_size]])
+    mine = order[rank::world_size].tolist()
+    return [mine[i:i + batch_size] for i in range(0, len(mine), batch_size)]
+
+
+class _StopRequests:
+    """Ctrl-C or SIGTERM asks the loop to stop after the current step and save; a second Ctrl-C aborts at once."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = {}
+
+    def __enter__(self):
+        if _in_main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum, frame):
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = True
+
+
+def _ignore_sigint(_worker_id: int) -> None:
+    # Ctrl-C reaches the loader's workers too; the main process decides when to stop, after saving.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _in_main_thread() -> bool:
+    import threading
+    return threading.current_thread() is threading.main_thread()
+
+
+class _LossLog:
+    """Median of the last ``window`` values and the mean since the start, per loss (torchvision's SmoothedValue)."""
+
+    def __init__(self, window: int = 20):
+        self.recent = collections.defaultdict(lambda: collections.deque(maxlen=window))
+        self.total = collections.defaultdict(float)
+        self.count = 0
+
+    def update(self, values: dict[str, float]) -> None:
+        self.count += 1
+        for k, v in values.items():
+            self.recent[k].append(v)
+            self.total[k] += v
+
+    def format(self, iteration: int, max_iters: int, lr: float) -> str:
+        parts = [f"iter: {iteration}/{max_iters}", f"lr: {lr:.6f}"]
+        for k in self.recent:
+            median = sorted(self.recent[k])[len(self.recent[k]) // 2]
+            parts.append(f"{k}: {median:.4f} ({self.total[k] / self.count:.4f})")
+        return "  ".join(parts)
+
+
+def _distributed_setup(device: str | None):
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = device == "cuda" or (device is None and torch.cuda.is_available())
+    if use_cuda and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA GPU is visible")
+    dev = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(dev)
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    return rank, world_size, dev
+
+
+def train(cfg: TrainConfig) -> dict:
+    """Trains as ``cfg`` says; returns {"iteration", "checkpoint", "losses" (the last step's, averaged over ranks),
+    "interrupted"}."""
+    if (cfg.max_iters is None) == (cfg.epochs is None):
+        raise ValueError("give exactly one of max_iters (--max-iters) and epochs (--epochs)")
+    if (cfg.max_iters or cfg.epochs) <= 0 or cfg.batch_size <= 0 or cfg.lr <= 0:
+        raise ValueError(f"max_iters/epochs, batch_size and lr must be positive, got max_iters={cfg.max_iters}, "
+                         f"epochs={cfg.epochs}, batch_size={cfg.batch_size}, lr={cfg.lr}")
+    rank, world_size, device = _distributed_setup(cfg.device)
+    last = os.path.join(cfg.out, "last.pt")
+    checkpoint = None
+    if os.path.exists(last) and not (cfg.resume is not None and os.path.exists(cfg.resume)
+                                     and os.path.samefile(cfg.resume, last)):
+        # Never overwrite a finished (or interrupted) run's checkpoint with another run's.
+        raise FileExistsError(f"{last} exists: pass --resume {last} to continue that run, or choose another --out")
+    if cfg.resume is not None:
+        checkpoint = load_checkpoint(cfg.resume)
+        if "iteration" not in checkpoint or "optimizer" not in checkpoint:
+            raise ValueError(f"--resume {cfg.resume}: a model-only checkpoint; resuming needs a training last.pt")
+
+    dataset = build_dataset(cfg.data, train=True, split=cfg.train_split, seed=cfg.seed,
+                            synthetic_images=cfg.synthetic_images, skip_bad_images=cfg.skip_bad_images,
+                            hflip=cfg.hflip)
+    if len(dataset) == 0:
+        raise ValueError(f"--data {cfg.data}: the training set is empty")
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg.model, dataset.num_classes, cfg.weights_backbone)
+    if checkpoint is not None:
+        _check_resumable(checkpoint, cfg, dataset)
+        load_model_state(model, checkpoint, cfg.resume)
+    model.to(device).train()
+
+    batches_per_epoch = len(epoch_batches(len(dataset), 0, cfg.seed, rank, world_size, cfg.batch_size))
+    max_iters = cfg.max_iters if cfg.max_iters is not None else cfg.epochs * batches_per_epoch
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_factor(step, cfg.warmup_iters, max_iters, cfg.lr_final_fraction))
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp and device.type == "cuda")
+    iteration = 0
+    if checkpoint is not None:
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        scheduler.load_state_dict(checkpoint["scheduler"])
+        if checkpoint.get("scaler"):
+            scaler.load_state_dict(checkpoint["scaler"])
+        iteration = int(checkpoint["iteration"])
+        if "rng_state" in checkpoint:
+            torch.set_rng_state(checkpoint["rng_state"])
+    train_model = (torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda"
+                                                             else None) if world_size > 1 else model)
+
+    is_main = rank == 0
+    if is_main:
+        os.makedirs(cfg.out, exist_ok=True)
+
+    def make_checkpoint():
+        return {
+            "model": model.state_dict(), "model_name": cfg.model, "num_classes": dataset.num_classes,
+            "class_names": list(dataset.class_names), "category_ids": list(dataset.category_ids),
+            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            "scaler": scaler.state_dict() if scaler.is_enabled() else None, "iteration": iteration,
+            "rng_state": torch.get_rng_state(), "args": dataclasses.asdict(cfg),
+        }
+
+    log = _LossLog()
+    amp_dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
+    bar = tqdm(total=max_iters, initial=iteration, disable=not (is_main and cfg.progress), dynamic_ncols=True,
+               desc="train")
+    log_file = open(os.path.join(cfg.out, "log.txt"), "a") if is_main else None  # noqa: SIM115
+    curve_file = open(os.path.join(cfg.out, "losses.jsonl"), "a") if is_main else None  # noqa: SIM115
+    last_losses: dict[str, float] = {}
+    interrupted = False
+    try:
+        with _StopRequests() as stop:
+            while iteration < max_iters and not interrupted:
+                epoch, offset = divmod(iteration, batches_per_epoch)
+                batches = epoch_batches(len(dataset), epoch, cfg.seed, rank, world_size, cfg.batch_size)[offset:]
+                loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, collate_fn=collate,
+                                                     num_workers=cfg.workers, worker_init_fn=_ignore_sigint,
+                                                     # its own generator: a loader drawing its base seed from the
+                                                     # global one would shift the RPN/RoI samplers on resume
+                                                     generator=torch.Generator().manual_seed(cfg.seed + epoch))
+                for images, targets in loader:
+                    images = [im.to(device, non_blocking=True) for im in images]
+                    targets = [{k: v.to(device) if torch.is_tensor(v) else v for k, v in t.items()} for t in targets]
+                    with torch.autocast(device.type, dtype=amp_dtype, enabled=cfg.amp):
+                        losses = train_model(images, targets)
+                    loss = sum(losses.values())
+                    optimizer.zero_grad(set_to_none=True)
+                    scaler.scale(loss).backward()
+                    scaler.step(optimizer)
+                    scaler.update()
+                    scheduler.step()
+                    iteration += 1
+                    # One reduction per step carries the losses (for the log) and the stop flag, so every rank
+                    # stops after the same step.
+                    values = torch.stack([losses[k].detach().float() for k in LOSS_NAMES] +
+                                         [torch.tensor(float(stop.requested), device=device)])
+                    if world_size > 1:
+                        dist.all_reduce(values)
+                        values /= world_size
+                    values = values.cpu()
+                    last_losses = {k: float(v) for k, v in zip(LOSS_NAMES, values[:-1])}
+                    last_losses = {"loss": sum(last_losses.values()), **last_losses}
+                    if not math.isfinite(last_losses["loss"]):
+                        raise FloatingPointError(f"loss is {last_losses['loss']} at iteration {iteration} "
+                                                 f"({last_losses}); {last} keeps the last good state")
+                    log.update(last_losses)
+                    bar.update(1)
+                    if is_main and (iteration % cfg.log_every == 0 or iteration == max_iters or values[-1] > 0):
+                        line = log.format(iteration, max_iters, optimizer.param_groups[0]["lr"])
+                        if cfg.progress:
+                            bar.write(line)
+                        else:
+                            print(line, flush=True)
+                        log_file.write(line + "\n")
+                        log_file.flush()
+                        curve_file.write(json.dumps({"iteration": iteration, "time": time.time(), **last_losses}) + "\n")
+                        curve_file.flush()
+                    if values[-1] > 0:
+                        interrupted = True
+                        break
+                    if is_main and iteration % cfg.checkpoint_every == 0 and iteration < max_iters:
+                        save_checkpoint(last, make_checkpoint())
+                    if iteration >= max_iters:
+                        break
+        if is_main:
+            save_checkpoint(last, make_checkpoint())
+            if interrupted:
+                print(f"stopped at iteration {iteration}; saved {last} (continue with --resume {last})",
+                      file=sys.stderr, flush=True)
+    finally:
+        bar.close()
+        if is_main:
+            log_file.close()
+            curve_file.close()
+    return {"iteration": iteration, "checkpoint": last, "losses": last_losses, "interrupted": interrupted}
+
+
+def _check_resumable(checkpoint: dict, cfg: TrainConfig, dataset) -> None:
+    if checkpoint["model_name"] != cfg.model:
+        raise ValueError(f"--resume {cfg.resume}: the checkpoint is of model {checkpoint['model_name']}, "
+                         f"not --model {cfg.model}")
+    if int(checkpoint["num_classes"]) != dataset.num_classes or (
+            list(checkpoint.get("class_names", dataset.class_names)) != list(dataset.class_names)):
+        raise ValueError(f"--resume {cfg.resume}: the checkpoint has {checkpoint['num_classes']} classes "
+                         f"({', '.join(checkpoint.get('class_names', []))} and the background), the data "
+                         f"{dataset.num_classes} ({', '.join(dataset.class_names)} and the background)")

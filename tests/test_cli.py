@@ -1,0 +1,161 @@
+"""Smoke tests of every fasterrcnn-ext subcommand, DDP with two gloo processes, and Ctrl-C in a real process."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from fasterrcnn_ext.cli import main
+from fasterrcnn_ext.data import SyntheticShapes
+from fasterrcnn_ext.engine import load_checkpoint
+
+TRAIN_FAST = ["--model", "fasterrcnn_tiny", "--batch-size", "2", "--synthetic-images", "6", "--no-progress",
+              "--log-every", "1", "--warmup-iters", "1"]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    assert main(["train", "--data", "synthetic", "--out", str(out), "--max-iters", "3", *TRAIN_FAST]) == 0
+    return out
+
+
+def test_train_writes_checkpoint_and_logs(trained):
+    ckpt = load_checkpoint(str(trained / "last.pt"))
+    assert ckpt["iteration"] == 3 and ckpt["args"]["batch_size"] == 2
+    assert "loss_rpn_box_reg" in (trained / "log.txt").read_text()
+
+
+def test_train_resume_via_cli(trained, tmp_path):
+    import shutil
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    assert main(["train", "--data", "synthetic", "--out", str(run), "--max-iters", "5", "--resume",
+                 str(run / "last.pt"), *TRAIN_FAST]) == 0
+    assert load_checkpoint(str(run / "last.pt"))["iteration"] == 5
+    iterations = [json.loads(line)["iteration"] for line in (run / "losses.jsonl").read_text().splitlines()]
+    assert iterations == [1, 2, 3, 4, 5]
+
+
+def test_train_refuses_to_overwrite_a_run(trained, capsys):
+    before = (trained / "last.pt").read_bytes()
+    assert main(["train", "--data", "synthetic", "--out", str(trained), "--max-iters", "1", *TRAIN_FAST]) == 2
+    assert "--resume" in capsys.readouterr().err
+    assert (trained / "last.pt").read_bytes() == before
+
+
+def test_eval_synthetic(trained, tmp_path):
+    out = tmp_path / "eval"
+    assert main(["eval", "--data", "synthetic", "--weights", str(trained / "last.pt"), "--out", str(out),
+                 "--synthetic-images", "4", "--no-progress"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert {"map", "map_50", "map_75", "per_class"} <= set(metrics)
+    assert set(metrics["per_class"]) <= set(SyntheticShapes.class_names)
+    assert isinstance(json.loads((out / "detections.json").read_text()), list)
+
+
+def test_eval_coco_folder_and_class_mismatch(trained, tmp_path):
+    SyntheticShapes(3, seed=9, image_size=96).write_coco(str(tmp_path / "coco"), "val2017")
+    out = tmp_path / "eval"
+    assert main(["eval", "--data", str(tmp_path / "coco"), "--weights", str(trained / "last.pt"), "--out", str(out),
+                 "--no-progress"]) == 0
+    assert json.loads((out / "metrics.json").read_text())["num_images"] == 3
+    gt = json.loads((tmp_path / "coco" / "annotations" / "instances_val2017.json").read_text())
+    gt["categories"] = gt["categories"][:2]
+    gt["annotations"] = [a for a in gt["annotations"] if a["category_id"] <= 2]
+    (tmp_path / "coco" / "annotations" / "instances_val2017.json").write_text(json.dumps(gt))
+    assert main(["eval", "--data", str(tmp_path / "coco"), "--weights", str(trained / "last.pt"), "--out", str(out),
+                 "--no-progress"]) == 2
+
+
+def test_detect_writes_pictures_and_coco_results(trained, tmp_path, capsys):
+    SyntheticShapes(2, seed=4, image_size=96).write_coco(str(tmp_path / "imgs"), "x")
+    images = [str(tmp_path / "imgs" / "x" / f"{i:06d}.png") for i in (1, 2)]
+    out = tmp_path / "det"
+    assert main(["detect", *images, "--weights", str(trained / "last.pt"), "--out", str(out),
+                 "--score-thresh", "0.0"]) == 0
+    assert sorted(os.listdir(out)) == ["000001.png", "000002.png", "detections.json", "images.json"]
+    from PIL import Image
+    with Image.open(out / "000001.png") as picture:
+        assert picture.size == (96, 96)
+    results = json.loads((out / "detections.json").read_text())
+    for r in results:
+        assert set(r) == {"image_id", "category_id", "bbox", "score"}
+        assert r["image_id"] in (1, 2) and 1 <= r["category_id"] <= 4 and len(r["bbox"]) == 4
+    # Missing image files and unknown weights: an error naming them.
+    assert main(["detect", str(tmp_path / "nope.png"), "--weights", str(trained / "last.pt"), "--out", str(out)]) == 2
+    assert "nope.png" in capsys.readouterr().err
+    assert main(["detect", *images, "--weights", "NoSuchWeights.DEFAULT", "--out", str(out)]) == 2
+    assert "NoSuchWeights" in capsys.readouterr().err
+
+
+def test_detect_resolves_torchvision_weights_names():
+    import torchvision
+
+    from fasterrcnn_ext.engine.detect import _TORCHVISION_BUILDERS
+    for name, builder in _TORCHVISION_BUILDERS.items():
+        weights = torchvision.models.get_weight(name + ".DEFAULT")  # no download: the enum only
+        assert torchvision.models.get_model_weights(builder.__name__) is type(weights)
+        assert weights.meta["categories"][0] == "__background__"
+
+
+def test_demo_small(tmp_path):
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), "--max-iters", "3", "--train-images", "4", "--val-images", "2",
+                 "--batch-size", "2", "--no-progress"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["iterations"] == 3 and metrics["held_out_images"] == 2
+    assert sorted(os.listdir(out / "pictures")) == ["heldout_000.png", "heldout_001.png"]
+    ckpt = load_checkpoint(str(out / "model.pt"))
+    assert ckpt["model_name"] == "fasterrcnn_tiny" and "optimizer" not in ckpt
+    # A second demo into the same folder refuses rather than overwrite the first.
+    assert main(["demo", "--out", str(out), "--max-iters", "1", "--no-progress"]) == 2
+
+
+def test_bench_quick(tmp_path, capsys):
+    assert main(["bench", "--quick", "--only", "nms", "--json", str(tmp_path / "b.json")]) == 0
+    result = json.loads((tmp_path / "b.json").read_text())
+    assert result["results"] and all(r["ours_ms"] > 0 and r["torchvision_ms"] > 0 for r in result["results"])
+    assert "speed-up" in capsys.readouterr().out
+
+
+def _env():
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env.pop("CUDA_VISIBLE_DEVICES", None)
+    return env
+
+
+def test_python_dash_m_and_ddp_two_gloo_processes(tmp_path):
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "fasterrcnn_ext", "train", "--data", "synthetic", "--out", str(out), "--max-iters", "3",
+           "--device", "cpu", *TRAIN_FAST]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=_env())
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    ckpt = load_checkpoint(str(out / "last.pt"))
+    assert ckpt["iteration"] == 3
+    assert ckpt["args"]["batch_size"] == 2
+    # Rank 0 alone logs: one line per step.
+    assert len((out / "log.txt").read_text().splitlines()) == 3
+
+
+def test_ctrl_c_saves_a_checkpoint(tmp_path):
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "fasterrcnn_ext", "train", "--data", "synthetic", "--out", str(out),
+           "--max-iters", "100000", *TRAIN_FAST]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
+    curve = out / "losses.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and (not curve.exists() or len(curve.read_text().splitlines()) < 2):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stdout + stderr
+    ckpt = load_checkpoint(str(out / "last.pt"))
+    assert 2 <= ckpt["iteration"] < 100000
+    assert f"--resume {out / 'last.pt'}" in stderr
+    assert ckpt["model"]["rpn.head.conv.0.0.weight"].isfinite().all()
