@@ -185,3 +185,11 @@ def test_detections_to_coco():
     assert detections_to_coco(det, 5, (11, 22)) == [{"image_id": 5, "category_id": 22, "bbox": [10.0, 20.0, 20.0, 40.0],
                                                       "score": 0.75}]
     assert detections_to_coco(det, 5)[0]["category_id"] == 2
+
+
+def test_epochs_and_amp(tmp_path):
+    # 6 images in batches of 2: one epoch is 3 steps. bfloat16 autocast on the CPU trains with finite losses.
+    result = train(_cfg(tmp_path, max_iters=None, epochs=1, synthetic_images=6, amp=True))
+    assert result["iteration"] == 3
+    assert all(torch.isfinite(torch.tensor(v)) for v in result["losses"].values())
+    assert load_checkpoint(str(tmp_path / "last.pt"))["iteration"] == 3
