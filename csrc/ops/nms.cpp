@@ -8,4 +8,7 @@ TORCH_LIBRARY_FRAGMENT(fasterrcnn_ext, m) {
   m.def("nms(Tensor dets, Tensor scores, float iou_threshold, *, int max_keep=-1) -> Tensor");
   // Class-aware NMS in one call: boxes only suppress boxes of the same idxs value.
   m.def("batched_nms(Tensor boxes, Tensor scores, Tensor idxs, float iou_threshold, *, int max_keep=-1) -> Tensor");
+  // batched_nms as a keep mask in input order (bool [N]): a fixed-size output, so on CUDA no host sync (the fused
+  // post-processing selects once, at its end).
+  m.def("batched_nms_keep_mask(Tensor boxes, Tensor scores, Tensor idxs, float iou_threshold) -> Tensor");
 }

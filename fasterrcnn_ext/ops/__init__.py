@@ -3,6 +3,7 @@
 from .boxes import (
     BBOX_XFORM_CLIP,
     batched_nms,
+    batched_nms_keep_mask,
     box_iou,
     clip_boxes_to_image,
     decode_boxes,
@@ -16,7 +17,7 @@ from .roi_align import RoIAlign, roi_align
 from .roi_pool import RoIPool, roi_pool
 
 __all__ = [
-    "nms", "batched_nms", "box_iou", "clip_boxes_to_image", "remove_small_boxes", "encode_boxes", "decode_boxes",
+    "nms", "batched_nms", "batched_nms_keep_mask", "box_iou", "clip_boxes_to_image", "remove_small_boxes", "encode_boxes", "decode_boxes",
     "BBOX_XFORM_CLIP", "rpn_proposals", "detection_postprocess",
     "roi_align", "RoIAlign", "roi_pool", "RoIPool", "MultiScaleRoIAlign", "multi_scale_roi_align",
 ]

@@ -57,6 +57,15 @@ def batched_nms(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: floa
     return _ops().batched_nms(boxes, scores, idxs, float(iou_threshold), max_keep=max_keep)
 
 
+def batched_nms_keep_mask(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: float) -> Tensor:
+    """batched_nms as a mask: Tensor[N] (bool), True for the boxes batched_nms keeps, in input order.
+
+    Its size is known in advance, so on CUDA nothing waits for the device (batched_nms must, to size its output):
+    chain it with other tensor ops and select once at the end.
+    """
+    return _ops().batched_nms_keep_mask(boxes, scores, idxs, float(iou_threshold))
+
+
 def _nms_fake_result(boxes: Tensor, max_keep: int) -> Tensor:
     ctx = torch.library.get_ctx()
     num_kept = ctx.new_dynamic_size()
@@ -77,6 +86,15 @@ def _batched_nms_fake(boxes, scores, idxs, iou_threshold, *, max_keep=-1):
                  lambda: f"batched_nms: boxes must be a [N, 4] tensor, got {boxes.shape}")
     torch._check(scores.dim() == 1 and idxs.dim() == 1, lambda: "batched_nms: scores and idxs must be [N] tensors")
     return _nms_fake_result(boxes, max_keep)
+
+
+@register_fake("fasterrcnn_ext::batched_nms_keep_mask")
+def _batched_nms_keep_mask_fake(boxes, scores, idxs, iou_threshold):
+    torch._check(boxes.dim() == 2 and boxes.size(1) == 4,
+                 lambda: f"batched_nms_keep_mask: boxes must be a [N, 4] tensor, got {boxes.shape}")
+    torch._check(scores.dim() == 1 and idxs.dim() == 1,
+                 lambda: "batched_nms_keep_mask: scores and idxs must be [N] tensors")
+    return boxes.new_empty((boxes.size(0),), dtype=torch.bool)
 
 
 # log(1000 / 16): the largest box an image holds over the smallest stride; bounds exp() in decode_boxes.

@@ -209,6 +209,26 @@ def test_opcheck(device):
     torch.library.opcheck(torch.ops.fasterrcnn_ext.nms.default, (boxes, scores, 0.5))
     torch.library.opcheck(torch.ops.fasterrcnn_ext.nms.default, (boxes, scores, 0.5), {"max_keep": 10})
     torch.library.opcheck(torch.ops.fasterrcnn_ext.batched_nms.default, (boxes, scores, idxs, 0.5))
+    torch.library.opcheck(torch.ops.fasterrcnn_ext.batched_nms_keep_mask.default, (boxes, scores, idxs, 0.5))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+def test_batched_nms_keep_mask_is_batched_nms_in_input_order(device, dtype):
+    n = 2000
+    boxes = rpn_like_boxes(n, dtype=dtype, device=device)
+    scores = torch.rand(n, device=device).to(dtype)  # ties among half-precision scores too
+    scores[::97] = float("nan")
+    idxs = torch.randint(0, 7, (n,), device=device)
+    mask = ops.batched_nms_keep_mask(boxes, scores, idxs, 0.6)
+    assert mask.dtype == torch.bool and mask.shape == (n,)
+    expected = torch.zeros(n, dtype=torch.bool, device=device)
+    expected[ops.batched_nms(boxes, scores, idxs, 0.6)] = True
+    assert torch.equal(mask, expected)
+    assert 0 < int(mask.sum()) < n
+    empty = ops.batched_nms_keep_mask(boxes[:0], scores[:0], idxs[:0], 0.6)
+    assert empty.shape == (0,) and empty.dtype == torch.bool
+    with pytest.raises(RuntimeError, match="idxs"):
+        ops.batched_nms_keep_mask(boxes, scores, idxs[:-1], 0.6)
 
 
 def test_interchangeable_with_torchvision_schema():

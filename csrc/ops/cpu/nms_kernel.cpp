@@ -229,10 +229,17 @@ at::Tensor batched_nms_cpu(const at::Tensor& boxes, const at::Tensor& scores, co
   return nms_cpu_common(boxes, scores, &idxs, iou_threshold, max_keep, "batched_nms");
 }
 
+at::Tensor batched_nms_keep_mask_cpu(const at::Tensor& boxes, const at::Tensor& scores, const at::Tensor& idxs,
+                                     double iou_threshold) {
+  const at::Tensor kept = nms_cpu_common(boxes, scores, &idxs, iou_threshold, -1, "batched_nms_keep_mask");
+  return at::zeros({boxes.size(0)}, boxes.options().dtype(at::kBool)).index_fill_(0, kept, true);
+}
+
 }  // namespace
 }  // namespace fasterrcnn_ext
 
 TORCH_LIBRARY_IMPL(fasterrcnn_ext, CPU, m) {
   m.impl("nms", &fasterrcnn_ext::nms_cpu);
   m.impl("batched_nms", &fasterrcnn_ext::batched_nms_cpu);
+  m.impl("batched_nms_keep_mask", &fasterrcnn_ext::batched_nms_keep_mask_cpu);
 }

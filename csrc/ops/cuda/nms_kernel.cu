@@ -124,12 +124,11 @@ at::Tensor sort_order(const at::Tensor& scores, const at::Tensor* idxs) {
   return order;
 }
 
-at::Tensor nms_cuda_common(const at::Tensor& boxes, const at::Tensor& scores, const at::Tensor* idxs,
-                           double iou_threshold, int64_t max_keep, const char* op) {
-  check_nms_inputs(boxes, scores, idxs, op);
-  TORCH_CHECK(boxes.is_cuda(), op, ": boxes must be a CUDA tensor for the CUDA kernel, got ", boxes.device());
+// The bitmask NMS on the GPU: (order, keep), where keep[i] says whether the box order[i] (i-th in sort_order) is
+// kept. Nothing here waits for the device.
+std::pair<at::Tensor, at::Tensor> nms_keep_sorted(const at::Tensor& boxes, const at::Tensor& scores,
+                                                  const at::Tensor* idxs, double iou_threshold, int64_t max_keep) {
   const int64_t n = boxes.size(0);
-  if (n == 0 || max_keep == 0) return at::empty({0}, boxes.options().dtype(at::kLong));
   const c10::cuda::CUDAGuard guard(boxes.device());
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
 
@@ -168,7 +167,15 @@ at::Tensor nms_cuda_common(const at::Tensor& boxes, const at::Tensor& scores, co
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
   });
+  return {order, keep};
+}
 
+at::Tensor nms_cuda_common(const at::Tensor& boxes, const at::Tensor& scores, const at::Tensor* idxs,
+                           double iou_threshold, int64_t max_keep, const char* op) {
+  check_nms_inputs(boxes, scores, idxs, op);
+  TORCH_CHECK(boxes.is_cuda(), op, ": boxes must be a CUDA tensor for the CUDA kernel, got ", boxes.device());
+  if (boxes.size(0) == 0 || max_keep == 0) return at::empty({0}, boxes.options().dtype(at::kLong));
+  const auto [order, keep] = nms_keep_sorted(boxes, scores, idxs, iou_threshold, max_keep);
   at::Tensor kept = order.masked_select(keep);  // the one host sync: the output size
   if (idxs != nullptr && kept.numel() > 1) {
     // Back to score order across classes (kept is grouped by class); ties by lower index.
@@ -177,6 +184,17 @@ at::Tensor nms_cuda_common(const at::Tensor& boxes, const at::Tensor& scores, co
     if (max_keep >= 0 && kept.numel() > max_keep) kept = kept.slice(0, 0, max_keep);
   }
   return kept;
+}
+
+at::Tensor batched_nms_keep_mask_cuda(const at::Tensor& boxes, const at::Tensor& scores, const at::Tensor& idxs,
+                                      double iou_threshold) {
+  check_nms_inputs(boxes, scores, &idxs, "batched_nms_keep_mask");
+  TORCH_CHECK(boxes.is_cuda(), "batched_nms_keep_mask: boxes must be a CUDA tensor for the CUDA kernel, got ",
+              boxes.device());
+  at::Tensor out = at::zeros({boxes.size(0)}, boxes.options().dtype(at::kBool));
+  if (boxes.size(0) == 0) return out;
+  const auto [order, keep] = nms_keep_sorted(boxes, scores, &idxs, iou_threshold, -1);
+  return out.index_copy_(0, order, keep);  // scatter back to input order, on the device
 }
 
 at::Tensor nms_cuda(const at::Tensor& dets, const at::Tensor& scores, double iou_threshold, int64_t max_keep) {
@@ -194,4 +212,5 @@ at::Tensor batched_nms_cuda(const at::Tensor& boxes, const at::Tensor& scores, c
 TORCH_LIBRARY_IMPL(fasterrcnn_ext, CUDA, m) {
   m.impl("nms", &fasterrcnn_ext::nms_cuda);
   m.impl("batched_nms", &fasterrcnn_ext::batched_nms_cuda);
+  m.impl("batched_nms_keep_mask", &fasterrcnn_ext::batched_nms_keep_mask_cuda);
 }

@@ -1,8 +1,10 @@
 // Device-generic rpn_proposals and detection_postprocess: the whole batch as tensor ops plus one class-aware NMS
-// over (image, level) or (image, class) groups. No Python, no loop over images. On CUDA the data-dependent sizes
-// cost host syncs: the NMS's and the final selection's (rpn_proposals), plus a candidate selection before the NMS
-// in detection_postprocess, where most of the K x C candidates fail the score test. Registered as CompositeExplicitAutograd (what CUDA runs:
-// the CPU has its fused kernel) and as the private _*_generic ops, so the CPU tests cover this path too.
+// over (image, level) or (image, class) groups. No Python, no loop over images. The NMS returns a keep mask
+// (batched_nms_keep_mask), so on CUDA the only host sync of rpn_proposals is the final selection, whose size is the
+// output's; detection_postprocess has one more, a candidate selection before the NMS: most of the K x C candidates
+// fail the score test, and NMS over all of them costs far more than the sync. Registered as
+// CompositeExplicitAutograd (what CUDA runs: the CPU has its fused kernel) and as the private _*_generic ops, so the
+// CPU tests cover this path too.
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
@@ -17,11 +19,12 @@ namespace {
 
 constexpr double kBBoxXformClip = 4.135166556742356;  // log(1000 / 16)
 
-at::Tensor batched_nms_op(const at::Tensor& boxes, const at::Tensor& scores, const at::Tensor& idxs, double thresh) {
+at::Tensor batched_nms_keep_mask_op(const at::Tensor& boxes, const at::Tensor& scores, const at::Tensor& idxs,
+                                    double thresh) {
   static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("fasterrcnn_ext::batched_nms", "")
-                       .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, double, int64_t)>();
-  return op.call(boxes, scores, idxs, thresh, -1);
+                       .findSchemaOrThrow("fasterrcnn_ext::batched_nms_keep_mask", "")
+                       .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, double)>();
+  return op.call(boxes, scores, idxs, thresh);
 }
 
 at::Tensor decode_op(const at::Tensor& rel, const at::Tensor& boxes, at::ArrayRef<double> weights) {
@@ -43,23 +46,25 @@ at::Tensor large_enough(const at::Tensor& boxes, double min_size) {
   return w.ge(min_size).logical_and(h.ge(min_size));
 }
 
-// From kept indices `kept` (into rows grouped by image `image_of`, in score order, rows failing `valid` last), the
-// first `limit` valid rows of each image, grouped by image; and the per-image counts. The one host sync is the
-// final mask selection, whose size is the output's.
-std::pair<at::Tensor, at::Tensor> first_per_image(const at::Tensor& kept, const at::Tensor& image_of,
-                                                  const at::Tensor& valid, int64_t batch, int64_t limit) {
-  const at::Tensor img = image_of.index_select(0, kept);
-  const at::Tensor order = std::get<1>(img.sort(/*stable=*/true, 0, false));
-  const at::Tensor sorted = kept.index_select(0, order), sorted_img = img.index_select(0, order);
-  const at::Tensor ok = valid.index_select(0, sorted);
-  const at::Tensor in_image = at::bincount(sorted_img, {}, batch);
-  const at::Tensor starts = in_image.cumsum(0) - in_image;
-  // Within an image the valid rows come first (the invalid ones have NaN scores, ranked last), so a valid row's
-  // rank among the valid ones is its position in the image's segment.
-  const at::Tensor rank = at::arange(sorted.size(0), kept.options()) - starts.index_select(0, sorted_img);
-  const at::Tensor take = limit >= 0 ? ok.logical_and(rank.lt(limit)) : ok;
-  const at::Tensor counts = at::zeros({batch}, kept.options()).index_add_(0, sorted_img, take.to(at::kLong));
-  return {sorted.masked_select(take), counts};
+// Of the rows where `selected` (kept by the NMS and valid), the `limit` highest-scoring of each image (all: limit
+// < 0), grouped by image in decreasing score (ties: lower row first, as the NMS orders them); and the per-image
+// counts. Every step has a size known in advance except the final selection: the one host sync on CUDA.
+std::pair<at::Tensor, at::Tensor> first_per_image(const at::Tensor& selected, const at::Tensor& scores,
+                                                  const at::Tensor& image_of, int64_t batch, int64_t limit) {
+  const auto long_opts = image_of.options();
+  // Stable sorts, last key first: score descending (unselected rows, possibly NaN, as -inf), then image.
+  const at::Tensor key = at::where(selected, scores, -std::numeric_limits<double>::infinity());
+  at::Tensor order = std::get<1>(key.sort(/*stable=*/true, 0, /*descending=*/true));
+  order = order.index_select(0, std::get<1>(image_of.index_select(0, order).sort(/*stable=*/true, 0, false)));
+  const at::Tensor img = image_of.index_select(0, order);
+  const at::Tensor sel = selected.index_select(0, order).to(at::kLong);
+  // A selected row's rank in its image: selected rows before it, less those of earlier images.
+  const at::Tensor per_image = at::zeros({batch}, long_opts).index_add_(0, img, sel);
+  const at::Tensor earlier_images = per_image.cumsum(0) - per_image;
+  const at::Tensor rank = sel.cumsum(0) - sel - earlier_images.index_select(0, img);
+  const at::Tensor take = limit >= 0 ? sel.to(at::kBool).logical_and(rank.lt(limit)) : sel.to(at::kBool);
+  const at::Tensor counts = at::zeros({batch}, long_opts).index_add_(0, img, take.to(at::kLong));
+  return {order.masked_select(take), counts};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> rpn_proposals_generic(
@@ -97,8 +102,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rpn_proposals_generic(
   // number, so they can only suppress each other; first_per_image drops them.
   const at::Tensor nms_scores = at::where(valid, scores, std::numeric_limits<double>::quiet_NaN());
   const at::Tensor group = image_of * levels + at::cat(level_ids).repeat({batch});
-  const at::Tensor kept = batched_nms_op(boxes, nms_scores, group, nms_thresh);
-  const auto [rows, counts] = first_per_image(kept, image_of, valid, batch, post_nms_top_n);
+  const at::Tensor kept = batched_nms_keep_mask_op(boxes, nms_scores, group, nms_thresh);
+  const auto [rows, counts] = first_per_image(kept.logical_and(valid), scores, image_of, batch, post_nms_top_n);
   return {boxes.index_select(0, rows), scores.index_select(0, rows), counts};
 }
 
@@ -120,12 +125,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> detection_postprocess
   const at::Tensor labels = at::arange(1, classes, long_opts).repeat({k});
   const at::Tensor image_of = proposal_image.repeat_interleave(classes - 1);
   const at::Tensor valid = scores.gt(score_thresh).logical_and(large_enough(boxes, min_size));
-  const at::Tensor candidates = valid.nonzero().squeeze(1);
+  const at::Tensor candidates = valid.nonzero().squeeze(1);  // host sync (see the top of this file)
   const at::Tensor group = image_of * classes + labels;
-  const at::Tensor kept = candidates.index_select(
-      0, batched_nms_op(boxes.index_select(0, candidates), scores.index_select(0, candidates),
-                        group.index_select(0, candidates), nms_thresh));
-  const auto [rows, counts] = first_per_image(kept, image_of, valid, batch, detections_per_img);
+  const at::Tensor kept = at::zeros_like(valid).index_copy_(
+      0, candidates, batched_nms_keep_mask_op(boxes.index_select(0, candidates), scores.index_select(0, candidates),
+                                              group.index_select(0, candidates), nms_thresh));
+  const auto [rows, counts] = first_per_image(kept, scores, image_of, batch, detections_per_img);
   return {boxes.index_select(0, rows), scores.index_select(0, rows), labels.index_select(0, rows), counts};
 }
 
