@@ -123,7 +123,7 @@ def _run_detect(args) -> int:
 
 def _add_demo(sub) -> None:
     p = sub.add_parser("demo", help="train on synthetic shapes, evaluate, draw (about 6 min on 2 CPU cores)")
-    p.add_argument("--out", default="runs/demo")
+    p.add_argument("--out", default="runs/demo", help="output folder (out-2, out-3, ... if it holds a run)")
     p.add_argument("--max-iters", type=int, default=1500)
     p.add_argument("--train-images", type=int, default=1000)
     p.add_argument("--val-images", type=int, default=200)
@@ -134,9 +134,25 @@ def _add_demo(sub) -> None:
     p.set_defaults(run=_run_demo)
 
 
+def _unused_folder(out: str) -> str:
+    """``out`` if it holds no earlier run, else the first of out-2, out-3, ... that does not: a rerun of the README's
+    command never touches a finished run."""
+    def used(folder):
+        return any(os.path.exists(os.path.join(folder, f)) for f in ("last.pt", "model.pt", "metrics.json"))
+
+    candidate, n = out, 1
+    while used(candidate):
+        n += 1
+        candidate = f"{out.rstrip(os.sep)}-{n}"
+    if candidate != out:
+        print(f"{out} holds an earlier run; writing to {candidate}", file=sys.stderr)
+    return candidate
+
+
 def _run_demo(args) -> int:
     from .engine.demo import demo
 
+    args.out = _unused_folder(args.out)
     metrics = demo(args.out, max_iters=args.max_iters, train_images=args.train_images, val_images=args.val_images,
                    batch_size=args.batch_size, seed=args.seed, device=args.device, progress=args.progress)
     print(metrics.get("summary", ""), end="")

@@ -112,8 +112,12 @@ def test_demo_small(tmp_path):
     assert sorted(os.listdir(out / "pictures")) == ["heldout_000.png", "heldout_001.png"]
     ckpt = load_checkpoint(str(out / "model.pt"))
     assert ckpt["model_name"] == "fasterrcnn_tiny" and "optimizer" not in ckpt
-    # A second demo into the same folder refuses rather than overwrite the first.
-    assert main(["demo", "--out", str(out), "--max-iters", "1", "--no-progress"]) == 2
+    # A second demo with the same --out leaves the first alone and writes beside it.
+    before = (out / "model.pt").read_bytes()
+    assert main(["demo", "--out", str(out), "--max-iters", "1", "--train-images", "2", "--val-images", "1",
+                 "--batch-size", "2", "--no-progress"]) == 0
+    assert (out / "model.pt").read_bytes() == before
+    assert json.loads((tmp_path / "demo-2" / "metrics.json").read_text())["iterations"] == 1
 
 
 def test_bench_quick(tmp_path, capsys):

@@ -16,6 +16,7 @@
 
 #include "ops/common/checks.h"
 #include "ops/common/roi_math.h"
+#include "ops/cpu/large_output.h"
 #include "ops/cpu/roi_block.h"
 
 namespace fasterrcnn_ext {
@@ -204,6 +205,21 @@ std::vector<int64_t> level_offsets(const std::vector<LevelShape>& levels, int64_
   return off;
 }
 
+// Every RoI's samples, built once (in parallel) and shared by all channel-block tasks.
+template <typename acc_t>
+std::vector<RoISamples<acc_t>> build_samples(const RoIList<acc_t>& list, const std::vector<LevelShape>& levels,
+                                             const PoolParams& pp) {
+  std::vector<RoISamples<acc_t>> samples(list.size());
+  at::parallel_for(0, list.size(), 64, [&](int64_t lo, int64_t hi) {
+    for (int64_t r = lo; r < hi; ++r) {
+      const LevelShape& lv = levels[list.level[r]];
+      samples[r].build(list.roi(r), static_cast<acc_t>(lv.scale), pp.pooled_h, pp.pooled_w, pp.sampling_ratio,
+                       pp.aligned, lv.height, lv.width);
+    }
+  });
+  return samples;
+}
+
 template <typename scalar_t>
 at::Tensor roi_align_forward_cpu_typed(const std::vector<at::Tensor>& features, const std::vector<LevelShape>& levels,
                                        const at::Tensor& rois, const PoolParams& pp, double canonical_scale,
@@ -213,17 +229,17 @@ at::Tensor roi_align_forward_cpu_typed(const std::vector<at::Tensor>& features, 
   const int64_t batch = features[0].size(0), channels = features[0].size(1);
   const RoIList<acc_t> list = read_rois<scalar_t>(rois, batch, levels, canonical_scale, canonical_level, op);
   const int64_t k = list.size(), ph = pp.pooled_h, pw = pp.pooled_w, bins = ph * pw;
-  at::Tensor output = at::empty({k, channels, ph, pw}, features[0].options().memory_format(at::MemoryFormat::Contiguous));
+  at::Tensor output = empty_large({k, channels, ph, pw}, features[0].options());
   if (k == 0 || channels == 0) return output;
   const RoIsByImage by_image = rois_in_scan_order(list, batch);
   const std::vector<int64_t> offsets = level_offsets(levels, B);
   const int64_t blocks = (channels + B - 1) / B;
   scalar_t* out = output.data_ptr<scalar_t>();
+  const std::vector<RoISamples<acc_t>> samples = build_samples(list, levels, pp);
 
   at::parallel_for(0, batch * blocks, 1, [&](int64_t lo, int64_t hi) {
     std::vector<acc_t> buf(offsets.back());
     std::vector<acc_t> roi_out(bins * B);
-    RoISamples<acc_t> s;
     for (int64_t task = lo; task < hi; ++task) {
       const int64_t n = task / blocks, c0 = (task % blocks) * B, nc = std::min(B, channels - c0);
       if (by_image.begin[n] == by_image.begin[n + 1]) continue;
@@ -232,9 +248,7 @@ at::Tensor roi_align_forward_cpu_typed(const std::vector<at::Tensor>& features, 
       }
       for (int64_t i = by_image.begin[n]; i < by_image.begin[n + 1]; ++i) {
         const int64_t r = by_image.ids[i], l = list.level[r];
-        s.build(list.roi(r), static_cast<acc_t>(levels[l].scale), ph, pw, pp.sampling_ratio, pp.aligned,
-                levels[l].height, levels[l].width);
-        pool_roi(buf.data() + offsets[l], levels[l].width, s, ph, pw, roi_out.data());
+        pool_roi(buf.data() + offsets[l], levels[l].width, samples[r], ph, pw, roi_out.data());
         scalar_t* o = out + (r * channels + c0) * bins;
         for (int64_t c = 0; c < nc; ++c) {
           for (int64_t b = 0; b < bins; ++b) o[c * bins + b] = static_cast<scalar_t>(roi_out[b * B + c]);
@@ -260,17 +274,17 @@ std::vector<at::Tensor> roi_align_backward_cpu_typed(const at::Tensor& grad_in, 
     return grads;
   }
   // Every task writes its whole block back (zeros where no RoI reaches), so no zero-fill is needed first.
-  for (const LevelShape& lv : levels) grads.push_back(at::empty({batch, channels, lv.height, lv.width}, grad_in.options()));
+  for (const LevelShape& lv : levels) grads.push_back(empty_large({batch, channels, lv.height, lv.width}, grad_in.options()));
   const at::Tensor grad_t = grad_in.contiguous();
   const scalar_t* grad = grad_t.data_ptr<scalar_t>();
   const RoIsByImage by_image = rois_in_scan_order(list, batch);
   const std::vector<int64_t> offsets = level_offsets(levels, B);
   const int64_t blocks = (channels + B - 1) / B;
+  const std::vector<RoISamples<acc_t>> samples = build_samples(list, levels, pp);
 
   at::parallel_for(0, batch * blocks, 1, [&](int64_t lo, int64_t hi) {
     std::vector<acc_t> buf(offsets.back());
     std::vector<acc_t> roi_grad(bins * B, acc_t(0));
-    RoISamples<acc_t> s;
     for (int64_t task = lo; task < hi; ++task) {
       const int64_t n = task / blocks, c0 = (task % blocks) * B, nc = std::min(B, channels - c0);
       std::fill(buf.begin(), buf.end(), acc_t(0));
@@ -280,9 +294,7 @@ std::vector<at::Tensor> roi_align_backward_cpu_typed(const at::Tensor& grad_in, 
         for (int64_t c = 0; c < nc; ++c) {
           for (int64_t b = 0; b < bins; ++b) roi_grad[b * B + c] = static_cast<acc_t>(g[c * bins + b]);
         }
-        s.build(list.roi(r), static_cast<acc_t>(levels[l].scale), ph, pw, pp.sampling_ratio, pp.aligned,
-                levels[l].height, levels[l].width);
-        unpool_roi(buf.data() + offsets[l], levels[l].width, s, ph, pw, roi_grad.data());
+        unpool_roi(buf.data() + offsets[l], levels[l].width, samples[r], ph, pw, roi_grad.data());
       }
       for (size_t l = 0; l < levels.size(); ++l) {
         scatter_channel_block<scalar_t, acc_t>(buf.data() + offsets[l], n, c0, grads[l]);

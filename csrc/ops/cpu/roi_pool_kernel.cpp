@@ -18,6 +18,7 @@
 
 #include "ops/common/checks.h"
 #include "ops/common/roi_math.h"
+#include "ops/cpu/large_output.h"
 #include "ops/cpu/roi_block.h"
 
 namespace fasterrcnn_ext {
@@ -92,8 +93,8 @@ std::tuple<at::Tensor, at::Tensor> roi_pool_forward_cpu_typed(const at::Tensor& 
   const int64_t k = rois_in.size(0);
   TORCH_CHECK(height * width < (int64_t{1} << 31), "roi_pool: the input plane has ", height, " x ", width,
               " pixels; at most 2^31 - 1 are supported");
-  at::Tensor output = at::empty({k, channels, ph, pw}, input.options().memory_format(at::MemoryFormat::Contiguous));
-  at::Tensor argmax = at::empty({k, channels, ph, pw}, input.options().dtype(at::kLong).memory_format(at::MemoryFormat::Contiguous));
+  at::Tensor output = empty_large({k, channels, ph, pw}, input.options());
+  at::Tensor argmax = empty_large({k, channels, ph, pw}, input.options().dtype(at::kLong));
   if (k == 0 || channels == 0) return {output, argmax};
   const at::Tensor rois_t = rois_in.to(c10::CppTypeToScalarType<acc_t>::value).contiguous();
   const acc_t* rois = rois_t.data_ptr<acc_t>();
