@@ -8,6 +8,7 @@ import sys
 import time
 
 import pytest
+import torch
 
 from fasterrcnn_ext.cli import main
 from fasterrcnn_ext.data import SyntheticShapes
@@ -170,3 +171,19 @@ def test_demo_defaults_reach_the_target(tmp_path):
     metrics = demo(str(tmp_path / "demo"), progress=False)
     assert metrics["map_50"] >= 0.7, metrics
     assert metrics["held_out_images"] == 200 and metrics["iterations"] == 1500
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU visible")
+def test_train_on_cuda_with_nccl_and_amp(tmp_path):
+    """torchrun with one process per GPU: nccl, float16 autocast with a grad scaler; then eval on the GPU."""
+    out = tmp_path / "cuda"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1",
+           "-m", "fasterrcnn_ext", "train", "--data", "synthetic", "--out", str(out), "--max-iters", "3",
+           "--device", "cuda", "--amp", *TRAIN_FAST]
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    ckpt = load_checkpoint(str(out / "last.pt"))
+    assert ckpt["iteration"] == 3 and ckpt["scaler"] is not None
+    assert main(["eval", "--data", "synthetic", "--weights", str(out / "last.pt"), "--out", str(tmp_path / "e"),
+                 "--synthetic-images", "4", "--device", "cuda", "--no-progress"]) == 0

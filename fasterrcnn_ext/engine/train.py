@@ -221,6 +221,8 @@ def train(cfg: TrainConfig) -> dict:
         iteration = int(checkpoint["iteration"])
         if "rng_state" in checkpoint:
             torch.set_rng_state(checkpoint["rng_state"])
+        if device.type == "cuda" and checkpoint.get("cuda_rng_state") is not None:
+            torch.cuda.set_rng_state(checkpoint["cuda_rng_state"], device)
     train_model = (torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda"
                                                              else None) if world_size > 1 else model)
 
@@ -235,6 +237,8 @@ def train(cfg: TrainConfig) -> dict:
             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
             "scaler": scaler.state_dict() if scaler.is_enabled() else None, "iteration": iteration,
             "rng_state": torch.get_rng_state(), "args": dataclasses.asdict(cfg),
+            # The RPN and RoI samplers draw on the device's generator.
+            "cuda_rng_state": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
         }
 
     log = _LossLog()
