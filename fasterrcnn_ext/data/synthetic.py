@@ -63,12 +63,7 @@ class SyntheticShapes(torch.utils.data.Dataset):
         if not -self.num_images <= index < self.num_images:
             raise IndexError(f"index {index} out of range for {self.num_images} images")
         index %= self.num_images
-        if self._cache is None:
-            image, boxes, labels = self._render(index)
-        else:
-            if index not in self._cache:
-                self._cache[index] = self._render(index)
-            image, boxes, labels = self._cache[index]
+        image, boxes, labels = self._rendered(index)
         image = torch.from_numpy(image).permute(2, 0, 1).float().div_(255)
         target = {
             "boxes": torch.as_tensor(boxes, dtype=torch.float32).reshape(-1, 4),
@@ -81,6 +76,13 @@ class SyntheticShapes(torch.utils.data.Dataset):
         return image, target
 
     # -----------------------------------------------------------------------------------------------------------
+    def _rendered(self, index: int):
+        if self._cache is None:
+            return self._render(index)
+        if index not in self._cache:
+            self._cache[index] = self._render(index)
+        return self._cache[index]
+
     def _render(self, index: int):
         """(image uint8 [H, W, 3], boxes list of [x1, y1, x2, y2], labels list)."""
         rng = np.random.default_rng([self.seed, index])
@@ -120,7 +122,7 @@ class SyntheticShapes(torch.utils.data.Dataset):
         """The dataset's targets as a COCO instances dict (images, annotations, categories), for evaluation."""
         images, annotations = [], []
         for index in range(len(self)):
-            _, boxes, labels = self._render(index)
+            _, boxes, labels = self._rendered(index)
             images.append({"id": index + 1, "file_name": f"{index + 1:06d}.png", "height": self.image_size[0],
                            "width": self.image_size[1]})
             for (x1, y1, x2, y2), label in zip(boxes, labels):
@@ -136,7 +138,7 @@ class SyntheticShapes(torch.utils.data.Dataset):
         os.makedirs(os.path.join(root, split), exist_ok=True)
         os.makedirs(os.path.join(root, "annotations"), exist_ok=True)
         for info in gt["images"]:
-            image, _, _ = self._render(info["id"] - 1)
+            image, _, _ = self._rendered(info["id"] - 1)
             Image.fromarray(image).save(os.path.join(root, split, info["file_name"]))
         path = os.path.join(root, "annotations", f"instances_{split}.json")
         with open(path, "w") as f:

@@ -14,6 +14,7 @@ import tempfile
 import torch
 
 from ..models import detection
+from ..models.detection.faster_rcnn import read_checkpoint_file
 
 # The builders `--model NAME` accepts. Each takes num_classes and weights_backbone-free keyword arguments.
 MODEL_BUILDERS = {
@@ -56,12 +57,7 @@ def save_checkpoint(path: str, checkpoint: dict) -> None:
 
 def load_checkpoint(path: str) -> dict:
     """A checkpoint written by save_checkpoint (training or model-only); ValueError naming the file otherwise."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any unpickling problem is a corrupt file for the user
-        raise ValueError(f"checkpoint {path} could not be read: {e}") from e
+    checkpoint = read_checkpoint_file(path)
     missing = [k for k in ("model", "model_name", "num_classes") if not isinstance(checkpoint, dict) or k not in checkpoint]
     if missing:
         raise ValueError(f"checkpoint {path} is not a fasterrcnn_ext training checkpoint (no {', '.join(missing)}); "

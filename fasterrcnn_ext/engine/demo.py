@@ -34,7 +34,7 @@ def demo(out: str, *, max_iters: int = 1500, train_images: int = 1000, val_image
     model = model_from_checkpoint(checkpoint, result["checkpoint"]).eval()
     save_checkpoint(os.path.join(out, "model.pt"), {k: checkpoint[k] for k in (
         "model", "model_name", "num_classes", "class_names", "category_ids")})
-    held_out = SyntheticShapes(val_images, seed=seed + HELD_OUT_SEED_OFFSET)
+    held_out = SyntheticShapes(val_images, seed=seed + HELD_OUT_SEED_OFFSET, cache=True)
     dev = "cuda" if device == "cuda" else "cpu"
     metrics = evaluate(model, held_out, device=dev, progress=progress)
     metrics.update(train_seconds=round(train_seconds, 1), total_seconds=round(time.time() - start, 1),

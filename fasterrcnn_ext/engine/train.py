@@ -17,6 +17,7 @@ import math
 import os
 import signal
 import sys
+import threading
 import time
 
 import torch
@@ -79,7 +80,8 @@ class TrainConfig:
 def build_dataset(data: str, *, train: bool, split: str, seed: int = 0, synthetic_images: int = 200,
                   skip_bad_images: bool = False, hflip: float = 0.0):
     if data == "synthetic":
-        return SyntheticShapes(synthetic_images, seed=seed if train else seed + HELD_OUT_SEED_OFFSET, cache=train)
+        # Cached: training revisits every image each epoch; evaluation reads each twice (images, ground truth).
+        return SyntheticShapes(synthetic_images, seed=seed if train else seed + HELD_OUT_SEED_OFFSET, cache=True)
     if not os.path.isdir(data):
         raise FileNotFoundError(f"--data {data}: not 'synthetic' and not a folder")
     return CocoDetection(data, split, hflip=hflip if train else 0.0, skip_bad_images=skip_bad_images)
@@ -132,7 +134,6 @@ def _ignore_sigint(_worker_id: int) -> None:
 
 
 def _in_main_thread() -> bool:
-    import threading
     return threading.current_thread() is threading.main_thread()
 
 

@@ -145,14 +145,19 @@ def _is_local_checkpoint(weights) -> bool:
     return isinstance(weights, (str, os.PathLike)) and (os.path.exists(weights) or str(weights).endswith((".pt", ".pth")))
 
 
-def load_checkpoint_state_dict(path) -> dict[str, Tensor]:
-    """The model state_dict of a checkpoint file: a bare state_dict, or a training checkpoint with a "model" entry."""
+def read_checkpoint_file(path):
+    """torch.load on the CPU, weights only; FileNotFoundError or ValueError naming the file."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint {path!s} does not exist")
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unpickling problem is a corrupt checkpoint for the user
         raise ValueError(f"checkpoint {path!s} could not be read: {e}") from e
+
+
+def load_checkpoint_state_dict(path) -> dict[str, Tensor]:
+    """The model state_dict of a checkpoint file: a bare state_dict, or a training checkpoint with a "model" entry."""
+    checkpoint = read_checkpoint_file(path)
     state = checkpoint.get("model", checkpoint) if isinstance(checkpoint, dict) else None
     if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
         raise ValueError(f"checkpoint {path!s} holds no model state_dict")
