@@ -23,6 +23,14 @@ torch.cuda.get_device_name(), 'torchvision', torchvision.__version__)"
 } > "$DIR/env.txt" 2>&1
 cat "$DIR/env.txt"
 
+# Python packages the GPU image lacks (pycocotools, for the COCO evaluation tests) travel as wheels in .whl/
+# (see the device tool's README: pip download --only-binary=:all: --python-version 3.12 ... -d .whl pycocotools);
+# without them those tests skip.
+if ls .whl/*.whl > /dev/null 2>&1; then
+  $PY -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && \
+    export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
+fi
+
 echo "== build"
 if ! FORCE_CUDA=1 MAX_JOBS=${MAX_JOBS:-16} $PY -m pip install --no-build-isolation --no-deps --no-index -e . \
     > "$DIR/build.log" 2>&1; then

@@ -1,5 +1,6 @@
 """Smoke tests of every fasterrcnn-ext subcommand, DDP with two gloo processes, and Ctrl-C in a real process."""
 
+import importlib.util
 import json
 import os
 import signal
@@ -13,6 +14,9 @@ import torch
 from fasterrcnn_ext.cli import main
 from fasterrcnn_ext.data import SyntheticShapes
 from fasterrcnn_ext.engine import demo, load_checkpoint
+
+needs_pycocotools = pytest.mark.skipif(importlib.util.find_spec("pycocotools") is None,
+                                       reason="pycocotools is not installed (COCO evaluation)")
 
 TRAIN_FAST = ["--model", "fasterrcnn_tiny", "--batch-size", "2", "--synthetic-images", "6", "--no-progress",
               "--log-every", "1", "--warmup-iters", "1"]
@@ -49,6 +53,7 @@ def test_train_refuses_to_overwrite_a_run(trained, capsys):
     assert (trained / "last.pt").read_bytes() == before
 
 
+@needs_pycocotools
 def test_eval_synthetic(trained, tmp_path):
     out = tmp_path / "eval"
     assert main(["eval", "--data", "synthetic", "--weights", str(trained / "last.pt"), "--out", str(out),
@@ -59,6 +64,7 @@ def test_eval_synthetic(trained, tmp_path):
     assert isinstance(json.loads((out / "detections.json").read_text()), list)
 
 
+@needs_pycocotools
 def test_eval_coco_folder_and_class_mismatch(trained, tmp_path):
     SyntheticShapes(3, seed=9, image_size=96).write_coco(str(tmp_path / "coco"), "val2017")
     out = tmp_path / "eval"
@@ -104,6 +110,7 @@ def test_detect_resolves_torchvision_weights_names():
         assert weights.meta["categories"][0] == "__background__"
 
 
+@needs_pycocotools
 def test_demo_small(tmp_path):
     out = tmp_path / "demo"
     assert main(["demo", "--out", str(out), "--max-iters", "3", "--train-images", "4", "--val-images", "2",
@@ -166,6 +173,7 @@ def test_ctrl_c_saves_a_checkpoint(tmp_path):
     assert ckpt["model"]["rpn.head.conv.0.0.weight"].isfinite().all()
 
 
+@needs_pycocotools
 def test_demo_defaults_reach_the_target(tmp_path):
     """The README's main job: with the defaults, mAP@0.5 >= 0.7 on the held-out images (about 4 minutes here)."""
     metrics = demo(str(tmp_path / "demo"), progress=False)
@@ -174,6 +182,7 @@ def test_demo_defaults_reach_the_target(tmp_path):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU visible")
+@needs_pycocotools
 def test_train_on_cuda_with_nccl_and_amp(tmp_path):
     """torchrun with one process per GPU: nccl, float16 autocast with a grad scaler; then eval on the GPU."""
     out = tmp_path / "cuda"

@@ -1,6 +1,6 @@
 """Training, checkpoints, evaluation and detection, on the tiny model and small synthetic data (seconds each)."""
 
-import importlib
+import importlib.util
 import json
 import os
 import signal
@@ -15,6 +15,8 @@ from fasterrcnn_ext.engine.evaluate import detections_to_coco
 from fasterrcnn_ext.engine.train import epoch_batches, lr_factor
 
 train_module = importlib.import_module("fasterrcnn_ext.engine.train")  # (the package exports the function `train`)
+needs_pycocotools = pytest.mark.skipif(importlib.util.find_spec("pycocotools") is None,
+                                       reason="pycocotools is not installed (COCO evaluation)")
 
 
 def _cfg(out, **kw):
@@ -163,6 +165,7 @@ def test_lr_schedule():
     assert lr_factor(55, 10, 100, 0.02) == pytest.approx(0.51)
 
 
+@needs_pycocotools
 def test_coco_metrics_perfect_partial_and_empty():
     ds = SyntheticShapes(6, seed=11)
     gt = ds.coco_ground_truth()
