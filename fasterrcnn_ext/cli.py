@@ -1,6 +1,6 @@
 """The ``fasterrcnn-ext`` command (also ``python -m fasterrcnn_ext``).
 
-    fasterrcnn-ext demo --out runs/demo                       # synthetic data, ~6 min on 2 CPU cores
+    fasterrcnn-ext demo --out runs/demo                       # synthetic data, about 4 min on 2 CPU cores
     fasterrcnn-ext train --data synthetic --model fasterrcnn_tiny --out runs/a --max-iters 1000
     torchrun --nproc_per_node 2 -m fasterrcnn_ext train --data DIR --model fasterrcnn_resnet50_fpn --out runs/b --epochs 12
     fasterrcnn-ext train ... --resume runs/a/last.pt          # continue (also after Ctrl-C)
@@ -122,7 +122,7 @@ def _run_detect(args) -> int:
 
 
 def _add_demo(sub) -> None:
-    p = sub.add_parser("demo", help="train on synthetic shapes, evaluate, draw (about 6 min on 2 CPU cores)")
+    p = sub.add_parser("demo", help="train on synthetic shapes, evaluate, draw (about 4 min on 2 CPU cores)")
     p.add_argument("--out", default="runs/demo", help="output folder (out-2, out-3, ... if it holds a run)")
     p.add_argument("--max-iters", type=int, default=1500)
     p.add_argument("--train-images", type=int, default=1000)

@@ -19,7 +19,6 @@ import subprocess
 import sys
 
 import torch
-import torch.utils.benchmark as tbench
 
 import fasterrcnn_ext
 
@@ -27,6 +26,8 @@ from .cases import ALL_CASES
 
 
 def _median_seconds(fn, min_run_time: float) -> float:
+    import torch.utils.benchmark as tbench  # (imported here: it imports torch.utils.cpp_extension, which warns)
+
     # torch.utils.benchmark runs with 1 thread unless told otherwise.
     timer = tbench.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
     return timer.blocked_autorange(min_run_time=min_run_time).median
