@@ -53,6 +53,22 @@ def test_train_refuses_to_overwrite_a_run(trained, capsys):
     assert (trained / "last.pt").read_bytes() == before
 
 
+def test_train_on_a_coco_folder_skipping_a_bad_image(tmp_path, capsys):
+    root = tmp_path / "coco"
+    SyntheticShapes(4, seed=3, image_size=96).write_coco(str(root), "train2017")
+    (root / "train2017" / "000002.png").write_bytes(b"truncated")
+    args = ["train", "--data", str(root), "--out", str(tmp_path / "run"), "--max-iters", "3", *TRAIN_FAST]
+    assert main(args) == 2  # a corrupt image stops training, naming the file
+    assert "000002.png" in capsys.readouterr().err
+    with pytest.warns(UserWarning, match="000002.png"):
+        assert main([*args, "--out", str(tmp_path / "run2"), "--skip-bad-images"]) == 0
+    ckpt = load_checkpoint(str(tmp_path / "run2" / "last.pt"))
+    assert ckpt["iteration"] == 3 and ckpt["class_names"] == list(SyntheticShapes.class_names)
+    assert main(["train", "--data", str(tmp_path), "--out", str(tmp_path / "run3"), "--max-iters", "1",
+                 *TRAIN_FAST]) == 2  # no annotations folder
+    assert "instances_train" in capsys.readouterr().err
+
+
 @needs_pycocotools
 def test_eval_synthetic(trained, tmp_path):
     out = tmp_path / "eval"
