@@ -47,19 +47,33 @@ __device__ __forceinline__ int roi_level(const Levels<T>& lv, const Pool& pp, co
                                            lv.k_min, lv.k_max, 1e-6f));
 }
 
+// Output element idx of [K, C, PH, PW] -> its RoI r, channel c and bin (p, q); the RoI read in acc_t. Returns
+// whether the RoI's batch index is in [0, N) (the caller asserts, naming its op).
+struct Bin {
+  int64_t r, c, p, q;
+};
+
+template <typename scalar_t, typename acc_t>
+__device__ __forceinline__ bool load_bin(int64_t idx, const Pool& pp, const scalar_t* __restrict__ rois, Bin& bin,
+                                         acc_t* roi) {
+  bin.q = idx % pp.pooled_w;
+  bin.p = (idx / pp.pooled_w) % pp.pooled_h;
+  bin.c = (idx / (pp.pooled_w * pp.pooled_h)) % pp.channels;
+  bin.r = idx / (pp.pooled_w * pp.pooled_h * pp.channels);
+  for (int i = 0; i < 5; ++i) roi[i] = static_cast<acc_t>(rois[5 * bin.r + i]);
+  return roi[0] >= 0 && roi[0] < static_cast<acc_t>(pp.batch);
+}
+
 template <typename scalar_t>
 __global__ void roi_align_forward_kernel(int64_t total, Levels<const scalar_t> lv, const scalar_t* __restrict__ rois,
                                          Pool pp, scalar_t* __restrict__ out) {
   using acc_t = at::opmath_type<scalar_t>;
   for (int64_t idx = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; idx < total;
        idx += static_cast<int64_t>(blockDim.x) * gridDim.x) {
-    const int64_t q = idx % pp.pooled_w;
-    const int64_t p = (idx / pp.pooled_w) % pp.pooled_h;
-    const int64_t c = (idx / (pp.pooled_w * pp.pooled_h)) % pp.channels;
-    const int64_t r = idx / (pp.pooled_w * pp.pooled_h * pp.channels);
+    Bin bin;
     acc_t roi[5];
-    for (int i = 0; i < 5; ++i) roi[i] = static_cast<acc_t>(rois[5 * r + i]);
-    const bool batch_ok = roi[0] >= 0 && roi[0] < static_cast<acc_t>(pp.batch);
+    const bool batch_ok = load_bin(idx, pp, rois, bin, roi);
+    const int64_t c = bin.c, p = bin.p, q = bin.q;
     CUDA_KERNEL_ASSERT(batch_ok && "roi_align: a RoI's batch index is outside [0, N)");
     if (!batch_ok) {
       out[idx] = scalar_t(0);
@@ -125,13 +139,10 @@ __global__ void roi_align_backward_kernel(int64_t total, Levels<acc_t> gl, const
                                           int64_t gs2, int64_t gs3) {
   for (int64_t idx = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; idx < total;
        idx += static_cast<int64_t>(blockDim.x) * gridDim.x) {
-    const int64_t q = idx % pp.pooled_w;
-    const int64_t p = (idx / pp.pooled_w) % pp.pooled_h;
-    const int64_t c = (idx / (pp.pooled_w * pp.pooled_h)) % pp.channels;
-    const int64_t r = idx / (pp.pooled_w * pp.pooled_h * pp.channels);
+    Bin bin;
     acc_t roi[5];
-    for (int i = 0; i < 5; ++i) roi[i] = static_cast<acc_t>(rois[5 * r + i]);
-    const bool batch_ok = roi[0] >= 0 && roi[0] < static_cast<acc_t>(pp.batch);
+    const bool batch_ok = load_bin(idx, pp, rois, bin, roi);
+    const int64_t r = bin.r, c = bin.c, p = bin.p, q = bin.q;
     CUDA_KERNEL_ASSERT(batch_ok && "roi_align backward: a RoI's batch index is outside [0, N)");
     if (!batch_ok) continue;
     const int l = roi_level(gl, pp, roi);
