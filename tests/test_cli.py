@@ -134,6 +134,9 @@ def test_demo_small(tmp_path):
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["iterations"] == 3 and metrics["held_out_images"] == 2
     assert sorted(os.listdir(out / "pictures")) == ["heldout_000.png", "heldout_001.png"]
+    from PIL import Image
+    with Image.open(out / "pictures" / "heldout_000.png") as picture:
+        assert picture.size == (3 * 192, 3 * 192)  # enlarged so the labels are readable
     ckpt = load_checkpoint(str(out / "model.pt"))
     assert ckpt["model_name"] == "fasterrcnn_tiny" and "optimizer" not in ckpt
     # A second demo with the same --out leaves the first alone and writes beside it.

@@ -44,7 +44,7 @@ def demo(out: str, *, max_iters: int = 1500, train_images: int = 1000, val_image
         for index in range(min(DEMO_PICTURES, val_images)):
             image, _ = held_out[index]
             detections = model([image.to(dev)])[0]
-            picture = draw_detections(image, detections, checkpoint["class_names"], score_thresh=0.5)
+            picture = draw_detections(image, detections, checkpoint["class_names"], score_thresh=0.5, upscale=3)
             save_png(picture, os.path.join(out, "pictures", f"heldout_{index:03d}.png"))
     write_json(os.path.join(out, "metrics.json"), metrics)
     return metrics

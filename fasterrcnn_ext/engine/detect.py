@@ -49,10 +49,14 @@ def load_detector(weights: str):
     return builder(weights=enum_value), list(categories[1:]), None
 
 
-def draw_detections(image: torch.Tensor, detections: dict, class_names, score_thresh: float = 0.0) -> torch.Tensor:
-    """uint8 [3, H, W] picture of ``image`` (float [0, 1]) with boxes labelled "name score" above score_thresh."""
+def draw_detections(image: torch.Tensor, detections: dict, class_names, score_thresh: float = 0.0,
+                    upscale: int = 1) -> torch.Tensor:
+    """uint8 [3, H, W] picture of ``image`` (float [0, 1]) with boxes labelled "name score" above score_thresh;
+    ``upscale`` enlarges small images (nearest neighbour) so the labels stay readable."""
     keep = detections["scores"] >= score_thresh
-    boxes = detections["boxes"][keep].float().cpu()
+    boxes = detections["boxes"][keep].float().cpu() * upscale
+    if upscale != 1:
+        image = torch.nn.functional.interpolate(image[None].cpu(), scale_factor=upscale, mode="nearest")[0]
     labels = detections["labels"][keep].tolist()
     scores = detections["scores"][keep].tolist()
     names = [f"{class_names[lab - 1] if 0 < lab <= len(class_names) else lab} {s:.2f}" for lab, s in zip(labels, scores)]
