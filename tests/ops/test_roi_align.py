@@ -35,6 +35,24 @@ def test_matches_torchvision(device, dtype, aligned, sampling_ratio, layout):
     torch.testing.assert_close(ours[1], theirs[1], **TOL[dtype])
 
 
+def test_large_outputs_match_torchvision_forward_and_backward():
+    """Outputs and gradients of several MB come from huge-page-advised memory (csrc/ops/cpu/large_output.h)."""
+    x = torch.randn(2, 64, 48, 64, requires_grad=True)
+    rois = random_rois(700, 2, image_hw=(96, 128), max_size=60.0)  # 700 x 64 x 7 x 7 floats: 8.8 MB
+    ours = ops.roi_align(x, rois, 7, 0.5, 2, True)
+    theirs = torchvision.ops.roi_align(x, rois, 7, 0.5, 2, True)
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=2e-5)
+    grad = torch.randn_like(ours)
+    (g_ours,) = torch.autograd.grad(ours, x, grad)
+    (g_theirs,) = torch.autograd.grad(theirs, x, grad)
+    torch.testing.assert_close(g_ours, g_theirs, rtol=0, atol=2e-5)
+    big = torch.randn(1, 16, 400, 400, requires_grad=True)  # a 10 MB gradient
+    r = random_rois(50, 1, image_hw=(400, 400), max_size=200.0)
+    (g_big,) = torch.autograd.grad(ops.roi_align(big, r, 7, 1.0, 2, True).sum(), big)
+    (g_ref,) = torch.autograd.grad(torchvision.ops.roi_align(big, r, 7, 1.0, 2, True).sum(), big)
+    torch.testing.assert_close(g_big, g_ref, rtol=0, atol=2e-5)
+
+
 def test_list_of_boxes_equals_rois(device):
     x = torch.randn(3, 4, 20, 20, device=device)
     rois = random_rois(30, 3, image_hw=(20, 20), device=device)

@@ -24,6 +24,17 @@ def test_matches_torchvision_exactly(device, dtype, channels_last):
     torch.testing.assert_close(xa.grad, xt.grad, rtol=0, atol=0)
 
 
+def test_large_outputs_match_torchvision_exactly():
+    """Output and argmax of several MB come from huge-page-advised memory (csrc/ops/cpu/large_output.h)."""
+    x = torch.randn(2, 64, 48, 64, requires_grad=True)
+    rois = random_rois(700, 2, image_hw=(96, 128), max_size=60.0)
+    ours = ops.roi_pool(x, rois, 7, 0.5)
+    theirs = torchvision.ops.roi_pool(x, rois, 7, 0.5)
+    assert torch.equal(ours, theirs)
+    grad = torch.randn_like(ours)
+    assert torch.equal(torch.autograd.grad(ours, x, grad)[0], torch.autograd.grad(theirs, x, grad)[0])
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_types(device, dtype):
     x = torch.randn(1, 4, 16, 16, device=device).to(dtype)
