@@ -8,11 +8,10 @@ import time
 
 import torch
 
-from ..data import SyntheticShapes
 from .checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 from .detect import draw_detections, save_png, write_json
 from .evaluate import evaluate
-from .train import HELD_OUT_SEED_OFFSET, TrainConfig, train
+from .train import TrainConfig, build_dataset, train
 
 DEMO_PICTURES = 8
 
@@ -34,7 +33,7 @@ def demo(out: str, *, max_iters: int = 1500, train_images: int = 1000, val_image
     model = model_from_checkpoint(checkpoint, result["checkpoint"]).eval()
     save_checkpoint(os.path.join(out, "model.pt"), {k: checkpoint[k] for k in (
         "model", "model_name", "num_classes", "class_names", "category_ids")})
-    held_out = SyntheticShapes(val_images, seed=seed + HELD_OUT_SEED_OFFSET, cache=True)
+    held_out = build_dataset("synthetic", train=False, split="val", seed=seed, synthetic_images=val_images)
     dev = "cuda" if device == "cuda" else "cpu"
     metrics = evaluate(model, held_out, device=dev, progress=progress)
     metrics.update(train_seconds=round(train_seconds, 1), total_seconds=round(time.time() - start, 1),
