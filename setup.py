@@ -124,7 +124,8 @@ def _extensions():
     sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "ops", "*.cpp"))
                      + glob.glob(os.path.join("csrc", "ops", "cpu", "*.cpp"))
                      + glob.glob(os.path.join("csrc", "ops", "generic", "*.cpp"))
-                     + glob.glob(os.path.join("csrc", "ops", "autocast", "*.cpp")))
+                     + glob.glob(os.path.join("csrc", "ops", "autocast", "*.cpp"))
+                     + glob.glob(os.path.join("csrc", "runtime", "*.cpp")))
     # -fopenmp: at::parallel_for is inline and uses `#pragma omp parallel` when torch's backend is OpenMP;
     # without the flag the pragma is ignored and every "parallel" loop runs on one thread. The libgomp.so.1 it
     # links is the one torch already loaded (same soname), so torch.set_num_threads applies.

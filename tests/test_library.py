@@ -69,6 +69,8 @@ def test_every_op_is_opchecked():
     for group in re.findall(r"for name in \(([^)]*)\)", sources):  # loops over op names
         checked |= set(re.findall(r'"(\w+)"', group))
     registered = {name.split("::")[1] for name in torch._C._dispatch_get_all_op_names()
-                  if name.startswith("fasterrcnn_ext::")} - {"_build_info"}  # no tensors: nothing to opcheck
+                  if name.startswith("fasterrcnn_ext::")}
+    # Runtime utilities take and return no tensors: nothing to opcheck (the memory pool has its own tests).
+    registered = {name for name in registered if name != "_build_info" and not name.startswith("_cpu_pool_")}
     assert len(registered) >= 17
     assert registered - checked == set()

@@ -10,6 +10,7 @@ the losses are torchvision's own modules, so weights and training behave as in t
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections import OrderedDict
 
@@ -19,7 +20,7 @@ from torch import Tensor, nn
 from torchvision.models.detection import faster_rcnn as tv_faster_rcnn
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 
-from ... import ops
+from ... import memory, ops
 from ._inference import InferenceCopy
 from .anchor_utils import AnchorGenerator
 from .roi_heads import RoIHeads
@@ -81,6 +82,8 @@ class FasterRCNN(tv_faster_rcnn.FasterRCNN):
     inference_dtype: torch.dtype | None = None
     # False: inference runs the backbone as trained (no folding, no channels_last), bit for bit as torchvision.
     fast_inference: bool = True
+    # True: CPU inference reuses its large activation blocks from one call to the next (fasterrcnn_ext.memory).
+    reuse_cpu_memory: bool = True
 
     def __init__(self, backbone: nn.Module, num_classes: int | None = None, **kwargs):
         if kwargs.get("rpn_anchor_generator") is None:
@@ -123,6 +126,12 @@ class FasterRCNN(tv_faster_rcnn.FasterRCNN):
         return self._inference_forward(images)
 
     def _inference_forward(self, images: list[Tensor]) -> list[dict[str, Tensor]]:
+        pool_cpu = (self.reuse_cpu_memory and images[0].device.type == "cpu"
+                    and not torch.compiler.is_compiling())
+        with memory.cpu_pool() if pool_cpu else contextlib.nullcontext():
+            return self._inference_forward_impl(images)
+
+    def _inference_forward_impl(self, images: list[Tensor]) -> list[dict[str, Tensor]]:
         original_image_sizes = [(int(img.shape[-2]), int(img.shape[-1])) for img in images]
         image_list, _ = self.transform(images)
         backbone = self._backbone_for_inference.get(self.backbone)

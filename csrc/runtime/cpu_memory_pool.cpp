@@ -1,0 +1,209 @@
+// A reuse pool for the large CPU tensors of the detector's inference forward.
+//
+// Why: an R50-FPN forward on an 800-pixel image allocates about a gigabyte of activations (a single stride-4 map of
+// 256 channels is 69 MB). glibc serves such blocks with fresh mmap'd pages and unmaps them on free, so every forward
+// page-faults its activations in again: the kernel zeroes each 4 KB page on its first write, about a seventh of the
+// whole forward on this project's 2-core machine. Blocks kept here are reused by the next forward with their pages
+// already mapped. (glibc can be told the same for the whole process with MALLOC_MMAP_MAX_=0; this pool confines it
+// to the forward passes that ask for it.)
+//
+// How: an allocator installed as torch's CPU allocator that pools only while the calling thread is inside a pooled
+// scope (`_cpu_pool_set_enabled(True)`, the Python context manager fasterrcnn_ext.memory.cpu_pool()) and only
+// blocks of at least kMinPooledBytes; every other allocation goes to the allocator it replaced, unchanged. A pooled
+// block returns to the pool when its tensor is freed, on any thread, in or out of a scope. Free blocks are kept up
+// to a byte limit (set_limit; beyond it they are released to the system) and empty_cache() releases them all.
+//
+// Blocks are matched best-fit among free blocks at most 25% larger than asked (the activation sizes repeat exactly
+// from one forward to the next; a bounded waste lets images of slightly different sizes share).
+#include <c10/core/Allocator.h>
+#include <c10/core/CPUAllocator.h>
+#include <c10/util/Exception.h>
+#include <torch/library.h>
+
+#include <cstdint>
+#include <cstdlib>
+#include <map>
+#include <mutex>
+#include <unordered_map>
+#include <vector>
+
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+
+namespace fasterrcnn_ext {
+namespace {
+
+// Smaller blocks come from malloc's arenas, which already reuse them without page faults.
+constexpr size_t kMinPooledBytes = size_t{1} << 20;
+// Sizes are rounded up to this, so near-equal requests share blocks.
+constexpr size_t kGranularity = size_t{64} << 10;
+// Blocks spanning several huge pages are aligned to one and advised to use them (fewer faults and TLB misses).
+constexpr size_t kHugePage = size_t{2} << 20;
+// A free block is reused for a request at most this fraction smaller than it (a quarter wasted at worst).
+constexpr size_t kMaxWasteDivisor = 4;
+// Default cap on the bytes kept free in the pool: an R50-FPN forward at 800x1344 keeps about 0.6 GB.
+constexpr int64_t kDefaultLimitBytes = int64_t{2} << 30;
+
+thread_local bool tls_enabled = false;
+
+class CpuMemoryPool final : public c10::Allocator {
+ public:
+  explicit CpuMemoryPool(c10::Allocator* fallback) : fallback_(fallback) {}
+
+  c10::DataPtr allocate(size_t nbytes) override {
+    if (!tls_enabled || nbytes < kMinPooledBytes) return fallback_->allocate(nbytes);
+    void* ptr = take(nbytes);
+    return {ptr, ptr, &release_pooled, c10::Device(c10::DeviceType::CPU)};
+  }
+
+  // raw_allocate/raw_deallocate must work whenever they worked with the replaced allocator: release_any hands
+  // blocks that are not ours to the replaced allocator's raw deleter.
+  c10::DeleterFnPtr raw_deleter() const override { return fallback_->raw_deleter() ? &release_any : nullptr; }
+
+  void copy_data(void* dest, const void* src, std::size_t count) const override {
+    default_copy_data(dest, src, count);
+  }
+
+  static CpuMemoryPool& instance() {
+    // Installed once, never destroyed: tensors holding pooled blocks may outlive static destruction.
+    static CpuMemoryPool* pool = [] {
+      auto* p = new CpuMemoryPool(c10::GetCPUAllocator());
+      // Priority 0, the default's: a library installing its own allocator later still can (the pool then
+      // stops pooling; stats() reports it inactive).
+      c10::SetCPUAllocator(p, /*priority=*/0);
+      return p;
+    }();
+    return *pool;
+  }
+
+  void empty_cache() {
+    std::vector<void*> to_free;
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      for (auto& [size, ptr] : free_) {
+        to_free.push_back(ptr);
+        sizes_.erase(ptr);
+        cached_bytes_ -= size;
+      }
+      free_.clear();
+    }
+    for (void* ptr : to_free) std::free(ptr);
+  }
+
+  void set_limit(int64_t limit) {
+    TORCH_CHECK(limit >= 0, "cpu memory pool: limit must be >= 0 bytes, got ", limit);
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      limit_ = static_cast<size_t>(limit);
+    }
+    if (cached_bytes() > static_cast<size_t>(limit)) empty_cache();
+  }
+
+  size_t cached_bytes() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    return cached_bytes_;
+  }
+
+  std::vector<int64_t> stats() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    return {static_cast<int64_t>(cached_bytes_), static_cast<int64_t>(in_use_bytes_), static_cast<int64_t>(hits_),
+            static_cast<int64_t>(misses_), static_cast<int64_t>(limit_), active() ? 1 : 0};
+  }
+
+  // Whether torch's CPU allocator is still this pool (another library may have installed its own since).
+  bool active() const { return c10::GetCPUAllocator() == this; }
+
+ private:
+  static void release_pooled(void* ptr) { instance().give_back(ptr); }
+
+  static void release_any(void* ptr) {
+    CpuMemoryPool& pool = instance();
+    if (!pool.give_back(ptr)) pool.fallback_->raw_deleter()(ptr);
+  }
+
+  void* take(size_t nbytes) {
+    const size_t rounded = (nbytes + kGranularity - 1) / kGranularity * kGranularity;
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      auto it = free_.lower_bound(rounded);
+      if (it != free_.end() && it->first - rounded <= it->first / kMaxWasteDivisor) {
+        void* ptr = it->second;
+        cached_bytes_ -= it->first;
+        in_use_bytes_ += it->first;
+        ++hits_;
+        free_.erase(it);
+        return ptr;
+      }
+      ++misses_;
+    }
+    const size_t alignment = rounded >= 2 * kHugePage ? kHugePage : 64;
+    void* ptr = nullptr;
+    if (posix_memalign(&ptr, alignment, rounded) != 0) {
+      // Free what the pool holds and try once more before reporting out-of-memory.
+      empty_cache();
+      if (posix_memalign(&ptr, alignment, rounded) != 0) ptr = nullptr;
+    }
+    TORCH_CHECK_WITH(OutOfMemoryError, ptr != nullptr, "cpu memory pool: could not allocate ", nbytes, " bytes");
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+    if (alignment == kHugePage) madvise(ptr, rounded / kHugePage * kHugePage, MADV_HUGEPAGE);
+#endif
+    std::lock_guard<std::mutex> lock(mutex_);
+    sizes_.emplace(ptr, rounded);
+    in_use_bytes_ += rounded;
+    return ptr;
+  }
+
+  // Returns false if ptr is not a block of this pool.
+  bool give_back(void* ptr) {
+    bool release = false;
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      auto it = sizes_.find(ptr);
+      if (it == sizes_.end()) return false;
+      const size_t size = it->second;
+      in_use_bytes_ -= size;
+      if (cached_bytes_ + size <= limit_) {
+        free_.emplace(size, ptr);
+        cached_bytes_ += size;
+      } else {
+        sizes_.erase(it);
+        release = true;
+      }
+    }
+    if (release) std::free(ptr);
+    return true;
+  }
+
+  c10::Allocator* fallback_;
+  std::mutex mutex_;
+  std::unordered_map<void*, size_t> sizes_;  // every block of the pool, in use or free
+  std::multimap<size_t, void*> free_;       // free blocks by size
+  size_t cached_bytes_ = 0, in_use_bytes_ = 0, hits_ = 0, misses_ = 0;
+  size_t limit_ = static_cast<size_t>(kDefaultLimitBytes);
+};
+
+// Pooling on or off for the calling thread; returns the previous setting.
+bool set_enabled(bool enabled) {
+  CpuMemoryPool::instance();  // installs the allocator on first use
+  const bool previous = tls_enabled;
+  tls_enabled = enabled;
+  return previous;
+}
+
+void empty_cache() { CpuMemoryPool::instance().empty_cache(); }
+
+void set_limit(int64_t limit_bytes) { CpuMemoryPool::instance().set_limit(limit_bytes); }
+
+// [cached bytes, in-use bytes, hits, misses, limit bytes, active]
+std::vector<int64_t> stats() { return CpuMemoryPool::instance().stats(); }
+
+}  // namespace
+}  // namespace fasterrcnn_ext
+
+TORCH_LIBRARY_FRAGMENT(fasterrcnn_ext, m) {
+  m.def("_cpu_pool_set_enabled(bool enabled) -> bool", &fasterrcnn_ext::set_enabled);
+  m.def("_cpu_pool_empty_cache() -> ()", &fasterrcnn_ext::empty_cache);
+  m.def("_cpu_pool_set_limit(int limit_bytes) -> ()", &fasterrcnn_ext::set_limit);
+  m.def("_cpu_pool_stats() -> int[]", &fasterrcnn_ext::stats);
+}
