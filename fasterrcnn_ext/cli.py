@@ -80,8 +80,7 @@ def _add_eval(sub) -> None:
 
 def _run_eval(args) -> int:
     from .engine.checkpoint import load_checkpoint, model_from_checkpoint
-    from .engine.detect import write_json
-    from .engine.evaluate import coco_metrics, predict
+    from .engine.evaluate import evaluate
     from .engine.train import build_dataset
 
     checkpoint = load_checkpoint(args.weights)
@@ -92,12 +91,8 @@ def _run_eval(args) -> int:
                          f"({', '.join(checkpoint['class_names'])}); --data {args.data} has "
                          f"{len(dataset.class_names)} ({', '.join(dataset.class_names)})")
     model = model_from_checkpoint(checkpoint, args.weights)
-    results = predict(model, dataset, batch_size=args.batch_size, device=args.device, workers=args.workers,
-                      progress=args.progress, category_ids=dataset.category_ids)
-    metrics = coco_metrics(dataset.coco_ground_truth(), results)
-    os.makedirs(args.out, exist_ok=True)
-    write_json(os.path.join(args.out, "detections.json"), results)
-    write_json(os.path.join(args.out, "metrics.json"), metrics)
+    metrics = evaluate(model, dataset, batch_size=args.batch_size, device=args.device, workers=args.workers,
+                       progress=args.progress, out=args.out)
     print(metrics.get("summary", ""), end="")
     print(json.dumps({k: metrics[k] for k in ("map", "map_50", "map_75")}))
     return 0

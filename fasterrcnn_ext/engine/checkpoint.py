@@ -8,13 +8,11 @@ and for training ``optimizer``, ``scheduler``, ``scaler``, ``iteration`` (int: o
 
 from __future__ import annotations
 
-import os
-import tempfile
-
 import torch
 
 from ..models import detection
 from ..models.detection.faster_rcnn import read_checkpoint_file
+from .files import atomic_write
 
 # The builders `--model NAME` accepts. Each takes num_classes and weights_backbone-free keyword arguments.
 MODEL_BUILDERS = {
@@ -40,19 +38,8 @@ def build_model(name: str, num_classes: int, weights_backbone=None) -> detection
 def save_checkpoint(path: str, checkpoint: dict) -> None:
     """Writes to a temporary file in the same folder, then renames it over ``path``: an interrupted save leaves the
     previous checkpoint intact."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(checkpoint, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    with atomic_write(path, binary=True) as f:
+        torch.save(checkpoint, f)
 
 
 def load_checkpoint(path: str) -> dict:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 
 import torch
@@ -14,6 +13,7 @@ from ..data import load_image
 from ..models import detection
 from .checkpoint import load_checkpoint, model_from_checkpoint
 from .evaluate import detections_to_coco
+from .files import write_json
 
 # torchvision's weights enums -> our builder of the same model.
 _TORCHVISION_BUILDERS = {
@@ -111,11 +111,3 @@ def detect(image_paths: list[str], weights: str, out: str, *, score_thresh: floa
     write_json(os.path.join(out, "detections.json"), results)
     write_json(os.path.join(out, "images.json"), images_info)
     return results
-
-
-def write_json(path: str, value) -> None:
-    """Atomic JSON write: a crash mid-write leaves the previous file, never half a file."""
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(value, f, indent=1)
-    os.replace(tmp, path)

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import io
+import os
 
 import torch
 from tqdm import tqdm
 
 from ..data import collate
+from .files import write_json
 
 COCO_STAT_NAMES = ("map", "map_50", "map_75", "map_small", "map_medium", "map_large", "mar_1", "mar_10", "mar_100",
                    "mar_small", "mar_medium", "mar_large")
@@ -78,8 +80,14 @@ def coco_metrics(ground_truth: dict, results: list[dict]) -> dict:
     return metrics
 
 
-def evaluate(model, dataset, *, batch_size: int = 4, device="cpu", workers: int = 0, progress: bool = True) -> dict:
-    """COCO bbox metrics of ``model`` on ``dataset`` (which provides coco_ground_truth() and category_ids)."""
+def evaluate(model, dataset, *, batch_size: int = 4, device="cpu", workers: int = 0, progress: bool = True,
+             out: str | None = None) -> dict:
+    """COCO bbox metrics of ``model`` on ``dataset`` (which provides coco_ground_truth() and category_ids). With
+    ``out``, also writes out/detections.json (COCO results format) and out/metrics.json."""
     results = predict(model, dataset, batch_size=batch_size, device=device, workers=workers, progress=progress,
                       category_ids=dataset.category_ids)
-    return coco_metrics(dataset.coco_ground_truth(), results)
+    metrics = coco_metrics(dataset.coco_ground_truth(), results)
+    if out is not None:
+        write_json(os.path.join(out, "detections.json"), results)
+        write_json(os.path.join(out, "metrics.json"), metrics)
+    return metrics

@@ -94,7 +94,7 @@ class MultiScaleRoIAlign(torchvision.ops.MultiScaleRoIAlign):
 def _multi_scale_roi_align_fake(features, rois, scales, pooled_height, pooled_width, sampling_ratio, aligned,
                                 canonical_scale=224.0, canonical_level=4.0):
     torch._check(len(features) == len(scales), lambda: "multi_scale_roi_align: one scale per feature map")
-    torch._check(rois.dim() == 2 and rois.size(1) == 5, lambda: f"multi_scale_roi_align: rois must be [K, 5]")
+    torch._check(rois.dim() == 2 and rois.size(1) == 5, lambda: "multi_scale_roi_align: rois must be [K, 5]")
     return features[0].new_empty((rois.size(0), features[0].size(1), pooled_height, pooled_width))
 
 

@@ -196,3 +196,20 @@ def test_epochs_and_amp(tmp_path):
     assert result["iteration"] == 3
     assert all(torch.isfinite(torch.tensor(v)) for v in result["losses"].values())
     assert load_checkpoint(str(tmp_path / "last.pt"))["iteration"] == 3
+
+
+def test_a_failed_write_leaves_the_previous_file_whole(tmp_path):
+    from fasterrcnn_ext.engine.checkpoint import save_checkpoint
+    from fasterrcnn_ext.engine.files import write_json
+
+    path = str(tmp_path / "metrics.json")
+    write_json(path, {"map": 0.5})
+    with pytest.raises(TypeError):
+        write_json(path, {"map": object()})  # not serialisable: fails half way through the dump
+    assert json.load(open(path)) == {"map": 0.5}
+    ckpt = str(tmp_path / "last.pt")
+    save_checkpoint(ckpt, {"iteration": 1})
+    with pytest.raises(Exception):
+        save_checkpoint(ckpt, {"iteration": 2, "bad": lambda: None})  # lambdas do not pickle
+    assert torch.load(ckpt)["iteration"] == 1
+    assert sorted(os.listdir(tmp_path)) == ["last.pt", "metrics.json"]  # no temporary files left behind
