@@ -264,3 +264,20 @@ def test_torch_compile_eval_model():
         got, expected = compiled(images), mine(images)
     for a, b in zip(got, expected):
         torch.testing.assert_close(a, b)
+
+
+def test_bfloat16_copy_stores_the_weights_autocast_would_make():
+    """With inference_dtype the inference copy keeps bfloat16 weights: under autocast it computes exactly what the
+    float32 copy computes (autocast rounds the weights the same way, only on every call)."""
+    mine, _ = model_pair("fasterrcnn_resnet50_fpn")
+    mine.eval()
+    x = torch.rand(1, 3, 160, 224).contiguous(memory_format=torch.channels_last)
+    copies = mine._backbone_for_inference
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = copies.get(mine.backbone)(x)
+        bf16_copy = copies.get(mine.backbone, torch.bfloat16)
+        got = bf16_copy(x)
+    assert all(p.dtype == torch.bfloat16 for p in bf16_copy.parameters())
+    assert all(p.dtype == torch.float32 for p in mine.backbone.parameters())  # the model itself is untouched
+    for k in expected:
+        torch.testing.assert_close(got[k], expected[k], rtol=0, atol=0)

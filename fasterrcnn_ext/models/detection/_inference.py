@@ -61,15 +61,19 @@ class InferenceCopy:
         tensors = list(module.parameters()) + list(module.buffers())
         return tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in tensors)
 
-    def get(self, module: nn.Module) -> nn.Module:
+    def get(self, module: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
+        """The copy of ``module``; with ``dtype`` (the autocast dtype it will run under), its floating-point weights
+        are stored in that dtype, so autocast does not cast them again on every call (the same rounding)."""
         if any(p.is_inference() for p in module.parameters()):
             # Built under torch.inference_mode: such tensors keep no version counter, so an in-place weight update
             # could not be noticed. Run the module itself (correct, without the speed-ups).
             return module
-        key = self._state_key(module)
+        key = (self._state_key(module), dtype)
         if self._copy is None or key != self._key:
+            self._copy = None  # the previous copy's memory is free before the new one is made
             clone = copy.deepcopy(module).eval()
             fold_batch_norms(clone)
-            self._copy = clone.to(memory_format=torch.channels_last)
+            clone = clone.to(memory_format=torch.channels_last)
+            self._copy = clone.to(dtype) if dtype is not None else clone
             self._key = key
         return self._copy

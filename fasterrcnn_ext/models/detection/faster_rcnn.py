@@ -134,7 +134,7 @@ class FasterRCNN(tv_faster_rcnn.FasterRCNN):
     def _inference_forward_impl(self, images: list[Tensor]) -> list[dict[str, Tensor]]:
         original_image_sizes = [(int(img.shape[-2]), int(img.shape[-1])) for img in images]
         image_list, _ = self.transform(images)
-        backbone = self._backbone_for_inference.get(self.backbone)
+        backbone = self._backbone_for_inference.get(self.backbone, self.inference_dtype)
         device_type = image_list.tensors.device.type
         with torch.autocast(device_type, dtype=self.inference_dtype or torch.float32,
                             enabled=self.inference_dtype is not None):
