@@ -11,6 +11,7 @@ from .boxes import (
     nms,
     remove_small_boxes,
 )
+from .conv import conv3x3_winograd, winograd_weight
 from .poolers import MultiScaleRoIAlign, multi_scale_roi_align
 from .postprocess import detection_postprocess, rpn_proposals
 from .roi_align import RoIAlign, roi_align
@@ -20,4 +21,5 @@ __all__ = [
     "nms", "batched_nms", "batched_nms_keep_mask", "box_iou", "clip_boxes_to_image", "remove_small_boxes", "encode_boxes", "decode_boxes",
     "BBOX_XFORM_CLIP", "rpn_proposals", "detection_postprocess",
     "roi_align", "RoIAlign", "roi_pool", "RoIPool", "MultiScaleRoIAlign", "multi_scale_roi_align",
+    "conv3x3_winograd", "winograd_weight",
 ]

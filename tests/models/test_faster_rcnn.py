@@ -268,16 +268,43 @@ def test_torch_compile_eval_model():
 
 def test_bfloat16_copy_stores_the_weights_autocast_would_make():
     """With inference_dtype the inference copy keeps bfloat16 weights: under autocast it computes exactly what the
-    float32 copy computes (autocast rounds the weights the same way, only on every call)."""
+    folded float32 backbone computes (autocast rounds the weights the same way, only on every call)."""
+    import copy
+
+    from fasterrcnn_ext.models.detection._inference import fold_batch_norms
+
     mine, _ = model_pair("fasterrcnn_resnet50_fpn")
     mine.eval()
     x = torch.rand(1, 3, 160, 224).contiguous(memory_format=torch.channels_last)
-    copies = mine._backbone_for_inference
+    folded = copy.deepcopy(mine.backbone)
+    fold_batch_norms(folded)
+    folded = folded.to(memory_format=torch.channels_last)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        expected = copies.get(mine.backbone)(x)
-        bf16_copy = copies.get(mine.backbone, torch.bfloat16)
+        expected = folded(x)
+        bf16_copy = mine._backbone_for_inference.get(mine.backbone, torch.bfloat16)
         got = bf16_copy(x)
     assert all(p.dtype == torch.bfloat16 for p in bf16_copy.parameters())
     assert all(p.dtype == torch.float32 for p in mine.backbone.parameters())  # the model itself is untouched
     for k in expected:
         torch.testing.assert_close(got[k], expected[k], rtol=0, atol=0)
+
+
+def test_fast_inference_uses_winograd_in_backbone_and_rpn_head():
+    """The inference copies run the eligible 3x3 convolutions by Winograd (the RPN head's with its ReLU fused), and
+    the RPN head's copy computes the head's outputs (the backbone's: test_fast_inference_backbone_equals_backbone)."""
+    from fasterrcnn_ext.models.detection._inference import WinogradConv2d
+
+    mine, _ = model_pair("fasterrcnn_resnet50_fpn")
+    mine.eval()
+    backbone_copy = mine._backbone_for_inference.get(mine.backbone)
+    head_copy = mine._rpn_head_for_inference.get(mine.rpn.head)
+    assert sum(isinstance(m, WinogradConv2d) for m in backbone_copy.modules()) == 4 + 13  # FPN; ResNet stride-1 3x3
+    assert [m.relu for m in head_copy.modules() if isinstance(m, WinogradConv2d)] == [True]  # conv + ReLU fused
+    g = torch.Generator().manual_seed(0)
+    features = [torch.randn(1, 256, s, s + 3, generator=g).contiguous(memory_format=torch.channels_last)
+                for s in (40, 20, 10, 5, 3)]
+    with torch.no_grad():
+        expected, got = mine.rpn.head(features), head_copy(features)
+    for e_level, g_level in zip(expected, got):
+        for e, g_ in zip(e_level, g_level):
+            torch.testing.assert_close(g_, e, rtol=1e-4, atol=1e-4 * e.abs().max().item())

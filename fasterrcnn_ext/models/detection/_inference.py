@@ -3,7 +3,10 @@ training are untouched:
 
 - batch norm folded into the preceding convolution (an inference-time identity that saves a pass over every
   activation map);
-- channels_last memory format, which oneDNN's CPU convolutions run faster.
+- channels_last memory format, which oneDNN's CPU convolutions run faster;
+- in float32 on CPU, the 3x3 stride-1 convolutions of 64 channels or more (ResNet blocks, FPN outputs, RPN head) by
+  Winograd's F(4x4, 3x3) (ops.conv3x3_winograd): 4 times fewer multiply-adds, outputs within about 1e-5 of their
+  magnitude of the direct convolution's.
 """
 
 from __future__ import annotations
@@ -11,8 +14,10 @@ from __future__ import annotations
 import copy
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 from torchvision.ops.misc import FrozenBatchNorm2d
+
+from ...ops import conv3x3_winograd, winograd_weight
 
 _NORMS = (nn.BatchNorm2d, FrozenBatchNorm2d)
 
@@ -49,6 +54,56 @@ def fold_batch_norms(module: nn.Module) -> int:
     return folded
 
 
+# Narrower convolutions gain less from Winograd than its transforms cost.
+_WINOGRAD_MIN_CHANNELS = 64
+
+
+class WinogradConv2d(nn.Module):
+    """A 3x3, stride-1, padding-1 convolution (then optionally ReLU) by ops.conv3x3_winograd, for float32 CPU
+    inference. It keeps only the transformed weight (4 times the original's size); input of another dtype (under a
+    caller's autocast) is computed in float32."""
+
+    def __init__(self, conv: nn.Conv2d, relu: bool = False):
+        super().__init__()
+        self.register_buffer("transformed_weight", winograd_weight(conv.weight))
+        self.register_buffer("bias", conv.bias.detach().clone() if conv.bias is not None else None)
+        self.relu = relu
+
+    @staticmethod
+    def accepts(conv: nn.Module) -> bool:
+        return (type(conv) is nn.Conv2d and conv.kernel_size == (3, 3) and conv.stride == (1, 1)
+                and conv.padding == (1, 1) and conv.dilation == (1, 1) and conv.groups == 1
+                and conv.padding_mode == "zeros" and conv.in_channels >= _WINOGRAD_MIN_CHANNELS
+                and conv.out_channels >= _WINOGRAD_MIN_CHANNELS)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return conv3x3_winograd(x.to(self.transformed_weight.dtype), self.transformed_weight, self.bias, self.relu)
+
+
+def use_winograd_convolutions(module: nn.Module) -> int:
+    """Replaces every convolution WinogradConv2d accepts, fusing a ReLU that directly follows it in a Sequential
+    (past folded-away identities). Returns how many were replaced."""
+    replaced = 0
+    for parent in list(module.modules()):
+        names = list(parent._modules)
+        for i, name in enumerate(names):
+            conv = parent._modules[name]
+            if not WinogradConv2d.accepts(conv):
+                continue
+            relu_name = None
+            if isinstance(parent, nn.Sequential):
+                j = i + 1
+                while j < len(names) and isinstance(parent._modules[names[j]], nn.Identity):
+                    j += 1
+                if j < len(names) and type(parent._modules[names[j]]) is nn.ReLU:
+                    relu_name = names[j]
+            parent._modules[name] = WinogradConv2d(conv, relu=relu_name is not None)
+            if relu_name is not None:
+                parent._modules[relu_name] = nn.Identity()
+            replaced += 1
+    return replaced
+
+
 class InferenceCopy:
     """A folded, channels_last copy of a module, rebuilt whenever the original's parameters or buffers change."""
 
@@ -74,6 +129,10 @@ class InferenceCopy:
             clone = copy.deepcopy(module).eval()
             fold_batch_norms(clone)
             clone = clone.to(memory_format=torch.channels_last)
-            self._copy = clone.to(dtype) if dtype is not None else clone
+            if dtype is not None:
+                clone = clone.to(dtype)
+            elif all(p.device.type == "cpu" and p.dtype == torch.float32 for p in clone.parameters()):
+                use_winograd_convolutions(clone)
+            self._copy = clone
             self._key = key
         return self._copy

@@ -95,6 +95,7 @@ class FasterRCNN(tv_faster_rcnn.FasterRCNN):
             kwargs["box_roi_pool"] = ops.MultiScaleRoIAlign(["0", "1", "2", "3"], 7, 2)
         super().__init__(backbone, num_classes, **kwargs)
         self._backbone_for_inference = InferenceCopy()
+        self._rpn_head_for_inference = InferenceCopy()
         self.rpn = RegionProposalNetwork.adopt(self.rpn)
         self.roi_heads = RoIHeads.adopt(self.roi_heads)
         if custom_pool:
@@ -107,6 +108,7 @@ class FasterRCNN(tv_faster_rcnn.FasterRCNN):
         nn.Module.__init__(ours)
         ours.__dict__.update(model.__dict__)
         ours._backbone_for_inference = InferenceCopy()
+        ours._rpn_head_for_inference = InferenceCopy()
         ours.rpn = RegionProposalNetwork.adopt(model.rpn)
         gen = model.rpn.anchor_generator
         if not isinstance(gen, AnchorGenerator):
@@ -141,7 +143,8 @@ class FasterRCNN(tv_faster_rcnn.FasterRCNN):
             features = backbone(image_list.tensors.contiguous(memory_format=torch.channels_last))
             if isinstance(features, Tensor):
                 features = OrderedDict([("0", features)])
-            proposals, _ = self.rpn(image_list, features)
+            rpn_head = self._rpn_head_for_inference.get(self.rpn.head, self.inference_dtype)
+            proposals, _ = self.rpn(image_list, features, head=rpn_head)
             detections, _ = self.roi_heads(features, proposals, image_list.image_sizes)
         return self.transform.postprocess(detections, image_list.image_sizes, original_image_sizes)
 

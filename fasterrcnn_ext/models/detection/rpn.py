@@ -56,10 +56,12 @@ class RegionProposalNetwork(tv_rpn.RegionProposalNetwork):
         raise NotImplementedError("fasterrcnn_ext's RPN selects proposals with the fused rpn_proposals op in forward")
 
     def forward(self, images: ImageList, features: dict[str, Tensor],
-                targets: list[dict[str, Tensor]] | None = None) -> tuple[list[Tensor], dict[str, Tensor]]:
-        """Returns one Tensor[P_i, 4] of proposals per image and, in training, the RPN losses."""
+                targets: list[dict[str, Tensor]] | None = None, *,
+                head: nn.Module | None = None) -> tuple[list[Tensor], dict[str, Tensor]]:
+        """Returns one Tensor[P_i, 4] of proposals per image and, in training, the RPN losses. ``head`` runs in place
+        of self.head (the detector's inference copy of it)."""
         features = list(features.values())
-        objectness, pred_bbox_deltas = self.head(features)
+        objectness, pred_bbox_deltas = (head or self.head)(features)
         anchors = self.anchor_generator(images, features)
         num_images = len(anchors)
         num_anchors_per_level = [o.shape[1] * o.shape[2] * o.shape[3] for o in objectness]
