@@ -1,4 +1,5 @@
-"""How much bfloat16 inference changes a trained detector's detections, against its float32 detections.
+"""How much the inference speed-ups change a trained detector's detections: bfloat16 against float32, and the float32
+fast path (folded batch norms, Winograd convolutions) against the plain forward (``fast_inference = False``).
 
     python -m fasterrcnn_ext.benchmark.agreement --weights runs/demo/model.pt [--images 200] [--json out.json]
 
@@ -60,18 +61,21 @@ def main(argv=None) -> dict:
     checkpoint = load_checkpoint(args.weights)
     model = model_from_checkpoint(checkpoint, args.weights).eval()
     dataset = build_dataset(args.data, train=False, split=args.split, synthetic_images=args.images)
-    runs = {"float32": [], "bfloat16": []}
+    runs = {"float32": [], "bfloat16": [], "float32_plain": []}
     image_ids = []
     with torch.inference_mode():
         for index in range(len(dataset)):
             image, target = dataset[index]
             image_ids.append(target["image_id"])
-            for name, dtype in (("float32", None), ("bfloat16", torch.bfloat16)):
-                model.inference_dtype = dtype
+            for name, dtype, fast in (("float32", None, True), ("bfloat16", torch.bfloat16, True),
+                                      ("float32_plain", None, False)):
+                model.inference_dtype, model.fast_inference = dtype, fast
                 runs[name].append(model([image])[0])
     result = {"weights": args.weights, "images": len(dataset),
               "agreement": detection_agreement(runs["float32"], runs["bfloat16"], iou=args.iou,
-                                               score_tol=args.score_tol, score_thresh=args.score_thresh)}
+                                               score_tol=args.score_tol, score_thresh=args.score_thresh),
+              "fast_path_agreement": detection_agreement(runs["float32_plain"], runs["float32"], iou=args.iou,
+                                                         score_tol=args.score_tol, score_thresh=args.score_thresh)}
     gt = dataset.coco_ground_truth()
     for name, detections in runs.items():
         coco = [r for d, i in zip(detections, image_ids) for r in detections_to_coco(d, i, dataset.category_ids)]

@@ -105,11 +105,11 @@ def use_winograd_convolutions(module: nn.Module) -> int:
 
 
 class InferenceCopy:
-    """A folded, channels_last copy of a module, rebuilt whenever the original's parameters or buffers change."""
+    """The module's inference copy (folded, channels_last, Winograd in float32 on CPU, or in the autocast dtype
+    asked for), one per dtype, rebuilt whenever the original's parameters or buffers change."""
 
     def __init__(self):
-        self._key = None
-        self._copy: nn.Module | None = None
+        self._copies: dict[torch.dtype | None, tuple[tuple, nn.Module]] = {}
 
     @staticmethod
     def _state_key(module: nn.Module):
@@ -123,16 +123,17 @@ class InferenceCopy:
             # Built under torch.inference_mode: such tensors keep no version counter, so an in-place weight update
             # could not be noticed. Run the module itself (correct, without the speed-ups).
             return module
-        key = (self._state_key(module), dtype)
-        if self._copy is None or key != self._key:
-            self._copy = None  # the previous copy's memory is free before the new one is made
-            clone = copy.deepcopy(module).eval()
-            fold_batch_norms(clone)
-            clone = clone.to(memory_format=torch.channels_last)
-            if dtype is not None:
-                clone = clone.to(dtype)
-            elif all(p.device.type == "cpu" and p.dtype == torch.float32 for p in clone.parameters()):
-                use_winograd_convolutions(clone)
-            self._copy = clone
-            self._key = key
-        return self._copy
+        key = self._state_key(module)
+        cached = self._copies.get(dtype)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        self._copies.pop(dtype, None)  # the stale copy's memory is free before the new one is made
+        clone = copy.deepcopy(module).eval()
+        fold_batch_norms(clone)
+        clone = clone.to(memory_format=torch.channels_last)
+        if dtype is not None:
+            clone = clone.to(dtype)
+        elif all(p.device.type == "cpu" and p.dtype == torch.float32 for p in clone.parameters()):
+            use_winograd_convolutions(clone)
+        self._copies[dtype] = (key, clone)
+        return clone
