@@ -235,8 +235,31 @@ def detector_cases(device: str) -> list[Case]:
     return cases
 
 
+def conv_cases(device: str) -> list[Case]:
+    """The inference copies' Winograd 3x3 convolution (CPU only) against the direct convolution torchvision's
+    modules run (F.conv2d, channels_last as in our copies), on the detector's largest layers. No issue sets a
+    target: it is here to show where the detector's time went."""
+    if device != "cpu":
+        return []
+    import torch.nn.functional as F
+
+    g = torch.Generator().manual_seed(0)
+    cases = []
+    for channels, (h, w), where in ((256, (200, 272), "FPN/RPN head at stride 4"), (512, (25, 34), "ResNet layer4")):
+        x = torch.randn(1, channels, h, w, generator=g).relu().contiguous(memory_format=torch.channels_last)
+        weight = (torch.randn(channels, channels, 3, 3, generator=g) * 0.02).contiguous(
+            memory_format=torch.channels_last)
+        bias = torch.randn(channels, generator=g)
+        transformed = ops.winograd_weight(weight)
+        cases.append(Case(f"conv3x3 {channels}ch {h}x{w} ({where}), Winograd vs direct",
+                          lambda x=x, u=transformed, b=bias: ops.conv3x3_winograd(x, u, b),
+                          lambda x=x, wt=weight, b=bias: F.conv2d(x, wt, b, padding=1), target=1.0))
+    return cases
+
+
 ALL_CASES: dict[str, Callable[[str], list[Case]]] = {
     "detector": detector_cases,
+    "conv": conv_cases,
     "boxes": box_cases,
     "nms": nms_cases,
     "roi": roi_cases,
