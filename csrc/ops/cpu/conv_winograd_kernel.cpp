@@ -8,8 +8,8 @@
 //
 // Per chunk of tiles (sized so its transformed input and products stay in cache): the input transform
 // V = B^T d B of every tile and channel, the 36 products M = V U, then the output transform Y = A^T M A, plus bias
-// and ReLU. Tiles are independent, so chunks run in parallel without synchronisation. Input and output are NHWC (channels_last): each transform is a loop over
-// contiguous channels, written with explicit SIMD.
+// and ReLU. Tiles are independent, so chunks run in parallel without synchronisation. Input and output are NHWC
+// (channels_last): each transform is a loop over contiguous channels, written with explicit SIMD.
 // Rounding: the transforms scale by up to 8 and sum up to 6 terms twice; in float32 the results differ from a
 // direct convolution by about 1e-5 of the output's magnitude (tests bound it against float64).
 #include <ATen/ATen.h>
@@ -203,8 +203,8 @@ void output_transform(const T* m, const Geometry& g, int64_t first, int64_t coun
   }
 }
 
-at::Tensor conv3x3_winograd_cpu(const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-                                bool relu) {
+at::Tensor conv3x3_winograd_cpu(const at::Tensor& input, const at::Tensor& weight,
+                                const std::optional<at::Tensor>& bias, bool relu) {
   constexpr const char* op = "conv3x3_winograd";
   TORCH_CHECK(input.dim() == 4, op, ": input must be [N, C, H, W], got shape ", input.sizes());
   TORCH_CHECK(input.scalar_type() == at::kFloat || input.scalar_type() == at::kDouble, op,
