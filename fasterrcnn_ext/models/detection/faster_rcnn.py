@@ -72,10 +72,12 @@ class FasterRCNN(tv_faster_rcnn.FasterRCNN):
     forward(images, targets=None): in training, the dict of losses (loss_classifier, loss_box_reg, loss_objectness,
     loss_rpn_box_reg); in eval, one dict per image with boxes [K_i, 4], labels [K_i] and scores [K_i].
 
-    Inference (eval mode under torch.no_grad or torch.inference_mode) runs the backbone from a private copy with the
-    batch norms folded into the convolutions and in channels_last (rebuilt when the weights change; about the
-    backbone's size in extra memory); its features equal the plain backbone's up to float rounding. Set
-    ``fast_inference = False`` to run the backbone as is. ``inference_dtype = torch.bfloat16`` opts into bfloat16 autocast for the learned
+    Inference (eval mode under torch.no_grad or torch.inference_mode) runs the backbone and the RPN head from private
+    copies (models/detection/_inference.py: batch norms folded, channels_last, and in float32 on CPU Winograd 3x3
+    convolutions; rebuilt when the weights change; about 2.2 times the backbone's size in extra memory); their
+    outputs equal the plain modules' up to float rounding (~1e-5 relative with Winograd). On CPU the forward reuses
+    its large activation blocks (``reuse_cpu_memory``, fasterrcnn_ext.memory). Set ``fast_inference = False`` to run
+    the modules as they are. ``inference_dtype = torch.bfloat16`` opts into bfloat16 autocast for the learned
     layers (for CPUs with AMX or AVX512-BF16); boxes, anchors and post-processing stay in float32.
     """
 
