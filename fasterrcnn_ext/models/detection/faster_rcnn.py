@@ -130,7 +130,7 @@ class FasterRCNN(tv_faster_rcnn.FasterRCNN):
         return self._inference_forward(images)
 
     def _inference_forward(self, images: list[Tensor]) -> list[dict[str, Tensor]]:
-        pool_cpu = (self.reuse_cpu_memory and images[0].device.type == "cpu"
+        pool_cpu = (self.reuse_cpu_memory and all(image.device.type == "cpu" for image in images)
                     and not torch.compiler.is_compiling())
         with memory.cpu_pool() if pool_cpu else contextlib.nullcontext():
             return self._inference_forward_impl(images)

@@ -61,7 +61,7 @@ class RegionProposalNetwork(tv_rpn.RegionProposalNetwork):
         """Returns one Tensor[P_i, 4] of proposals per image and, in training, the RPN losses. ``head`` runs in place
         of self.head (the detector's inference copy of it)."""
         features = list(features.values())
-        objectness, pred_bbox_deltas = (head or self.head)(features)
+        objectness, pred_bbox_deltas = (head if head is not None else self.head)(features)
         anchors = self.anchor_generator(images, features)
         num_images = len(anchors)
         num_anchors_per_level = [o.shape[1] * o.shape[2] * o.shape[3] for o in objectness]
