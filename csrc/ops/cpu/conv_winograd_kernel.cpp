@@ -47,6 +47,16 @@ struct Geometry {
   int64_t tiles() const { return n * tiles_h * tiles_w; }
 };
 
+// Tile `tile` (numbered image by image, row by row): its image and the top-left output pixel it covers.
+struct TileOrigin {
+  int64_t img, y, x;
+};
+
+inline TileOrigin tile_origin(const Geometry& g, int64_t tile) {
+  const int64_t per_image = g.tiles_h * g.tiles_w, rem = tile % per_image;
+  return {tile / per_image, kOut * (rem / g.tiles_w), kOut * (rem % g.tiles_w)};
+}
+
 // Explicit SIMD: GCC/Clang vector extensions of 64 bytes, lowered to AVX-512, AVX2 or SSE by the clone that
 // inlines them. L is such a vector, or T itself for the channels left over.
 template <typename T>
@@ -148,9 +158,8 @@ void input_transform(const T* x, const Geometry& g, int64_t first, int64_t count
                      T* v) {
   const int64_t C = g.c;
   for (int64_t t = 0; t < count; ++t) {
-    const int64_t tile = first + t;
-    const int64_t img = tile / (g.tiles_h * g.tiles_w), rem = tile % (g.tiles_h * g.tiles_w);
-    const int64_t y0 = kOut * (rem / g.tiles_w) - 1, x0 = kOut * (rem % g.tiles_w) - 1;
+    const TileOrigin o = tile_origin(g, first + t);
+    const int64_t img = o.img, y0 = o.y - 1, x0 = o.x - 1;  // the patch starts one pixel before (padding 1)
     const T* rows[kTile];
     for (int r = 0; r < kTile; ++r) {
       const int64_t y = y0 + r;
@@ -183,9 +192,8 @@ void output_transform(const T* m, const Geometry& g, int64_t first, int64_t coun
                       const T* bias, bool relu, T* discard, T* y) {
   const int64_t K = g.k;
   for (int64_t t = 0; t < count; ++t) {
-    const int64_t tile = first + t;
-    const int64_t img = tile / (g.tiles_h * g.tiles_w), rem = tile % (g.tiles_h * g.tiles_w);
-    const int64_t oy = kOut * (rem / g.tiles_w), ox = kOut * (rem % g.tiles_w);
+    const TileOrigin o = tile_origin(g, first + t);
+    const int64_t img = o.img, oy = o.y, ox = o.x;
     T* yt[kOut * kOut];
     for (int i = 0; i < kOut; ++i) {
       for (int j = 0; j < kOut; ++j) {
