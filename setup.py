@@ -122,6 +122,7 @@ def _write_build_config(with_cuda, cuda_version, arch_list):
 def _extensions():
     with_cuda = _want_cuda()
     sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "ops", "*.cpp"))
+                     + glob.glob(os.path.join("csrc", "ops", "common", "*.cpp"))
                      + glob.glob(os.path.join("csrc", "ops", "cpu", "*.cpp"))
                      + glob.glob(os.path.join("csrc", "ops", "generic", "*.cpp"))
                      + glob.glob(os.path.join("csrc", "ops", "autocast", "*.cpp"))

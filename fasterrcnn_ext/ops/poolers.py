@@ -105,8 +105,10 @@ def _multi_scale_roi_align_backward_fake(grad, rois, scales, pooled_height, pool
 
 
 def _setup_context(ctx, inputs, output):
-    features, rois, scales, pooled_height, pooled_width, sampling_ratio, aligned, canonical_scale, canonical_level = (
-        inputs)
+    # Some torch versions (2.11) leave arguments equal to their schema default out of `inputs`.
+    features, rois, scales, pooled_height, pooled_width, sampling_ratio, aligned = inputs[:7]
+    canonical_scale = inputs[7] if len(inputs) > 7 else 224.0
+    canonical_level = inputs[8] if len(inputs) > 8 else 4.0
     ctx.save_for_backward(rois)
     ctx.args = (scales, pooled_height, pooled_width, sampling_ratio, aligned, canonical_scale, canonical_level)
     ctx.shapes = [f.shape for f in features]
@@ -117,7 +119,8 @@ def _backward(ctx, grad):
     n, c = ctx.shapes[0][0], ctx.shapes[0][1]
     grads = torch.ops.fasterrcnn_ext._multi_scale_roi_align_backward(
         grad, rois, *ctx.args, n, c, [s[2] for s in ctx.shapes], [s[3] for s in ctx.shapes])
-    return list(grads), None, None, None, None, None, None, None, None
+    # One gradient per input autograd saw (see _setup_context): the features' list, then None for the rest.
+    return (list(grads),) + (None,) * (len(ctx.needs_input_grad) - 1)
 
 
 register_autograd("fasterrcnn_ext::multi_scale_roi_align", _backward, _setup_context)

@@ -124,12 +124,14 @@ def test_box_coder_opcheck(device):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU visible")
 def test_box_math_cpu_equals_cuda():
-    """The shared box math, compiled for both, gives the same bits."""
+    """The shared box math, compiled for both, gives the same bits (encode: the same up to its log)."""
     p, r = rpn_like_boxes(2000), rpn_like_boxes(2000)
     rel = torch.randn(2000, 12)
     w = (10.0, 10.0, 5.0, 5.0)
     torch.testing.assert_close(ops.decode_boxes(rel.cuda(), p.cuda(), w).cpu(), ops.decode_boxes(rel, p, w), **EXACT)
-    torch.testing.assert_close(ops.encode_boxes(r.cuda(), p.cuda(), w).cpu(), ops.encode_boxes(r, p, w), **EXACT)
+    # encode's log is each platform's own (CPU libm, CUDA logf), both within 1 ulp: at most 2 ulp apart.
+    torch.testing.assert_close(ops.encode_boxes(r.cuda(), p.cuda(), w).cpu(), ops.encode_boxes(r, p, w),
+                               rtol=2.5e-7, atol=1e-7)
     torch.testing.assert_close(ops.box_iou(r.cuda(), p.cuda()).cpu(), ops.box_iou(r, p), **EXACT)
 
 

@@ -21,7 +21,9 @@ def test_matches_torchvision_exactly(device, dtype, channels_last):
     grad = torch.randn_like(ours)
     ours.backward(grad)
     theirs.backward(grad)
-    torch.testing.assert_close(xa.grad, xt.grad, rtol=0, atol=0)
+    # torchvision's CUDA backward sums with atomicAdd in no fixed order: equal up to float rounding there.
+    tol = dict(rtol=0, atol=0) if device == "cpu" else dict(rtol=1e-6, atol=1e-5 if dtype == torch.float32 else 1e-12)
+    torch.testing.assert_close(xa.grad, xt.grad, **tol)
 
 
 def test_large_outputs_match_torchvision_exactly():

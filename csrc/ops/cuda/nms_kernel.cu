@@ -80,30 +80,36 @@ __global__ void nms_mask_kernel(int64_t n, int64_t row_begin, int64_t col_blocks
 
 // The greedy pass over rows [row_begin, row_begin + rows) of the mask, in one block. `removed` (one bit per
 // box) and `num_kept` persist across chunks.
+//
+// Every thread walks the same boxes and keeps its own copy of the current 64-box block's removed bits, updated
+// from the (read-only) mask row of each kept box, so the walk needs no barrier per box and every thread takes the
+// same branches. Only the bits of later blocks go through `removed`, each word written by one thread per kept
+// box; the barrier before each block makes those writes visible before the block's word is read. (The previous
+// version re-read the current block's word from `removed` after a barrier per kept box; on an H100 it hung from
+// two blocks of boxes on.)
 __global__ void nms_reduce_kernel(int64_t n, int64_t row_begin, int64_t rows, int64_t col_blocks,
                                   const uint64_t* __restrict__ mask, uint64_t* __restrict__ removed,
                                   bool* __restrict__ keep, int64_t* __restrict__ num_kept, int64_t max_keep) {
+  __shared__ uint64_t block_bits;  // removed[blk], read once by thread 0 and shared
   int64_t kept = *num_kept;
-  __syncthreads();  // every thread has read num_kept before thread 0 may update it
   const int64_t first_block = row_begin / kBlockBoxes;
   const int64_t end_block = (row_begin + rows + kBlockBoxes - 1) / kBlockBoxes;
   for (int64_t blk = first_block; blk < end_block; ++blk) {
     if (max_keep >= 0 && kept >= max_keep) break;
-    uint64_t removed_bits = removed[blk];
+    __syncthreads();  // the previous block's writes to removed[] are done (and block_bits was read by all)
+    if (threadIdx.x == 0) block_bits = removed[blk];
     __syncthreads();
+    uint64_t bits = block_bits;
     const int64_t start = blk * kBlockBoxes;
     const int size = static_cast<int>(min(n - start, int64_t{kBlockBoxes}));
     for (int k = 0; k < size; ++k) {
-      if (removed_bits & (uint64_t{1} << k)) continue;
-      // Every thread takes the same branch: removed_bits is the same in all of them.
+      if (bits & (uint64_t{1} << k)) continue;
       if (threadIdx.x == 0) keep[start + k] = true;
       ++kept;
       if (max_keep >= 0 && kept >= max_keep) break;
       const uint64_t* row = mask + (start + k - row_begin) * col_blocks;
-      for (int64_t c = blk + threadIdx.x; c < col_blocks; c += blockDim.x) removed[c] |= row[c];
-      __syncthreads();
-      removed_bits = removed[blk];
-      __syncthreads();
+      bits |= row[blk];
+      for (int64_t c = blk + 1 + threadIdx.x; c < col_blocks; c += blockDim.x) removed[c] |= row[c];
     }
   }
   if (threadIdx.x == 0) *num_kept = kept;
@@ -173,7 +179,7 @@ std::pair<at::Tensor, at::Tensor> nms_keep_sorted(const at::Tensor& boxes, const
 at::Tensor nms_cuda_common(const at::Tensor& boxes, const at::Tensor& scores, const at::Tensor* idxs,
                            double iou_threshold, int64_t max_keep, const char* op) {
   check_nms_inputs(boxes, scores, idxs, op);
-  TORCH_CHECK(boxes.is_cuda(), op, ": boxes must be a CUDA tensor for the CUDA kernel, got ", boxes.device());
+  check_cuda(boxes, "boxes", op);
   if (boxes.size(0) == 0 || max_keep == 0) return at::empty({0}, boxes.options().dtype(at::kLong));
   const auto [order, keep] = nms_keep_sorted(boxes, scores, idxs, iou_threshold, max_keep);
   at::Tensor kept = order.masked_select(keep);  // the one host sync: the output size
@@ -189,8 +195,7 @@ at::Tensor nms_cuda_common(const at::Tensor& boxes, const at::Tensor& scores, co
 at::Tensor batched_nms_keep_mask_cuda(const at::Tensor& boxes, const at::Tensor& scores, const at::Tensor& idxs,
                                       double iou_threshold) {
   check_nms_inputs(boxes, scores, &idxs, "batched_nms_keep_mask");
-  TORCH_CHECK(boxes.is_cuda(), "batched_nms_keep_mask: boxes must be a CUDA tensor for the CUDA kernel, got ",
-              boxes.device());
+  check_cuda(boxes, "boxes", "batched_nms_keep_mask");
   at::Tensor out = at::zeros({boxes.size(0)}, boxes.options().dtype(at::kBool));
   if (boxes.size(0) == 0) return out;
   const auto [order, keep] = nms_keep_sorted(boxes, scores, &idxs, iou_threshold, -1);

@@ -182,8 +182,7 @@ int64_t blocks_for(int64_t total) {
 template <typename T>
 Levels<T> make_levels(const std::vector<T*>& data, at::IntArrayRef heights, at::IntArrayRef widths,
                       at::ArrayRef<double> scales) {
-  TORCH_CHECK(static_cast<int>(data.size()) <= kMaxLevels, "multi_scale_roi_align: at most ", kMaxLevels,
-              " feature levels are supported on CUDA, got ", data.size());
+  check_num_levels(static_cast<int64_t>(data.size()), kMaxLevels, "multi_scale_roi_align (CUDA)");
   Levels<T> lv{};
   lv.num = static_cast<int>(data.size());
   for (int l = 0; l < lv.num; ++l) {
@@ -203,7 +202,7 @@ at::Tensor forward_cuda(const std::vector<at::Tensor>& features_in, const at::Te
   std::vector<at::Tensor> features;
   std::vector<int64_t> heights, widths;
   for (const at::Tensor& f : features_in) {
-    TORCH_CHECK(f.is_cuda(), "roi_align: input must be a CUDA tensor for the CUDA kernel");
+    check_cuda(f, "input", "roi_align");
     features.push_back(f.contiguous());
     heights.push_back(f.size(2));
     widths.push_back(f.size(3));

@@ -141,8 +141,7 @@ at::Tensor roi_pool_backward_cuda(const at::Tensor& grad_in, const at::Tensor& r
                                   int64_t batch_size, int64_t channels, int64_t height, int64_t width) {
   const int64_t k = rois_in.size(0);
   check_pool_grad(grad_in, k, channels, pooled_height, pooled_width, "roi_pool backward");
-  TORCH_CHECK(argmax_in.sizes() == grad_in.sizes(), "roi_pool backward: argmax must have the shape of grad ",
-              grad_in.sizes(), ", got ", argmax_in.sizes());
+  check_same_shape(grad_in, "grad", argmax_in, "argmax", "roi_pool backward");
   const c10::cuda::CUDAGuard guard(grad_in.device());
   const at::Tensor grad = grad_in.contiguous(), rois = rois_in.contiguous(), argmax = argmax_in.to(at::kLong).contiguous();
   at::Tensor result;

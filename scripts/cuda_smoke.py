@@ -1,0 +1,97 @@
+"""One small call of every CUDA op, each against torchvision, with a watchdog: the first thing to run on a GPU.
+
+`python scripts/cuda_smoke.py [--timeout S]`. Each step prints its name before it runs and its largest difference
+from torchvision after; a step that takes longer than S seconds (a hung kernel) dumps every thread's stack and
+exits with code 3, so the hanging op is the last name printed. Exits 1 if any step's result differs.
+"""
+
+import argparse
+import faulthandler
+import sys
+import time
+
+import torch
+import torchvision
+
+import fasterrcnn_ext  # noqa: F401  (loads the kernels)
+from fasterrcnn_ext import ops
+
+
+def boxes_on(n, device, seed=0, size=200.0):
+    g = torch.Generator().manual_seed(seed)
+    xy = torch.rand(n, 2, generator=g) * size
+    wh = torch.rand(n, 2, generator=g) * size / 4 + 1
+    return torch.cat([xy, xy + wh], 1).to(device)
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--timeout", type=float, default=30.0)
+    args = p.parse_args()
+    dev = "cuda"
+    failures = []
+
+    def step(name, ours, theirs, atol=1e-4):
+        print(f"{name:45s}", end=" ", flush=True)
+        faulthandler.dump_traceback_later(args.timeout, exit=True)
+        t0 = time.perf_counter()
+        a = ours()
+        torch.cuda.synchronize()
+        dt = time.perf_counter() - t0
+        b = theirs()
+        torch.cuda.synchronize()
+        faulthandler.cancel_dump_traceback_later()
+        if a.dtype == torch.bool or a.dtype == torch.int64:
+            ok = a.shape == b.shape and bool((a == b).all())
+            diff = "equal" if ok else f"differ: {a.shape} vs {b.shape}"
+        else:
+            err = (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
+            ok = a.shape == b.shape and err <= atol
+            diff = f"max |diff| {err:.3g}"
+        print(f"{'ok  ' if ok else 'FAIL'} {diff}  ({dt * 1e3:.1f} ms)", flush=True)
+        if not ok:
+            failures.append(name)
+
+    b1, b2 = boxes_on(50, dev, 0), boxes_on(70, dev, 1)
+    step("box_iou", lambda: ops.box_iou(b1, b2), lambda: torchvision.ops.box_iou(b1, b2))
+    step("clip_boxes_to_image", lambda: ops.clip_boxes_to_image(b1 - 20, (100, 120)),
+         lambda: torchvision.ops.clip_boxes_to_image(b1 - 20, (100, 120)))
+    step("remove_small_boxes", lambda: ops.remove_small_boxes(b1, 20.0),
+         lambda: torchvision.ops.remove_small_boxes(b1, 20.0))
+    for n in (10, 100, 1000, 5000):
+        bx = boxes_on(n, dev, 2)
+        sc = torch.rand(n, device=dev)
+        step(f"nms {n}", lambda: ops.nms(bx, sc, 0.5), lambda: torchvision.ops.nms(bx, sc, 0.5))
+        cls = torch.randint(0, 5, (n,), device=dev)
+        step(f"batched_nms {n}", lambda: ops.batched_nms(bx, sc, cls, 0.5),
+             lambda: torchvision.ops.batched_nms(bx, sc, cls, 0.5))
+    x = torch.randn(2, 8, 40, 50, device=dev)
+    rois = torch.cat([torch.randint(0, 2, (30, 1), device=dev).float(), boxes_on(30, dev, 3)], 1)
+    step("roi_align", lambda: ops.roi_align(x, rois, 7, 0.25, 2, True),
+         lambda: torchvision.ops.roi_align(x, rois, 7, 0.25, 2, True))
+    step("roi_pool", lambda: ops.roi_pool(x, rois, 7, 0.25), lambda: torchvision.ops.roi_pool(x, rois, 7, 0.25))
+
+    def grad_of(fn):
+        def run():
+            xg = x.clone().requires_grad_()
+            fn(xg).square().sum().backward()
+            return xg.grad
+        return run
+
+    step("roi_align backward", grad_of(lambda t: ops.roi_align(t, rois, 7, 0.25, 2, True)),
+         grad_of(lambda t: torchvision.ops.roi_align(t, rois, 7, 0.25, 2, True)), atol=1e-3)
+    step("roi_pool backward", grad_of(lambda t: ops.roi_pool(t, rois, 7, 0.25)),
+         grad_of(lambda t: torchvision.ops.roi_pool(t, rois, 7, 0.25)), atol=1e-3)
+    feats = {str(i): torch.randn(2, 8, 64 >> i, 80 >> i, device=dev) for i in range(4)}
+    props = [boxes_on(20, dev, 4), boxes_on(15, dev, 5)]
+    sizes = [(256, 320), (256, 320)]
+    step("MultiScaleRoIAlign", lambda: ops.MultiScaleRoIAlign(list(feats), 7, 2)(feats, props, sizes),
+         lambda: torchvision.ops.MultiScaleRoIAlign(list(feats), 7, 2)(feats, props, sizes))
+    if failures:
+        print("FAILED:", ", ".join(failures))
+        sys.exit(1)
+    print("all steps agree with torchvision")
+
+
+if __name__ == "__main__":
+    main()
