@@ -20,6 +20,8 @@
 #include <c10/util/Exception.h>
 #include <torch/library.h>
 
+#include "ops/common/checks.h"
+
 #include <cstdint>
 #include <cstdlib>
 #include <map>
@@ -92,7 +94,7 @@ class CpuMemoryPool final : public c10::Allocator {
   }
 
   void set_limit(int64_t limit) {
-    TORCH_CHECK(limit >= 0, "cpu memory pool: limit must be >= 0 bytes, got ", limit);
+    FRCNN_CHECK(limit >= 0, "cpu memory pool: limit must be >= 0 bytes, got ", limit);
     {
       std::lock_guard<std::mutex> lock(mutex_);
       limit_ = static_cast<size_t>(limit);
@@ -144,7 +146,8 @@ class CpuMemoryPool final : public c10::Allocator {
       empty_cache();
       if (posix_memalign(&ptr, alignment, rounded) != 0) ptr = nullptr;
     }
-    TORCH_CHECK_WITH(OutOfMemoryError, ptr != nullptr, "cpu memory pool: could not allocate ", nbytes, " bytes");
+    TORCH_CHECK_WITH(OutOfMemoryError, ptr != nullptr,
+                     message("cpu memory pool: could not allocate ", nbytes, " bytes"));
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
     if (alignment == kHugePage) madvise(ptr, rounded / kHugePage * kHugePage, MADV_HUGEPAGE);
 #endif

@@ -1,14 +1,85 @@
 // Argument checks shared by the CPU and CUDA kernels (host code only), so both backends reject bad input
-// with the same message. Defined in checks.cpp, which the C++ compiler builds: the messages are formatted there,
-// never in code that nvcc compiles (on a torch 2.11 / gcc 13 machine, formatting an integer into a TORCH_CHECK
-// message inside a .cu file crashed the process instead of raising).
+// with the same message. Defined in checks.cpp, which the C++ compiler builds, so nvcc-compiled code only calls
+// them.
+//
+// Messages are built by `message()` below with std::string and std::to_string, never with iostreams: on the GPU
+// machine (torch 2.11, gcc 13, nvcc 13.0) a TORCH_CHECK that formatted an integer through c10::str's
+// ostringstream inside a .cu file crashed the process (in std::ostream::_M_insert<long>) instead of raising.
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <c10/core/Device.h>
+#include <c10/core/ScalarType.h>
 #include <c10/util/ArrayRef.h>
+#include <c10/util/Exception.h>
 
 #include <cmath>
-#include <c10/util/Exception.h>
+#include <cstdio>
+#include <string>
+#include <type_traits>
+
+namespace fasterrcnn_ext {
+
+namespace detail {
+
+template <typename T>
+void append_list(std::string& out, c10::ArrayRef<T> values);
+
+inline void append_double(std::string& out, double v) {
+  char buf[32];
+  std::snprintf(buf, sizeof(buf), "%g", v);  // what an ostream prints by default
+  out += buf;
+}
+
+template <typename T>
+void append(std::string& out, const T& v) {
+  if constexpr (std::is_same_v<T, bool>) {
+    out += v ? "true" : "false";
+  } else if constexpr (std::is_integral_v<T>) {
+    out += std::to_string(v);
+  } else if constexpr (std::is_floating_point_v<T>) {
+    append_double(out, static_cast<double>(v));
+  } else if constexpr (std::is_convertible_v<const T&, const char*>) {
+    out += static_cast<const char*>(v);
+  } else if constexpr (std::is_same_v<T, std::string>) {
+    out += v;
+  } else if constexpr (std::is_same_v<T, c10::ScalarType>) {
+    out += c10::toString(v);
+  } else if constexpr (std::is_same_v<T, c10::Device>) {
+    out += v.str();
+  } else if constexpr (std::is_convertible_v<const T&, c10::IntArrayRef>) {
+    append_list(out, c10::IntArrayRef(v));
+  } else if constexpr (std::is_convertible_v<const T&, c10::ArrayRef<double>>) {
+    append_list(out, c10::ArrayRef<double>(v));
+  } else {
+    static_assert(!sizeof(T), "message(): no formatting for this type");
+  }
+}
+
+template <typename T>
+void append_list(std::string& out, c10::ArrayRef<T> values) {  // "[a, b, c]", as c10 prints an ArrayRef
+  out += '[';
+  for (size_t i = 0; i < values.size(); ++i) {
+    if (i > 0) out += ", ";
+    append(out, values[i]);
+  }
+  out += ']';
+}
+
+}  // namespace detail
+
+// The concatenation of the arguments as text: strings, numbers, sizes, lists of doubles, dtypes, devices.
+template <typename... Args>
+std::string message(const Args&... args) {
+  std::string out;
+  (detail::append(out, args), ...);
+  return out;
+}
+
+}  // namespace fasterrcnn_ext
+
+// TORCH_CHECK with the message built by fasterrcnn_ext::message (only when the check fails).
+#define FRCNN_CHECK(cond, ...) TORCH_CHECK(cond, ::fasterrcnn_ext::message(__VA_ARGS__))
 
 namespace fasterrcnn_ext {
 

@@ -191,7 +191,7 @@ at::Tensor decode_boxes_cpu(const at::Tensor& rel_codes_in, const at::Tensor& bo
 
 at::Tensor anchor_grid_cpu(at::TensorList cell_anchors, at::IntArrayRef grid_sizes, at::IntArrayRef strides) {
   check_anchor_inputs(cell_anchors, grid_sizes, strides);
-  TORCH_CHECK(!cell_anchors.empty(), "anchor_grid: cell_anchors must not be empty");
+  FRCNN_CHECK(!cell_anchors.empty(), "anchor_grid: cell_anchors must not be empty");
   int64_t total = 0;
   for (size_t l = 0; l < cell_anchors.size(); ++l) total += grid_sizes[2 * l] * grid_sizes[2 * l + 1] * cell_anchors[l].size(0);
   at::Tensor out = at::empty({total, 4}, cell_anchors[0].options());

@@ -214,15 +214,15 @@ void output_transform(const T* m, const Geometry& g, int64_t first, int64_t coun
 at::Tensor conv3x3_winograd_cpu(const at::Tensor& input, const at::Tensor& weight,
                                 const std::optional<at::Tensor>& bias, bool relu) {
   constexpr const char* op = "conv3x3_winograd";
-  TORCH_CHECK(input.dim() == 4, op, ": input must be [N, C, H, W], got shape ", input.sizes());
-  TORCH_CHECK(input.scalar_type() == at::kFloat || input.scalar_type() == at::kDouble, op,
+  FRCNN_CHECK(input.dim() == 4, op, ": input must be [N, C, H, W], got shape ", input.sizes());
+  FRCNN_CHECK(input.scalar_type() == at::kFloat || input.scalar_type() == at::kDouble, op,
               ": input must be float32 or float64, got ", input.scalar_type());
-  TORCH_CHECK(weight.dim() == 3 && weight.size(0) == kTileInputs && weight.size(1) == input.size(1), op,
+  FRCNN_CHECK(weight.dim() == 3 && weight.size(0) == kTileInputs && weight.size(1) == input.size(1), op,
               ": transformed_weight must be [36, C, K] with C = input's ", input.size(1),
               " channels (ops.winograd_weight of a [K, C, 3, 3] weight), got shape ", weight.sizes());
   check_same_dtype(input, "input", weight, "transformed_weight", op);
   if (bias.has_value()) {
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == weight.size(2), op, ": bias must be [K] with K = ",
+    FRCNN_CHECK(bias->dim() == 1 && bias->size(0) == weight.size(2), op, ": bias must be [K] with K = ",
                 weight.size(2), ", got shape ", bias->sizes());
     check_same_dtype(input, "input", *bias, "bias", op);
   }

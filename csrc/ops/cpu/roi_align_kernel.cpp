@@ -164,7 +164,7 @@ RoIList<acc_t> read_rois(const at::Tensor& rois_in, int64_t batch_size, const st
   for (int64_t i = 0; i < 5 * k; ++i) list.data[i] = static_cast<acc_t>(p[i]);
   for (int64_t r = 0; r < k; ++r) {
     const acc_t b = list.data[5 * r];
-    TORCH_CHECK(b >= 0 && b < static_cast<acc_t>(batch_size), op, ": rois[", r, ", 0] = ", b,
+    FRCNN_CHECK(b >= 0 && b < static_cast<acc_t>(batch_size), op, ": rois[", r, ", 0] = ", b,
                 " is not a valid batch index: the input has batch size ", batch_size);
     list.batch[r] = static_cast<int64_t>(b);
   }

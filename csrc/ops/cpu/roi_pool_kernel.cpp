@@ -91,7 +91,7 @@ std::tuple<at::Tensor, at::Tensor> roi_pool_forward_cpu_typed(const at::Tensor& 
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t batch = input.size(0), channels = input.size(1), height = input.size(2), width = input.size(3);
   const int64_t k = rois_in.size(0);
-  TORCH_CHECK(height * width < (int64_t{1} << 31), "roi_pool: the input plane has ", height, " x ", width,
+  FRCNN_CHECK(height * width < (int64_t{1} << 31), "roi_pool: the input plane has ", height, " x ", width,
               " pixels; at most 2^31 - 1 are supported");
   at::Tensor output = empty_large({k, channels, ph, pw}, input.options());
   at::Tensor argmax = empty_large({k, channels, ph, pw}, input.options().dtype(at::kLong));
@@ -100,7 +100,7 @@ std::tuple<at::Tensor, at::Tensor> roi_pool_forward_cpu_typed(const at::Tensor& 
   const acc_t* rois = rois_t.data_ptr<acc_t>();
   for (int64_t r = 0; r < k; ++r) {
     const acc_t b = rois[5 * r];
-    TORCH_CHECK(b >= 0 && b < static_cast<acc_t>(batch), "roi_pool: rois[", r, ", 0] = ", b,
+    FRCNN_CHECK(b >= 0 && b < static_cast<acc_t>(batch), "roi_pool: rois[", r, ", 0] = ", b,
                 " is not a valid batch index: the input has batch size ", batch);
   }
   scalar_t* out = output.data_ptr<scalar_t>();
@@ -167,7 +167,7 @@ at::Tensor roi_pool_backward_cpu(const at::Tensor& grad, const at::Tensor& rois,
                                  int64_t batch_size, int64_t channels, int64_t height, int64_t width) {
   const int64_t k = rois.size(0);
   check_pool_grad(grad, k, channels, pooled_height, pooled_width, "roi_pool backward");
-  TORCH_CHECK(argmax.sizes() == grad.sizes(), "roi_pool backward: argmax must have the shape of grad ", grad.sizes(),
+  FRCNN_CHECK(argmax.sizes() == grad.sizes(), "roi_pool backward: argmax must have the shape of grad ", grad.sizes(),
               ", got ", argmax.sizes());
   at::Tensor grad_input = at::zeros({batch_size, channels, height, width}, grad.options());
   if (k == 0 || channels == 0) return grad_input;
@@ -183,7 +183,7 @@ at::Tensor roi_pool_backward_cpu(const at::Tensor& grad, const at::Tensor& rois,
     const int64_t plane = height * width, bins = pooled_height * pooled_width;
     for (int64_t r = 0; r < k; ++r) {
       const acc_t b = roi[5 * r];
-      TORCH_CHECK(b >= 0 && b < static_cast<acc_t>(batch_size), "roi_pool backward: rois[", r, ", 0] = ", b,
+      FRCNN_CHECK(b >= 0 && b < static_cast<acc_t>(batch_size), "roi_pool backward: rois[", r, ", 0] = ", b,
                   " is not a valid batch index: the input has batch size ", batch_size);
     }
     at::parallel_for(0, channels, 1, [&](int64_t c0, int64_t c1) {

@@ -190,7 +190,7 @@ at::Tensor decode_boxes_cuda(const at::Tensor& rel_codes_in, const at::Tensor& b
 
 at::Tensor anchor_grid_cuda(at::TensorList cell_anchors, at::IntArrayRef grid_sizes, at::IntArrayRef strides) {
   check_anchor_inputs(cell_anchors, grid_sizes, strides);
-  TORCH_CHECK(!cell_anchors.empty(), "anchor_grid: cell_anchors must not be empty");
+  FRCNN_CHECK(!cell_anchors.empty(), "anchor_grid: cell_anchors must not be empty");
   const c10::cuda::CUDAGuard guard(cell_anchors[0].device());
   int64_t total = 0;
   for (size_t l = 0; l < cell_anchors.size(); ++l) total += grid_sizes[2 * l] * grid_sizes[2 * l + 1] * cell_anchors[l].size(0);
