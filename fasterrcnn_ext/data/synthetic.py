@@ -18,6 +18,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+from ..files import atomic_write
+
 CLASS_NAMES = ("rectangle", "ellipse", "triangle", "cross")
 
 
@@ -141,7 +143,7 @@ class SyntheticShapes(torch.utils.data.Dataset):
             image, _, _ = self._rendered(info["id"] - 1)
             Image.fromarray(image).save(os.path.join(root, split, info["file_name"]))
         path = os.path.join(root, "annotations", f"instances_{split}.json")
-        with open(path, "w") as f:
+        with atomic_write(path) as f:
             json.dump(gt, f)
         return path
 

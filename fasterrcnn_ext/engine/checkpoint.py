@@ -12,7 +12,7 @@ import torch
 
 from ..models import detection
 from ..models.detection.faster_rcnn import read_checkpoint_file
-from .files import atomic_write
+from ..files import atomic_write
 
 # The builders `--model NAME` accepts. Each takes num_classes and weights_backbone-free keyword arguments.
 MODEL_BUILDERS = {

@@ -10,7 +10,7 @@ import torch
 
 from .checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 from .detect import draw_detections, save_png
-from .files import write_json
+from ..files import write_json
 from .evaluate import evaluate
 from .train import TrainConfig, build_dataset, train
 

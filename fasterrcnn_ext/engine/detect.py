@@ -13,7 +13,7 @@ from ..data import load_image
 from ..models import detection
 from .checkpoint import load_checkpoint, model_from_checkpoint
 from .evaluate import detections_to_coco
-from .files import write_json
+from ..files import write_json
 
 # torchvision's weights enums -> our builder of the same model.
 _TORCHVISION_BUILDERS = {

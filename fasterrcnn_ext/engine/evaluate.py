@@ -10,7 +10,7 @@ import torch
 from tqdm import tqdm
 
 from ..data import collate
-from .files import write_json
+from ..files import write_json
 
 COCO_STAT_NAMES = ("map", "map_50", "map_75", "map_small", "map_medium", "map_large", "mar_1", "mar_10", "mar_100",
                    "mar_small", "mar_medium", "mar_large")

@@ -200,7 +200,7 @@ def test_epochs_and_amp(tmp_path):
 
 def test_a_failed_write_leaves_the_previous_file_whole(tmp_path):
     from fasterrcnn_ext.engine.checkpoint import save_checkpoint
-    from fasterrcnn_ext.engine.files import write_json
+    from fasterrcnn_ext.files import write_json
 
     path = str(tmp_path / "metrics.json")
     write_json(path, {"map": 0.5})
