@@ -167,7 +167,7 @@ def _add_bench(sub) -> None:
 def _run_bench(args) -> int:
     from .benchmark.run import run
 
-    run(args.device, args.quick, args.only, args.threads, args.json)
+    run(args.device, args.quick, args.only, args.threads, args.json, profile=args.profile)
     return 0
 
 

@@ -3,6 +3,7 @@
     fasterrcnn-ext bench                      # CPU, all groups (also: python benchmarks/run.py)
     fasterrcnn-ext bench --device cuda        # CUDA (times with CUDA events via torch.utils.benchmark)
     fasterrcnn-ext bench --quick --only nms --json out.json
+    fasterrcnn-ext bench --device cuda --quick --profile   # also where each side's time goes, per case
 
 Times are medians from torch.utils.benchmark with a fixed number of CPU threads (default 2, this project's
 machines). The speed targets live here, never in the unit tests.
@@ -12,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import platform
 import subprocess
@@ -22,6 +22,7 @@ import torch
 
 import fasterrcnn_ext
 
+from ..files import write_json
 from .cases import ALL_CASES
 
 
@@ -31,6 +32,35 @@ def _median_seconds(fn, min_run_time: float) -> float:
     # torch.utils.benchmark runs with 1 thread unless told otherwise.
     timer = tbench.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
     return timer.blocked_autorange(min_run_time=min_run_time).median
+
+
+def profile_summary(fn, device: str, runs: int = 5, top: int = 3) -> str:
+    """One line on where `fn`'s time goes: on CUDA the kernels it launches per call, their device time and the
+    largest of them; on the CPU the operators (ATen's and ours) it calls per call and the largest by self time."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(runs):
+            fn()
+        if device == "cuda":
+            torch.cuda.synchronize()
+    events = prof.key_averages()
+    if device == "cuda":
+        items = [(e.key, e.count, e.self_device_time_total) for e in events
+                 if e.device_type == DeviceType.CUDA and e.self_device_time_total > 0]
+        unit = "kernels"
+    else:
+        items = [(e.key, e.count, e.self_cpu_time_total) for e in events  # aten::, fasterrcnn_ext::, torchvision::
+                 if "::" in e.key and e.self_cpu_time_total > 0]
+        unit = "ops"
+    total_us = sum(t for _, _, t in items)
+    calls = sum(c for _, c, _ in items) / runs
+    items.sort(key=lambda item: -item[2])
+    largest = ", ".join(f"{name[:40]} {100 * t / total_us:.0f}%" for name, _, t in items[:top]) if total_us else "-"
+    where = "on the device" if device == "cuda" else "self CPU"
+    return f"{calls:.0f} {unit}/call, {total_us / runs / 1e3:.3f} ms {where}; largest: {largest}"
 
 
 def _commit() -> str:
@@ -58,7 +88,7 @@ def _device_name(device: str) -> str:
 
 
 def run(device: str = "cpu", quick: bool = False, only: list[str] | None = None, threads: int = 2,
-        json_path: str | None = None, out=None) -> dict:
+        json_path: str | None = None, out=None, profile: bool = False) -> dict:
     out = out or sys.stdout
     if device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA GPU is visible")
@@ -89,8 +119,14 @@ def run(device: str = "cpu", quick: bool = False, only: list[str] | None = None,
                 mark = "" if ratio >= case.target else "  (below target)"
                 print(f"{case.name:<52} {ours * 1e3:>10.3f} {theirs * 1e3:>15.3f} {ratio:>8.1f}x {case.target:>6.1f}x"
                       f"{mark}", file=out, flush=True)
-                rows.append({"group": group, "case": case.name, "ours_ms": ours * 1e3,
-                             "torchvision_ms": theirs * 1e3, "speedup": ratio, "target": case.target})
+                row = {"group": group, "case": case.name, "ours_ms": ours * 1e3, "torchvision_ms": theirs * 1e3,
+                       "speedup": ratio, "target": case.target}
+                if profile:
+                    row["profile"] = {"ours": profile_summary(case.ours, device),
+                                      "torchvision": profile_summary(case.torchvision, device)}
+                    for side, line in row["profile"].items():
+                        print(f"    {side:<12} {line}", file=out, flush=True)
+                rows.append(row)
     result = {
         "device": device,
         "device_name": _device_name(device),
@@ -102,8 +138,7 @@ def run(device: str = "cpu", quick: bool = False, only: list[str] | None = None,
         "results": rows,
     }
     if json_path:
-        with open(json_path, "w") as f:
-            json.dump(result, f, indent=2)
+        write_json(json_path, result)
         print(f"wrote {json_path}", file=out)
     return result
 
@@ -114,13 +149,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--only", nargs="+", metavar="GROUP", help=f"groups to run: {', '.join(ALL_CASES)}")
     p.add_argument("--threads", type=int, default=2, help="CPU threads (default 2)")
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    p.add_argument("--profile", action="store_true",
+                   help="after each case, where each side's time goes (kernels per call and the largest on CUDA)")
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(p)
     args = p.parse_args(argv)
-    run(args.device, args.quick, args.only, args.threads, args.json)
+    run(args.device, args.quick, args.only, args.threads, args.json, profile=args.profile)
 
 
 if __name__ == "__main__":
