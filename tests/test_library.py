@@ -74,3 +74,25 @@ def test_every_op_is_opchecked():
     registered = {name for name in registered if name != "_build_info" and not name.startswith("_cpu_pool_")}
     assert len(registered) >= 17
     assert registered - checked == set()
+
+
+def test_check_messages_are_built_without_iostreams():
+    """Every argument check formats its message with fasterrcnn_ext::message (std::string), through FRCNN_CHECK:
+    on the GPU machine a TORCH_CHECK that streamed an integer into its message from nvcc-compiled code crashed the
+    process instead of raising (csrc/ops/common/checks.h)."""
+    import pathlib
+    import re
+
+    csrc = pathlib.Path(__file__).resolve().parent.parent / "csrc"
+    offenders = []
+    for path in sorted(csrc.rglob("*")):
+        if path.suffix not in {".h", ".cpp", ".cu", ".cuh"}:
+            continue
+        lines = path.read_text().splitlines()
+        for i, line in enumerate(lines):
+            if line.lstrip().startswith("#define FRCNN_CHECK"):
+                continue
+            # A check's message may start on one of the next two lines.
+            if re.search(r"\bTORCH_CHECK(_[A-Z_]+)?\(", line) and "message(" not in "".join(lines[i:i + 3]):
+                offenders.append(f"{path.relative_to(csrc)}:{i + 1}: {line.strip()}")
+    assert not offenders, "use FRCNN_CHECK (or pass message(...)):\n" + "\n".join(offenders)
