@@ -91,6 +91,8 @@ __global__ void nms_reduce_kernel(int64_t n, int64_t row_begin, int64_t rows, in
                                   const uint64_t* __restrict__ mask, uint64_t* __restrict__ removed,
                                   bool* __restrict__ keep, int64_t* __restrict__ num_kept, int64_t max_keep) {
   __shared__ uint64_t block_bits;  // removed[blk], read once by thread 0 and shared
+  // Read by every thread before thread 0 writes it back at the end: a barrier lies between, or the loop stopped at
+  // once and the value written is the one read.
   int64_t kept = *num_kept;
   const int64_t first_block = row_begin / kBlockBoxes;
   const int64_t end_block = (row_begin + rows + kBlockBoxes - 1) / kBlockBoxes;
