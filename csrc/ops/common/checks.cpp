@@ -3,6 +3,8 @@
 
 #include <ATen/ATen.h>
 
+#include <cmath>
+
 namespace fasterrcnn_ext {
 
 void check_boxes(const at::Tensor& boxes, const char* op, const char* name) {

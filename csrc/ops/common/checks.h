@@ -13,7 +13,6 @@
 #include <c10/util/ArrayRef.h>
 #include <c10/util/Exception.h>
 
-#include <cmath>
 #include <cstdio>
 #include <string>
 #include <type_traits>

@@ -167,8 +167,7 @@ at::Tensor roi_pool_backward_cpu(const at::Tensor& grad, const at::Tensor& rois,
                                  int64_t batch_size, int64_t channels, int64_t height, int64_t width) {
   const int64_t k = rois.size(0);
   check_pool_grad(grad, k, channels, pooled_height, pooled_width, "roi_pool backward");
-  FRCNN_CHECK(argmax.sizes() == grad.sizes(), "roi_pool backward: argmax must have the shape of grad ", grad.sizes(),
-              ", got ", argmax.sizes());
+  check_same_shape(grad, "grad", argmax, "argmax", "roi_pool backward");
   at::Tensor grad_input = at::zeros({batch_size, channels, height, width}, grad.options());
   if (k == 0 || channels == 0) return grad_input;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "roi_pool_backward_cpu", [&] {
