@@ -1,4 +1,5 @@
-// Schemas of the NMS ops. Kernels: cpu/nms_kernel.cpp, cuda/nms_kernel.cu.
+// Schemas of the NMS ops. Kernels: cpu/nms_kernel.cpp, cuda/nms_kernel.cu;
+// _nms_bitmask: cpu/nms_bitmask_kernel.cpp, cuda/nms_kernel.cu.
 #include <torch/library.h>
 
 TORCH_LIBRARY_FRAGMENT(fasterrcnn_ext, m) {
@@ -11,4 +12,8 @@ TORCH_LIBRARY_FRAGMENT(fasterrcnn_ext, m) {
   // batched_nms as a keep mask in input order (bool [N]): a fixed-size output, so on CUDA no host sync (the fused
   // post-processing selects once, at its end).
   m.def("batched_nms_keep_mask(Tensor boxes, Tensor scores, Tensor idxs, float iou_threshold) -> Tensor");
+  // Private: the CUDA NMS algorithm (common/nms_bitmask.h) on any device; on the CPU its steps run serially so the CPU
+  // tests cover them. idxs None: nms, else batched_nms. chunk_rows > 0 (a multiple of 64) builds the mask that many
+  // rows at a time, so tests reach the chunked path with few boxes; 0: the memory budget decides.
+  m.def("_nms_bitmask(Tensor boxes, Tensor scores, Tensor? idxs, float iou_threshold, int max_keep, int chunk_rows) -> Tensor");
 }

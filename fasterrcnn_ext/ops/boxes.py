@@ -97,6 +97,13 @@ def _batched_nms_keep_mask_fake(boxes, scores, idxs, iou_threshold):
     return boxes.new_empty((boxes.size(0),), dtype=torch.bool)
 
 
+@register_fake("fasterrcnn_ext::_nms_bitmask")
+def _nms_bitmask_fake(boxes, scores, idxs, iou_threshold, max_keep, chunk_rows):
+    torch._check(boxes.dim() == 2 and boxes.size(1) == 4,
+                 lambda: f"_nms_bitmask: boxes must be a [N, 4] tensor, got {boxes.shape}")
+    return _nms_fake_result(boxes, max_keep)
+
+
 # log(1000 / 16): the largest box an image holds over the smallest stride; bounds exp() in decode_boxes.
 BBOX_XFORM_CLIP = math.log(1000.0 / 16)
 

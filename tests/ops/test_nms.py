@@ -241,3 +241,83 @@ def test_interchangeable_with_torchvision_schema():
     """Positional arguments in torchvision's order work for both ops."""
     boxes, scores = rpn_like_boxes(200), distinct_scores(200)
     torch.testing.assert_close(torch.ops.fasterrcnn_ext.nms(boxes, scores, 0.5), torch.ops.torchvision.nms(boxes, scores, 0.5))
+
+
+# _nms_bitmask: the CUDA NMS algorithm (csrc/ops/common/nms_bitmask.h); on the CPU its steps run serially, so these
+# tests check the CUDA kernel's order keys, mask layout, chunking, class skipping and early exit on any machine.
+def bitmask_nms(boxes, scores, iou_threshold, idxs=None, max_keep=-1, chunk_rows=0):
+    return torch.ops.fasterrcnn_ext._nms_bitmask(boxes, scores, idxs, iou_threshold, max_keep, chunk_rows)
+
+
+@pytest.mark.parametrize("n", [1, 63, 64, 65, 200, 1500])
+@pytest.mark.parametrize("chunk_rows", [0, 64, 128])
+@pytest.mark.parametrize("make_boxes", [random_boxes, rpn_like_boxes])
+def test_nms_bitmask_matches_nms(device, n, chunk_rows, make_boxes):
+    boxes = make_boxes(n)
+    scores = torch.rand(n)
+    for threshold in (0.0, 0.5, 0.7):
+        expected = ops.nms(boxes, scores, threshold)
+        got = bitmask_nms(boxes.to(device), scores.to(device), threshold, chunk_rows=chunk_rows)
+        torch.testing.assert_close(got.cpu(), expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("num_classes", [1, 3, 80])
+@pytest.mark.parametrize("chunk_rows", [0, 64])
+def test_nms_bitmask_batched_matches_batched_nms(device, dtype, num_classes, chunk_rows):
+    n = 900
+    boxes = rpn_like_boxes(n, dtype=dtype)
+    scores = torch.rand(n).to(dtype)  # half types: many ties
+    idxs = torch.randint(-2, num_classes - 2, (n,))  # negative class ids too
+    expected = ops.batched_nms(boxes, scores, idxs, 0.6)
+    got = bitmask_nms(boxes.to(device), scores.to(device), 0.6, idxs=idxs.to(device), chunk_rows=chunk_rows)
+    torch.testing.assert_close(got.cpu(), expected, rtol=0, atol=0)
+    for max_keep in (0, 1, 33, 10_000):
+        got = bitmask_nms(boxes.to(device), scores.to(device), 0.6, idxs=idxs.to(device), max_keep=max_keep,
+                          chunk_rows=chunk_rows)
+        torch.testing.assert_close(got.cpu(), expected[:max_keep], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("max_keep", [0, 1, 63, 64, 65, 129, 10_000])
+@pytest.mark.parametrize("chunk_rows", [0, 64])
+def test_nms_bitmask_early_exit_is_prefix(device, max_keep, chunk_rows):
+    boxes = random_boxes(700, image_size=2000.0)  # sparse: most boxes kept, so max_keep cuts mid-block and mid-chunk
+    scores = torch.rand(700)
+    expected = ops.nms(boxes, scores, 0.5)
+    got = bitmask_nms(boxes.to(device), scores.to(device), 0.5, max_keep=max_keep, chunk_rows=chunk_rows)
+    torch.testing.assert_close(got.cpu(), expected[:max_keep], rtol=0, atol=0)
+
+
+def test_nms_bitmask_score_order_keys(device):
+    """Every score the order keys must place: ties, -0 and +0, infinities, NaN, subnormals, in all dtypes."""
+    special = [0.0, -0.0, 1.0, -1.0, float("inf"), float("-inf"), float("nan"), 1e-40, -1e-40, 0.5, 0.5, 3e38, -3e38]
+    n = 400
+    boxes = random_boxes(n, image_size=600.0)
+    base = torch.tensor(special, dtype=torch.float64)
+    for dtype in FLOAT_DTYPES:
+        scores = base[torch.randint(0, len(special), (n,))].to(dtype)
+        expected = ops.nms(boxes.to(dtype), scores, 0.4)
+        got = bitmask_nms(boxes.to(dtype=dtype, device=device), scores.to(device), 0.4, chunk_rows=64)
+        torch.testing.assert_close(got.cpu(), expected, rtol=0, atol=0)
+        # With no overlaps at all, the result is the order itself: the keys give nms's full sort order.
+        apart = torch.arange(n, dtype=torch.float64)[:, None] * 10 + torch.tensor([0.0, 0.0, 1.0, 1.0])
+        got = bitmask_nms(apart.to(dtype=dtype, device=device), scores.to(device), 0.5)
+        torch.testing.assert_close(got.cpu(), ops.nms(apart.to(dtype), scores, 0.5), rtol=0, atol=0)
+
+
+def test_nms_bitmask_bad_chunk_rows(device):
+    boxes, scores = random_boxes(10, device=device), torch.rand(10, device=device)
+    for chunk_rows in (-64, 32, 100):
+        with pytest.raises(RuntimeError, match=f"chunk_rows must be 0 or a positive multiple of 64, got {chunk_rows}"):
+            bitmask_nms(boxes, scores, 0.5, chunk_rows=chunk_rows)
+    with pytest.raises(RuntimeError, match=r"_nms_bitmask: boxes must be a \[N, 4\] tensor"):
+        bitmask_nms(boxes[:, :3], scores, 0.5)
+    assert bitmask_nms(boxes[:0], scores[:0], 0.5).shape == (0,)
+
+
+def test_nms_bitmask_opcheck(device):
+    boxes = rpn_like_boxes(300, device=device)
+    scores = distinct_scores(300, device=device)
+    idxs = torch.randint(0, 3, (300,), device=device)
+    torch.library.opcheck(torch.ops.fasterrcnn_ext._nms_bitmask.default, (boxes, scores, None, 0.5, -1, 64))
+    torch.library.opcheck(torch.ops.fasterrcnn_ext._nms_bitmask.default, (boxes, scores, idxs, 0.5, 10, 0))

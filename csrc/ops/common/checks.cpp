@@ -44,6 +44,11 @@ void check_nms_inputs(const at::Tensor& boxes, const at::Tensor& scores, const a
   }
 }
 
+void check_nms_chunk_rows(int64_t chunk_rows, int64_t block_boxes, const char* op) {
+  FRCNN_CHECK(chunk_rows >= 0 && chunk_rows % block_boxes == 0, op, ": chunk_rows must be 0 or a positive multiple of ",
+              block_boxes, ", got ", chunk_rows);
+}
+
 void check_roi_inputs(const at::Tensor& input, const at::Tensor& rois, double spatial_scale,
                       int64_t pooled_height, int64_t pooled_width, const char* op) {
   FRCNN_CHECK(input.dim() == 4, op, ": input must be a [N, C, H, W] tensor, got shape ", input.sizes());

@@ -95,6 +95,9 @@ void check_same_device(const at::Tensor& a, const char* a_name, const at::Tensor
 void check_nms_inputs(const at::Tensor& boxes, const at::Tensor& scores, const at::Tensor* idxs,
                       const char* op);
 
+// _nms_bitmask's chunk_rows: 0 (the memory budget decides) or a positive multiple of block_boxes.
+void check_nms_chunk_rows(int64_t chunk_rows, int64_t block_boxes, const char* op);
+
 }  // namespace fasterrcnn_ext
 
 namespace fasterrcnn_ext {

@@ -1,0 +1,205 @@
+// The bitmask NMS of the CUDA kernel (cuda/nms_kernel.cu), written once for both devices.
+//
+// The steps: order the boxes (score descending, NaN last, ties by lower index; batched: by class first); build a
+// mask in which word c of row i holds the bits of boxes 64c..64c+63 that box i suppresses (IoU > threshold, same
+// class, later in the order); then walk the mask one 64-box block at a time: the block's kept boxes follow from its
+// removed bits and its diagonal words alone, and the kept rows are ORed into the removed bits of every later block.
+//
+// The per-element functions below are FRCNN_HOST_DEVICE, and the host steps are a template over the device's
+// kernels, so the private op `_nms_bitmask` runs the very same steps on the CPU (cpu/nms_bitmask_kernel.cpp): the
+// CPU tests cover the CUDA NMS's order, index arithmetic, chunking, class skipping and early exit. What is CUDA's
+// own is only the launch geometry, the shared memory and the barriers.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+
+#include "box_math.h"
+#include "host_device.h"
+
+namespace fasterrcnn_ext {
+
+constexpr int kNmsBlockBoxes = 64;  // boxes per mask word
+// The mask is built in chunks of rows so that 10^6 boxes do not need a terabyte-sized mask: at most this much.
+constexpr int64_t kNmsMaskBudgetBytes = int64_t{256} << 20;
+
+// A box as the mask pass compares it: corners, area and class (0 when not batched).
+template <typename acc_t>
+struct NmsBox {
+  acc_t x1, y1, x2, y2, area;
+  int64_t cls;
+};
+
+template <typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
+FRCNN_INLINE NmsBox<acc_t> nms_load_box(const scalar_t* boxes, const int64_t* classes, int64_t i) {
+  const acc_t x1 = boxes[4 * i], y1 = boxes[4 * i + 1], x2 = boxes[4 * i + 2], y2 = boxes[4 * i + 3];
+  return {x1, y1, x2, y2, box_area(x1, y1, x2, y2), classes != nullptr ? classes[i] : 0};
+}
+
+// One mask word: bit k set when cols[k] (first <= k < size) has row's class and IoU with it above the threshold.
+template <typename acc_t>
+FRCNN_INLINE uint64_t nms_mask_word(const NmsBox<acc_t>& row, const NmsBox<acc_t>* cols, int first, int size,
+                                    acc_t threshold) {
+  uint64_t bits = 0;
+  for (int k = first; k < size; ++k) {
+    const NmsBox<acc_t>& c = cols[k];
+    if (c.cls == row.cls &&
+        box_iou(row.x1, row.y1, row.x2, row.y2, row.area, c.x1, c.y1, c.x2, c.y2, c.area) > threshold) {
+      bits |= uint64_t{1} << k;
+    }
+  }
+  return bits;
+}
+
+// Boxes sorted by class: a column block whose first class is past the row block's last shares no class with it,
+// so its words are all zero (batched_nms over many classes skips most blocks). classes == nullptr: one class.
+FRCNN_INLINE bool nms_blocks_share_a_class(const int64_t* classes, int64_t row_start, int row_size,
+                                           int64_t col_start) {
+  return classes == nullptr || classes[col_start] <= classes[row_start + row_size - 1];
+}
+
+// The greedy pass over one block of `size` boxes: `removed` holds the bits of its boxes suppressed by earlier
+// blocks, diag[k] is box k's mask word for this block. Returns the bits of the kept boxes; counts them in *kept and
+// stops once *kept reaches max_keep (max_keep < 0: no limit).
+FRCNN_INLINE uint64_t nms_walk_block(uint64_t removed, const uint64_t* diag, int size, int64_t* kept,
+                                     int64_t max_keep) {
+  uint64_t kept_bits = 0;
+  for (int k = 0; k < size; ++k) {
+    if (max_keep >= 0 && *kept >= max_keep) break;
+    if (removed & (uint64_t{1} << k)) continue;
+    kept_bits |= uint64_t{1} << k;
+    ++*kept;
+    removed |= diag[k];
+  }
+  return kept_bits;
+}
+
+FRCNN_INLINE int lowest_set_bit(uint64_t x) {
+#if defined(__CUDA_ARCH__)
+  return __ffsll(static_cast<long long>(x)) - 1;
+#else
+  return __builtin_ctzll(x);
+#endif
+}
+
+// Word c of the OR of the kept rows of a block: what the block's kept boxes remove from later block c.
+// `block_rows` is the mask row of the block's first box; rows are col_blocks words apart.
+FRCNN_INLINE uint64_t nms_kept_rows_word(const uint64_t* block_rows, int64_t col_blocks, uint64_t kept_bits,
+                                         int64_t c) {
+  uint64_t word = 0;
+  for (uint64_t bits = kept_bits; bits != 0; bits &= bits - 1) {
+    word |= block_rows[lowest_set_bit(bits) * col_blocks + c];
+  }
+  return word;
+}
+
+// An int64 whose ascending order is the NMS order of the scores: higher score first, -0 tied with +0, NaN after
+// every number (-inf included). One sort on it replaces a sort on the scores plus one on NaN-ness.
+FRCNN_INLINE int64_t nms_order_key(float score) {
+  if (score != score) return INT64_MAX;
+  score = score + 0.0f;  // -0 becomes +0
+  int32_t bits;
+  memcpy(&bits, &score, sizeof bits);
+  // As a signed integer, a float's bit pattern orders the non-negative floats; flipping the magnitude bits of the
+  // negative ones orders those too. ~ then reverses the order without overflow.
+  const int64_t ordered = bits < 0 ? (bits ^ INT32_MAX) : bits;
+  return ~ordered;
+}
+
+FRCNN_INLINE int64_t nms_order_key(double score) {
+  if (score != score) return INT64_MAX;
+  score = score + 0.0;
+  int64_t bits;
+  memcpy(&bits, &score, sizeof bits);
+  const int64_t ordered = bits < 0 ? (bits ^ INT64_MAX) : bits;
+  return ~ordered;  // never INT64_MAX: ordered > INT64_MIN for every non-NaN double
+}
+
+// ---- host steps ----
+
+// The NMS order from the keys of nms_order_key: ties by lower index (a stable sort); batched: by class first.
+inline at::Tensor nms_sort_order(const at::Tensor& order_key, const at::Tensor* idxs) {
+  at::Tensor order = std::get<1>(order_key.sort(/*stable=*/true, /*dim=*/0, /*descending=*/false));
+  if (idxs != nullptr) {
+    const at::Tensor cls = idxs->to(at::kLong).index_select(0, order);
+    order = order.index_select(0, std::get<1>(cls.sort(/*stable=*/true, 0, false)));
+  }
+  return order;
+}
+
+// What the walk decided: keep[i] says whether box order[i] (the i-th in NMS order) is kept; order_key is
+// nms_order_key of each score.
+struct NmsBitmaskResult {
+  at::Tensor order, keep, order_key;
+};
+
+// The bitmask NMS on any device. `Kernels` supplies the device's three steps:
+//   static at::Tensor order_key(const at::Tensor& scores);                       // int64 [n], nms_order_key
+//   template <typename scalar_t> static void build_mask(int64_t n, int64_t row_begin, int64_t rows,
+//       int64_t col_blocks, const scalar_t* boxes, const int64_t* classes, at::opmath_type<scalar_t> threshold,
+//       uint64_t* mask);                                                         // rows of the chunk
+//   static void reduce(int64_t n, int64_t row_begin, int64_t rows, int64_t col_blocks, const uint64_t* mask,
+//       uint64_t* removed, bool* keep, int64_t* num_kept, int64_t max_keep);     // the walk over the chunk
+// chunk_rows > 0 (a multiple of 64) sets the rows of mask built at once (tests use it to force chunking); 0: as
+// many as fit kNmsMaskBudgetBytes. Nothing here waits for the device.
+template <typename Kernels>
+NmsBitmaskResult nms_bitmask_keep_sorted(const at::Tensor& boxes, const at::Tensor& scores,
+                                                          const at::Tensor* idxs, double iou_threshold,
+                                                          int64_t max_keep, int64_t chunk_rows) {
+  const int64_t n = boxes.size(0);
+  const at::Tensor order_key = Kernels::order_key(scores);
+  const at::Tensor order = nms_sort_order(order_key, idxs);
+  const at::Tensor boxes_sorted = boxes.index_select(0, order).contiguous();
+  at::Tensor classes_sorted;
+  if (idxs != nullptr) classes_sorted = idxs->to(at::kLong).index_select(0, order).contiguous();
+
+  const int64_t col_blocks = (n + kNmsBlockBoxes - 1) / kNmsBlockBoxes;
+  if (chunk_rows <= 0) {
+    const int64_t bytes_per_row_block = kNmsBlockBoxes * col_blocks * static_cast<int64_t>(sizeof(uint64_t));
+    // 65535: the largest grid y of a CUDA launch.
+    chunk_rows = kNmsBlockBoxes * std::max<int64_t>(
+                                      1, std::min({col_blocks, int64_t{65535}, kNmsMaskBudgetBytes / bytes_per_row_block}));
+  }
+  chunk_rows = std::min(chunk_rows, col_blocks * kNmsBlockBoxes);
+  const auto long_opts = boxes.options().dtype(at::kLong);
+  at::Tensor mask = at::empty({chunk_rows * col_blocks}, long_opts);
+  at::Tensor removed = at::zeros({col_blocks}, long_opts);
+  at::Tensor num_kept = at::zeros({1}, long_opts);
+  at::Tensor keep = at::zeros({n}, boxes.options().dtype(at::kBool));
+  // batched: the walk runs in class order, so the top max_keep by score are only known after the merge.
+  const int64_t walk_max_keep = idxs != nullptr ? -1 : max_keep;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, boxes.scalar_type(), "nms_bitmask", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const acc_t threshold = iou_threshold_as<acc_t>(iou_threshold);
+    auto* mask_words = reinterpret_cast<uint64_t*>(mask.data_ptr<int64_t>());
+    for (int64_t row_begin = 0; row_begin < n; row_begin += chunk_rows) {
+      const int64_t rows = std::min(chunk_rows, n - row_begin);
+      Kernels::template build_mask<scalar_t>(n, row_begin, rows, col_blocks, boxes_sorted.data_ptr<scalar_t>(),
+                                             idxs != nullptr ? classes_sorted.data_ptr<int64_t>() : nullptr,
+                                             threshold, mask_words);
+      Kernels::reduce(n, row_begin, rows, col_blocks, mask_words,
+                      reinterpret_cast<uint64_t*>(removed.data_ptr<int64_t>()), keep.data_ptr<bool>(),
+                      num_kept.data_ptr<int64_t>(), walk_max_keep);
+    }
+  });
+  return {order, keep, order_key};
+}
+
+// The kept indices from nms_bitmask_keep_sorted, by decreasing score (ties: lower index), at most max_keep (< 0:
+// all). On CUDA, the masked_select is the one host sync: the output's size.
+inline at::Tensor nms_kept_indices(const NmsBitmaskResult& r, bool batched, int64_t max_keep) {
+  at::Tensor kept = r.order.masked_select(r.keep);
+  if (batched && kept.numel() > 1) {
+    // Back to score order across classes (kept is grouped by class): by index, then stably by key.
+    kept = std::get<0>(kept.sort());
+    kept = kept.index_select(0, std::get<1>(r.order_key.index_select(0, kept).sort(/*stable=*/true, 0, false)));
+    if (max_keep >= 0 && kept.numel() > max_keep) kept = kept.slice(0, 0, max_keep);
+  }
+  return kept;
+}
+
+}  // namespace fasterrcnn_ext
