@@ -86,6 +86,7 @@ __global__ void nms_reduce_kernel(int64_t n, int64_t row_begin, int64_t rows, in
     __syncthreads();
     const uint64_t kept_bits = nms_walk_block(block_removed, diag, size, &kept, max_keep);
     if (threadIdx.x < size && ((kept_bits >> threadIdx.x) & 1)) keep[start + threadIdx.x] = true;
+    if (kept_bits == 0) continue;  // the same in every thread
     for (int64_t c = blk + 1 + threadIdx.x; c < col_blocks; c += blockDim.x) {
       removed[c] |= nms_kept_rows_word(block_rows, col_blocks, kept_bits, c);
     }
