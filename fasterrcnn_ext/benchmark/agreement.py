@@ -16,6 +16,7 @@ import json
 import torch
 
 from .. import ops
+from ..files import write_json
 
 
 def detection_agreement(reference: list[dict], other: list[dict], *, iou: float = 0.9, score_tol: float = 0.05,
@@ -83,8 +84,7 @@ def main(argv=None) -> dict:
         result[name] = {k: metrics[k] for k in ("map", "map_50", "map_75")}
     print(json.dumps(result, indent=1))
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1)
+        write_json(args.json, result)  # atomically: a crash mid-write leaves the previous file whole
     return result
 
 

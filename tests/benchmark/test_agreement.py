@@ -1,3 +1,7 @@
+import importlib.util
+import json
+
+import pytest
 import torch
 
 from fasterrcnn_ext.benchmark.agreement import detection_agreement
@@ -29,3 +33,21 @@ def test_each_other_detection_is_a_twin_once():
     assert detection_agreement(ref, other)["twins"] == 1
     empty = [_det([], [], [])]
     assert detection_agreement(empty, empty)["twin_fraction"] == 1.0
+
+
+@pytest.mark.skipif(importlib.util.find_spec("pycocotools") is None, reason="pycocotools is not installed")
+def test_cli_reports_both_comparisons_and_writes_json(tmp_path):
+    from fasterrcnn_ext.benchmark.agreement import main
+    from fasterrcnn_ext.engine import TrainConfig, train
+
+    train(TrainConfig(data="synthetic", model="fasterrcnn_tiny", out=str(tmp_path / "run"), max_iters=2, batch_size=2,
+                      synthetic_images=4, checkpoint_every=2, log_every=1, progress=False, warmup_iters=1))
+    out = tmp_path / "agreement.json"
+    result = main(["--weights", str(tmp_path / "run" / "last.pt"), "--images", "2", "--score-thresh", "0.0",
+                   "--json", str(out)])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(result))
+    assert result["images"] == 2
+    for key in ("agreement", "fast_path_agreement"):
+        assert 0.0 <= result[key]["twin_fraction"] <= 1.0
+    assert set(result) >= {"float32", "bfloat16", "float32_plain"}
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".tmp-")]
