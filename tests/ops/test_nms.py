@@ -305,6 +305,20 @@ def test_nms_bitmask_score_order_keys(device):
         torch.testing.assert_close(got.cpu(), ops.nms(apart.to(dtype), scores, 0.5), rtol=0, atol=0)
 
 
+def test_nms_bitmask_nan_inf_and_degenerate_boxes(device):
+    boxes = rpn_like_boxes(300)
+    boxes[3, 0] = float("nan")
+    boxes[10] = float("inf")
+    boxes[11, 2:] = float("-inf")
+    boxes[20:30] = boxes[20:21]  # identical boxes: IoU exactly 1
+    boxes[40, 2:] = boxes[40, :2]  # zero area
+    boxes[50] = 1e30 * torch.tensor([-1.0, -1.0, 1.0, 1.0])
+    scores = torch.rand(300)
+    for threshold in (0.5, 1.0):
+        torch.testing.assert_close(bitmask_nms(boxes.to(device), scores.to(device), threshold, chunk_rows=64).cpu(),
+                                   ops.nms(boxes, scores, threshold), rtol=0, atol=0)
+
+
 def test_nms_bitmask_bad_chunk_rows(device):
     boxes, scores = random_boxes(10, device=device), torch.rand(10, device=device)
     for chunk_rows in (-64, 32, 100):
