@@ -79,7 +79,8 @@ def main(argv=None) -> dict:
                                                          score_tol=args.score_tol, score_thresh=args.score_thresh)}
     gt = dataset.coco_ground_truth()
     for name, detections in runs.items():
-        coco = [r for d, i in zip(detections, image_ids) for r in detections_to_coco(d, i, dataset.category_ids)]
+        coco = [r for d, i in zip(detections, image_ids, strict=True)
+                for r in detections_to_coco(d, i, dataset.category_ids)]
         metrics = coco_metrics(gt, coco)
         result[name] = {k: metrics[k] for k in ("map", "map_50", "map_75")}
     print(json.dumps(result, indent=1))

@@ -1,4 +1,11 @@
-"""Drop-in replacements for torchvision.ops, on fasterrcnn_ext's kernels."""
+"""Drop-in replacements for torchvision.ops, on fasterrcnn_ext's kernels.
+
+The ops a Faster R-CNN spends its time in are ours; every other name of torchvision.ops (box_area, box_convert,
+generalized_box_iou, FrozenBatchNorm2d, FeaturePyramidNetwork, ...) is torchvision's own, reached through this module,
+so ``import fasterrcnn_ext.ops as ops`` can replace ``import torchvision.ops as ops`` in a detection code base.
+"""
+
+import torchvision.ops as _torchvision_ops
 
 from .boxes import (
     BBOX_XFORM_CLIP,
@@ -18,8 +25,20 @@ from .roi_align import RoIAlign, roi_align
 from .roi_pool import RoIPool, roi_pool
 
 __all__ = [
-    "nms", "batched_nms", "batched_nms_keep_mask", "box_iou", "clip_boxes_to_image", "remove_small_boxes", "encode_boxes", "decode_boxes",
+    "nms", "batched_nms", "batched_nms_keep_mask", "box_iou", "clip_boxes_to_image", "remove_small_boxes",
+    "encode_boxes", "decode_boxes",
     "BBOX_XFORM_CLIP", "rpn_proposals", "detection_postprocess",
     "roi_align", "RoIAlign", "roi_pool", "RoIPool", "MultiScaleRoIAlign", "multi_scale_roi_align",
     "conv3x3_winograd", "winograd_weight",
 ]
+
+
+def __getattr__(name: str):
+    # Only what this module lacks gets here (PEP 562): torchvision's public ops, not accelerated here.
+    if name in _torchvision_ops.__all__:
+        return getattr(_torchvision_ops, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_torchvision_ops.__all__))

@@ -240,7 +240,8 @@ def test_batched_nms_keep_mask_is_batched_nms_in_input_order(device, dtype):
 def test_interchangeable_with_torchvision_schema():
     """Positional arguments in torchvision's order work for both ops."""
     boxes, scores = rpn_like_boxes(200), distinct_scores(200)
-    torch.testing.assert_close(torch.ops.fasterrcnn_ext.nms(boxes, scores, 0.5), torch.ops.torchvision.nms(boxes, scores, 0.5))
+    torch.testing.assert_close(torch.ops.fasterrcnn_ext.nms(boxes, scores, 0.5),
+                               torch.ops.torchvision.nms(boxes, scores, 0.5))
 
 
 # _nms_bitmask: the CUDA NMS algorithm (csrc/ops/common/nms_bitmask.h); on the CPU its steps run serially, so these
