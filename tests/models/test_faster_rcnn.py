@@ -308,3 +308,12 @@ def test_fast_inference_uses_winograd_in_backbone_and_rpn_head():
     for e_level, g_level in zip(expected, got):
         for e, g_ in zip(e_level, g_level):
             torch.testing.assert_close(g_, e, rtol=1e-4, atol=1e-4 * e.abs().max().item())
+
+
+def test_weights_enums_import_from_here_too():
+    """`from fasterrcnn_ext.models.detection import fasterrcnn_resnet50_fpn, FasterRCNN_ResNet50_FPN_Weights` works:
+    the enums are torchvision's own (the builders hand them to torchvision)."""
+    for name in ("FasterRCNN_ResNet50_FPN_Weights", "FasterRCNN_ResNet50_FPN_V2_Weights",
+                 "FasterRCNN_MobileNet_V3_Large_FPN_Weights", "FasterRCNN_MobileNet_V3_Large_320_FPN_Weights"):
+        assert getattr(ours, name) is getattr(tv, name) and name in ours.__all__
+        assert getattr(ours, name).DEFAULT.meta["categories"][1] == "person"

@@ -1,6 +1,12 @@
 """Faster R-CNN on fasterrcnn_ext's kernels, mirroring torchvision.models.detection (same builders, arguments and
 state_dict keys), plus the classic VGG16 model of the design notes."""
 
+from torchvision.models.detection.faster_rcnn import (
+    FasterRCNN_MobileNet_V3_Large_320_FPN_Weights,
+    FasterRCNN_MobileNet_V3_Large_FPN_Weights,
+    FasterRCNN_ResNet50_FPN_V2_Weights,
+    FasterRCNN_ResNet50_FPN_Weights,
+)
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 
 from ._utils import BoxCoder
@@ -27,4 +33,7 @@ __all__ = [
     "RegionProposalNetwork", "RoIHeads", "RoIPoolLevel", "TinyBackbone", "TwoMLPHead", "VGG16BoxHead",
     "fasterrcnn_mobilenet_v3_large_320_fpn", "fasterrcnn_mobilenet_v3_large_fpn", "fasterrcnn_resnet50_fpn",
     "fasterrcnn_resnet50_fpn_v2", "fasterrcnn_tiny", "fasterrcnn_vgg16", "load_checkpoint_state_dict",
+    # torchvision's weights enums, which the builders take as they are: `from ... import` them from here too
+    "FasterRCNN_ResNet50_FPN_Weights", "FasterRCNN_ResNet50_FPN_V2_Weights", "FasterRCNN_MobileNet_V3_Large_FPN_Weights",
+    "FasterRCNN_MobileNet_V3_Large_320_FPN_Weights",
 ]
