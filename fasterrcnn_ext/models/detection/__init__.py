@@ -34,6 +34,6 @@ __all__ = [
     "fasterrcnn_mobilenet_v3_large_320_fpn", "fasterrcnn_mobilenet_v3_large_fpn", "fasterrcnn_resnet50_fpn",
     "fasterrcnn_resnet50_fpn_v2", "fasterrcnn_tiny", "fasterrcnn_vgg16", "load_checkpoint_state_dict",
     # torchvision's weights enums, which the builders take as they are: `from ... import` them from here too
-    "FasterRCNN_ResNet50_FPN_Weights", "FasterRCNN_ResNet50_FPN_V2_Weights", "FasterRCNN_MobileNet_V3_Large_FPN_Weights",
-    "FasterRCNN_MobileNet_V3_Large_320_FPN_Weights",
+    "FasterRCNN_ResNet50_FPN_Weights", "FasterRCNN_ResNet50_FPN_V2_Weights",
+    "FasterRCNN_MobileNet_V3_Large_FPN_Weights", "FasterRCNN_MobileNet_V3_Large_320_FPN_Weights",
 ]
