@@ -50,9 +50,9 @@ def _add_train(sub) -> None:
 
 
 def _run_train(args) -> int:
-    from .engine.train import TrainConfig, train
-
     import torch.distributed as dist
+
+    from .engine.train import TrainConfig, train
 
     fields = set(TrainConfig.__dataclass_fields__)
     try:
@@ -165,9 +165,9 @@ def _add_bench(sub) -> None:
 
 
 def _run_bench(args) -> int:
-    from .benchmark.run import run
+    from .benchmark.run import run_from_args
 
-    run(args.device, args.quick, args.only, args.threads, args.json, profile=args.profile)
+    run_from_args(args)
     return 0
 
 

@@ -68,7 +68,9 @@ fi
 
 if want bench; then
   echo "== benchmarks"
-  $PY benchmarks/run.py --device cuda --json "$DIR/bench_cuda.json" 2>&1 | tee "$DIR/bench_cuda.txt"
+  # bench_cuda.md: the table to paste into BENCHMARKS.md ("CUDA"), with device, date and commit.
+  $PY benchmarks/run.py --device cuda --json "$DIR/bench_cuda.json" --markdown "$DIR/bench_cuda.md" 2>&1 | \
+    tee "$DIR/bench_cuda.txt"
   # Where the time goes on each side, per case (kernels per call, the largest): the starting point of CUDA work.
   $PY benchmarks/run.py --device cuda --quick --profile > "$DIR/bench_cuda_profile.txt" 2>&1
   $PY benchmarks/run.py --device cpu --threads 2 --quick --json "$DIR/bench_cpu.json" > "$DIR/bench_cpu.txt" 2>&1

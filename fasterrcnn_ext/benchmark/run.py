@@ -4,6 +4,7 @@
     fasterrcnn-ext bench --device cuda        # CUDA (times with CUDA events via torch.utils.benchmark)
     fasterrcnn-ext bench --quick --only nms --json out.json
     fasterrcnn-ext bench --device cuda --quick --profile   # also where each side's time goes, per case
+    fasterrcnn-ext bench --markdown bench.md  # also the table for BENCHMARKS.md, with device, date and commit
 
 Times are medians from torch.utils.benchmark with a fixed number of CPU threads (default 2, this project's
 machines). The speed targets live here, never in the unit tests.
@@ -22,7 +23,7 @@ import torch
 
 import fasterrcnn_ext
 
-from ..files import write_json
+from ..files import atomic_write, write_json
 from .cases import ALL_CASES
 
 
@@ -87,8 +88,23 @@ def _device_name(device: str) -> str:
     return f"{name}, {torch.get_num_threads()} threads"
 
 
+def _ms(value: float) -> str:
+    return f"{value:.2f}" if value >= 1 else f"{value:.3f}"
+
+
+def markdown_table(result: dict) -> str:
+    """The results as BENCHMARKS.md's tables are written: a line on where and when, then one row per case."""
+    lines = [f"{result['device_name']}; torch {result['torch']}; {result['date']}; commit {result['commit']}", "",
+             "| case | ours ms | torchvision ms | speed-up | target |", "| --- | ---: | ---: | ---: | ---: |"]
+    for r in result["results"]:
+        below = "" if r["speedup"] >= r["target"] else " (below)"
+        lines.append(f"| {r['case']} | {_ms(r['ours_ms'])} | {_ms(r['torchvision_ms'])} | {r['speedup']:.1f}x | "
+                     f"{r['target']:.1f}x{below} |")
+    return "\n".join(lines) + "\n"
+
+
 def run(device: str = "cpu", quick: bool = False, only: list[str] | None = None, threads: int = 2,
-        json_path: str | None = None, out=None, profile: bool = False) -> dict:
+        json_path: str | None = None, out=None, profile: bool = False, markdown_path: str | None = None) -> dict:
     out = out or sys.stdout
     if device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA GPU is visible")
@@ -140,6 +156,10 @@ def run(device: str = "cpu", quick: bool = False, only: list[str] | None = None,
     if json_path:
         write_json(json_path, result)
         print(f"wrote {json_path}", file=out)
+    if markdown_path:
+        with atomic_write(markdown_path) as f:
+            f.write(markdown_table(result))
+        print(f"wrote {markdown_path}", file=out)
     return result
 
 
@@ -149,15 +169,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--only", nargs="+", metavar="GROUP", help=f"groups to run: {', '.join(ALL_CASES)}")
     p.add_argument("--threads", type=int, default=2, help="CPU threads (default 2)")
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    p.add_argument("--markdown", metavar="PATH", help="also write the results as a Markdown table for BENCHMARKS.md")
     p.add_argument("--profile", action="store_true",
                    help="after each case, where each side's time goes (kernels per call and the largest on CUDA)")
+
+
+def run_from_args(args: argparse.Namespace) -> dict:
+    """run() with the arguments of add_arguments (the bench command and this script)."""
+    return run(args.device, args.quick, args.only, args.threads, args.json, profile=args.profile,
+               markdown_path=args.markdown)
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(p)
-    args = p.parse_args(argv)
-    run(args.device, args.quick, args.only, args.threads, args.json, profile=args.profile)
+    run_from_args(p.parse_args(argv))
 
 
 if __name__ == "__main__":
