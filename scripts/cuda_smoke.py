@@ -65,6 +65,10 @@ def main():
         cls = torch.randint(0, 5, (n,), device=dev)
         step(f"batched_nms {n}", lambda: ops.batched_nms(bx, sc, cls, 0.5),
              lambda: torchvision.ops.batched_nms(bx, sc, cls, 0.5))
+        # The same kernels with the mask built and walked 64 rows at a time (the path of 10^5+ boxes).
+        step(f"nms {n}, mask in 64-row chunks",
+             lambda: torch.ops.fasterrcnn_ext._nms_bitmask(bx, sc, None, 0.5, -1, 64),
+             lambda: torchvision.ops.nms(bx, sc, 0.5))
     x = torch.randn(2, 8, 40, 50, device=dev)
     rois = torch.cat([torch.randint(0, 2, (30, 1), device=dev).float(), boxes_on(30, dev, 3)], 1)
     step("roi_align", lambda: ops.roi_align(x, rois, 7, 0.25, 2, True),
