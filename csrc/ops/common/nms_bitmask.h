@@ -17,6 +17,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <utility>
 
 #include "box_math.h"
 #include "host_device.h"
@@ -125,14 +126,13 @@ FRCNN_INLINE int64_t nms_order_key(double score) {
 
 // ---- host steps ----
 
-// The NMS order from the keys of nms_order_key: ties by lower index (a stable sort); batched: by class first.
-inline at::Tensor nms_sort_order(const at::Tensor& order_key, const at::Tensor* idxs) {
+// The NMS order from the keys of nms_order_key: ties by lower index (a stable sort); batched: by class first. Returns
+// the order and, when batched, the classes in that order (the class sort's values).
+inline std::pair<at::Tensor, at::Tensor> nms_sort_order(const at::Tensor& order_key, const at::Tensor* idxs) {
   at::Tensor order = std::get<1>(order_key.sort(/*stable=*/true, /*dim=*/0, /*descending=*/false));
-  if (idxs != nullptr) {
-    const at::Tensor cls = idxs->to(at::kLong).index_select(0, order);
-    order = order.index_select(0, std::get<1>(cls.sort(/*stable=*/true, 0, false)));
-  }
-  return order;
+  if (idxs == nullptr) return {order, at::Tensor()};
+  const auto [classes_sorted, by_class] = idxs->to(at::kLong).index_select(0, order).sort(/*stable=*/true, 0, false);
+  return {order.index_select(0, by_class), classes_sorted};
 }
 
 // What the walk decided: keep[i] says whether box order[i] (the i-th in NMS order) is kept; order_key is
@@ -151,22 +151,22 @@ struct NmsBitmaskResult {
 // chunk_rows > 0 (a multiple of 64) sets the rows of mask built at once (tests use it to force chunking); 0: as
 // many as fit kNmsMaskBudgetBytes. Nothing here waits for the device.
 template <typename Kernels>
-NmsBitmaskResult nms_bitmask_keep_sorted(const at::Tensor& boxes, const at::Tensor& scores,
-                                                          const at::Tensor* idxs, double iou_threshold,
-                                                          int64_t max_keep, int64_t chunk_rows) {
+NmsBitmaskResult nms_bitmask_keep_sorted(const at::Tensor& boxes, const at::Tensor& scores, const at::Tensor* idxs,
+                                         double iou_threshold, int64_t max_keep, int64_t chunk_rows) {
   const int64_t n = boxes.size(0);
   const at::Tensor order_key = Kernels::order_key(scores);
-  const at::Tensor order = nms_sort_order(order_key, idxs);
+  // (Not a structured binding: the dispatch lambda below captures these, which nvcc's front end may not accept.)
+  const std::pair<at::Tensor, at::Tensor> sorted = nms_sort_order(order_key, idxs);
+  const at::Tensor& order = sorted.first;
+  const at::Tensor& classes_sorted = sorted.second;
   const at::Tensor boxes_sorted = boxes.index_select(0, order).contiguous();
-  at::Tensor classes_sorted;
-  if (idxs != nullptr) classes_sorted = idxs->to(at::kLong).index_select(0, order).contiguous();
 
   const int64_t col_blocks = (n + kNmsBlockBoxes - 1) / kNmsBlockBoxes;
   if (chunk_rows <= 0) {
     const int64_t bytes_per_row_block = kNmsBlockBoxes * col_blocks * static_cast<int64_t>(sizeof(uint64_t));
     // 65535: the largest grid y of a CUDA launch.
-    chunk_rows = kNmsBlockBoxes * std::max<int64_t>(
-                                      1, std::min({col_blocks, int64_t{65535}, kNmsMaskBudgetBytes / bytes_per_row_block}));
+    const int64_t row_blocks = std::min({col_blocks, int64_t{65535}, kNmsMaskBudgetBytes / bytes_per_row_block});
+    chunk_rows = kNmsBlockBoxes * std::max<int64_t>(1, row_blocks);
   }
   chunk_rows = std::min(chunk_rows, col_blocks * kNmsBlockBoxes);
   const auto long_opts = boxes.options().dtype(at::kLong);
