@@ -73,6 +73,12 @@ def main():
     rois = torch.cat([torch.randint(0, 2, (30, 1), device=dev).float(), boxes_on(30, dev, 3)], 1)
     step("roi_align", lambda: ops.roi_align(x, rois, 7, 0.25, 2, True),
          lambda: torchvision.ops.roi_align(x, rois, 7, 0.25, 2, True))
+    # The same kernel with every RoI pooled per element, without its shared-memory sample table; and adaptive grids.
+    step("roi_align, per element (no table)",
+         lambda: torch.ops.fasterrcnn_ext._roi_align_per_element([x], rois, [0.25], 7, 7, 2, True, 224.0, 4.0, 0),
+         lambda: torchvision.ops.roi_align(x, rois, 7, 0.25, 2, True))
+    step("roi_align, adaptive sampling", lambda: ops.roi_align(x, rois, 7, 0.25, -1, False),
+         lambda: torchvision.ops.roi_align(x, rois, 7, 0.25, -1, False))
     step("roi_pool", lambda: ops.roi_pool(x, rois, 7, 0.25), lambda: torchvision.ops.roi_pool(x, rois, 7, 0.25))
 
     def grad_of(fn):

@@ -1,5 +1,6 @@
 // Schemas of RoIAlign and the fused multi-level RoIAlign. Kernels: cpu/roi_align_kernel.cpp,
-// cuda/roi_align_kernel.cu; autocast: autocast/roi_ops_autocast.cpp.
+// cuda/roi_align_kernel.cu; autocast: autocast/autocast_kernels.cpp.
+// _roi_align_per_element: cpu/roi_align_per_element_kernel.cpp, cuda/roi_align_kernel.cu.
 #include <torch/library.h>
 
 TORCH_LIBRARY_FRAGMENT(fasterrcnn_ext, m) {
@@ -22,4 +23,12 @@ TORCH_LIBRARY_FRAGMENT(fasterrcnn_ext, m) {
       "_multi_scale_roi_align_backward(Tensor grad, Tensor rois, float[] scales, SymInt pooled_height, "
       "SymInt pooled_width, int sampling_ratio, bool aligned, float canonical_scale, float canonical_level, "
       "SymInt batch_size, SymInt channels, SymInt[] heights, SymInt[] widths) -> Tensor[]");
+  // Private: the CUDA forward's steps (common/roi_align_per_element.h) on any device; on the CPU they run serially,
+  // so the CPU tests cover them. multi_scale_roi_align's arguments (one feature map: roi_align), plus table_bytes:
+  // a RoI whose sample table needs more bytes is pooled per element without one (0: every RoI; CUDA caps it at the
+  // kernel's shared memory).
+  m.def(
+      "_roi_align_per_element(Tensor[] features, Tensor rois, float[] scales, SymInt pooled_height, "
+      "SymInt pooled_width, int sampling_ratio, bool aligned, float canonical_scale, float canonical_level, "
+      "int table_bytes) -> Tensor");
 }

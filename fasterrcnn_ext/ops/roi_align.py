@@ -71,6 +71,16 @@ def _roi_align_backward_fake(grad, rois, spatial_scale, pooled_height, pooled_wi
     return grad.new_empty((batch_size, channels, height, width))
 
 
+@register_fake("fasterrcnn_ext::_roi_align_per_element")
+def _roi_align_per_element_fake(features, rois, scales, pooled_height, pooled_width, sampling_ratio, aligned,
+                                canonical_scale, canonical_level, table_bytes):
+    torch._check(len(features) == len(scales) and len(features) > 0,
+                 lambda: "_roi_align_per_element: one scale per feature map")
+    torch._check(rois.dim() == 2 and rois.size(1) == 5,
+                 lambda: f"_roi_align_per_element: rois must be [K, 5], got {rois.shape}")
+    return features[0].new_empty((rois.size(0), features[0].size(1), pooled_height, pooled_width))
+
+
 def _roi_align_setup_context(ctx, inputs, output):
     input, rois, spatial_scale, pooled_height, pooled_width, sampling_ratio, aligned = inputs
     ctx.save_for_backward(rois)

@@ -37,6 +37,21 @@ def spread_scores(model):
             layer.weight.copy_(torch.randn(layer.weight.shape, generator=g) * 0.05)
 
 
+@pytest.fixture
+def torchvision_ties_by_index(monkeypatch):
+    """torchvision's batched_nms orders the kept boxes by a sort that is not stable: on the CPU, equal scores (common
+    among thousands of sigmoid outputs) come out in an order that depends on the machine's vector ISA (the AVX2 and
+    AVX-512 sorts differ). The kept set does not depend on it. Ours keeps the lower index first; this gives
+    torchvision's kept set that same order, so that comparisons do not hinge on the order of ties."""
+    batched_nms = torchvision.ops.boxes.batched_nms
+
+    def batched_nms_ties_by_index(boxes, scores, idxs, iou_threshold):
+        keep = batched_nms(boxes, scores, idxs, iou_threshold).sort().values
+        return keep[scores[keep].sort(descending=True, stable=True).indices]
+
+    monkeypatch.setattr(torchvision.ops.boxes, "batched_nms", batched_nms_ties_by_index)
+
+
 def model_pair(name, **kw):
     torch.manual_seed(0)
     theirs = getattr(tv, name)(weights=None, weights_backbone=None, num_classes=5, **SMALL, **kw)
@@ -101,7 +116,7 @@ def test_eval_downstream_of_backbone_equals_torchvision(name):
 
 
 @pytest.mark.parametrize("name", ["fasterrcnn_resnet50_fpn", "fasterrcnn_mobilenet_v3_large_fpn"])
-def test_train_losses_equal_torchvision(name):
+def test_train_losses_equal_torchvision(name, torchvision_ties_by_index):
     mine, theirs = model_pair(name)
     images, targets = images_and_targets()
     mine.train()
@@ -239,7 +254,8 @@ def test_model_built_under_inference_mode_follows_in_place_weight_loads():
         model.fast_inference = False
         expected = model(images)[0]
     assert len(expected["boxes"]) > 0
-    torch.testing.assert_close(got["boxes"], expected["boxes"], rtol=1e-4, atol=1e-3)
+    # Twins, not the same order: the fast path rounds differently (Winograd), which may swap near-tied scores.
+    assert_same_detections([got], [expected])
 
 
 def test_bfloat16_inference_runs_and_keeps_float32_boxes():

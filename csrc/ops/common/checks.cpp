@@ -84,6 +84,19 @@ void check_multi_scale_inputs(at::TensorList features, const at::Tensor& rois, a
               "between the first and the last, got ", scales);
 }
 
+void check_roi_align_per_element_inputs(at::TensorList features, const at::Tensor& rois,
+                                        at::ArrayRef<double> scales, int64_t pooled_height, int64_t pooled_width,
+                                        int64_t table_bytes) {
+  FRCNN_CHECK(!features.empty() && features.size() == scales.size(), "_roi_align_per_element: got ",
+              features.size(), " feature maps and ", scales.size(), " scales; one scale per feature map");
+  if (features.size() == 1) {
+    check_roi_inputs(features[0], rois, scales[0], pooled_height, pooled_width, "_roi_align_per_element");
+  } else {
+    check_multi_scale_inputs(features, rois, scales, pooled_height, pooled_width);
+  }
+  FRCNN_CHECK(table_bytes >= 0, "_roi_align_per_element: table_bytes must be >= 0, got ", table_bytes);
+}
+
 void check_box_weights(at::ArrayRef<double> weights, const char* op) {
   FRCNN_CHECK(weights.size() == 4, op, ": weights must have 4 values (wx, wy, ww, wh), got ", weights.size(), ": ",
               weights);

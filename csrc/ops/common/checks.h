@@ -150,6 +150,11 @@ void check_pool_grad(const at::Tensor& grad, int64_t num_rois, int64_t channels,
 
 namespace fasterrcnn_ext {
 
+// _roi_align_per_element: roi_align's checks for one feature map, multi_scale_roi_align's for more; table_bytes >= 0.
+void check_roi_align_per_element_inputs(at::TensorList features, const at::Tensor& rois,
+                                        at::ArrayRef<double> scales, int64_t pooled_height, int64_t pooled_width,
+                                        int64_t table_bytes);
+
 // multi_scale_roi_align backward: one (height, width) per level's scale.
 void check_level_shapes(at::ArrayRef<double> scales, at::IntArrayRef heights, at::IntArrayRef widths);
 

@@ -88,6 +88,19 @@ FRCNN_INLINE bool interpolation_weights(T v, int64_t size, AxisWeights<T>& out) 
   return true;
 }
 
+// The valid samples of bin `bin` along one axis of a RoI (`start`, `bin_size` and `grid` from its geometry), in
+// sample order, written to out[0, n); returns n <= grid. A sample outside the map contributes nothing on either
+// axis, so the kernels leave it out here, once for every channel, instead of testing it per channel.
+template <typename T>
+FRCNN_INLINE int64_t roi_align_bin_samples(T start, int64_t bin, T bin_size, int64_t grid, int64_t size,
+                                           AxisWeights<T>* out) {
+  int64_t n = 0;
+  for (int64_t i = 0; i < grid; ++i) {
+    if (interpolation_weights(roi_align_sample(start, bin, bin_size, i, grid), size, out[n])) ++n;
+  }
+  return n;
+}
+
 // RoIPool's bin [start, end) along one axis, clipped to [0, size). `roi_start` and `roi_len` are the rounded RoI
 // start and length on the feature map.
 template <typename T>

@@ -34,14 +34,12 @@ struct RoISamples {
                          std::vector<AxisWeights<acc_t>>& out, std::vector<int64_t>& begin) {
     out.clear();
     begin.resize(pooled + 1);
+    begin[0] = 0;
     for (int64_t p = 0; p < pooled; ++p) {
-      begin[p] = static_cast<int64_t>(out.size());
-      for (int64_t i = 0; i < grid; ++i) {
-        AxisWeights<acc_t> w;
-        if (interpolation_weights(roi_align_sample(start, p, bin_size, i, grid), size, w)) out.push_back(w);
-      }
+      out.resize(begin[p] + grid);  // room for every sample; kept: the valid ones
+      begin[p + 1] = begin[p] + roi_align_bin_samples(start, p, bin_size, grid, size, out.data() + begin[p]);
     }
-    begin[pooled] = static_cast<int64_t>(out.size());
+    out.resize(begin[pooled]);
   }
 
   void build(const acc_t* roi, acc_t scale, int64_t pooled_h, int64_t pooled_w, int64_t sampling_ratio,

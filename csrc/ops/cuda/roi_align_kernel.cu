@@ -1,11 +1,15 @@
 // CUDA kernels of roi_align and multi_scale_roi_align, forward and backward.
 //
-// One thread per output element (RoI, channel, bin), NCHW input; roi_align is the one-level case of the multi-level
-// kernel, which picks each RoI's FPN level on the device (no host sync, no per-level launches). Geometry, level and
-// bilinear weights are the shared roi_math.h functions of the CPU kernel. float16/bfloat16 accumulate in float32;
-// indices are int64. A RoI whose batch index is outside [0, N) trips a device-side assert and is never read.
-// Backward: atomics into a float32 (float64 for double) buffer; under torch.use_deterministic_algorithms(True), one
-// thread per (image, channel) plane accumulates every RoI in order instead, without atomics.
+// Forward: one block per RoI (or per chunk of its channels), NCHW input. The block reads the RoI, its FPN level and
+// geometry once, fills the RoI's sample table (each bin's valid samples and their bilinear weights) in shared
+// memory, and its threads pool the (channel, bin) output elements from it; the steps are the HOST_DEVICE functions
+// of common/roi_align_per_element.h, which the CPU twin `_roi_align_per_element` runs in the tests. roi_align is
+// the one-level case of the multi-level kernel, which picks each RoI's level on the device (no host sync, no
+// per-level launches). float16/bfloat16 accumulate in float32; addresses are int64. A RoI whose batch index is
+// outside [0, N) trips a device-side assert and is never read.
+// Backward: one thread per output element, atomics into a float32 (float64 for double) buffer; under
+// torch.use_deterministic_algorithms(True), one thread per (image, channel) plane accumulates every RoI in order
+// instead, without atomics.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -13,105 +17,106 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <limits>
 #include <vector>
 
 #include "ops/common/checks.h"
-#include "ops/common/roi_math.h"
+#include "ops/common/roi_align_per_element.h"
 
 namespace fasterrcnn_ext {
 namespace {
 
-constexpr int kMaxLevels = 8;
 constexpr int kThreads = 256;
+// Shared memory for one RoI's sample table (24 bytes per sample and axis in float32): 7x7 bins with up to 36
+// samples per bin side in float32, 27 in float64. Larger adaptive grids are pooled per element.
+constexpr int kTableBytes = 12 * 1024;
+// Output elements per forward block: enough to amortise the block's table over many elements, few enough that a
+// thousand RoIs of 256 channels make thousands of blocks.
+constexpr int64_t kElementsPerBlock = 2048;
 
-// The pyramid as passed to the kernels (by value).
 template <typename T>
-struct Levels {
-  T* data[kMaxLevels];
-  int64_t height[kMaxLevels], width[kMaxLevels];
-  double scale[kMaxLevels];
-  int num;
-  int64_t k_min, k_max;
-};
+using Levels = RoIAlignLevels<T>;
+using Pool = RoIAlignParams;
 
-struct Pool {
-  int64_t pooled_h, pooled_w, sampling_ratio, batch, channels, num_rois;
-  bool aligned;
-  float canonical_scale, canonical_level;
-};
-
-template <typename T, typename acc_t>
-__device__ __forceinline__ int roi_level(const Levels<T>& lv, const Pool& pp, const acc_t* roi) {
-  if (lv.num == 1) return 0;
-  return static_cast<int>(fpn_level<float>(roi[1], roi[2], roi[3], roi[4], pp.canonical_scale, pp.canonical_level,
-                                           lv.k_min, lv.k_max, 1e-6f));
+template <typename scalar_t>
+__global__ void __launch_bounds__(kThreads)
+    roi_align_forward_kernel(Levels<const scalar_t> lv, const scalar_t* __restrict__ rois, Pool pp,
+                             int64_t channels_per_block, int64_t table_limit, scalar_t* __restrict__ out) {
+  using acc_t = at::opmath_type<scalar_t>;
+  __shared__ alignas(16) unsigned char table_bytes[kTableBytes];
+  __shared__ RoIAlignTask<acc_t> shared_task;
+  // The host checks bins < 2^31 and channels_per_block * bins <= max(kElementsPerBlock, bins).
+  const uint32_t pooled_w = static_cast<uint32_t>(pp.pooled_w);
+  const uint32_t bins = static_cast<uint32_t>(pp.pooled_h * pp.pooled_w);
+  for (int64_t r = blockIdx.x; r < pp.num_rois; r += gridDim.x) {
+    if (threadIdx.x == 0) {
+      acc_t roi[5];
+      for (int i = 0; i < 5; ++i) roi[i] = static_cast<acc_t>(rois[5 * r + i]);
+      shared_task = roi_align_task(lv, pp, roi);
+    }
+    __syncthreads();
+    const RoIAlignTask<acc_t> task = shared_task;
+    CUDA_KERNEL_ASSERT(task.valid && "roi_align: a RoI's batch index is outside [0, N)");
+    const int64_t height = lv.height[task.level], width = lv.width[task.level];
+    // Uniform over the block: every thread reads the same task.
+    const bool use_table = task.valid && roi_align_table_bytes(task.g, pp.pooled_h, pp.pooled_w) <= table_limit;
+    const RoIAlignTable<acc_t> table = roi_align_table_view(table_bytes, task.g, pp.pooled_h, pp.pooled_w);
+    if (use_table) {
+      for (int64_t i = threadIdx.x; i < pp.pooled_h + pp.pooled_w; i += blockDim.x) {
+        roi_align_table_fill(table, task.g, i, pp.pooled_h, height, width);
+      }
+    }
+    __syncthreads();
+    for (int64_t c0 = blockIdx.y * channels_per_block; c0 < pp.channels; c0 += gridDim.y * channels_per_block) {
+      const uint32_t elements = static_cast<uint32_t>(min(channels_per_block, pp.channels - c0)) * bins;
+      scalar_t* o = out + (r * pp.channels + c0) * bins;
+      const scalar_t* image = lv.data[task.level] + (task.image * pp.channels + c0) * height * width;
+      for (uint32_t e = threadIdx.x; e < elements; e += blockDim.x) {
+        acc_t v = 0;
+        if (task.valid) {
+          const uint32_t c = e / bins, b = e - c * bins, p = b / pooled_w, q = b - p * pooled_w;
+          const scalar_t* plane = image + c * height * width;
+          v = use_table ? roi_align_table_bin(table, task.g, plane, width, p, q)
+                        : roi_align_direct_bin(task.g, plane, height, width, p, q);
+        }
+        o[e] = static_cast<scalar_t>(v);
+      }
+    }
+    __syncthreads();  // the next RoI overwrites the task and the table
+  }
 }
 
-// Output element idx of [K, C, PH, PW] -> its RoI r, channel c and bin (p, q); the RoI read in acc_t. Returns
-// whether the RoI's batch index is in [0, N) (the caller asserts, naming its op).
+// Output element idx of [K, C, PH, PW] -> its RoI r, channel c and bin (p, q).
 struct Bin {
   int64_t r, c, p, q;
 };
 
-template <typename scalar_t, typename acc_t>
-__device__ __forceinline__ bool load_bin(int64_t idx, const Pool& pp, const scalar_t* __restrict__ rois, Bin& bin,
-                                         acc_t* roi) {
+__device__ __forceinline__ Bin bin_of(int64_t idx, const Pool& pp) {
+  Bin bin;
   bin.q = idx % pp.pooled_w;
   bin.p = (idx / pp.pooled_w) % pp.pooled_h;
   bin.c = (idx / (pp.pooled_w * pp.pooled_h)) % pp.channels;
   bin.r = idx / (pp.pooled_w * pp.pooled_h * pp.channels);
-  for (int i = 0; i < 5; ++i) roi[i] = static_cast<acc_t>(rois[5 * bin.r + i]);
-  return roi[0] >= 0 && roi[0] < static_cast<acc_t>(pp.batch);
+  return bin;
 }
 
-template <typename scalar_t>
-__global__ void roi_align_forward_kernel(int64_t total, Levels<const scalar_t> lv, const scalar_t* __restrict__ rois,
-                                         Pool pp, scalar_t* __restrict__ out) {
-  using acc_t = at::opmath_type<scalar_t>;
-  for (int64_t idx = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; idx < total;
-       idx += static_cast<int64_t>(blockDim.x) * gridDim.x) {
-    Bin bin;
-    acc_t roi[5];
-    const bool batch_ok = load_bin(idx, pp, rois, bin, roi);
-    const int64_t c = bin.c, p = bin.p, q = bin.q;
-    CUDA_KERNEL_ASSERT(batch_ok && "roi_align: a RoI's batch index is outside [0, N)");
-    if (!batch_ok) {
-      out[idx] = scalar_t(0);
-      continue;
-    }
-    const int l = roi_level(lv, pp, roi);
-    const int64_t height = lv.height[l], width = lv.width[l];
-    const RoIAlignGeometry<acc_t> g =
-        roi_align_geometry(roi[1], roi[2], roi[3], roi[4], static_cast<acc_t>(lv.scale[l]), pp.pooled_h,
-                           pp.pooled_w, pp.sampling_ratio, pp.aligned, height, width);
-    const scalar_t* plane = lv.data[l] + (static_cast<int64_t>(roi[0]) * pp.channels + c) * height * width;
-    acc_t sum = 0;
-    for (int64_t iy = 0; iy < g.grid_h; ++iy) {
-      AxisWeights<acc_t> y;
-      if (!interpolation_weights(roi_align_sample(g.start_h, p, g.bin_h, iy, g.grid_h), height, y)) continue;
-      for (int64_t ix = 0; ix < g.grid_w; ++ix) {
-        AxisWeights<acc_t> x;
-        if (!interpolation_weights(roi_align_sample(g.start_w, q, g.bin_w, ix, g.grid_w), width, x)) continue;
-        sum += y.w_low * x.w_low * static_cast<acc_t>(plane[y.low * width + x.low]) +
-               y.w_low * x.w_high * static_cast<acc_t>(plane[y.low * width + x.high]) +
-               y.w_high * x.w_low * static_cast<acc_t>(plane[y.high * width + x.low]) +
-               y.w_high * x.w_high * static_cast<acc_t>(plane[y.high * width + x.high]);
-      }
-    }
-    out[idx] = static_cast<scalar_t>(sum / g.count);
-  }
+template <typename scalar_t, typename acc_t>
+__device__ __forceinline__ RoIAlignTask<acc_t> read_task(const Levels<acc_t>& gl, const Pool& pp,
+                                                         const scalar_t* __restrict__ rois, int64_t r) {
+  acc_t roi[5];
+  for (int i = 0; i < 5; ++i) roi[i] = static_cast<acc_t>(rois[5 * r + i]);
+  return roi_align_task(gl, pp, roi);
 }
 
-// Scatters the gradient of output element (r, c, p, q) to its plane: atomically, or plainly when the caller
+// Scatters the gradient of output element (c, p, q) of a RoI to its plane: atomically, or plainly when the caller
 // guarantees one writer per plane (the deterministic kernel).
-template <bool kAtomic, typename scalar_t, typename acc_t>
-__device__ __forceinline__ void scatter_bin(const Levels<acc_t>& gl, const Pool& pp, const acc_t* roi, int l,
+template <bool kAtomic, typename acc_t>
+__device__ __forceinline__ void scatter_bin(const Levels<acc_t>& gl, const Pool& pp, const RoIAlignTask<acc_t>& task,
                                             int64_t c, int64_t p, int64_t q, acc_t grad) {
-  const int64_t height = gl.height[l], width = gl.width[l];
-  const RoIAlignGeometry<acc_t> g =
-      roi_align_geometry(roi[1], roi[2], roi[3], roi[4], static_cast<acc_t>(gl.scale[l]), pp.pooled_h, pp.pooled_w,
-                         pp.sampling_ratio, pp.aligned, height, width);
-  acc_t* plane = gl.data[l] + (static_cast<int64_t>(roi[0]) * pp.channels + c) * height * width;
+  const RoIAlignGeometry<acc_t>& g = task.g;
+  const int64_t height = gl.height[task.level], width = gl.width[task.level];
+  acc_t* plane = gl.data[task.level] + (task.image * pp.channels + c) * height * width;
   const acc_t gbin = grad / g.count;
   for (int64_t iy = 0; iy < g.grid_h; ++iy) {
     AxisWeights<acc_t> y;
@@ -139,15 +144,12 @@ __global__ void roi_align_backward_kernel(int64_t total, Levels<acc_t> gl, const
                                           int64_t gs2, int64_t gs3) {
   for (int64_t idx = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; idx < total;
        idx += static_cast<int64_t>(blockDim.x) * gridDim.x) {
-    Bin bin;
-    acc_t roi[5];
-    const bool batch_ok = load_bin(idx, pp, rois, bin, roi);
-    const int64_t r = bin.r, c = bin.c, p = bin.p, q = bin.q;
-    CUDA_KERNEL_ASSERT(batch_ok && "roi_align backward: a RoI's batch index is outside [0, N)");
-    if (!batch_ok) continue;
-    const int l = roi_level(gl, pp, roi);
-    scatter_bin<true, scalar_t>(gl, pp, roi, l, c, p, q,
-                                static_cast<acc_t>(grad[r * gs0 + c * gs1 + p * gs2 + q * gs3]));
+    const Bin bin = bin_of(idx, pp);
+    const RoIAlignTask<acc_t> task = read_task(gl, pp, rois, bin.r);
+    CUDA_KERNEL_ASSERT(task.valid && "roi_align backward: a RoI's batch index is outside [0, N)");
+    if (!task.valid) continue;
+    scatter_bin<true>(gl, pp, task, bin.c, bin.p, bin.q,
+                      static_cast<acc_t>(grad[bin.r * gs0 + bin.c * gs1 + bin.p * gs2 + bin.q * gs3]));
   }
 }
 
@@ -160,16 +162,12 @@ __global__ void roi_align_backward_deterministic_kernel(Levels<acc_t> gl, const 
   if (plane_id >= pp.batch * pp.channels) return;
   const int64_t n = plane_id / pp.channels, c = plane_id % pp.channels;
   for (int64_t r = 0; r < pp.num_rois; ++r) {
-    acc_t roi[5];
-    for (int i = 0; i < 5; ++i) roi[i] = static_cast<acc_t>(rois[5 * r + i]);
-    const bool batch_ok = roi[0] >= 0 && roi[0] < static_cast<acc_t>(pp.batch);
-    CUDA_KERNEL_ASSERT(batch_ok && "roi_align backward: a RoI's batch index is outside [0, N)");
-    if (!batch_ok || static_cast<int64_t>(roi[0]) != n) continue;
-    const int l = roi_level(gl, pp, roi);
+    const RoIAlignTask<acc_t> task = read_task(gl, pp, rois, r);
+    CUDA_KERNEL_ASSERT(task.valid && "roi_align backward: a RoI's batch index is outside [0, N)");
+    if (!task.valid || task.image != n) continue;
     for (int64_t p = 0; p < pp.pooled_h; ++p) {
       for (int64_t q = 0; q < pp.pooled_w; ++q) {
-        scatter_bin<false, scalar_t>(gl, pp, roi, l, c, p, q,
-                                     static_cast<acc_t>(grad[r * gs0 + c * gs1 + p * gs2 + q * gs3]));
+        scatter_bin<false>(gl, pp, task, c, p, q, static_cast<acc_t>(grad[r * gs0 + c * gs1 + p * gs2 + q * gs3]));
       }
     }
   }
@@ -179,25 +177,9 @@ int64_t blocks_for(int64_t total) {
   return std::max<int64_t>(1, std::min<int64_t>((total + kThreads - 1) / kThreads, int64_t{1} << 20));
 }
 
-template <typename T>
-Levels<T> make_levels(const std::vector<T*>& data, at::IntArrayRef heights, at::IntArrayRef widths,
-                      at::ArrayRef<double> scales) {
-  check_num_levels(static_cast<int64_t>(data.size()), kMaxLevels, "multi_scale_roi_align (CUDA)");
-  Levels<T> lv{};
-  lv.num = static_cast<int>(data.size());
-  for (int l = 0; l < lv.num; ++l) {
-    lv.data[l] = data[l];
-    lv.height[l] = heights[l];
-    lv.width[l] = widths[l];
-    lv.scale[l] = scales[l];
-  }
-  lv.k_min = static_cast<int64_t>(-std::log2(scales.front()));
-  lv.k_max = static_cast<int64_t>(-std::log2(scales.back()));
-  return lv;
-}
-
+// table_bytes: a RoI whose sample table needs more is pooled per element (capped at the kernel's shared memory).
 at::Tensor forward_cuda(const std::vector<at::Tensor>& features_in, const at::Tensor& rois_in,
-                        at::ArrayRef<double> scales, const Pool& pool_in) {
+                        at::ArrayRef<double> scales, const Pool& pool_in, int64_t table_bytes = kTableBytes) {
   const c10::cuda::CUDAGuard guard(rois_in.device());
   std::vector<at::Tensor> features;
   std::vector<int64_t> heights, widths;
@@ -215,12 +197,22 @@ at::Tensor forward_cuda(const std::vector<at::Tensor>& features_in, const at::Te
   at::Tensor out = at::empty({pp.num_rois, pp.channels, pp.pooled_h, pp.pooled_w}, features[0].options());
   const int64_t total = out.numel();
   if (total == 0) return out;
+  // The forward's grid: RoIs along x, chunks of channels along y (kElementsPerBlock output elements a block).
+  const int64_t bins = pp.pooled_h * pp.pooled_w;
+  FRCNN_CHECK(bins <= std::numeric_limits<int32_t>::max(), "roi_align (CUDA): output_size (", pp.pooled_h, ", ",
+              pp.pooled_w, ") has ", bins, " bins; at most 2^31 - 1 are supported");
+  const int64_t chunks = std::min<int64_t>(pp.channels, (pp.channels * bins + kElementsPerBlock - 1) / kElementsPerBlock);
+  const int64_t channels_per_block = (pp.channels + chunks - 1) / chunks;
+  const dim3 grid(static_cast<unsigned>(std::min<int64_t>(pp.num_rois, std::numeric_limits<int32_t>::max())),
+                  static_cast<unsigned>(std::min<int64_t>((pp.channels + channels_per_block - 1) / channels_per_block,
+                                                          65535)));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, features[0].scalar_type(), "roi_align_forward_cuda", [&] {
     std::vector<const scalar_t*> data;
     for (const at::Tensor& f : features) data.push_back(f.data_ptr<scalar_t>());
-    const Levels<const scalar_t> lv = make_levels(data, heights, widths, scales);
-    roi_align_forward_kernel<scalar_t><<<blocks_for(total), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
-        total, lv, rois.data_ptr<scalar_t>(), pp, out.data_ptr<scalar_t>());
+    const Levels<const scalar_t> lv = make_roi_align_levels(data, heights, widths, scales, "multi_scale_roi_align (CUDA)");
+    roi_align_forward_kernel<scalar_t><<<grid, kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+        lv, rois.data_ptr<scalar_t>(), pp, channels_per_block, std::min<int64_t>(table_bytes, kTableBytes),
+        out.data_ptr<scalar_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return out;
@@ -244,7 +236,7 @@ std::vector<at::Tensor> backward_cuda(const at::Tensor& grad, const at::Tensor& 
                               grad.options().dtype(c10::CppTypeToScalarType<acc_t>::value)));
       data.push_back(acc.back().data_ptr<acc_t>());
     }
-    const Levels<acc_t> gl = make_levels(data, heights, widths, scales);
+    const Levels<acc_t> gl = make_roi_align_levels(data, heights, widths, scales, "multi_scale_roi_align (CUDA)");
     const int64_t total = grad.numel();
     cudaStream_t stream = at::cuda::getCurrentCUDAStream();
     if (total > 0 && deterministic) {
@@ -304,6 +296,16 @@ std::vector<at::Tensor> multi_scale_roi_align_backward_cuda(const at::Tensor& gr
   return backward_cuda(grad, rois, scales, pp, heights, widths);
 }
 
+at::Tensor roi_align_per_element_cuda(at::TensorList features, const at::Tensor& rois, at::ArrayRef<double> scales,
+                                      int64_t pooled_height, int64_t pooled_width, int64_t sampling_ratio,
+                                      bool aligned, double canonical_scale, double canonical_level,
+                                      int64_t table_bytes) {
+  check_roi_align_per_element_inputs(features, rois, scales, pooled_height, pooled_width, table_bytes);
+  const Pool pp{pooled_height, pooled_width, sampling_ratio, 0, 0, 0, aligned, static_cast<float>(canonical_scale),
+                static_cast<float>(canonical_level)};
+  return forward_cuda(features.vec(), rois, scales, pp, table_bytes);
+}
+
 }  // namespace
 }  // namespace fasterrcnn_ext
 
@@ -312,4 +314,5 @@ TORCH_LIBRARY_IMPL(fasterrcnn_ext, CUDA, m) {
   m.impl("_roi_align_backward", &fasterrcnn_ext::roi_align_backward_cuda);
   m.impl("multi_scale_roi_align", &fasterrcnn_ext::multi_scale_roi_align_cuda);
   m.impl("_multi_scale_roi_align_backward", &fasterrcnn_ext::multi_scale_roi_align_backward_cuda);
+  m.impl("_roi_align_per_element", &fasterrcnn_ext::roi_align_per_element_cuda);
 }
