@@ -159,20 +159,30 @@ FRCNN_INLINE T roi_align_table_bin(const RoIAlignTable<T>& t, const RoIAlignGeom
   return sum / g.count;
 }
 
-// The same element without a table: each sample's weights computed on the spot.
-template <typename T, typename scalar_t>
-FRCNN_INLINE T roi_align_direct_bin(const RoIAlignGeometry<T>& g, const scalar_t* plane, int64_t height,
-                                    int64_t width, int64_t p, int64_t q) {
-  T sum = 0;
+// Calls visit(y, x) with the interpolation weights of every valid sample of bin (p, q), in sample order, each
+// computed on the spot (no table): the per-element forward and the CUDA backward.
+template <typename T, typename Visit>
+FRCNN_INLINE void roi_align_visit_samples(const RoIAlignGeometry<T>& g, int64_t height, int64_t width, int64_t p,
+                                          int64_t q, Visit&& visit) {
   for (int64_t iy = 0; iy < g.grid_h; ++iy) {
     AxisWeights<T> y;
     if (!interpolation_weights(roi_align_sample(g.start_h, p, g.bin_h, iy, g.grid_h), height, y)) continue;
     for (int64_t ix = 0; ix < g.grid_w; ++ix) {
       AxisWeights<T> x;
       if (!interpolation_weights(roi_align_sample(g.start_w, q, g.bin_w, ix, g.grid_w), width, x)) continue;
-      sum += roi_align_tap(plane, width, y, x);
+      visit(y, x);
     }
   }
+}
+
+// The same element as roi_align_table_bin, without a table.
+template <typename T, typename scalar_t>
+FRCNN_INLINE T roi_align_direct_bin(const RoIAlignGeometry<T>& g, const scalar_t* plane, int64_t height,
+                                    int64_t width, int64_t p, int64_t q) {
+  T sum = 0;
+  roi_align_visit_samples(g, height, width, p, q, [&](const AxisWeights<T>& y, const AxisWeights<T>& x) {
+    sum += roi_align_tap(plane, width, y, x);
+  });
   return sum / g.count;
 }
 

@@ -39,6 +39,15 @@ template <typename T>
 using Levels = RoIAlignLevels<T>;
 using Pool = RoIAlignParams;
 
+// RoI r's task, its coordinates read in acc_t.
+template <typename acc_t, typename scalar_t, typename P>
+__device__ __forceinline__ RoIAlignTask<acc_t> read_task(const Levels<P>& lv, const Pool& pp,
+                                                         const scalar_t* __restrict__ rois, int64_t r) {
+  acc_t roi[5];
+  for (int i = 0; i < 5; ++i) roi[i] = static_cast<acc_t>(rois[5 * r + i]);
+  return roi_align_task(lv, pp, roi);
+}
+
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads)
     roi_align_forward_kernel(Levels<const scalar_t> lv, const scalar_t* __restrict__ rois, Pool pp,
@@ -50,11 +59,7 @@ __global__ void __launch_bounds__(kThreads)
   const uint32_t pooled_w = static_cast<uint32_t>(pp.pooled_w);
   const uint32_t bins = static_cast<uint32_t>(pp.pooled_h * pp.pooled_w);
   for (int64_t r = blockIdx.x; r < pp.num_rois; r += gridDim.x) {
-    if (threadIdx.x == 0) {
-      acc_t roi[5];
-      for (int i = 0; i < 5; ++i) roi[i] = static_cast<acc_t>(rois[5 * r + i]);
-      shared_task = roi_align_task(lv, pp, roi);
-    }
+    if (threadIdx.x == 0) shared_task = read_task<acc_t>(lv, pp, rois, r);
     __syncthreads();
     const RoIAlignTask<acc_t> task = shared_task;
     CUDA_KERNEL_ASSERT(task.valid && "roi_align: a RoI's batch index is outside [0, N)");
@@ -101,14 +106,6 @@ __device__ __forceinline__ Bin bin_of(int64_t idx, const Pool& pp) {
   return bin;
 }
 
-template <typename scalar_t, typename acc_t>
-__device__ __forceinline__ RoIAlignTask<acc_t> read_task(const Levels<acc_t>& gl, const Pool& pp,
-                                                         const scalar_t* __restrict__ rois, int64_t r) {
-  acc_t roi[5];
-  for (int i = 0; i < 5; ++i) roi[i] = static_cast<acc_t>(rois[5 * r + i]);
-  return roi_align_task(gl, pp, roi);
-}
-
 // Scatters the gradient of output element (c, p, q) of a RoI to its plane: atomically, or plainly when the caller
 // guarantees one writer per plane (the deterministic kernel).
 template <bool kAtomic, typename acc_t>
@@ -118,24 +115,18 @@ __device__ __forceinline__ void scatter_bin(const Levels<acc_t>& gl, const Pool&
   const int64_t height = gl.height[task.level], width = gl.width[task.level];
   acc_t* plane = gl.data[task.level] + (task.image * pp.channels + c) * height * width;
   const acc_t gbin = grad / g.count;
-  for (int64_t iy = 0; iy < g.grid_h; ++iy) {
-    AxisWeights<acc_t> y;
-    if (!interpolation_weights(roi_align_sample(g.start_h, p, g.bin_h, iy, g.grid_h), height, y)) continue;
-    for (int64_t ix = 0; ix < g.grid_w; ++ix) {
-      AxisWeights<acc_t> x;
-      if (!interpolation_weights(roi_align_sample(g.start_w, q, g.bin_w, ix, g.grid_w), width, x)) continue;
-      acc_t* t[4] = {plane + y.low * width + x.low, plane + y.low * width + x.high, plane + y.high * width + x.low,
-                     plane + y.high * width + x.high};
-      const acc_t w[4] = {y.w_low * x.w_low, y.w_low * x.w_high, y.w_high * x.w_low, y.w_high * x.w_high};
-      for (int k = 0; k < 4; ++k) {
-        if (kAtomic) {
-          atomicAdd(t[k], w[k] * gbin);
-        } else {
-          *t[k] += w[k] * gbin;
-        }
+  roi_align_visit_samples(g, height, width, p, q, [&](const AxisWeights<acc_t>& y, const AxisWeights<acc_t>& x) {
+    acc_t* t[4] = {plane + y.low * width + x.low, plane + y.low * width + x.high, plane + y.high * width + x.low,
+                   plane + y.high * width + x.high};
+    const acc_t w[4] = {y.w_low * x.w_low, y.w_low * x.w_high, y.w_high * x.w_low, y.w_high * x.w_high};
+    for (int k = 0; k < 4; ++k) {
+      if (kAtomic) {
+        atomicAdd(t[k], w[k] * gbin);
+      } else {
+        *t[k] += w[k] * gbin;
       }
     }
-  }
+  });
 }
 
 template <typename scalar_t, typename acc_t>
@@ -145,7 +136,7 @@ __global__ void roi_align_backward_kernel(int64_t total, Levels<acc_t> gl, const
   for (int64_t idx = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; idx < total;
        idx += static_cast<int64_t>(blockDim.x) * gridDim.x) {
     const Bin bin = bin_of(idx, pp);
-    const RoIAlignTask<acc_t> task = read_task(gl, pp, rois, bin.r);
+    const RoIAlignTask<acc_t> task = read_task<acc_t>(gl, pp, rois, bin.r);
     CUDA_KERNEL_ASSERT(task.valid && "roi_align backward: a RoI's batch index is outside [0, N)");
     if (!task.valid) continue;
     scatter_bin<true>(gl, pp, task, bin.c, bin.p, bin.q,
@@ -162,7 +153,7 @@ __global__ void roi_align_backward_deterministic_kernel(Levels<acc_t> gl, const 
   if (plane_id >= pp.batch * pp.channels) return;
   const int64_t n = plane_id / pp.channels, c = plane_id % pp.channels;
   for (int64_t r = 0; r < pp.num_rois; ++r) {
-    const RoIAlignTask<acc_t> task = read_task(gl, pp, rois, r);
+    const RoIAlignTask<acc_t> task = read_task<acc_t>(gl, pp, rois, r);
     CUDA_KERNEL_ASSERT(task.valid && "roi_align backward: a RoI's batch index is outside [0, N)");
     if (!task.valid || task.image != n) continue;
     for (int64_t p = 0; p < pp.pooled_h; ++p) {
