@@ -258,6 +258,7 @@ def test_model_built_under_inference_mode_follows_in_place_weight_loads():
     assert_same_detections([got], [expected])
 
 
+@pytest.mark.filterwarnings("ignore:inference_dtype = torch.bfloat16 on a CPU without")
 def test_bfloat16_inference_runs_and_keeps_float32_boxes():
     mine, _ = model_pair("fasterrcnn_mobilenet_v3_large_320_fpn", box_score_thresh=0.0)
     mine.eval()
@@ -267,6 +268,24 @@ def test_bfloat16_inference_runs_and_keeps_float32_boxes():
         out = mine(images)
     assert all(d["boxes"].dtype == torch.float32 and d["scores"].dtype == torch.float32 for d in out)
     assert sum(len(d["boxes"]) for d in out) > 0
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_bfloat16_inference_warns_where_the_cpu_emulates_bfloat16(monkeypatch, native):
+    import warnings
+
+    from fasterrcnn_ext.models.detection import faster_rcnn
+
+    monkeypatch.setattr(faster_rcnn, "cpu_has_native_bfloat16", lambda: native)
+    mine, _ = model_pair("fasterrcnn_mobilenet_v3_large_320_fpn")
+    mine.eval()
+    mine.inference_dtype = torch.bfloat16
+    images, _ = images_and_targets(1)
+    with warnings.catch_warnings(record=True) as caught, torch.no_grad():
+        warnings.simplefilter("always")
+        mine(images)
+    emulated = [w for w in caught if "without AVX512-BF16 or AMX" in str(w.message)]
+    assert len(emulated) == (0 if native else 1)
 
 
 def test_torch_compile_eval_model():

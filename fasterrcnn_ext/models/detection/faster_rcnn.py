@@ -11,7 +11,9 @@ the losses are torchvision's own modules, so weights and training behave as in t
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
+import warnings
 from collections import OrderedDict
 
 import torch
@@ -78,7 +80,8 @@ class FasterRCNN(tv_faster_rcnn.FasterRCNN):
     outputs equal the plain modules' up to float rounding (~1e-5 relative with Winograd). On CPU the forward reuses
     its large activation blocks (``reuse_cpu_memory``, fasterrcnn_ext.memory). Set ``fast_inference = False`` to run
     the modules as they are. ``inference_dtype = torch.bfloat16`` opts into bfloat16 autocast for the learned
-    layers (for CPUs with AMX or AVX512-BF16); boxes, anchors and post-processing stay in float32.
+    layers (for CPUs with AMX or AVX512-BF16: elsewhere bfloat16 is emulated, slower than float32, and the forward
+    warns); boxes, anchors and post-processing stay in float32.
     """
 
     inference_dtype: torch.dtype | None = None
@@ -140,6 +143,11 @@ class FasterRCNN(tv_faster_rcnn.FasterRCNN):
         image_list, _ = self.transform(images)
         backbone = self._backbone_for_inference.get(self.backbone, self.inference_dtype)
         device_type = image_list.tensors.device.type
+        if (self.inference_dtype == torch.bfloat16 and device_type == "cpu" and not torch.compiler.is_compiling()
+                and not cpu_has_native_bfloat16()):
+            warnings.warn("inference_dtype = torch.bfloat16 on a CPU without AVX512-BF16 or AMX: bfloat16 is "
+                          "emulated there and the detector runs slower than in float32 (inference_dtype = None)",
+                          RuntimeWarning, stacklevel=3)
         with torch.autocast(device_type, dtype=self.inference_dtype or torch.float32,
                             enabled=self.inference_dtype is not None):
             features = backbone(image_list.tensors.contiguous(memory_format=torch.channels_last))
@@ -149,6 +157,13 @@ class FasterRCNN(tv_faster_rcnn.FasterRCNN):
             proposals, _ = self.rpn(image_list, features, head=rpn_head)
             detections, _ = self.roi_heads(features, proposals, image_list.image_sizes)
         return self.transform.postprocess(detections, image_list.image_sizes, original_image_sizes)
+
+
+@functools.cache
+def cpu_has_native_bfloat16() -> bool:
+    """Whether this CPU computes bfloat16 in hardware (AVX512-BF16 or AMX), where the bfloat16 inference mode pays."""
+    checks = (getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+    return any(check() for check in checks if check is not None)
 
 
 # ---------------------------------------------------------------------------------------------------------------
