@@ -6,6 +6,8 @@ Environment:
   TORCH_CUDA_ARCH_LIST    GPU architectures, e.g. "8.0;9.0+PTX". Default with no GPU: 7.5 to 9.0 plus PTX.
   CUDA_HOME               the CUDA toolkit; found from nvcc on PATH when unset.
   MAX_JOBS                parallel compile jobs for ninja.
+  FRCNN_CPU_MAX_ISA=avx2  leave the AVX-512 clones of the CPU kernels out: an AVX-512 machine then runs (and
+                          benchmarks) the code that AVX2-only CPUs run.
 """
 
 import glob
@@ -104,7 +106,7 @@ def _missing_cuda_headers_dir():
     return out
 
 
-def _write_build_config(with_cuda, cuda_version, arch_list):
+def _write_build_config(with_cuda, cuda_version, arch_list, cpu_max_isa):
     """Record what this build was made against, readable before the library is loaded."""
     path = os.path.join(ROOT, "fasterrcnn_ext", "_build_config.py")
     text = (
@@ -114,6 +116,7 @@ def _write_build_config(with_cuda, cuda_version, arch_list):
         f"WITH_CUDA = {with_cuda!r}\n"
         f"CUDA_VERSION = {cuda_version!r}\n"
         f"CUDA_ARCH_LIST = {arch_list!r}\n"
+        f"CPU_MAX_ISA = {cpu_max_isa!r}\n"
     )
     with open(path, "w") as f:
         f.write(text)
@@ -139,6 +142,11 @@ def _extensions():
     cxx_flags = ["-O3", "-fvisibility=hidden", "-fopenmp", "-ffp-contract=off", "-fno-trapping-math"]
     nvcc_flags = ["-O3", "--expt-relaxed-constexpr", "-lineinfo", "--fmad=false"]
     define_macros = [("FRCNN_VERSION", f'"{VERSION}"')]
+    max_isa = os.environ.get("FRCNN_CPU_MAX_ISA", "")
+    if max_isa not in ("", "avx2"):
+        sys.exit(f"FRCNN_CPU_MAX_ISA={max_isa!r}: the only value is 'avx2' (unset: every clone up to AVX-512)")
+    if max_isa == "avx2":
+        define_macros.append(("FRCNN_CPU_MAX_ISA_AVX2", "1"))
     include_dirs = [os.path.join(ROOT, "csrc")]
     cuda_version, arch_list = None, None
     if with_cuda:
@@ -160,7 +168,7 @@ def _extensions():
     else:
         ext_cls = CppExtension
         extra = {"cxx": cxx_flags}
-    _write_build_config(with_cuda, cuda_version, arch_list)
+    _write_build_config(with_cuda, cuda_version, arch_list, max_isa or "avx512")
     print(f"fasterrcnn_ext: building with CUDA={with_cuda} (arch list {arch_list}, nvcc {cuda_version}), "
           f"torch {torch.__version__}", flush=True)
     return [ext_cls("fasterrcnn_ext._C", sources, include_dirs=include_dirs, define_macros=define_macros,

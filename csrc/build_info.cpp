@@ -18,6 +18,11 @@ std::string build_info() {
 #else
   info += "cuda=0\n";
 #endif
+#ifdef FRCNN_CPU_MAX_ISA_AVX2
+  info += "cpu_max_isa=avx2\n";  // built without the AVX-512 clones (FRCNN_CPU_MAX_ISA=avx2)
+#else
+  info += "cpu_max_isa=avx512\n";
+#endif
 #if AT_PARALLEL_OPENMP
   info += "parallel_backend=OpenMP\n";
 #else

@@ -53,6 +53,41 @@ def test_large_outputs_match_torchvision_forward_and_backward():
     torch.testing.assert_close(g_big, g_ref, rtol=0, atol=2e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("channels, height, width", [(40, 19, 37), (32, 16, 16), (16, 9, 8)])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_channel_blocks_match_torchvision_at_their_edges(dtype, channels, height, width, channels_last):
+    """The CPU kernels' vector paths: whole channel blocks (16 float32 or 8 float64 channels) and a partial one,
+    rows of 8 pixels and a ragged remainder, odd plane sizes (the output and gradient stores then fall back from
+    aligned streaming), RoIs in any order (they are pooled in top-edge order), a NaN RoI among them (it sorts last
+    and contributes nothing; torchvision is given the others)."""
+    x = torch.randn(2, channels, height, width, dtype=dtype)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    rois = random_rois(60, 2, image_hw=(4 * height, 4 * width), max_size=60.0, dtype=dtype)
+    rois[7, 1:] = float("nan")
+    keep = torch.arange(60) != 7
+    for output_size in [(7, 7), (3, 5)]:
+        kw = dict(output_size=output_size, spatial_scale=0.25, sampling_ratio=2, aligned=True)
+        xa = x.detach().clone().requires_grad_()
+        xt = x.detach().clone().requires_grad_()
+        ours = ops.roi_align(xa, rois, **kw)
+        theirs = torchvision.ops.roi_align(xt, rois[keep], **kw)
+        torch.testing.assert_close(ours[keep], theirs, **TOL[dtype])
+        assert torch.isfinite(ours[7]).all()
+        grad = torch.randn_like(ours)
+        ours.backward(grad)
+        theirs.backward(grad[keep])
+        torch.testing.assert_close(xa.grad, xt.grad, **TOL[dtype])
+        pooled, argmax = torch.ops.fasterrcnn_ext.roi_pool(x, rois, 0.25, *output_size)
+        ref = torchvision.ops.roi_pool(x, rois[keep], output_size, 0.25)
+        assert torch.equal(pooled[keep], ref)
+        assert (argmax[7] == -1).all()
+        picked = x.reshape(2, channels, -1)[rois[:, 0].long()].gather(2, argmax.clamp(min=0).flatten(2))
+        valid = argmax.flatten(2) >= 0
+        assert torch.equal(picked[valid], pooled.flatten(2)[valid])  # the argmax points at the maximum
+
+
 def test_list_of_boxes_equals_rois(device):
     x = torch.randn(3, 4, 20, 20, device=device)
     rois = random_rois(30, 3, image_hw=(20, 20), device=device)

@@ -11,8 +11,18 @@
 
 // Function multiversioning for hot CPU loops: the loop is compiled for AVX-512, AVX2 and baseline x86-64,
 // and the best clone is picked at load time. Wheels cannot assume -march=native.
+// FRCNN_CPU_MAX_ISA_AVX2 (setup.py: FRCNN_CPU_MAX_ISA=avx2) leaves the AVX-512 clones out, so that an AVX-512
+// machine runs, and benchmarks, the code an AVX2-only CPU runs.
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(__CUDACC__)
+#if defined(FRCNN_CPU_MAX_ISA_AVX2)
+#define FRCNN_CPU_MULTIVERSION __attribute__((target_clones("avx2", "default")))
+#define FRCNN_CPU_MULTIVERSION_ARCH __attribute__((target_clones("arch=x86-64-v3", "default")))
+#else
 #define FRCNN_CPU_MULTIVERSION __attribute__((target_clones("avx512f", "avx2", "default")))
+#define FRCNN_CPU_MULTIVERSION_ARCH \
+  __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#endif
 #else
 #define FRCNN_CPU_MULTIVERSION
+#define FRCNN_CPU_MULTIVERSION_ARCH
 #endif

@@ -23,13 +23,7 @@
 
 #include "ops/common/checks.h"
 
-// The transforms are built for AVX-512 and AVX2 as well as the baseline, picked at load time by the CPU
-// (GCC/Clang function multi-versioning).
-#if defined(__x86_64__) && defined(__GNUC__) && defined(__linux__)
-#define FRCNN_VECTOR_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define FRCNN_VECTOR_CLONES
-#endif
+#include "ops/common/host_device.h"
 
 namespace fasterrcnn_ext {
 namespace {
@@ -112,8 +106,9 @@ __attribute__((always_inline)) inline void input_lanes(const T* const* rows, int
   }
 }
 
+// The transforms are built for AVX-512 and AVX2 as well as the baseline, picked at load time by the CPU.
 template <typename T>
-FRCNN_VECTOR_CLONES void input_transform_tile(const T* const* rows, int64_t C, T* const* v) {
+FRCNN_CPU_MULTIVERSION_ARCH void input_transform_tile(const T* const* rows, int64_t C, T* const* v) {
   constexpr int64_t kLanes = sizeof(Vec64<T>) / sizeof(T);
   int64_t ch = 0;
   for (; ch + kLanes <= C; ch += kLanes) input_lanes<Vec64<T>>(rows, C, v, ch);
@@ -143,7 +138,7 @@ __attribute__((always_inline)) inline void output_lanes(const T* const* m, const
 }
 
 template <bool kRelu, typename T>
-FRCNN_VECTOR_CLONES void output_transform_tile(const T* const* m, int64_t K, const T* bias, T* const* y) {
+FRCNN_CPU_MULTIVERSION_ARCH void output_transform_tile(const T* const* m, int64_t K, const T* bias, T* const* y) {
   constexpr int64_t kLanes = sizeof(Vec64<T>) / sizeof(T);
   int64_t ch = 0;
   for (; ch + kLanes <= K; ch += kLanes) output_lanes<kRelu, Vec64<T>>(m, bias, y, ch);

@@ -12,6 +12,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <cstring>
 #include <vector>
 
 #include "ops/common/checks.h"
@@ -29,6 +30,7 @@ struct RoISamples {
   std::vector<AxisWeights<acc_t>> ys, xs;
   std::vector<int64_t> y_begin, x_begin;
   acc_t count = 1;
+  int64_t rows_end = 0;  // the rows the taps read are all below this one
 
   static void build_axis(acc_t start, acc_t bin_size, int64_t grid, int64_t pooled, int64_t size,
                          std::vector<AxisWeights<acc_t>>& out, std::vector<int64_t>& begin) {
@@ -49,6 +51,8 @@ struct RoISamples {
     build_axis(g.start_h, g.bin_h, g.grid_h, pooled_h, height, ys, y_begin);
     build_axis(g.start_w, g.bin_w, g.grid_w, pooled_w, width, xs, x_begin);
     count = g.count;
+    rows_end = 0;
+    for (const AxisWeights<acc_t>& y : ys) rows_end = std::max(rows_end, y.high + 1);
   }
 };
 
@@ -57,10 +61,12 @@ template <typename acc_t>
 __attribute__((always_inline)) inline void pool_roi_impl(const acc_t* __restrict__ buf, int64_t width,
                                                          const RoISamples<acc_t>& s, int64_t ph, int64_t pw,
                                                          acc_t* __restrict__ out) {
-  constexpr int64_t B = kBlock<acc_t>;
+  using V = typename VecTypes<acc_t, kVecBytes>::V;
+  constexpr int64_t B = kBlock<acc_t>, L = kVecBytes / static_cast<int64_t>(sizeof(acc_t));
+  constexpr int kVectors = static_cast<int>(B / L);
   for (int64_t p = 0; p < ph; ++p) {
     for (int64_t q = 0; q < pw; ++q) {
-      acc_t acc[B] = {};
+      V acc[kVectors] = {};  // the block's channels, kept in registers across the bin's samples
       for (int64_t yi = s.y_begin[p]; yi < s.y_begin[p + 1]; ++yi) {
         const AxisWeights<acc_t>& y = s.ys[yi];
         const acc_t* row_low = buf + y.low * width * B;
@@ -71,12 +77,36 @@ __attribute__((always_inline)) inline void pool_roi_impl(const acc_t* __restrict
                       w4 = y.w_high * x.w_high;
           const acc_t *p1 = row_low + x.low * B, *p2 = row_low + x.high * B, *p3 = row_high + x.low * B,
                       *p4 = row_high + x.high * B;
-          for (int64_t c = 0; c < B; ++c) acc[c] += w1 * p1[c] + w2 * p2[c] + w3 * p3[c] + w4 * p4[c];
+          for (int j = 0; j < kVectors; ++j) {
+            V v1, v2, v3, v4;
+            std::memcpy(&v1, p1 + j * L, sizeof(V));
+            std::memcpy(&v2, p2 + j * L, sizeof(V));
+            std::memcpy(&v3, p3 + j * L, sizeof(V));
+            std::memcpy(&v4, p4 + j * L, sizeof(V));
+            acc[j] += w1 * v1 + w2 * v2 + w3 * v3 + w4 * v4;
+          }
         }
       }
-      acc_t* o = out + (p * pw + q) * B;
-      for (int64_t c = 0; c < B; ++c) o[c] = acc[c] / s.count;
+      for (int j = 0; j < kVectors; ++j) {
+        const V o = acc[j] / s.count;
+        std::memcpy(out + (p * pw + q) * B + j * L, &o, sizeof(V));
+      }
     }
+  }
+}
+
+// t[0 .. kBlock) += w * g, with roi_block.h's vector types: GCC left the plain loop scalar (the four taps may be
+// the same pixel, so it cannot merge their updates).
+template <typename acc_t>
+__attribute__((always_inline)) inline void add_scaled_block(acc_t* t, acc_t w, const acc_t* g) {
+  using V = typename VecTypes<acc_t, kVecBytes>::V;
+  constexpr int64_t L = kVecBytes / static_cast<int64_t>(sizeof(acc_t));
+  for (int64_t c = 0; c < kBlock<acc_t>; c += L) {
+    V tv, gv;
+    std::memcpy(&tv, t + c, sizeof(V));
+    std::memcpy(&gv, g + c, sizeof(V));
+    tv += w * gv;
+    std::memcpy(t + c, &tv, sizeof(V));
   }
 }
 
@@ -87,7 +117,7 @@ __attribute__((always_inline)) inline void unpool_roi_impl(acc_t* buf, int64_t w
   constexpr int64_t B = kBlock<acc_t>;
   for (int64_t p = 0; p < ph; ++p) {
     for (int64_t q = 0; q < pw; ++q) {
-      acc_t g[B];
+      alignas(64) acc_t g[B];
       for (int64_t c = 0; c < B; ++c) g[c] = grad[(p * pw + q) * B + c] / s.count;
       for (int64_t yi = s.y_begin[p]; yi < s.y_begin[p + 1]; ++yi) {
         const AxisWeights<acc_t>& y = s.ys[yi];
@@ -95,17 +125,11 @@ __attribute__((always_inline)) inline void unpool_roi_impl(acc_t* buf, int64_t w
         acc_t* row_high = buf + y.high * width * B;
         for (int64_t xi = s.x_begin[q]; xi < s.x_begin[q + 1]; ++xi) {
           const AxisWeights<acc_t>& x = s.xs[xi];
-          const acc_t w1 = y.w_low * x.w_low, w2 = y.w_low * x.w_high, w3 = y.w_high * x.w_low,
-                      w4 = y.w_high * x.w_high;
           // The four taps may be the same pixel (clamped at the border): four separate updates.
-          acc_t* t1 = row_low + x.low * B;
-          for (int64_t c = 0; c < B; ++c) t1[c] += w1 * g[c];
-          acc_t* t2 = row_low + x.high * B;
-          for (int64_t c = 0; c < B; ++c) t2[c] += w2 * g[c];
-          acc_t* t3 = row_high + x.low * B;
-          for (int64_t c = 0; c < B; ++c) t3[c] += w3 * g[c];
-          acc_t* t4 = row_high + x.high * B;
-          for (int64_t c = 0; c < B; ++c) t4[c] += w4 * g[c];
+          add_scaled_block(row_low + x.low * B, y.w_low * x.w_low, g);
+          add_scaled_block(row_low + x.high * B, y.w_low * x.w_high, g);
+          add_scaled_block(row_high + x.low * B, y.w_high * x.w_low, g);
+          add_scaled_block(row_high + x.high * B, y.w_high * x.w_high, g);
         }
       }
     }
@@ -186,13 +210,10 @@ RoIList<acc_t> read_rois(const at::Tensor& rois_in, int64_t batch_size, const st
 template <typename acc_t>
 RoIsByImage rois_in_scan_order(const RoIList<acc_t>& list, int64_t batch) {
   RoIsByImage by_image(list.batch, batch);
-  for (int64_t n = 0; n < batch; ++n) {
-    std::stable_sort(by_image.ids.begin() + by_image.begin[n], by_image.ids.begin() + by_image.begin[n + 1],
-                     [&](int64_t a, int64_t b) {
-                       if (list.level[a] != list.level[b]) return list.level[a] < list.level[b];
-                       return list.roi(a)[2] < list.roi(b)[2];
-                     });
-  }
+  by_image.sort_each_image([&](int64_t a, int64_t b) {
+    if (list.level[a] != list.level[b]) return list.level[a] < list.level[b];
+    return top_edge_key(list.roi(a)[2]) < top_edge_key(list.roi(b)[2]);
+  });
   return by_image;
 }
 
@@ -238,21 +259,29 @@ at::Tensor roi_align_forward_cpu_typed(const std::vector<at::Tensor>& features, 
   at::parallel_for(0, batch * blocks, 1, [&](int64_t lo, int64_t hi) {
     std::vector<acc_t> buf(offsets.back());
     std::vector<acc_t> roi_out(bins * B);
+    std::vector<scalar_t> staged(bins * B);  // roi_out as the output's [channel][bin]
+    std::vector<int64_t> rows_ready(levels.size());
     for (int64_t task = lo; task < hi; ++task) {
       const int64_t n = task / blocks, c0 = (task % blocks) * B, nc = std::min(B, channels - c0);
-      if (by_image.begin[n] == by_image.begin[n + 1]) continue;
-      for (size_t l = 0; l < levels.size(); ++l) {
-        gather_channel_block<scalar_t, acc_t>(features[l], n, c0, buf.data() + offsets[l]);
-      }
+      std::fill(rows_ready.begin(), rows_ready.end(), 0);
       for (int64_t i = by_image.begin[n]; i < by_image.begin[n + 1]; ++i) {
         const int64_t r = by_image.ids[i], l = list.level[r];
-        pool_roi(buf.data() + offsets[l], levels[l].width, samples[r], ph, pw, roi_out.data());
-        scalar_t* o = out + (r * channels + c0) * bins;
-        for (int64_t c = 0; c < nc; ++c) {
-          for (int64_t b = 0; b < bins; ++b) o[c * bins + b] = static_cast<scalar_t>(roi_out[b * B + c]);
+        // The block's rows are gathered as the RoIs (in top-edge order) first need them, just before they are
+        // read: they are still in L1/L2 then, where a whole-map gather first would have evicted them (a P2 block
+        // is 4 MB). Rows no RoI reads are never gathered.
+        if (samples[r].rows_end > rows_ready[l]) {
+          gather_channel_block<scalar_t, acc_t>(features[l], n, c0, rows_ready[l], samples[r].rows_end,
+                                                buf.data() + offsets[l]);
+          rows_ready[l] = samples[r].rows_end;
         }
+        pool_roi(buf.data() + offsets[l], levels[l].width, samples[r], ph, pw, roi_out.data());
+        // Staged as the output's [channel][bin] in L1, then streamed out: the RoI's block of the output is one
+        // contiguous run of whole cache lines (bins * 64 bytes) wherever the output is 64-byte aligned.
+        store_block_rows(roi_out.data(), bins, nc, staged.data(), bins);
+        stream_store(staged.data(), nc * bins * sizeof(scalar_t), out + (r * channels + c0) * bins);
       }
     }
+    stream_fence();
   });
   return output;
 }
@@ -288,16 +317,14 @@ std::vector<at::Tensor> roi_align_backward_cpu_typed(const at::Tensor& grad_in, 
       std::fill(buf.begin(), buf.end(), acc_t(0));
       for (int64_t i = by_image.begin[n]; i < by_image.begin[n + 1]; ++i) {
         const int64_t r = by_image.ids[i], l = list.level[r];
-        const scalar_t* g = grad + (r * channels + c0) * bins;
-        for (int64_t c = 0; c < nc; ++c) {
-          for (int64_t b = 0; b < bins; ++b) roi_grad[b * B + c] = static_cast<acc_t>(g[c * bins + b]);
-        }
+        load_block_rows(grad + (r * channels + c0) * bins, bins, nc, bins, roi_grad.data());
         unpool_roi(buf.data() + offsets[l], levels[l].width, samples[r], ph, pw, roi_grad.data());
       }
       for (size_t l = 0; l < levels.size(); ++l) {
         scatter_channel_block<scalar_t, acc_t>(buf.data() + offsets[l], n, c0, grads[l]);
       }
     }
+    stream_fence();
   });
   return grads;
 }

@@ -1,8 +1,8 @@
 // Channel blocks: the CPU RoI kernels work on one block of channels of one image at a time, copied into a small
 // [H][W][kBlock] buffer (64 bytes, one cache line, per pixel). Whatever the input layout (NCHW or channels-last),
-// each bilinear tap or max-pool read is then one aligned vector, and the buffer (a few MB) stays in cache while
-// every RoI of the image is pooled from it. Parallel work is one (image, channel block) per task, so the backward
-// needs no atomics and accumulates every gradient value in RoI order, whatever the number of threads.
+// each bilinear tap or max-pool read is then one cache line (two 32-byte vectors), and the buffer (a few MB) stays
+// in cache while every RoI of the image is pooled from it. Parallel work is one (image, channel block) per task, so
+// the backward needs no atomics and accumulates every gradient value in RoI order, whatever the number of threads.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -12,55 +12,99 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <type_traits>
 #include <vector>
+
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
 
 namespace fasterrcnn_ext {
 
 template <typename acc_t>
 constexpr int64_t kBlock = 64 / static_cast<int64_t>(sizeof(acc_t));
 
-// Vector types of one block (64 bytes) for the in-register transpose below.
-template <typename T>
-struct BlockTypes;
-template <>
-struct BlockTypes<float> {
-  typedef float V __attribute__((vector_size(64)));
-  typedef int32_t Mask __attribute__((vector_size(64)));
+// Vector types of kBytes (a template argument so that each target_clones clone can be given the width its
+// registers hold: GCC lowers a vector type wider than the clone's registers through the stack, with scalar code for
+// shuffles and selects, measured 2x slower on AVX2).
+template <typename T, int kBytes>
+struct VecTypes;
+template <int kBytes>
+struct VecTypes<float, kBytes> {
+  typedef float V __attribute__((vector_size(kBytes)));
+  typedef int32_t Mask __attribute__((vector_size(kBytes)));
 };
-template <>
-struct BlockTypes<double> {
-  typedef double V __attribute__((vector_size(64)));
-  typedef int64_t Mask __attribute__((vector_size(64)));
+template <int kBytes>
+struct VecTypes<double, kBytes> {
+  typedef double V __attribute__((vector_size(kBytes)));
+  typedef int64_t Mask __attribute__((vector_size(kBytes)));
 };
+// 32 bytes: one AVX2 register, two SSE registers; the AVX-512 clones run them as 256-bit AVX-512VL operations.
+constexpr int kVecBytes = 32;
 
-// Interleaves B rows of B values (B = kBlock) into B pixels of B channels: an in-register transpose (Eklundh's
-// algorithm: swap the off-diagonal halves of ever smaller blocks), B * log2(B) two-source shuffles instead of
-// B * B scalar stores.
+// Interleaves L rows of L values (L = values per kVecBytes vector) into L pixels of L channels: an in-register
+// transpose (Eklundh's algorithm: swap the off-diagonal halves of ever smaller blocks), L * log2(L) two-source
+// shuffles instead of L * L scalar stores. Row i is read at rows[i] + x; pixel j is written at out + j * stride.
 template <typename T>
-__attribute__((always_inline)) inline void transpose_block_impl(const T* const* rows, int64_t x, T* out) {
-  using V = typename BlockTypes<T>::V;
-  using M = typename BlockTypes<T>::Mask;
-  constexpr int B = static_cast<int>(kBlock<T>);
-  V r[B];
-  for (int i = 0; i < B; ++i) std::memcpy(&r[i], rows[i] + x, sizeof(V));
-  for (int s = B / 2; s >= 1; s /= 2) {
+__attribute__((always_inline)) inline void transpose_tile(const T* const* rows, int64_t x, T* out, int64_t stride) {
+  using V = typename VecTypes<T, kVecBytes>::V;
+  using M = typename VecTypes<T, kVecBytes>::Mask;
+  constexpr int L = kVecBytes / static_cast<int>(sizeof(T));
+  V r[L];
+  for (int i = 0; i < L; ++i) std::memcpy(&r[i], rows[i] + x, sizeof(V));
+  for (int s = L / 2; s >= 1; s /= 2) {
     M lo, hi;  // indices into the concatenation (r[i], r[i + s])
-    for (int j = 0; j < B; ++j) {
-      lo[j] = (j & s) ? B + j - s : j;
-      hi[j] = (j & s) ? B + j : j + s;
+    for (int j = 0; j < L; ++j) {
+      lo[j] = (j & s) ? L + j - s : j;
+      hi[j] = (j & s) ? L + j : j + s;
     }
-    for (int i = 0; i < B; ++i) {
+    for (int i = 0; i < L; ++i) {
       if (i & s) continue;
       const V a = r[i], b = r[i + s];
       r[i] = __builtin_shuffle(a, b, lo);
       r[i + s] = __builtin_shuffle(a, b, hi);
     }
   }
-  for (int i = 0; i < B; ++i) std::memcpy(out + i * B, &r[i], sizeof(V));
+  for (int i = 0; i < L; ++i) std::memcpy(out + i * stride, &r[i], sizeof(V));
 }
 
-// One image row of a full block from NCHW planes: rows[c] points at channel c's row.
+// B pixels of a full block (B = kBlock) from B rows: (B / L)^2 tiles of L x L.
+template <typename T>
+__attribute__((always_inline)) inline void transpose_block_impl(const T* const* rows, int64_t x, T* out) {
+  constexpr int64_t B = kBlock<T>, L = kVecBytes / static_cast<int64_t>(sizeof(T));
+  static_assert(B % L == 0, "a block is a whole number of vectors");
+  for (int64_t c = 0; c < B; c += L) {  // channels c .. c + L
+    for (int64_t dx = 0; dx < B; dx += L) transpose_tile(rows + c, x + dx, out + dx * B + c, B);
+  }
+}
+
+// Copies `bytes` bytes to memory that is written once and not read again soon (the RoI ops' outputs, 50 MB for
+// 1,000 RoIs): non-temporal stores write whole cache lines without first reading them in (a plain store reads
+// each line it partly writes: twice the memory traffic) and without evicting the block buffer. Where dst or the
+// size is not 16-byte aligned, an ordinary copy. Call stream_fence() before another thread reads dst.
+inline void stream_store(const void* src, size_t bytes, void* dst) {
+#if defined(__SSE2__)
+  if (reinterpret_cast<uintptr_t>(dst) % 16 == 0 && bytes % 16 == 0) {
+    const char* s = static_cast<const char*>(src);
+    char* d = static_cast<char*>(dst);
+    for (size_t i = 0; i < bytes; i += 16) {
+      _mm_stream_si128(reinterpret_cast<__m128i*>(d + i), _mm_loadu_si128(reinterpret_cast<const __m128i*>(s + i)));
+    }
+    return;
+  }
+#endif
+  std::memcpy(dst, src, bytes);
+}
+
+// Orders the non-temporal stores before whatever this thread does next (they are weakly ordered).
+inline void stream_fence() {
+#if defined(__SSE2__)
+  _mm_sfence();
+#endif
+}
+
+// One image row of a full block from NCHW planes: rows[c] points at channel c's row; pixel x goes to out + x * B.
 template <typename T>
 __attribute__((always_inline)) inline void interleave_row_impl(const T* const* rows, int64_t width, T* out) {
   constexpr int64_t B = kBlock<T>;
@@ -77,34 +121,83 @@ FRCNN_CPU_MULTIVERSION inline void interleave_row(const double* const* rows, int
   interleave_row_impl(rows, width, out);
 }
 
-// Copies channels [c0, c0 + kBlock) of image n of `f` ([N, C, H, W], any strides) into buf as [H][W][kBlock] acc_t;
-// channels past C are zero.
+// The inverse: n pixels of a block (in + i * B) to the rows of its first nc channels (channel c's row at
+// out + c * out_stride).
+template <typename T>
+__attribute__((always_inline)) inline void deinterleave_impl(const T* in, int64_t n, int64_t nc, T* out,
+                                                             int64_t out_stride) {
+  constexpr int64_t B = kBlock<T>, L = kVecBytes / static_cast<int64_t>(sizeof(T));
+  int64_t i = 0;
+  if (nc == B) {
+    for (; i + L <= n; i += L) {
+      const T* pixels[L];
+      for (int64_t j = 0; j < L; ++j) pixels[j] = in + (i + j) * B;
+      for (int64_t c = 0; c < B; c += L) transpose_tile(pixels, c, out + c * out_stride + i, out_stride);
+    }
+  }
+  for (; i < n; ++i) {
+    for (int64_t c = 0; c < nc; ++c) out[c * out_stride + i] = in[i * B + c];
+  }
+}
+FRCNN_CPU_MULTIVERSION inline void deinterleave(const float* in, int64_t n, int64_t nc, float* out,
+                                                int64_t out_stride) {
+  deinterleave_impl(in, n, nc, out, out_stride);
+}
+FRCNN_CPU_MULTIVERSION inline void deinterleave(const double* in, int64_t n, int64_t nc, double* out,
+                                                int64_t out_stride) {
+  deinterleave_impl(in, n, nc, out, out_stride);
+}
+
+// deinterleave for any output type: n pixels of a block of acc_t to nc rows of scalar_t.
 template <typename scalar_t, typename acc_t>
-void gather_channel_block(const at::Tensor& f, int64_t n, int64_t c0, acc_t* buf) {
-  constexpr int64_t B = kBlock<acc_t>;
-  const int64_t C = f.size(1), H = f.size(2), W = f.size(3);
-  const int64_t sC = f.stride(1), sH = f.stride(2), sW = f.stride(3);
-  const scalar_t* base = f.data_ptr<scalar_t>() + n * f.stride(0) + c0 * sC;
-  const int64_t nc = std::min(B, C - c0);
-  if (nc < B) std::fill(buf, buf + H * W * B, acc_t(0));
+void store_block_rows(const acc_t* in, int64_t n, int64_t nc, scalar_t* out, int64_t out_stride) {
   if constexpr (std::is_same_v<scalar_t, acc_t>) {
-    if (nc == B && sW == 1) {  // NCHW rows of a full block: vector transpose
+    deinterleave(in, n, nc, out, out_stride);
+  } else {
+    for (int64_t c = 0; c < nc; ++c) {
+      for (int64_t i = 0; i < n; ++i) out[c * out_stride + i] = static_cast<scalar_t>(in[i * kBlock<acc_t> + c]);
+    }
+  }
+}
+
+// The inverse of store_block_rows: nc rows of n values (channel c's at in + c * in_stride) to n pixels of a block
+// of acc_t (pixel i at out + i * kBlock); channels past nc are left as they are.
+template <typename scalar_t, typename acc_t>
+void load_block_rows(const scalar_t* in, int64_t n, int64_t nc, int64_t in_stride, acc_t* out) {
+  constexpr int64_t B = kBlock<acc_t>;
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    if (nc == B) {
       const scalar_t* rows[B];
-      for (int64_t y = 0; y < H; ++y) {
-        for (int64_t c = 0; c < B; ++c) rows[c] = base + c * sC + y * sH;
-        interleave_row(rows, W, buf + y * W * B);
-      }
+      for (int64_t c = 0; c < B; ++c) rows[c] = in + c * in_stride;
+      interleave_row(rows, n, out);
       return;
     }
   }
-  for (int64_t y = 0; y < H; ++y) {
+  for (int64_t c = 0; c < nc; ++c) {
+    for (int64_t i = 0; i < n; ++i) out[i * B + c] = static_cast<acc_t>(in[c * in_stride + i]);
+  }
+}
+
+// Copies rows [y0, y1) of channels [c0, c0 + kBlock) of image n of `f` ([N, C, H, W], any strides) into buf as
+// [H][W][kBlock] acc_t (the rows' part of it); channels past C are zero.
+template <typename scalar_t, typename acc_t>
+void gather_channel_block(const at::Tensor& f, int64_t n, int64_t c0, int64_t y0, int64_t y1, acc_t* buf) {
+  constexpr int64_t B = kBlock<acc_t>;
+  const int64_t C = f.size(1), W = f.size(3);
+  const int64_t sC = f.stride(1), sH = f.stride(2), sW = f.stride(3);
+  const scalar_t* base = f.data_ptr<scalar_t>() + n * f.stride(0) + c0 * sC;
+  const int64_t nc = std::min(B, C - c0);
+  if (nc < B) std::fill(buf + y0 * W * B, buf + y1 * W * B, acc_t(0));
+  for (int64_t y = y0; y < y1; ++y) {
     acc_t* row = buf + y * W * B;
-    if (sC == 1) {  // channels-last: each pixel's channels are contiguous
+    if (sW == 1) {  // NCHW rows: a vector transpose for full blocks
+      load_block_rows(base + y * sH, W, nc, sC, row);
+    } else if (sC == 1) {  // channels-last: each pixel's channels are contiguous
       for (int64_t x = 0; x < W; ++x) {
         const scalar_t* src = base + y * sH + x * sW;
         for (int64_t c = 0; c < nc; ++c) row[x * B + c] = static_cast<acc_t>(src[c]);
       }
-    } else {  // NCHW: read each channel's row contiguously
+    } else {  // any strides: read each channel's row
       for (int64_t c = 0; c < nc; ++c) {
         const scalar_t* src = base + c * sC + y * sH;
         for (int64_t x = 0; x < W; ++x) row[x * B + c] = static_cast<acc_t>(src[x * sW]);
@@ -113,17 +206,26 @@ void gather_channel_block(const at::Tensor& f, int64_t n, int64_t c0, acc_t* buf
   }
 }
 
-// Writes buf ([H][W][kBlock]) back to channels [c0, c0 + kBlock) of image n of the NCHW-contiguous `out`.
+// Writes buf ([H][W][kBlock]) back to channels [c0, c0 + kBlock) of image n of the NCHW-contiguous `out`, a
+// chunk of pixels at a time: deinterleaved into `staged` (L1), then streamed out (stream_store; call
+// stream_fence() before another thread reads `out`).
 template <typename scalar_t, typename acc_t>
 void scatter_channel_block(const acc_t* buf, int64_t n, int64_t c0, at::Tensor& out) {
-  constexpr int64_t B = kBlock<acc_t>;
-  const int64_t C = out.size(1), HW = out.size(2) * out.size(3);
+  constexpr int64_t kChunk = 256;  // pixels: a staged chunk of 16 channels is 16 KB
+  const int64_t C = out.size(1), HW = out.size(2) * out.size(3), nc = std::min(kBlock<acc_t>, C - c0);
   scalar_t* base = out.data_ptr<scalar_t>() + (n * C + c0) * HW;
-  const int64_t nc = std::min(B, C - c0);
-  for (int64_t c = 0; c < nc; ++c) {
-    scalar_t* dst = base + c * HW;
-    for (int64_t i = 0; i < HW; ++i) dst[i] = static_cast<scalar_t>(buf[i * B + c]);
+  scalar_t staged[kBlock<acc_t> * kChunk];
+  for (int64_t i = 0; i < HW; i += kChunk) {
+    const int64_t len = std::min(kChunk, HW - i);
+    store_block_rows<scalar_t, acc_t>(buf + i * kBlock<acc_t>, len, nc, staged, len);
+    for (int64_t c = 0; c < nc; ++c) stream_store(staged + c * len, len * sizeof(scalar_t), base + c * HW + i);
   }
+}
+
+// A RoI's top edge as a sort key: NaN (a malformed RoI) sorts last, so the comparison stays a strict weak order.
+template <typename T>
+inline T top_edge_key(T y1) {
+  return y1 == y1 ? y1 : std::numeric_limits<T>::infinity();
 }
 
 // RoI ids grouped by image: ids[begin[n] .. begin[n + 1]) are the RoIs of image n, in RoI order.
@@ -134,6 +236,11 @@ struct RoIsByImage {
     for (int64_t n = 0; n < batch; ++n) begin[n + 1] += begin[n];
     std::vector<int64_t> next(begin.begin(), begin.end() - 1);
     for (int64_t r = 0; r < static_cast<int64_t>(batch_of_roi.size()); ++r) ids[next[batch_of_roi[r]]++] = r;
+  }
+  // Orders each image's RoIs by `less` (a stable sort: ties keep RoI order, so the order is fixed).
+  template <typename Less>
+  void sort_each_image(Less less) {
+    for (size_t n = 0; n + 1 < begin.size(); ++n) std::stable_sort(ids.begin() + begin[n], ids.begin() + begin[n + 1], less);
   }
 };
 

@@ -24,10 +24,10 @@
 namespace fasterrcnn_ext {
 namespace {
 
-// The running max with argmax is written with roi_block.h's vector types: compilers do not vectorise it on their
-// own; each target_clones clone lowers the types to its widest registers.
+// The running max with argmax is written with roi_block.h's vector types (compilers do not vectorise it on their
+// own): the block's channels are kBlock / L vectors of L lanes, each with its own running max.
 template <typename acc_t>
-using block_index_t = std::remove_reference_t<decltype(std::declval<typename BlockTypes<acc_t>::Mask>()[0])>;
+using block_index_t = std::remove_reference_t<decltype(std::declval<typename VecTypes<acc_t, kVecBytes>::Mask>()[0])>;
 
 // Max over a bin's window of buf ([H][W][kBlock]) for the block's channels; the first occurrence wins ties (strict
 // >, NaN never wins), as in torchvision. The argmax is the index into the (H, W) plane (< 2^31 pixels, checked).
@@ -35,22 +35,31 @@ template <typename acc_t>
 __attribute__((always_inline)) inline void max_pool_bin_impl(const acc_t* __restrict__ buf, int64_t width,
                                                              int64_t h0, int64_t h1, int64_t w0, int64_t w1,
                                                              acc_t* __restrict__ best, block_index_t<acc_t>* arg) {
-  using V = typename BlockTypes<acc_t>::V;
-  using I = typename BlockTypes<acc_t>::Mask;
+  using V = typename VecTypes<acc_t, kVecBytes>::V;
+  using I = typename VecTypes<acc_t, kVecBytes>::Mask;
+  constexpr int kVectors = static_cast<int>(kBlock<acc_t> * sizeof(acc_t)) / kVecBytes;
   const bool empty = h1 <= h0 || w1 <= w0;
-  V vbest = V{} + (empty ? acc_t(0) : static_cast<acc_t>(-FLT_MAX));
-  I varg = I{} - 1;
+  V vbest[kVectors];
+  I varg[kVectors];
+  for (int j = 0; j < kVectors; ++j) {
+    vbest[j] = V{} + (empty ? acc_t(0) : static_cast<acc_t>(-FLT_MAX));
+    varg[j] = I{} - 1;
+  }
   for (int64_t h = h0; h < h1; ++h) {
     for (int64_t w = w0; w < w1; ++w) {
-      V v;
-      std::memcpy(&v, buf + (h * width + w) * kBlock<acc_t>, sizeof(V));
-      const I greater = v > vbest;
-      vbest = greater ? v : vbest;
-      varg = greater ? I{} + static_cast<block_index_t<acc_t>>(h * width + w) : varg;
+      const acc_t* pixel = buf + (h * width + w) * kBlock<acc_t>;
+      const I index = I{} + static_cast<block_index_t<acc_t>>(h * width + w);
+      for (int j = 0; j < kVectors; ++j) {
+        V v;
+        std::memcpy(&v, pixel + j * (kVecBytes / sizeof(acc_t)), sizeof(V));
+        const I greater = v > vbest[j];
+        vbest[j] = greater ? v : vbest[j];
+        varg[j] = greater ? index : varg[j];
+      }
     }
   }
-  std::memcpy(best, &vbest, sizeof(V));
-  std::memcpy(arg, &varg, sizeof(I));
+  std::memcpy(best, vbest, sizeof(vbest));
+  std::memcpy(arg, varg, sizeof(varg));
 }
 FRCNN_CPU_MULTIVERSION void max_pool_bin(const float* buf, int64_t width, int64_t h0, int64_t h1, int64_t w0,
                                          int64_t w1, float* best, int32_t* arg) {
@@ -110,27 +119,36 @@ std::tuple<at::Tensor, at::Tensor> roi_pool_forward_cpu_typed(const at::Tensor& 
   const int64_t blocks = (channels + B - 1) / B, bins = ph * pw;
   std::vector<int64_t> batch_of_roi(k);
   for (int64_t r = 0; r < k; ++r) batch_of_roi[r] = static_cast<int64_t>(rois[5 * r]);
-  const RoIsByImage by_image(batch_of_roi, batch);
+  RoIsByImage by_image(batch_of_roi, batch);
+  by_image.sort_each_image([&](int64_t a, int64_t b) { return top_edge_key(rois[5 * a + 2]) < top_edge_key(rois[5 * b + 2]); });
 
   at::parallel_for(0, batch * blocks, 1, [&](int64_t lo, int64_t hi) {
     std::vector<acc_t> buf(height * width * B);
     std::vector<acc_t> best(bins * B);
     std::vector<block_index_t<acc_t>> arg(bins * B);
+    std::vector<scalar_t> staged(bins * B);
+    std::vector<int64_t> staged_arg(bins * B);
     std::vector<int64_t> h0(ph), h1(ph), w0(pw), w1(pw);
     for (int64_t task = lo; task < hi; ++task) {
       const int64_t n = task / blocks, c0 = (task % blocks) * B, nc = std::min(B, channels - c0);
-      if (by_image.begin[n] == by_image.begin[n + 1]) continue;
-      gather_channel_block<scalar_t, acc_t>(input, n, c0, buf.data());
+      int64_t rows_ready = 0;
       for (int64_t i = by_image.begin[n]; i < by_image.begin[n + 1]; ++i) {
         const int64_t r = by_image.ids[i];
         const RoIPoolGeometry<acc_t> g = roi_pool_geometry(rois + 5 * r, scale, ph, pw);
+        int64_t rows_end = 0;
         for (int64_t p = 0; p < ph; ++p) {
           h0[p] = h1[p] = 0;
           if (g.valid) roi_pool_bin(p, g.bin_h, g.start_h, height, h0[p], h1[p]);
+          rows_end = std::max(rows_end, h1[p]);
         }
         for (int64_t q = 0; q < pw; ++q) {
           w0[q] = w1[q] = 0;
           if (g.valid) roi_pool_bin(q, g.bin_w, g.start_w, width, w0[q], w1[q]);
+        }
+        // The rows are gathered as the RoIs (in top-edge order) first need them: still in cache when read.
+        if (rows_end > rows_ready) {
+          gather_channel_block<scalar_t, acc_t>(input, n, c0, rows_ready, rows_end, buf.data());
+          rows_ready = rows_end;
         }
         for (int64_t p = 0; p < ph; ++p) {
           for (int64_t q = 0; q < pw; ++q) {
@@ -138,15 +156,17 @@ std::tuple<at::Tensor, at::Tensor> roi_pool_forward_cpu_typed(const at::Tensor& 
                          arg.data() + (p * pw + q) * B);
           }
         }
+        // Staged as the outputs' [channel][bin], then streamed out (see roi_align's forward).
         const int64_t o = (r * channels + c0) * bins;
+        store_block_rows(best.data(), bins, nc, staged.data(), bins);
         for (int64_t c = 0; c < nc; ++c) {
-          for (int64_t b = 0; b < bins; ++b) {
-            out[o + c * bins + b] = static_cast<scalar_t>(best[b * B + c]);
-            arg_out[o + c * bins + b] = arg[b * B + c];
-          }
+          for (int64_t b = 0; b < bins; ++b) staged_arg[c * bins + b] = arg[b * B + c];
         }
+        stream_store(staged.data(), nc * bins * sizeof(scalar_t), out + o);
+        stream_store(staged_arg.data(), nc * bins * sizeof(int64_t), arg_out + o);
       }
     }
+    stream_fence();
   });
   return {output, argmax};
 }
