@@ -43,40 +43,48 @@ struct VecTypes<double, kBytes> {
 // 32 bytes: one AVX2 register, two SSE registers; the AVX-512 clones run them as 256-bit AVX-512VL operations.
 constexpr int kVecBytes = 32;
 
-// Interleaves L rows of L values (L = values per kVecBytes vector) into L pixels of L channels: an in-register
-// transpose (Eklundh's algorithm: swap the off-diagonal halves of ever smaller blocks), L * log2(L) two-source
-// shuffles instead of L * L scalar stores. Row i is read at rows[i] + x; pixel j is written at out + j * stride.
-template <typename T>
-__attribute__((always_inline)) inline void transpose_tile(const T* const* rows, int64_t x, T* out, int64_t stride) {
-  using V = typename VecTypes<T, kVecBytes>::V;
-  using M = typename VecTypes<T, kVecBytes>::Mask;
-  constexpr int L = kVecBytes / static_cast<int>(sizeof(T));
-  V r[L];
-  for (int i = 0; i < L; ++i) std::memcpy(&r[i], rows[i] + x, sizeof(V));
-  for (int s = L / 2; s >= 1; s /= 2) {
-    M lo, hi;  // indices into the concatenation (r[i], r[i + s])
-    for (int j = 0; j < L; ++j) {
-      lo[j] = (j & s) ? L + j - s : j;
-      hi[j] = (j & s) ? L + j : j + s;
-    }
-    for (int i = 0; i < L; ++i) {
-      if (i & s) continue;
-      const V a = r[i], b = r[i + s];
-      r[i] = __builtin_shuffle(a, b, lo);
-      r[i + s] = __builtin_shuffle(a, b, hi);
-    }
+// Transposes L rows of L values (L = values per kVecBytes vector: 8 float, 4 double) into L columns, in registers:
+// row i is read at rows[i] + x, column j (the rows' values at x + j) is written at out + j * stride. Written with
+// the fixed two-source shuffles that AVX has as single instructions (unpack, shufps, vperm2f128), as the classic
+// 8x8 transpose: GCC turned the shuffles of Eklundh's algorithm into permute-and-blend sequences.
+__attribute__((always_inline)) inline void transpose_tile(const float* const* rows, int64_t x, float* out,
+                                                          int64_t stride) {
+  using V = VecTypes<float, kVecBytes>::V;
+  static_assert(sizeof(V) == 8 * sizeof(float), "an 8x8 tile");
+  V r[8], t[8], u[8];
+  for (int i = 0; i < 8; ++i) std::memcpy(&r[i], rows[i] + x, sizeof(V));
+  for (int i = 0; i < 8; i += 2) {  // unpacklo / unpackhi: [a0 b0 a1 b1 | a4 b4 a5 b5], [a2 b2 a3 b3 | a6 b6 a7 b7]
+    t[i] = __builtin_shufflevector(r[i], r[i + 1], 0, 8, 1, 9, 4, 12, 5, 13);
+    t[i + 1] = __builtin_shufflevector(r[i], r[i + 1], 2, 10, 3, 11, 6, 14, 7, 15);
   }
-  for (int i = 0; i < L; ++i) std::memcpy(out + i * stride, &r[i], sizeof(V));
+  for (int i = 0; i < 8; i += 4) {  // shufps: four rows' columns j | j + 4
+    u[i] = __builtin_shufflevector(t[i], t[i + 2], 0, 1, 8, 9, 4, 5, 12, 13);      // columns 0 | 4
+    u[i + 1] = __builtin_shufflevector(t[i], t[i + 2], 2, 3, 10, 11, 6, 7, 14, 15);  // 1 | 5
+    u[i + 2] = __builtin_shufflevector(t[i + 1], t[i + 3], 0, 1, 8, 9, 4, 5, 12, 13);  // 2 | 6
+    u[i + 3] = __builtin_shufflevector(t[i + 1], t[i + 3], 2, 3, 10, 11, 6, 7, 14, 15);  // 3 | 7
+  }
+  for (int j = 0; j < 4; ++j) {  // vperm2f128: rows 0-3 and 4-7 of columns j and j + 4
+    const V lo = __builtin_shufflevector(u[j], u[j + 4], 0, 1, 2, 3, 8, 9, 10, 11);
+    const V hi = __builtin_shufflevector(u[j], u[j + 4], 4, 5, 6, 7, 12, 13, 14, 15);
+    std::memcpy(out + j * stride, &lo, sizeof(V));
+    std::memcpy(out + (j + 4) * stride, &hi, sizeof(V));
+  }
 }
 
-// B pixels of a full block (B = kBlock) from B rows: (B / L)^2 tiles of L x L.
-template <typename T>
-__attribute__((always_inline)) inline void transpose_block_impl(const T* const* rows, int64_t x, T* out) {
-  constexpr int64_t B = kBlock<T>, L = kVecBytes / static_cast<int64_t>(sizeof(T));
-  static_assert(B % L == 0, "a block is a whole number of vectors");
-  for (int64_t c = 0; c < B; c += L) {  // channels c .. c + L
-    for (int64_t dx = 0; dx < B; dx += L) transpose_tile(rows + c, x + dx, out + dx * B + c, B);
-  }
+__attribute__((always_inline)) inline void transpose_tile(const double* const* rows, int64_t x, double* out,
+                                                          int64_t stride) {
+  using V = VecTypes<double, kVecBytes>::V;
+  static_assert(sizeof(V) == 4 * sizeof(double), "a 4x4 tile");
+  V r[4];
+  for (int i = 0; i < 4; ++i) std::memcpy(&r[i], rows[i] + x, sizeof(V));
+  const V t0 = __builtin_shufflevector(r[0], r[1], 0, 4, 2, 6), t1 = __builtin_shufflevector(r[0], r[1], 1, 5, 3, 7);
+  const V t2 = __builtin_shufflevector(r[2], r[3], 0, 4, 2, 6), t3 = __builtin_shufflevector(r[2], r[3], 1, 5, 3, 7);
+  const V c0 = __builtin_shufflevector(t0, t2, 0, 1, 4, 5), c2 = __builtin_shufflevector(t0, t2, 2, 3, 6, 7);
+  const V c1 = __builtin_shufflevector(t1, t3, 0, 1, 4, 5), c3 = __builtin_shufflevector(t1, t3, 2, 3, 6, 7);
+  std::memcpy(out, &c0, sizeof(V));
+  std::memcpy(out + stride, &c1, sizeof(V));
+  std::memcpy(out + 2 * stride, &c2, sizeof(V));
+  std::memcpy(out + 3 * stride, &c3, sizeof(V));
 }
 
 // Copies `bytes` bytes to memory that is written once and not read again soon (the RoI ops' outputs, 50 MB for
@@ -107,9 +115,11 @@ inline void stream_fence() {
 // One image row of a full block from NCHW planes: rows[c] points at channel c's row; pixel x goes to out + x * B.
 template <typename T>
 __attribute__((always_inline)) inline void interleave_row_impl(const T* const* rows, int64_t width, T* out) {
-  constexpr int64_t B = kBlock<T>;
+  constexpr int64_t B = kBlock<T>, L = kVecBytes / static_cast<int64_t>(sizeof(T));
   int64_t x = 0;
-  for (; x + B <= width; x += B) transpose_block_impl(rows, x, out + x * B);
+  for (; x + L <= width; x += L) {  // L pixels: B / L tiles of L channels
+    for (int64_t c = 0; c < B; c += L) transpose_tile(rows + c, x, out + x * B + c, B);
+  }
   for (; x < width; ++x) {
     for (int64_t c = 0; c < B; ++c) out[x * B + c] = rows[c][x];
   }
