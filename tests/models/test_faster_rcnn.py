@@ -37,21 +37,6 @@ def spread_scores(model):
             layer.weight.copy_(torch.randn(layer.weight.shape, generator=g) * 0.05)
 
 
-@pytest.fixture
-def torchvision_ties_by_index(monkeypatch):
-    """torchvision's batched_nms orders the kept boxes by a sort that is not stable: on the CPU, equal scores (common
-    among thousands of sigmoid outputs) come out in an order that depends on the machine's vector ISA (the AVX2 and
-    AVX-512 sorts differ). The kept set does not depend on it. Ours keeps the lower index first; this gives
-    torchvision's kept set that same order, so that comparisons do not hinge on the order of ties."""
-    batched_nms = torchvision.ops.boxes.batched_nms
-
-    def batched_nms_ties_by_index(boxes, scores, idxs, iou_threshold):
-        keep = batched_nms(boxes, scores, idxs, iou_threshold).sort().values
-        return keep[scores[keep].sort(descending=True, stable=True).indices]
-
-    monkeypatch.setattr(torchvision.ops.boxes, "batched_nms", batched_nms_ties_by_index)
-
-
 def model_pair(name, **kw):
     torch.manual_seed(0)
     theirs = getattr(tv, name)(weights=None, weights_backbone=None, num_classes=5, **SMALL, **kw)
@@ -116,7 +101,11 @@ def test_eval_downstream_of_backbone_equals_torchvision(name):
 
 
 @pytest.mark.parametrize("name", ["fasterrcnn_resnet50_fpn", "fasterrcnn_mobilenet_v3_large_fpn"])
-def test_train_losses_equal_torchvision(name, torchvision_ties_by_index):
+def test_train_losses_equal_torchvision(name):
+    """The RPN losses equal torchvision's. The box head's losses are compared on the same proposals: end to end they
+    may differ a little, because near-equal proposal scores (thousands of sigmoids, some a rounding apart) can be
+    ordered differently by two correct implementations (and by torchvision on AVX2 and AVX-512 CPUs), and the
+    sampler's random draw is over the proposals' order."""
     mine, theirs = model_pair(name)
     images, targets = images_and_targets()
     mine.train()
@@ -126,9 +115,24 @@ def test_train_losses_equal_torchvision(name, torchvision_ties_by_index):
     torch.manual_seed(1)
     b = theirs(images, targets)
     assert a.keys() == b.keys() == {"loss_classifier", "loss_box_reg", "loss_objectness", "loss_rpn_box_reg"}
-    for k in a:
+    for k in ("loss_objectness", "loss_rpn_box_reg"):
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+    for k in ("loss_classifier", "loss_box_reg"):
+        torch.testing.assert_close(a[k], b[k], rtol=1e-2, atol=1e-3)
     sum(a.values()).backward()
+
+    with torch.no_grad():
+        image_list, scaled_targets = theirs.transform(images, targets)
+        features = theirs.backbone(image_list.tensors)
+        proposals, _ = theirs.rpn(image_list, features, scaled_targets)
+        torch.manual_seed(2)
+        _, heads_a = mine.roi_heads(features, [p.clone() for p in proposals], image_list.image_sizes, scaled_targets)
+        torch.manual_seed(2)
+        _, heads_b = theirs.roi_heads(features, [p.clone() for p in proposals], image_list.image_sizes,
+                                      scaled_targets)
+    assert heads_a.keys() == heads_b.keys() == {"loss_classifier", "loss_box_reg"}
+    for k in heads_a:
+        torch.testing.assert_close(heads_a[k], heads_b[k], rtol=1e-4, atol=1e-5)
 
 
 def test_batched_equals_one_image_at_a_time():
