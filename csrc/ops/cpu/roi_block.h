@@ -25,23 +25,22 @@ namespace fasterrcnn_ext {
 template <typename acc_t>
 constexpr int64_t kBlock = 64 / static_cast<int64_t>(sizeof(acc_t));
 
-// Vector types of kBytes (a template argument so that each target_clones clone can be given the width its
-// registers hold: GCC lowers a vector type wider than the clone's registers through the stack, with scalar code for
-// shuffles and selects, measured 2x slower on AVX2).
-template <typename T, int kBytes>
-struct VecTypes;
-template <int kBytes>
-struct VecTypes<float, kBytes> {
-  typedef float V __attribute__((vector_size(kBytes)));
-  typedef int32_t Mask __attribute__((vector_size(kBytes)));
-};
-template <int kBytes>
-struct VecTypes<double, kBytes> {
-  typedef double V __attribute__((vector_size(kBytes)));
-  typedef int64_t Mask __attribute__((vector_size(kBytes)));
-};
-// 32 bytes: one AVX2 register, two SSE registers; the AVX-512 clones run them as 256-bit AVX-512VL operations.
+// The vector types of the RoI kernels: 32 bytes, one AVX2 register (two SSE ones; the AVX-512 clones run them as
+// 256-bit AVX-512VL operations). GCC lowers wider vector types through the stack, with scalar code for shuffles
+// and selects, in the AVX2 clones: 64-byte ones made the AVX2 RoI kernels 2x to 8x slower (BENCHMARKS.md).
 constexpr int kVecBytes = 32;
+template <typename T>
+struct VecTypes;
+template <>
+struct VecTypes<float> {
+  typedef float V __attribute__((vector_size(kVecBytes)));
+  typedef int32_t Mask __attribute__((vector_size(kVecBytes)));
+};
+template <>
+struct VecTypes<double> {
+  typedef double V __attribute__((vector_size(kVecBytes)));
+  typedef int64_t Mask __attribute__((vector_size(kVecBytes)));
+};
 
 // Transposes L rows of L values (L = values per kVecBytes vector: 8 float, 4 double) into L columns, in registers:
 // row i is read at rows[i] + x, column j (the rows' values at x + j) is written at out + j * stride. Written with
@@ -49,7 +48,7 @@ constexpr int kVecBytes = 32;
 // 8x8 transpose: GCC turned the shuffles of Eklundh's algorithm into permute-and-blend sequences.
 __attribute__((always_inline)) inline void transpose_tile(const float* const* rows, int64_t x, float* out,
                                                           int64_t stride) {
-  using V = VecTypes<float, kVecBytes>::V;
+  using V = VecTypes<float>::V;
   static_assert(sizeof(V) == 8 * sizeof(float), "an 8x8 tile");
   V r[8], t[8], u[8];
   for (int i = 0; i < 8; ++i) std::memcpy(&r[i], rows[i] + x, sizeof(V));
@@ -73,7 +72,7 @@ __attribute__((always_inline)) inline void transpose_tile(const float* const* ro
 
 __attribute__((always_inline)) inline void transpose_tile(const double* const* rows, int64_t x, double* out,
                                                           int64_t stride) {
-  using V = VecTypes<double, kVecBytes>::V;
+  using V = VecTypes<double>::V;
   static_assert(sizeof(V) == 4 * sizeof(double), "a 4x4 tile");
   V r[4];
   for (int i = 0; i < 4; ++i) std::memcpy(&r[i], rows[i] + x, sizeof(V));
@@ -250,7 +249,9 @@ struct RoIsByImage {
   // Orders each image's RoIs by `less` (a stable sort: ties keep RoI order, so the order is fixed).
   template <typename Less>
   void sort_each_image(Less less) {
-    for (size_t n = 0; n + 1 < begin.size(); ++n) std::stable_sort(ids.begin() + begin[n], ids.begin() + begin[n + 1], less);
+    for (size_t n = 0; n + 1 < begin.size(); ++n) {
+      std::stable_sort(ids.begin() + begin[n], ids.begin() + begin[n + 1], less);
+    }
   }
 };
 

@@ -1,9 +1,9 @@
 // CPU kernels of roi_pool, forward and backward.
 //
 // Forward: one task per (image, block of 16 channels), copied into a cache-resident channel-interleaved buffer
-// (roi_block.h), so each bin's max is a running max over one vector per pixel; tasks run in parallel. Backward: a
-// scatter of each output gradient to its argmax, parallel over channels (each thread owns its planes: no races,
-// deterministic).
+// (roi_block.h), so each bin's max is a running max over each pixel's channel vectors; tasks run in parallel.
+// Backward: a scatter of each output gradient to its argmax, parallel over channels (each thread owns its planes:
+// no races, deterministic).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -27,7 +27,7 @@ namespace {
 // The running max with argmax is written with roi_block.h's vector types (compilers do not vectorise it on their
 // own): the block's channels are kBlock / L vectors of L lanes, each with its own running max.
 template <typename acc_t>
-using block_index_t = std::remove_reference_t<decltype(std::declval<typename VecTypes<acc_t, kVecBytes>::Mask>()[0])>;
+using block_index_t = std::remove_reference_t<decltype(std::declval<typename VecTypes<acc_t>::Mask>()[0])>;
 
 // Max over a bin's window of buf ([H][W][kBlock]) for the block's channels; the first occurrence wins ties (strict
 // >, NaN never wins), as in torchvision. The argmax is the index into the (H, W) plane (< 2^31 pixels, checked).
@@ -35,8 +35,8 @@ template <typename acc_t>
 __attribute__((always_inline)) inline void max_pool_bin_impl(const acc_t* __restrict__ buf, int64_t width,
                                                              int64_t h0, int64_t h1, int64_t w0, int64_t w1,
                                                              acc_t* __restrict__ best, block_index_t<acc_t>* arg) {
-  using V = typename VecTypes<acc_t, kVecBytes>::V;
-  using I = typename VecTypes<acc_t, kVecBytes>::Mask;
+  using V = typename VecTypes<acc_t>::V;
+  using I = typename VecTypes<acc_t>::Mask;
   constexpr int kVectors = static_cast<int>(kBlock<acc_t> * sizeof(acc_t)) / kVecBytes;
   const bool empty = h1 <= h0 || w1 <= w0;
   V vbest[kVectors];
@@ -145,7 +145,7 @@ std::tuple<at::Tensor, at::Tensor> roi_pool_forward_cpu_typed(const at::Tensor& 
           w0[q] = w1[q] = 0;
           if (g.valid) roi_pool_bin(q, g.bin_w, g.start_w, width, w0[q], w1[q]);
         }
-        // The rows are gathered as the RoIs (in top-edge order) first need them: still in cache when read.
+        // The rows are gathered as the RoIs (in top-edge order) first need them: rows no RoI reads never are.
         if (rows_end > rows_ready) {
           gather_channel_block<scalar_t, acc_t>(input, n, c0, rows_ready, rows_end, buf.data());
           rows_ready = rows_end;
