@@ -7,6 +7,11 @@ TORCH_LIBRARY_FRAGMENT(fasterrcnn_ext, m) {
   m.def(
       "roi_pool(Tensor input, Tensor rois, float spatial_scale, SymInt pooled_height, SymInt pooled_width) "
       "-> (Tensor, Tensor)");
+  // The forward without the argmax, for inference (ops.roi_pool calls it when no gradient is needed): the same
+  // values, without writing the int64 argmax (twice the output's bytes).
+  m.def(
+      "_roi_pool_values(Tensor input, Tensor rois, float spatial_scale, SymInt pooled_height, SymInt pooled_width) "
+      "-> Tensor");
   m.def(
       "_roi_pool_backward(Tensor grad, Tensor rois, Tensor argmax, float spatial_scale, SymInt pooled_height, "
       "SymInt pooled_width, SymInt batch_size, SymInt channels, SymInt height, SymInt width) -> Tensor");

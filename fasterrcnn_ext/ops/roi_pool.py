@@ -27,8 +27,11 @@ def roi_pool(input: Tensor, boxes: Tensor | list[Tensor], output_size, spatial_s
     """
     ph, pw = pair(output_size)
     rois = rois_from_boxes(boxes)
-    output, _ = _ops().roi_pool(input, rois, float(spatial_scale), ph, pw)
-    return output
+    if torch.is_grad_enabled() and input.requires_grad:
+        output, _ = _ops().roi_pool(input, rois, float(spatial_scale), ph, pw)
+        return output
+    # No gradient wanted (inference): the op that does not write the argmax, only the backward's input.
+    return _ops()._roi_pool_values(input, rois, float(spatial_scale), ph, pw)
 
 
 class RoIPool(nn.Module):
@@ -52,6 +55,12 @@ def _roi_pool_fake(input, rois, spatial_scale, pooled_height, pooled_width):
     torch._check(input.dtype == rois.dtype, lambda: "roi_pool: input and rois must have the same dtype")
     shape = (rois.size(0), input.size(1), pooled_height, pooled_width)
     return input.new_empty(shape), input.new_empty(shape, dtype=torch.long)
+
+
+@register_fake("fasterrcnn_ext::_roi_pool_values")
+def _roi_pool_values_fake(input, rois, spatial_scale, pooled_height, pooled_width):
+    output, _ = _roi_pool_fake(input, rois, spatial_scale, pooled_height, pooled_width)
+    return output
 
 
 @register_fake("fasterrcnn_ext::_roi_pool_backward")

@@ -135,17 +135,42 @@ def test_train_losses_equal_torchvision(name):
         torch.testing.assert_close(heads_a[k], heads_b[k], rtol=1e-4, atol=1e-5)
 
 
+def with_calibrated_batch_norm(model, images):
+    """Sets the backbone's BatchNorm running statistics to those of `images`, then returns the model in eval mode.
+
+    A randomly initialised MobileNetV3 in eval mode (running mean 0, variance 1) shrinks its features to ~1e-8: every
+    proposal then gets the same features and scores tied to the last bit, whose order rounding decides (a GEMM over
+    3K RoIs may round differently from one over K). Calibrated, the features are O(1) and the scores distinct.
+    """
+    norms = [m for m in model.backbone.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # a cumulative average: one batch sets the statistics
+        m.train()
+    with torch.no_grad():
+        model.backbone(model.transform(images)[0].tensors)
+    return model.eval()
+
+
 def test_batched_equals_one_image_at_a_time():
+    torch.manual_seed(0)
     model = ours.fasterrcnn_mobilenet_v3_large_320_fpn(weights=None, weights_backbone=None, num_classes=5,
-                                                      box_score_thresh=0.0).eval()
+                                                      box_score_thresh=0.0)
     images, _ = images_and_targets(3)
     images = [images[0]] * 3  # same size: batching adds no padding
+    model = with_calibrated_batch_norm(model, images)
     with torch.no_grad():
         batched = model(images)
         single = [model([img])[0] for img in images]
     for a, b in zip(batched, single):
-        torch.testing.assert_close(a["boxes"], b["boxes"])
-        torch.testing.assert_close(a["scores"], b["scores"])
+        assert len(a["scores"]) == len(b["scores"]) > 50
+        # The box head's matrix products round differently for 3K RoIs than for K: scores may differ in the last
+        # bits. So each of the top 50 detections must have a twin: same label, same score and box up to rounding.
+        for box, score, label in zip(a["boxes"][:50], a["scores"][:50], a["labels"][:50]):
+            twin = ((b["labels"] == label) & ((b["scores"] - score).abs() <= 1e-5)
+                    & ((b["boxes"] - box).abs().amax(1) <= 1e-2))
+            assert twin.any(), (box, score, label)
+        torch.testing.assert_close(a["scores"][:50], b["scores"][:50], rtol=0, atol=1e-5)
 
 
 def test_vgg16_train_step_and_eval():

@@ -14,9 +14,11 @@ def test_roi_ops_under_autocast(device, dtype):
     with torch.autocast(device_type=device, dtype=dtype):
         half = x.to(dtype)
         aligned = ops.roi_align(half, rois, 3, 0.5, 2, True)
-        pooled = ops.roi_pool(half, rois, 3, 0.5)
+        pooled = ops.roi_pool(half, rois, 3, 0.5)  # no gradient wanted: the op without the argmax
+        pooled_for_training = ops.roi_pool(half.detach().requires_grad_(), rois, 3, 0.5)  # the op with it
         multi = ops.multi_scale_roi_align([half, half[:, :, ::2, ::2]], rois, 3, [0.5, 0.25], 2)
-    assert aligned.dtype == pooled.dtype == multi.dtype == dtype
+    assert aligned.dtype == pooled.dtype == pooled_for_training.dtype == multi.dtype == dtype
+    assert torch.equal(pooled, pooled_for_training)
     torch.testing.assert_close(aligned.float(), ops.roi_align(half.float(), rois, 3, 0.5, 2, True),
                                rtol=0, atol=float(torch.finfo(dtype).eps) * 8)
     torch.testing.assert_close(pooled.float(), ops.roi_pool(half.float(), rois, 3, 0.5))

@@ -26,6 +26,23 @@ def test_matches_torchvision_exactly(device, dtype, channels_last):
     torch.testing.assert_close(xa.grad, xt.grad, **tol)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_ties_nan_and_signed_zeros_pick_torchvisions_argmax(device, dtype):
+    """Equal maxima go to the first pixel in row-major order and NaN never wins, as in torchvision's sequential
+    scan: the CPU kernel scans a bin's even and odd columns as two chains and merges them (roi_pool_kernel.cpp)."""
+    g = torch.Generator().manual_seed(0)
+    # Few distinct values, so that most bins hold their maximum several times, in both column parities.
+    values = torch.tensor([-0.0, 0.0, 1.0, -1.0, float("nan"), -float("inf")], dtype=dtype)
+    x = values[torch.randint(0, len(values), (2, 37, 21, 26), generator=g)].to(device)
+    rois = random_rois(60, 2, image_hw=(42, 52), dtype=dtype, device=device)
+    ours, our_argmax = torch.ops.fasterrcnn_ext.roi_pool(x, rois, 0.5, 3, 4)
+    theirs, their_argmax = torch.ops.torchvision.roi_pool(x, rois, 0.5, 3, 4)
+    assert torch.equal(our_argmax, their_argmax)
+    assert torch.equal(ours.isnan(), theirs.isnan())
+    assert torch.equal(ours.nan_to_num(), theirs.nan_to_num())
+    assert torch.equal(ours.signbit(), theirs.signbit())  # -0.0 and 0.0 are equal maxima: the first one's sign
+
+
 def test_large_outputs_match_torchvision_exactly():
     """Output and argmax of several MB come from huge-page-advised memory (csrc/ops/cpu/large_output.h)."""
     x = torch.randn(2, 64, 48, 64, requires_grad=True)
@@ -66,6 +83,22 @@ def test_empty_and_degenerate(device):
 def test_bad_batch_index():
     with pytest.raises(RuntimeError, match=r"roi_pool: rois\[1, 0\] = 5 is not a valid batch index"):
         ops.roi_pool(torch.rand(2, 3, 8, 8), torch.tensor([[0.0, 0, 0, 2, 2], [5.0, 0, 0, 2, 2]]), 2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_inference_op_gives_the_forwards_values(device, dtype):
+    """Without a gradient to compute, ops.roi_pool calls _roi_pool_values, which does not write the argmax."""
+    x = torch.randn(2, 40, 19, 23, device=device).to(dtype).contiguous(memory_format=torch.channels_last)
+    rois = random_rois(30, 2, image_hw=(38, 46), device=device).to(dtype)
+    values = torch.ops.fasterrcnn_ext._roi_pool_values(x, rois, 0.5, 3, 2)
+    full, _ = torch.ops.fasterrcnn_ext.roi_pool(x, rois, 0.5, 3, 2)
+    assert torch.equal(values, full)
+    with torch.no_grad():
+        assert torch.equal(ops.roi_pool(x.requires_grad_(), rois, (3, 2), 0.5), full)
+    torch.library.opcheck(torch.ops.fasterrcnn_ext._roi_pool_values.default, (x.detach(), rois, 0.5, 3, 2))
+    with pytest.raises(RuntimeError, match="not a valid batch index"):
+        torch.ops.fasterrcnn_ext._roi_pool_values(x, rois + torch.tensor([5.0, 0, 0, 0, 0], device=device).to(dtype),
+                                                  0.5, 3, 2)
 
 
 def test_module_and_opcheck(device):

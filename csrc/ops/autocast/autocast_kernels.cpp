@@ -42,6 +42,19 @@ std::tuple<at::Tensor, at::Tensor> roi_pool_autocast(const at::Tensor& input, co
 }
 
 template <c10::DispatchKey key, c10::DeviceType device>
+at::Tensor roi_pool_values_autocast(const at::Tensor& input, const at::Tensor& rois, double spatial_scale,
+                                    c10::SymInt pooled_height, c10::SymInt pooled_width) {
+  c10::impl::ExcludeDispatchKeyGuard no_autocast(key);
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("fasterrcnn_ext::_roi_pool_values", "")
+                       .typed<at::Tensor(const at::Tensor&, const at::Tensor&, double, c10::SymInt, c10::SymInt)>();
+  return op
+      .call(at::autocast::cached_cast(at::kFloat, input, device), at::autocast::cached_cast(at::kFloat, rois, device),
+            spatial_scale, pooled_height, pooled_width)
+      .to(input.scalar_type());
+}
+
+template <c10::DispatchKey key, c10::DeviceType device>
 at::Tensor multi_scale_roi_align_autocast(at::TensorList features, const at::Tensor& rois, at::ArrayRef<double> scales,
                                           c10::SymInt pooled_height, c10::SymInt pooled_width, int64_t sampling_ratio,
                                           bool aligned, double canonical_scale, double canonical_level) {
@@ -84,6 +97,8 @@ at::Tensor batched_nms_autocast(const at::Tensor& boxes, const at::Tensor& score
   TORCH_LIBRARY_IMPL(fasterrcnn_ext, KEY, m) {                                                              \
     m.impl("roi_align", TORCH_FN((roi_align_autocast<c10::DispatchKey::KEY, c10::DeviceType::DEVICE>)));    \
     m.impl("roi_pool", TORCH_FN((roi_pool_autocast<c10::DispatchKey::KEY, c10::DeviceType::DEVICE>)));      \
+    m.impl("_roi_pool_values",                                                                              \
+           TORCH_FN((roi_pool_values_autocast<c10::DispatchKey::KEY, c10::DeviceType::DEVICE>)));          \
     m.impl("multi_scale_roi_align",                                                                         \
            TORCH_FN((multi_scale_roi_align_autocast<c10::DispatchKey::KEY, c10::DeviceType::DEVICE>)));     \
     m.impl("nms", TORCH_FN((nms_autocast<c10::DispatchKey::KEY, c10::DeviceType::DEVICE>)));                \

@@ -26,3 +26,18 @@
 #define FRCNN_CPU_MULTIVERSION
 #define FRCNN_CPU_MULTIVERSION_ARCH
 #endif
+
+// Hand-written AVX-512 versions (intrinsics) of a few hot loops, where GCC's code from the portable vector types is
+// poor: FRCNN_CPU_AVX512_KERNELS says whether they are built (GCC on x86-64, AVX-512 clones not left out), and the
+// caller picks them at run time when the CPU has AVX512F (frcnn_cpu_has_avx512f()).
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(__CUDACC__) && \
+    !defined(FRCNN_CPU_MAX_ISA_AVX2)
+#define FRCNN_CPU_AVX512_KERNELS 1
+#define FRCNN_CPU_TARGET_AVX512F __attribute__((target("avx512f")))
+inline bool frcnn_cpu_has_avx512f() {
+  static const bool has = __builtin_cpu_supports("avx512f");
+  return has;
+}
+#else
+#define FRCNN_CPU_AVX512_KERNELS 0
+#endif

@@ -136,6 +136,12 @@ std::tuple<at::Tensor, at::Tensor> roi_pool_forward_cuda(const at::Tensor& input
   return {out, argmax};
 }
 
+// The inference op: the forward's values (the argmax kernel's, which costs little more on the GPU).
+at::Tensor roi_pool_values_cuda(const at::Tensor& input, const at::Tensor& rois, double spatial_scale,
+                                int64_t pooled_height, int64_t pooled_width) {
+  return std::get<0>(roi_pool_forward_cuda(input, rois, spatial_scale, pooled_height, pooled_width));
+}
+
 at::Tensor roi_pool_backward_cuda(const at::Tensor& grad_in, const at::Tensor& rois_in, const at::Tensor& argmax_in,
                                   double spatial_scale, int64_t pooled_height, int64_t pooled_width,
                                   int64_t batch_size, int64_t channels, int64_t height, int64_t width) {
@@ -172,5 +178,6 @@ at::Tensor roi_pool_backward_cuda(const at::Tensor& grad_in, const at::Tensor& r
 
 TORCH_LIBRARY_IMPL(fasterrcnn_ext, CUDA, m) {
   m.impl("roi_pool", &fasterrcnn_ext::roi_pool_forward_cuda);
+  m.impl("_roi_pool_values", &fasterrcnn_ext::roi_pool_values_cuda);
   m.impl("_roi_pool_backward", &fasterrcnn_ext::roi_pool_backward_cuda);
 }
