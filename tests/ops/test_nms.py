@@ -151,6 +151,20 @@ def test_batched_nms_is_class_aware_without_offsets(device):
     torch.testing.assert_close(keep.cpu(), reference.nms(boxes.cpu(), scores.cpu(), 0.5, idxs=idxs.cpu()))
 
 
+@pytest.mark.parametrize("class_values", [[0, 1, 2], [-2**63, -5, 0, 2**63 - 1], [10**6, 3 * 10**6, 7]])
+def test_batched_nms_any_class_values(device, class_values):
+    """Class ids are grouped by a counting sort when they span a small range, else by a stable comparison sort
+    (CPU); ids spanning all of int64 and sparse ids must group exactly like dense ones. Half the scores are tied."""
+    boxes = rpn_like_boxes(900, dtype=torch.float64, device=device)
+    scores = (torch.randint(0, 400, (900,)).to(torch.float64) / 400).to(device)
+    values = torch.tensor(class_values, dtype=torch.long)
+    idxs = values[torch.randint(0, len(class_values), (900,))].to(device)
+    keep = ops.batched_nms(boxes, scores, idxs, 0.5)
+    dense = torch.unique(idxs, return_inverse=True)[1]
+    torch.testing.assert_close(keep, ops.batched_nms(boxes, scores, dense, 0.5), rtol=0, atol=0)
+    torch.testing.assert_close(keep.cpu(), reference.nms(boxes.cpu(), scores.cpu(), 0.5, idxs=idxs.cpu()))
+
+
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
 def test_batched_nms_every_dtype(device, dtype):
     boxes = rpn_like_boxes(700, dtype=dtype, device=device)
