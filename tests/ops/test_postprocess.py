@@ -103,6 +103,31 @@ def test_rpn_proposals_nan_inputs_are_dropped():
                                rtol=1e-5, atol=1e-3)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("k", [1234, 2000, 4500])  # the k-th value: among the 1.5s, the zeros, the -inf and NaNs
+def test_rpn_top_k_ties_nan_and_signed_zeros(dtype, k):
+    """The per-level top-k (a radix select on CPU) takes the k largest logits, NaN ranked as -inf, ties at the k-th
+    value to the lower index; -0 ties with +0. With no NMS (threshold 1) and zero deltas, the proposals are exactly
+    the selected anchors, minus those whose score fails (NaN)."""
+    g = torch.Generator().manual_seed(0)
+    n = 5000
+    values = torch.tensor([float("-inf"), float("nan"), -0.0, 0.0, 1.5, -2.0, 3.0], dtype=dtype)
+    objectness = values[torch.randint(0, len(values), (1, n), generator=g)]
+    xy = torch.rand(n, 2, generator=g, dtype=dtype) * 900
+    anchors = torch.cat([xy, xy + 10 + torch.rand(n, 2, generator=g, dtype=dtype) * 80], 1)
+    deltas = torch.zeros(1, n, 4, dtype=dtype)
+    boxes, scores = ops.rpn_proposals(objectness, deltas, anchors, [n], [(1000, 1000)], k, k, 1.0)
+
+    rank_value = torch.where(objectness[0].isnan(), float("-inf"), objectness[0]).double()
+    order = torch.sort(rank_value, descending=True, stable=True).indices  # stable: ties by lower index
+    chosen = order[:k]
+    chosen = chosen[~objectness[0, chosen].isnan()]  # NaN scores fail the score test
+    # Each proposal is its anchor up to the decode's rounding: name it by its nearest anchor.
+    distance, nearest = torch.cdist(boxes[0].double(), anchors.double()).min(1)
+    assert distance.max() < 1e-2
+    assert torch.equal(torch.sort(nearest).values, torch.sort(chosen).values)
+
+
 def test_rpn_proposals_bad_input():
     objectness, deltas, anchors, per_level, sizes = rpn_inputs(1)
     with pytest.raises(RuntimeError, match=r"deltas must be \[N, A, 4\]"):

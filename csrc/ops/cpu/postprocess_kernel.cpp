@@ -1,7 +1,7 @@
 // Fused CPU kernels of rpn_proposals and detection_postprocess.
 //
 // torchvision decodes every anchor (257,796 at 800 pixels) and runs the selection as a chain of tensor ops and a
-// Python loop over images. Here: the top-k per level is an nth_element over the logits; only the selected anchors
+// Python loop over images. Here: the top-k per level is a radix select over the logits; only the selected anchors
 // are decoded; clipping, the size and score tests and the per-level (per-class) NMS run in one pass per image, with
 // the images (and, for the top-k, the levels) in parallel. Box math: box_math.h, in acc_t.
 // NaN logits or deltas: such candidates are dropped (NaN scores fail the score test, NaN boxes the size test), so
@@ -14,8 +14,12 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
+#include <cstring>
 #include <limits>
 #include <numeric>
+#include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "ops/common/box_math.h"
@@ -28,9 +32,33 @@ namespace {
 // log(1000 / 16): see decode_box.
 constexpr double kBBoxXformClip = 4.135166556742356;
 
-// Indices (relative to `values`) of the k largest values; NaN ranks below every number. Order: increasing index.
+// An unsigned integer whose order is the value order (uint32 for float, uint64 for double), with -0 equal to +0 and
+// NaN equal to -inf (NaN ranks below every number and ties with -inf, as in the selection's contract below).
+template <typename acc_t>
+using order_bits_t = std::conditional_t<sizeof(acc_t) == 4, uint32_t, uint64_t>;
+
+template <typename acc_t>
+order_bits_t<acc_t> value_order_bits(acc_t x) {
+  using bits_t = order_bits_t<acc_t>;
+  constexpr bits_t kSign = bits_t{1} << (8 * sizeof(bits_t) - 1);
+  if (std::isnan(x)) x = -std::numeric_limits<acc_t>::infinity();
+  x = x + acc_t(0);  // -0 becomes +0
+  bits_t b;
+  std::memcpy(&b, &x, sizeof b);
+  // Negatives: all bits flipped (magnitude order reversed); non-negatives: the sign bit set (above them). Branch-free:
+  // logits' signs are random, and a branch on them mispredicted half the time.
+  const bits_t flip = (bits_t{0} - (b >> (8 * sizeof(bits_t) - 1))) | kSign;
+  return b ^ flip;
+}
+
+// Indices (relative to `values`) of the k largest values; NaN ranks below every number (tied with -inf); ties at the
+// k-th value go to the lower index. Order: increasing index.
+// A radix select: one pass histograms the top 11 bits of each value's order bits, which places the k-th value in
+// one bucket; the buckets above are taken whole, and only the k-th's bucket is ordered (nth_element). On the RPN's
+// logits (k = 1000 of 32,768) this is 2 passes over the values where nth_element was ~3n data-dependent branches.
 template <typename acc_t>
 std::vector<int64_t> top_k_indices(const acc_t* values, int64_t n, int64_t k) {
+  using bits_t = order_bits_t<acc_t>;
   std::vector<int64_t> out;
   if (k <= 0 || n <= 0) return out;
   if (k >= n) {
@@ -38,20 +66,34 @@ std::vector<int64_t> top_k_indices(const acc_t* values, int64_t n, int64_t k) {
     std::iota(out.begin(), out.end(), int64_t{0});
     return out;
   }
-  std::vector<acc_t> v(values, values + n);
-  for (acc_t& x : v) {
-    if (std::isnan(x)) x = -std::numeric_limits<acc_t>::infinity();
-  }
-  std::nth_element(v.begin(), v.begin() + (k - 1), v.end(), std::greater<acc_t>());
-  const acc_t kth = v[k - 1];
-  int64_t above = 0;  // values strictly above the k-th: all taken; ties at the k-th taken by lower index
-  for (int64_t i = 0; i < n; ++i) above += values[i] > kth;
-  int64_t ties_left = k - above;
-  out.reserve(k);
+  constexpr int kBucketBits = 11;
+  constexpr int kShift = 8 * sizeof(bits_t) - kBucketBits;
+  std::vector<bits_t> bits(n);
+  std::vector<int64_t> count(int64_t{1} << kBucketBits, 0);
   for (int64_t i = 0; i < n; ++i) {
-    const acc_t x = std::isnan(values[i]) ? -std::numeric_limits<acc_t>::infinity() : values[i];
-    if (x > kth || (x == kth && ties_left-- > 0)) out.push_back(i);
+    bits[i] = value_order_bits(values[i]);
+    ++count[bits[i] >> kShift];
   }
+  int64_t bucket = (int64_t{1} << kBucketBits) - 1, above = 0;  // above: values in buckets above `bucket`
+  while (above + count[bucket] < k) above += count[bucket--];
+  out.reserve(k);
+  std::vector<std::pair<bits_t, int64_t>> boundary;  // the k-th value's bucket
+  boundary.reserve(count[bucket]);
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t b = static_cast<int64_t>(bits[i] >> kShift);
+    if (b > bucket) {
+      out.push_back(i);
+    } else if (b == bucket) {
+      boundary.emplace_back(bits[i], i);
+    }
+  }
+  const int64_t need = k - above;  // 1 <= need <= boundary.size()
+  if (static_cast<int64_t>(boundary.size()) > need) {
+    std::nth_element(boundary.begin(), boundary.begin() + (need - 1), boundary.end(),
+                     [](const auto& x, const auto& y) { return x.first != y.first ? x.first > y.first : x.second < y.second; });
+  }
+  for (int64_t j = 0; j < need; ++j) out.push_back(boundary[j].second);
+  std::sort(out.begin(), out.end());
   return out;
 }
 
