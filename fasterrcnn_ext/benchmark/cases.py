@@ -113,6 +113,18 @@ def roi_cases(device: str) -> list[Case]:
                       lambda: ops.roi_pool(p2, rois, 7, 0.25),
                       lambda: torchvision.ops.roi_pool(p2, rois, 7, 0.25),
                       target=1.0 if cuda else 10.0))
+    # In training the forward also writes the argmax for the backward (twice the output's bytes); without a
+    # gradient to compute (the case above) ours leaves it out, torchvision's never does.
+    p2_grad = p2.detach().requires_grad_()
+
+    def pool_for_training(module):
+        def run():
+            with torch.enable_grad():
+                return module.roi_pool(p2_grad, rois, 7, 0.25)
+        return run
+
+    cases.append(Case("roi_pool fwd, input requiring grad (argmax kept)", pool_for_training(ops),
+                      pool_for_training(torchvision.ops), target=1.0 if cuda else 10.0))
     names = list(feats)
     ours_m = ops.MultiScaleRoIAlign(names, 7, 2)
     theirs_m = torchvision.ops.MultiScaleRoIAlign(names, 7, 2)
