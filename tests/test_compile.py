@@ -73,5 +73,15 @@ def test_torch_export_roi_ops():
 
     x, feats, rois = _pool_inputs()
     exported = torch.export.export(Model(), (x, *feats, rois))
+    targets = {str(node.target) for node in exported.graph.nodes if node.op == "call_function"}
+    assert "fasterrcnn_ext._roi_pool_values.default" in targets  # no gradient wanted: the op without the argmax
     for got, expected in zip(exported.module()(x, *feats, rois), _pool_model(x, feats, rois)):
         torch.testing.assert_close(got, expected)
+
+
+def test_torch_compile_roi_ops_inference():
+    x, feats, rois = _pool_inputs()
+    compiled = torch.compile(_pool_model, fullgraph=True, backend="aot_eager")
+    with torch.no_grad():
+        for got, expected in zip(compiled(x.requires_grad_(), feats, rois), _pool_model(x, feats, rois)):
+            torch.testing.assert_close(got, expected)
