@@ -203,9 +203,10 @@ void gather_channel_block(const at::Tensor& f, int64_t n, int64_t c0, int64_t y0
       load_block_rows(base + y * sH, W, nc, sC, row);
     } else if (sC == 1) {  // channels-last: each pixel's channels are contiguous
       if (std::is_same_v<scalar_t, acc_t> && nc == B) {
-        // One cache line a pixel, as a fixed-size copy: the general loop below (a run-time channel count) is
-        // compiled scalar (channels_last roi_align benchmark, Intel Xeon: 32 -> 29 ms). What remains is the wait
-        // for memory: the pixels are C values apart (an explicit prefetch did not help).
+        // One cache line a pixel, as a fixed-size copy (vector moves): the general loop below (a run-time channel
+        // count) is compiled scalar. Either way the time goes to waiting for memory (perf), the pixels being C
+        // values apart: on the channels_last benchmark the change is within this machine's noise, and an explicit
+        // prefetch did not help.
         for (int64_t x = 0; x < W; ++x) std::memcpy(row + x * B, base + y * sH + x * sW, B * sizeof(acc_t));
       } else {
         for (int64_t x = 0; x < W; ++x) {
