@@ -1,7 +1,8 @@
 // CPU kernels of roi_pool, forward and backward.
 //
 // Forward: one task per (image, block of 16 channels), copied into a cache-resident channel-interleaved buffer
-// (roi_block.h), so each bin's max is a running max over each pixel's channel vectors; tasks run in parallel.
+// (roi_block.h), so each bin's max is a running max over each pixel's channel vectors (hand-written for AVX-512);
+// tasks run in parallel. The inference op _roi_pool_values is the same forward without writing the argmax.
 // Backward: a scatter of each output gradient to its argmax, parallel over channels (each thread owns its planes:
 // no races, deterministic).
 #include <ATen/ATen.h>
