@@ -330,12 +330,14 @@ def test_torch_compile_eval_model():
         torch.testing.assert_close(a, b)
 
 
-def test_bfloat16_copy_stores_the_weights_autocast_would_make():
-    """With inference_dtype the inference copy keeps bfloat16 weights: under autocast it computes exactly what the
-    folded float32 backbone computes (autocast rounds the weights the same way, only on every call)."""
+def test_bfloat16_copy_fuses_convolutions_and_keeps_bfloat16_weights():
+    """With inference_dtype the inference copy keeps bfloat16 weights and runs each convolution with the ReLU and
+    residual add after it as one oneDNN call. Against the folded float32 backbone its mean error is no larger than
+    autocast's over the unfused modules (measured ~5% smaller: the add rounds once instead of twice), and the two
+    are close."""
     import copy
 
-    from fasterrcnn_ext.models.detection._inference import fold_batch_norms
+    from fasterrcnn_ext.models.detection._inference import FusedBottleneck, FusedConv2d, fold_batch_norms
 
     mine, _ = model_pair("fasterrcnn_resnet50_fpn")
     mine.eval()
@@ -343,14 +345,56 @@ def test_bfloat16_copy_stores_the_weights_autocast_would_make():
     folded = copy.deepcopy(mine.backbone)
     fold_batch_norms(folded)
     folded = folded.to(memory_format=torch.channels_last)
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        expected = folded(x)
-        bf16_copy = mine._backbone_for_inference.get(mine.backbone, torch.bfloat16)
-        got = bf16_copy(x)
+    with torch.no_grad():
+        reference = folded(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            unfused = folded(x)
+            bf16_copy = mine._backbone_for_inference.get(mine.backbone, torch.bfloat16)
+            got = bf16_copy(x)
     assert all(p.dtype == torch.bfloat16 for p in bf16_copy.parameters())
     assert all(p.dtype == torch.float32 for p in mine.backbone.parameters())  # the model itself is untouched
-    for k in expected:
-        torch.testing.assert_close(got[k], expected[k], rtol=0, atol=0)
+    if torch.backends.mkldnn.is_available():
+        assert sum(isinstance(m, FusedBottleneck) for m in bf16_copy.modules()) == 16  # ResNet-50: 3 + 4 + 6 + 3
+        assert isinstance(bf16_copy.body.conv1, FusedConv2d)  # the stem, with its ReLU
+    for k in reference:
+        scale = reference[k].abs().mean()
+        fused_error = (got[k].float() - reference[k]).abs().mean() / scale
+        unfused_error = (unfused[k].float() - reference[k]).abs().mean() / scale
+        assert fused_error <= 1.05 * unfused_error, (k, fused_error, unfused_error)
+        assert (got[k].float() - unfused[k].float()).abs().max() <= 0.03 * reference[k].abs().max()
+
+
+@pytest.mark.parametrize("stride, downsample", [(1, False), (2, True)])
+def test_fused_bottleneck_equals_the_block_in_float32(stride, downsample):
+    """FusedBottleneck's wiring (strides, padding, downsample, residual, ReLUs), checked in float32 where rounding
+    cannot hide a mistake; the Sequential fusion likewise on conv, batch norm, ReLU."""
+    from torchvision.models.resnet import Bottleneck
+
+    from fasterrcnn_ext.models.detection._inference import FusedConv2d, fold_batch_norms, fuse_convolutions
+
+    if not torch.backends.mkldnn.is_available():
+        pytest.skip("no oneDNN in this torch build")
+    torch.manual_seed(0)
+    down = torch.nn.Sequential(torch.nn.Conv2d(64, 256, 1, stride, bias=False), torch.nn.BatchNorm2d(256))
+    block = Bottleneck(64 if downsample else 256, 64, stride=stride, downsample=down if downsample else None)
+    seq = torch.nn.Sequential(torch.nn.Conv2d(64 if downsample else 256, 32, 3, padding=1), torch.nn.BatchNorm2d(32),
+                              torch.nn.ReLU(), torch.nn.Conv2d(32, 8, 1))
+    for m in list(block.modules()) + list(seq.modules()):
+        if isinstance(m, torch.nn.BatchNorm2d):  # non-trivial statistics, so that folding matters
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+    block.eval()
+    seq.eval()
+    x = torch.randn(2, 64 if downsample else 256, 15, 17).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        expected, expected_seq = block(x), seq(x)
+        wrapper = torch.nn.Sequential(block)
+        fold_batch_norms(wrapper)
+        fold_batch_norms(seq)
+        assert fuse_convolutions(wrapper) == 1 and fuse_convolutions(seq) == 1
+        assert isinstance(seq[0], FusedConv2d) and isinstance(seq[2], torch.nn.Identity)
+        torch.testing.assert_close(wrapper(x), expected, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(seq(x), expected_seq, rtol=1e-4, atol=1e-4)
 
 
 def test_fast_inference_uses_winograd_in_backbone_and_rpn_head():
