@@ -100,68 +100,87 @@ FRCNN_CPU_MULTIVERSION_ARCH void max_pool_bin(const double* buf, int64_t width, 
 // instructions where GCC's code for the portable vectors above blends through vector masks (3 uops a blend on
 // Intel cores). On the benchmark's roi_pool, Intel Xeon with AMX, 2 threads: 67 -> 50 ms (one chain, portable
 // vectors: 84 ms). Same two chains, same merge.
-FRCNN_CPU_TARGET_AVX512F void max_pool_bin_avx512(const float* buf, int64_t width, int64_t h0, int64_t h1, int64_t w0,
-                                                  int64_t w1, float* best, int32_t* arg) {
+#define FRCNN_AVX512_HELPER FRCNN_CPU_TARGET_AVX512F __attribute__((always_inline)) static inline
+
+// The AVX-512 instructions the kernel needs, per element type: a 64-byte block is one vector V, with an index vector
+// (int32 lanes for float, int64 for double) and a mask M. select(m, a, b) is m ? b : a, lane by lane.
+template <typename acc_t>
+struct Avx512Block;
+template <>
+struct Avx512Block<float> {
+  using V = __m512;
+  using M = __mmask16;
+  static constexpr int64_t kLanes = 16;
+  FRCNN_AVX512_HELPER V load(const float* p) { return _mm512_loadu_ps(p); }
+  FRCNN_AVX512_HELPER V fill(float v) { return _mm512_set1_ps(v); }
+  FRCNN_AVX512_HELPER __m512i index(int64_t i) { return _mm512_set1_epi32(static_cast<int32_t>(i)); }
+  FRCNN_AVX512_HELPER M greater(V a, V b) { return _mm512_cmp_ps_mask(a, b, _CMP_GT_OQ); }
+  FRCNN_AVX512_HELPER M equal(V a, V b) { return _mm512_cmp_ps_mask(a, b, _CMP_EQ_OQ); }
+  FRCNN_AVX512_HELPER V max(V a, V b) { return _mm512_max_ps(a, b); }
+  FRCNN_AVX512_HELPER M index_less(__m512i a, __m512i b) { return _mm512_cmplt_epi32_mask(a, b); }
+  FRCNN_AVX512_HELPER V select(M m, V a, V b) { return _mm512_mask_blend_ps(m, a, b); }
+  FRCNN_AVX512_HELPER __m512i select(M m, __m512i a, __m512i b) { return _mm512_mask_blend_epi32(m, a, b); }
+  FRCNN_AVX512_HELPER void store(float* p, V v) { _mm512_storeu_ps(p, v); }
+};
+template <>
+struct Avx512Block<double> {
+  using V = __m512d;
+  using M = __mmask8;
+  static constexpr int64_t kLanes = 8;
+  FRCNN_AVX512_HELPER V load(const double* p) { return _mm512_loadu_pd(p); }
+  FRCNN_AVX512_HELPER V fill(double v) { return _mm512_set1_pd(v); }
+  FRCNN_AVX512_HELPER __m512i index(int64_t i) { return _mm512_set1_epi64(i); }
+  FRCNN_AVX512_HELPER M greater(V a, V b) { return _mm512_cmp_pd_mask(a, b, _CMP_GT_OQ); }
+  FRCNN_AVX512_HELPER M equal(V a, V b) { return _mm512_cmp_pd_mask(a, b, _CMP_EQ_OQ); }
+  FRCNN_AVX512_HELPER V max(V a, V b) { return _mm512_max_pd(a, b); }
+  FRCNN_AVX512_HELPER M index_less(__m512i a, __m512i b) { return _mm512_cmplt_epi64_mask(a, b); }
+  FRCNN_AVX512_HELPER V select(M m, V a, V b) { return _mm512_mask_blend_pd(m, a, b); }
+  FRCNN_AVX512_HELPER __m512i select(M m, __m512i a, __m512i b) { return _mm512_mask_blend_epi64(m, a, b); }
+  FRCNN_AVX512_HELPER void store(double* p, V v) { _mm512_storeu_pd(p, v); }
+};
+
+// One pixel into one chain: the max by vmaxps, the index where the pixel is strictly greater (a masked move).
+template <typename acc_t>
+FRCNN_AVX512_HELPER void update_chain(const acc_t* buf, int64_t flat, typename Avx512Block<acc_t>::V& best,
+                                      __m512i& arg) {
+  using X = Avx512Block<acc_t>;
+  const typename X::V v = X::load(buf + flat * X::kLanes);
+  const typename X::M greater = X::greater(v, best);
+  best = X::max(v, best);
+  arg = X::select(greater, arg, X::index(flat));
+}
+
+template <typename acc_t>
+FRCNN_CPU_TARGET_AVX512F void max_pool_bin_avx512_impl(const acc_t* buf, int64_t width, int64_t h0, int64_t h1,
+                                                       int64_t w0, int64_t w1, acc_t* best,
+                                                       block_index_t<acc_t>* arg) {
+  using X = Avx512Block<acc_t>;
   const bool empty = h1 <= h0 || w1 <= w0;
-  __m512 even_best = _mm512_set1_ps(empty ? 0.f : -FLT_MAX), odd_best = even_best;
-  __m512i even_arg = _mm512_set1_epi32(-1), odd_arg = even_arg;
+  typename X::V even_best = X::fill(empty ? acc_t(0) : static_cast<acc_t>(-FLT_MAX)), odd_best = even_best;
+  __m512i even_arg = X::index(-1), odd_arg = even_arg;
   for (int64_t h = h0; h < h1; ++h) {
     int64_t w = w0;
     for (; w + 1 < w1; w += 2) {
-      const int64_t flat = h * width + w;
-      const __m512 even = _mm512_loadu_ps(buf + flat * 16), odd = _mm512_loadu_ps(buf + (flat + 1) * 16);
-      const __mmask16 even_greater = _mm512_cmp_ps_mask(even, even_best, _CMP_GT_OQ);
-      const __mmask16 odd_greater = _mm512_cmp_ps_mask(odd, odd_best, _CMP_GT_OQ);
-      even_best = _mm512_max_ps(even, even_best);
-      odd_best = _mm512_max_ps(odd, odd_best);
-      even_arg = _mm512_mask_mov_epi32(even_arg, even_greater, _mm512_set1_epi32(static_cast<int32_t>(flat)));
-      odd_arg = _mm512_mask_mov_epi32(odd_arg, odd_greater, _mm512_set1_epi32(static_cast<int32_t>(flat + 1)));
+      update_chain(buf, h * width + w, even_best, even_arg);
+      update_chain(buf, h * width + w + 1, odd_best, odd_arg);
     }
-    if (w < w1) {
-      const int64_t flat = h * width + w;
-      const __m512 even = _mm512_loadu_ps(buf + flat * 16);
-      const __mmask16 even_greater = _mm512_cmp_ps_mask(even, even_best, _CMP_GT_OQ);
-      even_best = _mm512_max_ps(even, even_best);
-      even_arg = _mm512_mask_mov_epi32(even_arg, even_greater, _mm512_set1_epi32(static_cast<int32_t>(flat)));
-    }
+    if (w < w1) update_chain(buf, h * width + w, even_best, even_arg);
   }
-  const __mmask16 odd_wins = _mm512_cmp_ps_mask(odd_best, even_best, _CMP_GT_OQ) |
-                             (_mm512_cmp_ps_mask(odd_best, even_best, _CMP_EQ_OQ) &
-                              _mm512_cmplt_epi32_mask(odd_arg, even_arg));
-  _mm512_storeu_ps(best, _mm512_mask_blend_ps(odd_wins, even_best, odd_best));
-  _mm512_storeu_si512(arg, _mm512_mask_blend_epi32(odd_wins, even_arg, odd_arg));
+  const typename X::M odd_wins = X::greater(odd_best, even_best) |
+                                 (X::equal(odd_best, even_best) & X::index_less(odd_arg, even_arg));
+  X::store(best, X::select(odd_wins, even_best, odd_best));
+  _mm512_storeu_si512(arg, X::select(odd_wins, even_arg, odd_arg));
+}
+
+FRCNN_CPU_TARGET_AVX512F void max_pool_bin_avx512(const float* buf, int64_t width, int64_t h0, int64_t h1, int64_t w0,
+                                                  int64_t w1, float* best, int32_t* arg) {
+  max_pool_bin_avx512_impl(buf, width, h0, h1, w0, w1, best, arg);
 }
 FRCNN_CPU_TARGET_AVX512F void max_pool_bin_avx512(const double* buf, int64_t width, int64_t h0, int64_t h1,
                                                   int64_t w0, int64_t w1, double* best, int64_t* arg) {
-  const bool empty = h1 <= h0 || w1 <= w0;
-  __m512d even_best = _mm512_set1_pd(empty ? 0.0 : -FLT_MAX), odd_best = even_best;
-  __m512i even_arg = _mm512_set1_epi64(-1), odd_arg = even_arg;
-  for (int64_t h = h0; h < h1; ++h) {
-    int64_t w = w0;
-    for (; w + 1 < w1; w += 2) {
-      const int64_t flat = h * width + w;
-      const __m512d even = _mm512_loadu_pd(buf + flat * 8), odd = _mm512_loadu_pd(buf + (flat + 1) * 8);
-      const __mmask8 even_greater = _mm512_cmp_pd_mask(even, even_best, _CMP_GT_OQ);
-      const __mmask8 odd_greater = _mm512_cmp_pd_mask(odd, odd_best, _CMP_GT_OQ);
-      even_best = _mm512_max_pd(even, even_best);
-      odd_best = _mm512_max_pd(odd, odd_best);
-      even_arg = _mm512_mask_mov_epi64(even_arg, even_greater, _mm512_set1_epi64(flat));
-      odd_arg = _mm512_mask_mov_epi64(odd_arg, odd_greater, _mm512_set1_epi64(flat + 1));
-    }
-    if (w < w1) {
-      const int64_t flat = h * width + w;
-      const __m512d even = _mm512_loadu_pd(buf + flat * 8);
-      const __mmask8 even_greater = _mm512_cmp_pd_mask(even, even_best, _CMP_GT_OQ);
-      even_best = _mm512_max_pd(even, even_best);
-      even_arg = _mm512_mask_mov_epi64(even_arg, even_greater, _mm512_set1_epi64(flat));
-    }
-  }
-  const __mmask8 odd_wins = _mm512_cmp_pd_mask(odd_best, even_best, _CMP_GT_OQ) |
-                            (_mm512_cmp_pd_mask(odd_best, even_best, _CMP_EQ_OQ) &
-                             _mm512_cmplt_epi64_mask(odd_arg, even_arg));
-  _mm512_storeu_pd(best, _mm512_mask_blend_pd(odd_wins, even_best, odd_best));
-  _mm512_storeu_si512(arg, _mm512_mask_blend_epi64(odd_wins, even_arg, odd_arg));
+  max_pool_bin_avx512_impl(buf, width, h0, h1, w0, w1, best, arg);
 }
+#undef FRCNN_AVX512_HELPER
 #endif
 
 template <typename acc_t>
