@@ -89,8 +89,11 @@ std::vector<int64_t> top_k_indices(const acc_t* values, int64_t n, int64_t k) {
   }
   const int64_t need = k - above;  // 1 <= need <= boundary.size()
   if (static_cast<int64_t>(boundary.size()) > need) {
-    std::nth_element(boundary.begin(), boundary.begin() + (need - 1), boundary.end(),
-                     [](const auto& x, const auto& y) { return x.first != y.first ? x.first > y.first : x.second < y.second; });
+    // Larger value first; equal values: lower index first.
+    const auto before = [](const auto& x, const auto& y) {
+      return x.first != y.first ? x.first > y.first : x.second < y.second;
+    };
+    std::nth_element(boundary.begin(), boundary.begin() + (need - 1), boundary.end(), before);
   }
   for (int64_t j = 0; j < need; ++j) out.push_back(boundary[j].second);
   std::sort(out.begin(), out.end());

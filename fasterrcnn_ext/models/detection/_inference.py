@@ -85,6 +85,15 @@ class WinogradConv2d(nn.Module):
         return conv3x3_winograd(x.to(self.transformed_weight.dtype), self.transformed_weight, self.bias, self.relu)
 
 
+def _relu_after(parent: nn.Module, names: list[str], i: int) -> str | None:
+    """The name of the nn.ReLU that directly follows child names[i] of a module that runs its children in order
+    (past folded-away identities), or None."""
+    j = i + 1
+    while j < len(names) and isinstance(parent._modules[names[j]], nn.Identity):
+        j += 1
+    return names[j] if j < len(names) and type(parent._modules[names[j]]) is nn.ReLU else None
+
+
 def use_winograd_convolutions(module: nn.Module) -> int:
     """Replaces every convolution WinogradConv2d accepts, fusing a ReLU that directly follows it in a Sequential
     (past folded-away identities). Returns how many were replaced."""
@@ -95,13 +104,7 @@ def use_winograd_convolutions(module: nn.Module) -> int:
             conv = parent._modules[name]
             if not WinogradConv2d.accepts(conv):
                 continue
-            relu_name = None
-            if isinstance(parent, nn.Sequential):
-                j = i + 1
-                while j < len(names) and isinstance(parent._modules[names[j]], nn.Identity):
-                    j += 1
-                if j < len(names) and type(parent._modules[names[j]]) is nn.ReLU:
-                    relu_name = names[j]
+            relu_name = _relu_after(parent, names, i) if isinstance(parent, nn.Sequential) else None
             parent._modules[name] = WinogradConv2d(conv, relu=relu_name is not None)
             if relu_name is not None:
                 parent._modules[relu_name] = nn.Identity()
@@ -184,14 +187,10 @@ def fuse_convolutions(module: nn.Module) -> int:
             continue
         names = list(parent._modules)
         for i, name in enumerate(names):
-            if not FusedConv2d.accepts(parent._modules[name]):
-                continue
-            j = i + 1
-            while j < len(names) and isinstance(parent._modules[names[j]], nn.Identity):
-                j += 1
-            if j < len(names) and type(parent._modules[names[j]]) is nn.ReLU:
+            relu_name = _relu_after(parent, names, i) if FusedConv2d.accepts(parent._modules[name]) else None
+            if relu_name is not None:
                 parent._modules[name] = FusedConv2d(parent._modules[name], relu=True)
-                parent._modules[names[j]] = nn.Identity()
+                parent._modules[relu_name] = nn.Identity()
                 replaced += 1
     return replaced
 
