@@ -17,6 +17,25 @@ def pair(size, name: str = "output_size") -> tuple[int, int]:
     raise ValueError(f"{name} must be an int or a pair of ints, got {size!r}")
 
 
+def flat_image_sizes(image_sizes, num_images: int, op: str, name: str = "image_sizes") -> list[int]:
+    """[h0, w0, h1, w1, ...] from one (height, width) pair per image; ValueError naming ``name`` if there is not
+    exactly one pair per image."""
+    if not isinstance(image_sizes, (list, tuple)) or len(image_sizes) != num_images:
+        got = f"{len(image_sizes)} entries" if isinstance(image_sizes, (list, tuple)) else type(image_sizes).__name__
+        raise ValueError(f"{op}: {name} must hold one (height, width) per image, {num_images} images, got {got}")
+    for i, hw in enumerate(image_sizes):
+        if not isinstance(hw, (list, tuple, torch.Size)) or len(hw) != 2:
+            raise ValueError(f"{op}: {name}[{i}] must be a (height, width) pair, got {hw!r}")
+    return [int(v) for hw in image_sizes for v in hw]
+
+
+def check_boxes_fit_batch(boxes, batch_size: int, op: str) -> None:
+    """A list of per-image boxes may not name more images than the input has (their batch indices would be out of
+    range)."""
+    if isinstance(boxes, (list, tuple)) and len(boxes) > batch_size:
+        raise ValueError(f"{op}: boxes has {len(boxes)} per-image tensors but the input holds {batch_size} images")
+
+
 def rois_from_boxes(boxes: Tensor | list[Tensor] | tuple[Tensor, ...]) -> Tensor:
     """``Tensor[K, 5]`` rois (batch index, x1, y1, x2, y2) from either rois or a list of per-image ``Tensor[L, 4]``.
 

@@ -13,7 +13,7 @@ from torch import Tensor
 
 from .._library import ops as _ops
 from ._registration import register_autograd, register_fake
-from ._utils import pair, rois_from_boxes
+from ._utils import check_boxes_fit_batch, pair, rois_from_boxes
 from .roi_align import roi_align
 
 
@@ -35,6 +35,9 @@ def multi_scale_roi_align(features: list[Tensor], boxes: Tensor | list[Tensor], 
         Tensor[K, C, PH, PW].
     """
     ph, pw = pair(output_size)
+    if features:
+        check_boxes_fit_batch(boxes, features[0].size(0) if features[0].dim() == 4 else len(boxes),
+                              "multi_scale_roi_align")
     rois = rois_from_boxes(boxes)
     return _ops().multi_scale_roi_align(list(features), rois, [float(s) for s in scales], ph, pw,
                                         int(sampling_ratio), bool(aligned), float(canonical_scale),
@@ -76,6 +79,11 @@ class MultiScaleRoIAlign(torchvision.ops.MultiScaleRoIAlign):
         if not features:
             raise ValueError(f"MultiScaleRoIAlign: none of the feature maps {self.featmap_names} is in the input "
                              f"(got {list(x)})")
+        if isinstance(boxes, (list, tuple)) and len(image_shapes) != len(boxes):
+            raise ValueError(f"MultiScaleRoIAlign: image_shapes has {len(image_shapes)} entries but boxes has "
+                             f"{len(boxes)} per-image tensors: give one (height, width) per image")
+        check_boxes_fit_batch(boxes, features[0].size(0) if features[0].dim() == 4 else len(boxes),
+                              "MultiScaleRoIAlign")
         if self.scales is None:
             original = (max(s[0] for s in image_shapes), max(s[1] for s in image_shapes))
             self.scales = [infer_scale(f, original) for f in features]

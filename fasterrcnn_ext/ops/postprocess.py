@@ -10,6 +10,7 @@ from torch import Tensor
 
 from .._library import ops as _ops
 from ._registration import register_fake
+from ._utils import flat_image_sizes
 
 
 def _split(counts: Tensor, *tensors: Tensor) -> list[list[Tensor]]:
@@ -37,9 +38,10 @@ def rpn_proposals(objectness: Tensor, deltas: Tensor, anchors: Tensor, num_ancho
         (boxes, scores): one Tensor[P_i, 4] and one Tensor[P_i] per image, by decreasing score. Candidates with NaN
         logits or deltas are dropped (a NaN logit also never takes a top-k slot from a number).
     """
+    sizes = flat_image_sizes(image_sizes, objectness.size(0) if objectness.dim() == 2 else len(image_sizes),
+                             "rpn_proposals")
     boxes, scores, counts = _ops().rpn_proposals(
-        objectness, deltas, anchors, [int(n) for n in num_anchors_per_level],
-        [int(v) for hw in image_sizes for v in hw], int(pre_nms_top_n), int(post_nms_top_n), float(nms_thresh),
+        objectness, deltas, anchors, [int(n) for n in num_anchors_per_level], sizes, int(pre_nms_top_n), int(post_nms_top_n), float(nms_thresh),
         float(score_thresh), float(min_size))
     return tuple(_split(counts, boxes, scores))
 
@@ -63,9 +65,9 @@ def detection_postprocess(class_logits: Tensor, box_regression: Tensor, proposal
         Rows with NaN logits or deltas are dropped.
     """
     boxes_per_image = [int(p.size(0)) for p in proposals]
+    sizes = flat_image_sizes(image_sizes, len(proposals), "detection_postprocess")
     boxes, scores, labels, counts = _ops().detection_postprocess(
-        class_logits, box_regression, torch.cat(proposals), boxes_per_image,
-        [int(v) for hw in image_sizes for v in hw], [float(w) for w in weights], float(score_thresh),
+        class_logits, box_regression, torch.cat(proposals), boxes_per_image, sizes, [float(w) for w in weights], float(score_thresh),
         float(nms_thresh), int(detections_per_img), float(min_size))
     return tuple(_split(counts, boxes, scores, labels))
 

@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from .._library import ops as _ops
 from ._registration import register_autograd, register_fake
-from ._utils import pair, rois_from_boxes
+from ._utils import check_boxes_fit_batch, pair, rois_from_boxes
 
 
 def roi_align(input: Tensor, boxes: Tensor | list[Tensor], output_size, spatial_scale: float = 1.0,
@@ -36,6 +36,7 @@ def roi_align(input: Tensor, boxes: Tensor | list[Tensor], output_size, spatial_
             dtype mismatch, integer input.
     """
     ph, pw = pair(output_size)
+    check_boxes_fit_batch(boxes, input.size(0) if input.dim() == 4 else len(boxes), "roi_align")
     rois = rois_from_boxes(boxes)
     return _ops().roi_align(input, rois, float(spatial_scale), ph, pw, int(sampling_ratio), bool(aligned))
 

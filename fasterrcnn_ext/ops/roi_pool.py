@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from .._library import ops as _ops
 from ._registration import register_autograd, register_fake
-from ._utils import pair, rois_from_boxes
+from ._utils import check_boxes_fit_batch, pair, rois_from_boxes
 
 
 def roi_pool(input: Tensor, boxes: Tensor | list[Tensor], output_size, spatial_scale: float = 1.0) -> Tensor:
@@ -26,6 +26,7 @@ def roi_pool(input: Tensor, boxes: Tensor | list[Tensor], output_size, spatial_s
         Tensor[K, C, PH, PW]: exactly torchvision.ops.roi_pool's values. Empty bins are 0.
     """
     ph, pw = pair(output_size)
+    check_boxes_fit_batch(boxes, input.size(0) if input.dim() == 4 else len(boxes), "roi_pool")
     rois = rois_from_boxes(boxes)
     if torch.is_grad_enabled() and input.requires_grad:
         output, _ = _ops().roi_pool(input, rois, float(spatial_scale), ph, pw)

@@ -59,6 +59,28 @@ def test_empty_boxes():
     assert out.shape == (0, 8, 7, 7)
 
 
+def test_image_shapes_and_boxes_must_match_the_batch():
+    """One image shape per image and no more per-image boxes than images: torchvision accepts either mismatch
+    without a word (extra shapes are ignored; extra boxes read out of the batch)."""
+    feats = fpn_features()
+    pooler = ops.MultiScaleRoIAlign(list(feats), 7, 2)
+    boxes = [boxes_of_all_sizes(5), boxes_of_all_sizes(4)]
+    with pytest.raises(ValueError, match="image_shapes has 3 entries but boxes has 2 per-image tensors"):
+        pooler(feats, boxes, [(128, 160)] * 3)
+    with pytest.raises(ValueError, match="image_shapes has 1 entries but boxes has 2"):
+        pooler(feats, boxes, [(128, 160)])
+    with pytest.raises(ValueError, match="MultiScaleRoIAlign: boxes has 3 per-image tensors but the input holds 2"):
+        pooler(feats, boxes + [boxes_of_all_sizes(3)], [(128, 160)] * 3)
+    with pytest.raises(ValueError, match="multi_scale_roi_align: boxes has 3 per-image tensors but the input holds 2"):
+        ops.multi_scale_roi_align(list(feats.values()), boxes + boxes[:1], 7,
+                                  [1 / 4, 1 / 8, 1 / 16, 1 / 32])
+    with pytest.raises(ValueError, match="roi_align: boxes has 3 per-image tensors but the input holds 2"):
+        ops.roi_align(feats["p0"], boxes + boxes[:1], 7)
+    with pytest.raises(ValueError, match="roi_pool: boxes has 3 per-image tensors but the input holds 2"):
+        ops.roi_pool(feats["p0"], boxes + boxes[:1], 7)
+    assert pooler(feats, boxes[:1], [(128, 160)]).shape == (5, 8, 7, 7)  # fewer images' boxes than images is fine
+
+
 def test_bad_scales():
     feats = list(fpn_features().values())
     rois = torch.tensor([[0, 0, 0, 10, 10.0]])

@@ -134,8 +134,14 @@ def test_rpn_proposals_bad_input():
         ops.rpn_proposals(objectness, deltas[:, :-1], anchors, per_level, sizes, 10, 10, 0.7)
     with pytest.raises(RuntimeError, match=r"num_anchors_per_level .* sums to"):
         ops.rpn_proposals(objectness, deltas, anchors, per_level[:-1], sizes, 10, 10, 0.7)
-    with pytest.raises(RuntimeError, match=r"image_sizes must hold \(height, width\) for each of the 1 images"):
+    with pytest.raises(ValueError, match=r"rpn_proposals: image_sizes must hold one \(height, width\) per image, "
+                                         r"1 images, got 2 entries"):
         ops.rpn_proposals(objectness, deltas, anchors, per_level, sizes * 2, 10, 10, 0.7)
+    with pytest.raises(ValueError, match=r"image_sizes\[0\] must be a \(height, width\) pair, got \(750, 1333, 3\)"):
+        ops.rpn_proposals(objectness, deltas, anchors, per_level, [(750, 1333, 3)], 10, 10, 0.7)
+    with pytest.raises(RuntimeError, match=r"image_sizes must hold \(height, width\) for each of the 1 images"):
+        torch.ops.fasterrcnn_ext.rpn_proposals(objectness, deltas, anchors, per_level, [750, 1333] * 2, 10, 10, 0.7,
+                                               0.0, 1e-3)
 
 
 def detection_inputs(boxes_per_image=(1000, 700), classes=91, dtype=torch.float32):
@@ -188,6 +194,11 @@ def test_detection_postprocess_bad_input():
         ops.detection_postprocess(class_logits, box_regression[:, :-4], proposals, IMAGE_SIZES)
     with pytest.raises(RuntimeError, match=r"weights must have 4 values"):
         ops.detection_postprocess(class_logits, box_regression, proposals, IMAGE_SIZES, weights=(1.0, 1.0))
+    with pytest.raises(ValueError, match=r"detection_postprocess: image_sizes must hold one \(height, width\) per "
+                                         r"image, 2 images, got 3 entries"):
+        ops.detection_postprocess(class_logits, box_regression, proposals, IMAGE_SIZES + [(10, 10)])
+    with pytest.raises(ValueError, match=r"image_sizes must hold one \(height, width\) per image, 2 images, got 1"):
+        ops.detection_postprocess(class_logits, box_regression, proposals, IMAGE_SIZES[:1])
 
 
 def test_opcheck():
