@@ -15,7 +15,8 @@
 // machine runs, and benchmarks, the code an AVX2-only CPU runs.
 // Hand-written AVX-512 versions (intrinsics) of a few hot loops, where GCC's code from the portable vector types is
 // poor: FRCNN_CPU_AVX512_KERNELS says whether they are built (wherever the AVX-512 clones are), and the caller picks
-// them at run time when the CPU has AVX512F (frcnn_cpu_has_avx512f()).
+// them per call through cpu_avx512_kernels_enabled() (runtime/cpu_features.h: the CPU has AVX512F and they are
+// not turned off).
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(__CUDACC__)
 #if defined(FRCNN_CPU_MAX_ISA_AVX2)
 #define FRCNN_CPU_MULTIVERSION __attribute__((target_clones("avx2", "default")))

@@ -21,6 +21,7 @@
 #include "ops/common/roi_math.h"
 #include "ops/cpu/large_output.h"
 #include "ops/cpu/roi_block.h"
+#include "runtime/cpu_features.h"
 
 #if FRCNN_CPU_AVX512_KERNELS
 #include <immintrin.h>
@@ -187,11 +188,12 @@ template <typename acc_t>
 using MaxPoolBinFn = void (*)(const acc_t*, int64_t, int64_t, int64_t, int64_t, int64_t, acc_t*,
                               block_index_t<acc_t>*);
 
-// The AVX-512 version where it is built and the CPU has AVX512F, else the portable one (itself cloned per ISA).
+// The AVX-512 version where it is built, the CPU has AVX512F and it is not turned off (runtime/cpu_features.h), else
+// the portable one (itself cloned per ISA).
 template <typename acc_t>
 MaxPoolBinFn<acc_t> pick_max_pool_bin() {
 #if FRCNN_CPU_AVX512_KERNELS
-  if (frcnn_cpu_has_avx512f()) return static_cast<MaxPoolBinFn<acc_t>>(&max_pool_bin_avx512);
+  if (cpu_avx512_kernels_enabled()) return static_cast<MaxPoolBinFn<acc_t>>(&max_pool_bin_avx512);
 #endif
   return static_cast<MaxPoolBinFn<acc_t>>(&max_pool_bin);
 }

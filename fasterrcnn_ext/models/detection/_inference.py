@@ -22,6 +22,7 @@ from torchvision.models._utils import IntermediateLayerGetter
 from torchvision.models.resnet import Bottleneck
 from torchvision.ops.misc import FrozenBatchNorm2d
 
+from ...capabilities import cpu_capabilities
 from ...ops import conv3x3_winograd, winograd_weight
 
 _NORMS = (nn.BatchNorm2d, FrozenBatchNorm2d)
@@ -112,12 +113,6 @@ def use_winograd_convolutions(module: nn.Module) -> int:
     return replaced
 
 
-def _fusion_available() -> bool:
-    # torch.ops.mkldnn._convolution_pointwise is the op torch.compile's CPU backend fuses convolutions into; private,
-    # so its absence (a build without oneDNN, a future torch) means no fusion rather than an error.
-    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
-
-
 class FusedConv2d(nn.Module):
     """A convolution, then optionally a residual add, then optionally ReLU, as one oneDNN call (post-ops): the
     activation map is written once, where a separate add and ReLU read and write it twice more. Input is cast to the
@@ -173,9 +168,8 @@ def fuse_convolutions(module: nn.Module) -> int:
     """For a batch-norm-folded CPU copy: replaces torchvision's Bottleneck blocks by FusedBottleneck, and each
     convolution that a ReLU directly follows (past folded-away identities) in a Sequential or an
     IntermediateLayerGetter (the ResNet stem), by FusedConv2d with that ReLU. Returns how many modules were
-    replaced; none where oneDNN's fused convolution is unavailable."""
-    if not _fusion_available():
-        return 0
+    replaced. The caller decides whether the fused op can run here (capabilities.fused_bfloat16_convolutions for
+    bfloat16: oneDNN refuses bfloat16 on CPUs without AVX512BW/VL/DQ or AVX-NE-CONVERT)."""
     replaced = 0
     for parent in list(module.modules()):
         for name, child in list(parent._modules.items()):
@@ -198,7 +192,7 @@ def fuse_convolutions(module: nn.Module) -> int:
 class InferenceCopy:
     """The module's inference copy (folded, channels_last, Winograd in float32 on CPU, or in the autocast dtype
     asked for, with fused convolutions in bfloat16 on CPU), one per dtype, rebuilt whenever the original's
-    parameters or buffers change."""
+    parameters or buffers change or the CPU capabilities in effect do (fasterrcnn_ext.capabilities)."""
 
     def __init__(self):
         self._copies: dict[torch.dtype | None, tuple[tuple, nn.Module]] = {}
@@ -215,7 +209,7 @@ class InferenceCopy:
             # Built under torch.inference_mode: such tensors keep no version counter, so an in-place weight update
             # could not be noticed. Run the module itself (correct, without the speed-ups).
             return module
-        key = self._state_key(module)
+        key = (self._state_key(module), cpu_capabilities())
         cached = self._copies.get(dtype)
         if cached is not None and cached[0] == key:
             return cached[1]
@@ -225,9 +219,11 @@ class InferenceCopy:
         clone = clone.to(memory_format=torch.channels_last)
         if dtype is not None:
             clone = clone.to(dtype)
-            if dtype == torch.bfloat16 and all(p.device.type == "cpu" for p in clone.parameters()):
+            if (dtype == torch.bfloat16 and cpu_capabilities().fused_bfloat16_convolutions
+                    and all(p.device.type == "cpu" for p in clone.parameters())):
                 fuse_convolutions(clone)
-        elif all(p.device.type == "cpu" and p.dtype == torch.float32 for p in clone.parameters()):
+        elif cpu_capabilities().winograd and all(p.device.type == "cpu" and p.dtype == torch.float32
+                                                  for p in clone.parameters()):
             use_winograd_convolutions(clone)
         self._copies[dtype] = (key, clone)
         return clone

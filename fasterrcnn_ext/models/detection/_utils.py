@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from ... import ops
 
@@ -42,3 +42,12 @@ class BoxCoder:
     def decode_single(self, rel_codes: Tensor, boxes: Tensor) -> Tensor:
         # fp32 at least: the kernel computes in float32 (float64 for float64 codes).
         return ops.decode_boxes(rel_codes, boxes.to(rel_codes.dtype), self.weights, self.bbox_xform_clip)
+
+
+def rebind(cls: type, module: nn.Module):
+    """An instance of ``cls`` (a subclass of ``module``'s class) over ``module``'s submodules, parameters, buffers and
+    settings, which are shared, not copied. ``module`` itself stays as it was: the registries that hold its
+    submodules, parameters, buffers and hooks are copied, so assigning to the new instance does not reach it."""
+    new = cls.__new__(cls)
+    new.__dict__.update({k: v.copy() if isinstance(v, dict) else v for k, v in module.__dict__.items()})
+    return new

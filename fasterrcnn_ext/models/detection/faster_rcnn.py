@@ -11,7 +11,7 @@ the losses are torchvision's own modules, so weights and training behave as in t
 from __future__ import annotations
 
 import contextlib
-import functools
+import copy
 import os
 import warnings
 from collections import OrderedDict
@@ -23,7 +23,9 @@ from torchvision.models.detection import faster_rcnn as tv_faster_rcnn
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 
 from ... import memory, ops
+from ...capabilities import cpu_capabilities
 from ._inference import InferenceCopy
+from ._utils import rebind
 from .anchor_utils import AnchorGenerator
 from .roi_heads import RoIHeads
 from .rpn import RegionProposalNetwork, RPNHead
@@ -108,10 +110,15 @@ class FasterRCNN(tv_faster_rcnn.FasterRCNN):
 
     @classmethod
     def adopt(cls, model: tv_faster_rcnn.FasterRCNN) -> FasterRCNN:
-        """Our FasterRCNN over a torchvision FasterRCNN's modules and weights (shared, not copied)."""
-        ours = cls.__new__(cls)
-        nn.Module.__init__(ours)
-        ours.__dict__.update(model.__dict__)
+        """Our FasterRCNN with a copy of a torchvision FasterRCNN's modules and weights (``copy.deepcopy``): the given
+        model is left exactly as it was, and training one does not change the other."""
+        return cls._over(copy.deepcopy(model))
+
+    @classmethod
+    def _over(cls, model: tv_faster_rcnn.FasterRCNN) -> FasterRCNN:
+        """Our FasterRCNN over ``model``'s modules and weights, shared, not copied (for the builders, whose torchvision
+        model nobody else holds); ``model`` itself keeps its types and modules."""
+        ours = rebind(cls, model)
         ours._backbone_for_inference = InferenceCopy()
         ours._rpn_head_for_inference = InferenceCopy()
         ours.rpn = RegionProposalNetwork.adopt(model.rpn)
@@ -134,7 +141,7 @@ class FasterRCNN(tv_faster_rcnn.FasterRCNN):
 
     def _inference_forward(self, images: list[Tensor]) -> list[dict[str, Tensor]]:
         pool_cpu = (self.reuse_cpu_memory and all(image.device.type == "cpu" for image in images)
-                    and not torch.compiler.is_compiling())
+                    and not torch.compiler.is_compiling() and cpu_capabilities().memory_pool)
         with memory.cpu_pool() if pool_cpu else contextlib.nullcontext():
             return self._inference_forward_impl(images)
 
@@ -159,11 +166,10 @@ class FasterRCNN(tv_faster_rcnn.FasterRCNN):
         return self.transform.postprocess(detections, image_list.image_sizes, original_image_sizes)
 
 
-@functools.cache
 def cpu_has_native_bfloat16() -> bool:
-    """Whether this CPU computes bfloat16 in hardware (AVX512-BF16 or AMX), where the bfloat16 inference mode pays."""
-    checks = (getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
-    return any(check() for check in checks if check is not None)
+    """Whether this CPU computes bfloat16 in hardware (AVX512-BF16 or AMX), where the bfloat16 inference mode pays
+    (fasterrcnn_ext.capabilities decides)."""
+    return cpu_capabilities().native_bfloat16
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -205,7 +211,7 @@ def _build(tv_builder, weights, num_classes, kwargs) -> FasterRCNN:
             num_classes = predictor.shape[0]
         weights = None
         kwargs.setdefault("weights_backbone", None)  # the checkpoint holds the backbone too: nothing to download
-    model = FasterRCNN.adopt(tv_builder(weights=weights, num_classes=num_classes, **kwargs))
+    model = FasterRCNN._over(tv_builder(weights=weights, num_classes=num_classes, **kwargs))
     if state is not None:
         model.load_state_dict(state, strict=True)
     return model
