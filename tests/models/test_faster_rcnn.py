@@ -409,3 +409,47 @@ def test_weights_enums_import_from_here_too():
                  "FasterRCNN_MobileNet_V3_Large_FPN_Weights", "FasterRCNN_MobileNet_V3_Large_320_FPN_Weights"):
         assert getattr(ours, name) is getattr(tv, name) and name in ours.__all__
         assert getattr(ours, name).DEFAULT.meta["categories"][1] == "person"
+
+
+def test_adopt_leaves_the_torchvision_model_as_it_was():
+    """FasterRCNN.adopt copies: the torchvision model keeps its types, its very modules and its weights, and
+    training ours later does not reach it; RegionProposalNetwork.adopt and RoIHeads.adopt share the submodules but
+    leave the module they are given as it was."""
+    torch.manual_seed(0)
+    theirs = tv.fasterrcnn_mobilenet_v3_large_320_fpn(weights=None, weights_backbone=None, num_classes=5, **SMALL)
+    modules = dict(theirs.named_modules())
+    types = {name: type(m) for name, m in modules.items()}
+    state = {k: v.clone() for k, v in theirs.state_dict().items()}
+    mine = ours.FasterRCNN.adopt(theirs)
+    assert dict(theirs.named_modules()) == modules  # the same module objects under the same names
+    assert {name: type(m) for name, m in theirs.named_modules()} == types
+    assert type(theirs.rpn.anchor_generator) is torchvision.models.detection.anchor_utils.AnchorGenerator
+    assert type(theirs.roi_heads.box_roi_pool) is torchvision.ops.MultiScaleRoIAlign
+    assert isinstance(mine.rpn, ours.RegionProposalNetwork) and isinstance(mine.roi_heads, ours.RoIHeads)
+    with torch.no_grad():
+        for p in mine.parameters():
+            p.add_(1.0)  # as training would
+    for k, v in theirs.state_dict().items():
+        assert torch.equal(v, state[k]), k
+
+    rpn_modules = dict(theirs.rpn.named_modules())
+    adopted_rpn = ours.RegionProposalNetwork.adopt(theirs.rpn)
+    adopted_rpn.head = torch.nn.Identity()
+    heads_box_coder = theirs.roi_heads.box_coder
+    ours.RoIHeads.adopt(theirs.roi_heads).box_head = torch.nn.Identity()
+    assert dict(theirs.rpn.named_modules()) == rpn_modules
+    assert type(theirs.rpn) is torchvision.models.detection.rpn.RegionProposalNetwork
+    assert theirs.roi_heads.box_coder is heads_box_coder
+    assert type(theirs.roi_heads.box_head) is torchvision.models.detection.faster_rcnn.TwoMLPHead
+
+
+def test_adopted_model_gives_torchvision_detections():
+    _, theirs = model_pair("fasterrcnn_resnet50_fpn", box_score_thresh=0.05, box_detections_per_img=1000)
+    adopted = ours.FasterRCNN.adopt(theirs).eval()
+    adopted.fast_inference = False
+    theirs.eval()
+    images, _ = images_and_targets(1)
+    with torch.no_grad():
+        got, expected = adopted(images), theirs(images)
+    assert sum(len(d["boxes"]) for d in expected) > 0
+    assert_same_detections(got, expected)

@@ -10,7 +10,7 @@ from torch import Tensor, nn
 from torchvision.models.detection import roi_heads as tv_roi_heads
 
 from ... import ops
-from ._utils import BoxCoder
+from ._utils import BoxCoder, rebind
 
 __all__ = ["RoIHeads"]
 
@@ -37,10 +37,9 @@ class RoIHeads(tv_roi_heads.RoIHeads):
 
     @classmethod
     def adopt(cls, heads: tv_roi_heads.RoIHeads) -> RoIHeads:
-        """This class over an existing torchvision RoIHeads' submodules and settings (nothing is copied)."""
-        ours = cls.__new__(cls)
-        nn.Module.__init__(ours)
-        ours.__dict__.update(heads.__dict__)
+        """This class over a torchvision RoIHeads' submodules and settings (shared, not copied); ``heads`` itself is
+        left as it was."""
+        ours = rebind(cls, heads)
         ours._use_our_kernels()
         return ours
 

@@ -12,7 +12,7 @@ from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.rpn import RPNHead, concat_box_prediction_layers
 
 from ... import ops
-from ._utils import BoxCoder
+from ._utils import BoxCoder, rebind
 from .anchor_utils import AnchorGenerator
 
 __all__ = ["RegionProposalNetwork", "RPNHead"]
@@ -44,10 +44,9 @@ class RegionProposalNetwork(tv_rpn.RegionProposalNetwork):
 
     @classmethod
     def adopt(cls, rpn: tv_rpn.RegionProposalNetwork) -> RegionProposalNetwork:
-        """This class over an existing torchvision RPN's submodules and settings (nothing is copied)."""
-        ours = cls.__new__(cls)
-        nn.Module.__init__(ours)
-        ours.__dict__.update(rpn.__dict__)
+        """This class over a torchvision RPN's submodules and settings (shared, not copied); ``rpn`` itself is left as
+        it was."""
+        ours = rebind(cls, rpn)
         ours.box_coder = BoxCoder((1.0, 1.0, 1.0, 1.0))
         ours.box_similarity = ops.box_iou
         return ours
