@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torchvision.ops as _torchvision_ops
 from torch import Tensor
 
 from .._library import ops as _ops
@@ -115,21 +116,28 @@ def box_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
         boxes1 (Tensor[N, 4]), boxes2 (Tensor[M, 4]): boxes in (x1, y1, x2, y2) format, same dtype.
 
     Returns:
-        Tensor[N, M]: the IoU, in the boxes' dtype (float32 for float16/bfloat16 input, as torchvision).
+        Tensor[N, M]: the IoU, in the boxes' dtype (float32 for float16/bfloat16 input, as torchvision). Integer
+        boxes are torchvision's arithmetic (integer areas, a float32 ratio), computed by torchvision.
     """
+    if not (boxes1.is_floating_point() and boxes2.is_floating_point()):
+        return _torchvision_ops.box_iou(boxes1, boxes2)
     return _ops().box_iou(boxes1, boxes2)
 
 
 def clip_boxes_to_image(boxes: Tensor, size: tuple[int, int]) -> Tensor:
     """Clips boxes (Tensor[..., 4]) to an image of ``size`` (height, width): x to [0, width], y to [0, height].
-    NaN coordinates stay NaN, as with torch.clamp."""
+    NaN coordinates stay NaN, as with torch.clamp. Integer boxes stay integers (computed by torchvision)."""
+    if not boxes.is_floating_point():
+        return _torchvision_ops.clip_boxes_to_image(boxes, size)
     height, width = size
     return _ops().clip_boxes_to_image(boxes, int(height), int(width))
 
 
 def remove_small_boxes(boxes: Tensor, min_size: float) -> Tensor:
     """Indices (Tensor[K], int64) of the boxes (Tensor[N, 4]) whose width and height are both >= min_size.
-    Boxes with NaN sides are removed."""
+    Boxes with NaN sides are removed. Integer boxes are compared by torchvision."""
+    if not boxes.is_floating_point():
+        return _torchvision_ops.remove_small_boxes(boxes, min_size)
     return _ops().remove_small_boxes(boxes, float(min_size))
 
 

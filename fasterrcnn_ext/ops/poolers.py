@@ -6,10 +6,12 @@ Shapes: N images, C channels, L pyramid levels (level l is H_l x W_l), K RoIs, (
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 import torchvision
 from torch import Tensor
+from torchvision.ops.poolers import initLevelMapper
 
 from .._library import ops as _ops
 from ._registration import register_autograd, register_fake
@@ -90,12 +92,41 @@ class MultiScaleRoIAlign(torchvision.ops.MultiScaleRoIAlign):
         rois = rois_from_boxes(boxes)
         if len(features) == 1:
             return roi_align(features[0], rois, self.output_size, self.scales[0], self.sampling_ratio)
+        if not _adjacent_levels(self.scales):
+            return self._pool_non_adjacent_levels(features, boxes, rois)
         return multi_scale_roi_align(features, rois, self.output_size, self.scales, self.sampling_ratio, False,
                                      self.canonical_scale, self.canonical_level)
+
+    def _pool_non_adjacent_levels(self, features: list[Tensor], boxes: list[Tensor], rois: Tensor) -> Tensor:
+        """torchvision's result for feature maps that skip a level (e.g. strides 8 and 32): a RoI whose FPN level is
+        the i-th from the finest given pools from the i-th map given, and one whose level is past the number of maps
+        pools to zeros. A Python loop over the levels, as torchvision's: the fused op needs every level."""
+        if not self._warned_non_adjacent:
+            self._warned_non_adjacent = True
+            warnings.warn(f"MultiScaleRoIAlign: the feature maps at scales {self.scales} skip a pyramid level; as in "
+                          "torchvision, RoIs are pooled from the map at their level's position among the maps given, "
+                          "and RoIs of a level past the last map pool to zeros", UserWarning, stacklevel=3)
+        k_min = int(round(-math.log2(self.scales[0])))
+        k_max = int(round(-math.log2(self.scales[-1])))
+        mapper = initLevelMapper(k_min, k_max, canonical_scale=self.canonical_scale,
+                                 canonical_level=self.canonical_level)
+        levels = mapper(boxes if isinstance(boxes, (list, tuple)) else [rois[:, 1:]])
+        result = features[0].new_zeros((rois.size(0), features[0].size(1), *self.output_size))
+        for level, (feature, scale) in enumerate(zip(features, self.scales)):
+            index = torch.where(levels == level)[0]
+            result[index] = roi_align(feature, rois[index], self.output_size, scale, self.sampling_ratio)
+        return result
+
+    _warned_non_adjacent = False
 
     def __repr__(self) -> str:
         return (f"{self.__class__.__name__}(featmap_names={self.featmap_names}, output_size={self.output_size}, "
                 f"sampling_ratio={self.sampling_ratio})")
+
+
+def _adjacent_levels(scales: list[float]) -> bool:
+    """Whether each scale is half the previous one (one feature map per pyramid level), as the fused op needs."""
+    return all(math.isclose(a, 2 * b, rel_tol=1e-6) for a, b in zip(scales, scales[1:]))
 
 
 @register_fake("fasterrcnn_ext::multi_scale_roi_align")

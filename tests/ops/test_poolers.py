@@ -97,3 +97,23 @@ def test_opcheck(device):
     rois = torch.cat([torch.randint(0, 2, (20, 1), device=device).float(), boxes_of_all_sizes(20, device=device)], 1)
     torch.library.opcheck(torch.ops.fasterrcnn_ext.multi_scale_roi_align.default,
                           (feats, rois, [1 / 4, 1 / 8, 1 / 16, 1 / 32], 7, 7, 2, False, 224.0, 4.0))
+
+
+def test_non_adjacent_levels_give_torchvisions_result_and_warn_once():
+    """Maps at strides 8 and 32 only (torchvision's own ONNX test does this): torchvision pools a RoI of level 4 from
+    the second map given and gives zeros to a RoI of level 5; ours gives the same, with one warning."""
+    import warnings
+
+    g = torch.Generator().manual_seed(0)
+    feats = OrderedDict([("p3", torch.randn(1, 4, 16, 20, generator=g)), ("p5", torch.randn(1, 4, 4, 5, generator=g))])
+    boxes = [torch.tensor([[0.0, 0, 20, 20], [0, 0, 300, 300], [0, 0, 500, 500]])]  # levels 3 (clamped), 4, 5
+    ours_m = ops.MultiScaleRoIAlign(["p3", "p5"], 2, 2)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got = ours_m(feats, boxes, [(128, 160)])
+        again = ours_m(feats, boxes, [(128, 160)])
+    expected = torchvision.ops.MultiScaleRoIAlign(["p3", "p5"], 2, 2)(feats, boxes, [(128, 160)])
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
+    torch.testing.assert_close(again, expected, rtol=0, atol=1e-6)
+    assert torch.equal(got[2], torch.zeros_like(got[2])) and got[1].abs().sum() > 0
+    assert sum("skip a pyramid level" in str(w.message) for w in caught) == 1
