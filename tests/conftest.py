@@ -1,5 +1,17 @@
+import os
+
 import pytest
 import torch
+from hypothesis import HealthCheck, settings
+
+# Property-based tests (tests/ops/test_properties.py): in CI a fixed seed and a bounded number of examples (the
+# whole file in under 2 minutes on 2 cores); HYPOTHESIS_PROFILE=long for a local hunt.
+_SLOW_CASES = [HealthCheck.too_slow, HealthCheck.data_too_large]
+settings.register_profile("ci", max_examples=50, derandomize=True, deadline=None, print_blob=True,
+                          suppress_health_check=_SLOW_CASES, database=None)
+settings.register_profile("long", max_examples=2000, deadline=None, print_blob=True,
+                          suppress_health_check=_SLOW_CASES)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 CUDA_AVAILABLE = torch.cuda.is_available()
 _NO_CUDA = pytest.mark.skipif(not CUDA_AVAILABLE, reason="no CUDA GPU visible")

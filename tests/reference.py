@@ -34,12 +34,12 @@ def nms(boxes, scores, iou_threshold, idxs=None, max_keep=-1, acc_dtype=None):
     suppressed = torch.zeros(len(order), dtype=torch.bool)
     keep = []
     for k in range(len(order)):
+        if len(keep) == max_keep:
+            break
         if suppressed[k]:
             continue
         i = order[k]
         keep.append(int(i))
-        if len(keep) == max_keep:
-            break
         rest = order[k + 1:]
         # Compared in float64, as torchvision's CPU NMS does (a float32 tensor > a Python float compares in float32).
         over = box_iou(b[i:i + 1], b[rest])[0].double() > iou_threshold
