@@ -1,3 +1,6 @@
+import subprocess
+import sys
+
 import pytest
 import torch
 import torchvision
@@ -96,9 +99,25 @@ def test_inference_op_gives_the_forwards_values(device, dtype):
     with torch.no_grad():
         assert torch.equal(ops.roi_pool(x.requires_grad_(), rois, (3, 2), 0.5), full)
     torch.library.opcheck(torch.ops.fasterrcnn_ext._roi_pool_values.default, (x.detach(), rois, 0.5, 3, 2))
-    with pytest.raises(RuntimeError, match="not a valid batch index"):
-        torch.ops.fasterrcnn_ext._roi_pool_values(x, rois + torch.tensor([5.0, 0, 0, 0, 0], device=device).to(dtype),
-                                                  0.5, 3, 2)
+    if device == "cpu":
+        with pytest.raises(RuntimeError, match="not a valid batch index"):
+            torch.ops.fasterrcnn_ext._roi_pool_values(x, rois + torch.tensor([5.0, 0, 0, 0, 0]).to(dtype), 0.5, 3, 2)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU visible")
+@pytest.mark.parametrize("op", ["roi_pool", "_roi_pool_values"])
+def test_cuda_bad_batch_index_trips_a_device_assert(op):
+    """On CUDA a batch index outside [0, N) is found by the kernel (checking on the host would cost a sync): a
+    device-side assert, which poisons the CUDA context, so it is provoked in a child process."""
+    code = (f"import torch, fasterrcnn_ext\n"
+            f"x = torch.rand(2, 3, 8, 8, device='cuda')\n"
+            f"rois = torch.tensor([[5.0, 0, 0, 4, 4]], device='cuda')\n"
+            f"torch.ops.fasterrcnn_ext.{op}(x, rois, 1.0, 2, 2)\n"
+            f"torch.cuda.synchronize()\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    assert "batch index is outside" in result.stderr or "device-side assert" in result.stderr, result.stderr[-2000:]
 
 
 def test_module_and_opcheck(device):
