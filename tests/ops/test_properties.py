@@ -24,6 +24,9 @@ from fasterrcnn_ext.models.detection import AnchorGenerator
 from tests import reference
 
 FLOATS = [torch.float32, torch.float64]
+# The cases run on CUDA too when a GPU is visible (the results compared on the CPU).
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+devices = st.sampled_from(DEVICES)
 SPECIALS = ["none", "nan", "inf", "huge", "negative", "degenerate"]
 
 
@@ -64,8 +67,8 @@ seeds = st.integers(0, 2**31 - 1)
 
 @given(n=st.integers(0, 300), seed=seeds, dtype=st.sampled_from(FLOATS + [torch.float16]),
        special=st.sampled_from(SPECIALS), threshold=st.sampled_from([0.0, 0.3, 0.5, 0.7, 1.0]),
-       tied=st.booleans(), max_keep=st.integers(-1, 20), strided=st.booleans())
-def test_nms_matches_the_reference(n, seed, dtype, special, threshold, tied, max_keep, strided):
+       tied=st.booleans(), max_keep=st.integers(-1, 20), strided=st.booleans(), device=devices)
+def test_nms_matches_the_reference(n, seed, dtype, special, threshold, tied, max_keep, strided, device):
     boxes = make_boxes(n, seed, dtype, special)
     g = torch.Generator().manual_seed(seed + 1)
     scores = torch.rand(n, generator=g, dtype=torch.float64)
@@ -76,7 +79,7 @@ def test_nms_matches_the_reference(n, seed, dtype, special, threshold, tied, max
     scores = scores.to(dtype)
     if strided:
         boxes, scores = layout(boxes, "strided"), layout(scores[:, None], "strided")[:, 0]
-    keep = ops.nms(boxes, scores, threshold, max_keep=max_keep)
+    keep = ops.nms(boxes.to(device), scores.to(device), threshold, max_keep=max_keep).cpu()
     expected = reference.nms(boxes, scores, threshold, max_keep=max_keep)
     assert torch.equal(keep, expected)
     finite = torch.isfinite(boxes).all() and torch.isfinite(scores).all()
@@ -85,18 +88,20 @@ def test_nms_matches_the_reference(n, seed, dtype, special, threshold, tied, max
 
 
 @given(n=st.integers(0, 300), seed=seeds, dtype=st.sampled_from(FLOATS), special=st.sampled_from(SPECIALS),
-       classes=st.sampled_from([1, 3, 80]), sparse=st.booleans(), threshold=st.sampled_from([0.0, 0.5, 0.9]))
-def test_batched_nms_matches_the_reference(n, seed, dtype, special, classes, sparse, threshold):
+       classes=st.sampled_from([1, 3, 80]), sparse=st.booleans(), threshold=st.sampled_from([0.0, 0.5, 0.9]),
+       device=devices)
+def test_batched_nms_matches_the_reference(n, seed, dtype, special, classes, sparse, threshold, device):
     boxes = make_boxes(n, seed, dtype, special)
     g = torch.Generator().manual_seed(seed + 2)
     scores = torch.rand(n, generator=g, dtype=dtype)
     idxs = torch.randint(0, classes, (n,), generator=g)
     if sparse:  # class ids spread over int64's range
         idxs = idxs * (2**60 // classes) - 2**59
-    keep = ops.batched_nms(boxes, scores, idxs, threshold)
+    keep = ops.batched_nms(boxes.to(device), scores.to(device), idxs.to(device), threshold).cpu()
     assert torch.equal(keep, reference.nms(boxes, scores, threshold, idxs=idxs))
-    # torchvision's offset trick (boxes + idxs * (max coordinate + 1)) loses the boxes at ids ~2^59 or 1e30 pixels.
-    if torch.isfinite(boxes).all() and bool((boxes.abs() < 1e6).all()) and not sparse:
+    # torchvision's offset trick (boxes + idxs * (max coordinate + 1)) needs coordinates in [0, max] (its
+    # documented domain: negative ones let classes overlap) and loses the boxes at ids ~2^59 or 1e30 pixels.
+    if torch.isfinite(boxes).all() and bool(((boxes >= 0) & (boxes < 1e6)).all()) and not sparse:
         assert torch.equal(keep, torchvision.ops.batched_nms(boxes, scores, idxs, threshold))
 
 
@@ -114,8 +119,10 @@ def test_box_iou_matches_torchvision(n, m, seed, dtype, special, strided):
         torch.testing.assert_close(got, torchvision.ops.box_iou(a, b), equal_nan=True)
         return
     got = ops.box_iou(a, b)
-    expected = reference.box_iou(a.double(), b.double())
-    torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-6, equal_nan=True)
+    torch.testing.assert_close(got, torchvision.ops.box_iou(a, b), rtol=1e-5, atol=1e-6, equal_nan=True)
+    if special != "huge":  # 1e30-pixel areas overflow float32 (inf / inf = NaN) where float64 has a ratio
+        expected = reference.box_iou(a.double(), b.double())
+        torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-6, equal_nan=True)
 
 
 @given(n=st.integers(0, 200), seed=seeds, dtype=st.sampled_from(FLOATS + [torch.float16, torch.int64]),
@@ -167,12 +174,12 @@ roi_shapes = dict(batch=st.integers(1, 3), channels=st.integers(1, 20), height=s
 
 
 @given(**roi_shapes, sampling=st.integers(-1, 3), aligned=st.booleans(),
-       special=st.sampled_from(["none", "negative", "degenerate", "huge", "nan"]))
+       special=st.sampled_from(["none", "negative", "degenerate", "huge", "nan"]), device=devices)
 def test_roi_align_matches_torchvision(batch, channels, height, width, k, seed, dtype, kind, out, scale, sampling,
-                                       aligned, special):
+                                       aligned, special, device):
     x = feature_map(batch, channels, height, width, seed, dtype, kind)
     rois = rois_for(batch, k, seed, dtype, special, extent=max(height, width) / scale)
-    got = ops.roi_align(x, rois, out, scale, sampling, aligned)
+    got = ops.roi_align(x.to(device), rois.to(device), out, scale, sampling, aligned).cpu()
     assert got.shape == (k, channels, *out)
     if special in ("huge", "nan"):
         # Adaptive sampling of a 1e30-pixel RoI would take torchvision forever; ours caps the samples (documented)
@@ -186,20 +193,20 @@ def test_roi_align_matches_torchvision(batch, channels, height, width, k, seed, 
 
 
 @given(**roi_shapes, special=st.sampled_from(["none", "negative", "degenerate", "huge", "nan"]),
-       requires_grad=st.booleans())
+       requires_grad=st.booleans(), device=devices)
 def test_roi_pool_matches_torchvision(batch, channels, height, width, k, seed, dtype, kind, out, scale, special,
-                                      requires_grad):
+                                      requires_grad, device):
     x = feature_map(batch, channels, height, width, seed, dtype, kind).round(decimals=1)  # ties
     rois = rois_for(batch, k, seed, dtype, special, extent=max(height, width) / scale)
     finite = torch.isfinite(rois).all(1) & (rois[:, 1:].abs() < 1e6).all(1)
-    inp = x.detach().clone().requires_grad_(requires_grad)
+    inp = x.detach().clone().to(device).requires_grad_(requires_grad)
     with torch.set_grad_enabled(requires_grad):
-        got = ops.roi_pool(inp, rois, out, scale)
+        got = ops.roi_pool(inp, rois.to(device), out, scale)
     assert got.shape == (k, channels, *out)
     expected = torchvision.ops.roi_pool(x, rois[finite], out, scale)
-    torch.testing.assert_close(got[finite].detach(), expected, rtol=0, atol=0)
+    torch.testing.assert_close(got[finite.to(device)].detach().cpu(), expected, rtol=0, atol=0)
     if requires_grad and k:
-        grad = torch.autograd.grad(got.sum(), inp)[0]
+        grad = torch.autograd.grad(got.sum(), inp)[0].cpu()
         xt = x.detach().clone().requires_grad_()
         torchvision.ops.roi_pool(xt, rois[finite], out, scale).sum().backward()
         if bool(finite.all()):
@@ -228,7 +235,8 @@ def test_multi_scale_roi_align_matches_torchvision(batch, channels, k, seed, dty
        image=st.tuples(st.integers(32, 200), st.integers(32, 200)), dtype=st.sampled_from(FLOATS))
 def test_anchor_grid_matches_torchvision(levels, anchors_per_level, seed, batch, image, dtype):
     g = torch.Generator().manual_seed(seed)
-    sizes = tuple(tuple(int(s) for s in torch.randint(8, 512, (anchors_per_level,), generator=g)) for _ in range(levels))
+    sizes = tuple(tuple(int(s) for s in torch.randint(8, 512, (anchors_per_level,), generator=g))
+                  for _ in range(levels))
     ratios = tuple((0.5, 1.0, 2.0)[:anchors_per_level] for _ in range(levels))
     images = ImageList(torch.zeros(batch, 3, *image, dtype=dtype), [image] * batch)
     feats = [torch.zeros(batch, 1, max(1, image[0] // 2 ** (i + 2)), max(1, image[1] // 2 ** (i + 2)), dtype=dtype)
