@@ -2,7 +2,8 @@
 
     fasterrcnn-ext demo --out runs/demo                       # synthetic data, about 4 min on 2 CPU cores
     fasterrcnn-ext train --data synthetic --model fasterrcnn_tiny --out runs/a --max-iters 1000
-    torchrun --nproc_per_node 2 -m fasterrcnn_ext train --data DIR --model fasterrcnn_resnet50_fpn --out runs/b --epochs 12
+    torchrun --nproc_per_node 2 -m fasterrcnn_ext train --data DIR --model fasterrcnn_resnet50_fpn --out runs/b \
+        --epochs 12
     fasterrcnn-ext train ... --resume runs/a/last.pt          # continue (also after Ctrl-C)
     fasterrcnn-ext eval --data DIR --weights runs/b/last.pt --out runs/b/eval
     fasterrcnn-ext detect img1.jpg img2.png --weights runs/a/last.pt --out runs/a/detect

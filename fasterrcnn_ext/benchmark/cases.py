@@ -6,8 +6,8 @@ RPN-like clustered boxes.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torchvision

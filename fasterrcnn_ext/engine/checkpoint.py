@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import torch
 
+from ..files import atomic_write
 from ..models import detection
 from ..models.detection.faster_rcnn import read_checkpoint_file
-from ..files import atomic_write
 
 # The builders `--model NAME` accepts. Each takes num_classes and weights_backbone-free keyword arguments.
 MODEL_BUILDERS = {
@@ -45,7 +45,8 @@ def save_checkpoint(path: str, checkpoint: dict) -> None:
 def load_checkpoint(path: str) -> dict:
     """A checkpoint written by save_checkpoint (training or model-only); ValueError naming the file otherwise."""
     checkpoint = read_checkpoint_file(path)
-    missing = [k for k in ("model", "model_name", "num_classes") if not isinstance(checkpoint, dict) or k not in checkpoint]
+    missing = [k for k in ("model", "model_name", "num_classes")
+               if not isinstance(checkpoint, dict) or k not in checkpoint]
     if missing:
         raise ValueError(f"checkpoint {path} is not a fasterrcnn_ext training checkpoint (no {', '.join(missing)}); "
                          "for a bare state_dict use the builder's weights= argument")

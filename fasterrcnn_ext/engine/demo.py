@@ -8,9 +8,9 @@ import time
 
 import torch
 
+from ..files import write_json
 from .checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 from .detect import draw_detections, save_png
-from ..files import write_json
 from .evaluate import evaluate
 from .train import TrainConfig, build_dataset, train
 

@@ -10,10 +10,10 @@ from PIL import Image
 from torchvision.utils import draw_bounding_boxes
 
 from ..data import load_image
+from ..files import write_json
 from ..models import detection
 from .checkpoint import load_checkpoint, model_from_checkpoint
 from .evaluate import detections_to_coco
-from ..files import write_json
 
 # torchvision's weights enums -> our builder of the same model.
 _TORCHVISION_BUILDERS = {
@@ -59,7 +59,8 @@ def draw_detections(image: torch.Tensor, detections: dict, class_names, score_th
         image = torch.nn.functional.interpolate(image[None].cpu(), scale_factor=upscale, mode="nearest")[0]
     labels = detections["labels"][keep].tolist()
     scores = detections["scores"][keep].tolist()
-    names = [f"{class_names[lab - 1] if 0 < lab <= len(class_names) else lab} {s:.2f}" for lab, s in zip(labels, scores)]
+    names = [f"{class_names[lab - 1] if 0 < lab <= len(class_names) else lab} {s:.2f}"
+             for lab, s in zip(labels, scores)]
     colours = [_PALETTE[lab % len(_PALETTE)] for lab in labels]
     picture = (image.detach().cpu().clamp(0, 1) * 255).round().to(torch.uint8)
     if len(labels) == 0:

@@ -95,7 +95,8 @@ def lr_factor(step: int, warmup_iters: int, max_iters: int, final_fraction: floa
     return final_fraction + (1 - final_fraction) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def epoch_batches(num_items: int, epoch: int, seed: int, rank: int, world_size: int, batch_size: int) -> list[list[int]]:
+def epoch_batches(num_items: int, epoch: int, seed: int, rank: int, world_size: int,
+                  batch_size: int) -> list[list[int]]:
     """This rank's batches of one epoch: a permutation fixed by (seed, epoch), padded by wrapping so every rank gets
     the same number of batches (DDP needs every rank to step together)."""
     generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
@@ -295,7 +296,8 @@ def train(cfg: TrainConfig) -> dict:
                             print(line, flush=True)
                         log_file.write(line + "\n")
                         log_file.flush()
-                        curve_file.write(json.dumps({"iteration": iteration, "time": time.time(), **last_losses}) + "\n")
+                        record = {"iteration": iteration, "time": time.time(), **last_losses}
+                        curve_file.write(json.dumps(record) + "\n")
                         curve_file.flush()
                     if values[-1] > 0:
                         interrupted = True

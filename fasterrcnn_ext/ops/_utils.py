@@ -43,7 +43,7 @@ def rois_from_boxes(boxes: Tensor | list[Tensor] | tuple[Tensor, ...]) -> Tensor
     """
     if isinstance(boxes, Tensor):
         if boxes.dim() != 2 or boxes.size(1) != 5:
-            raise ValueError(f"boxes must be a Tensor[K, 5] of (batch index, x1, y1, x2, y2) or a list of Tensor[L, 4], "
+            raise ValueError("boxes must be a Tensor[K, 5] of (batch index, x1, y1, x2, y2) or a list of Tensor[L, 4], "
                              f"got a tensor of shape {tuple(boxes.shape)}")
         return boxes
     if not isinstance(boxes, (list, tuple)) or not all(isinstance(b, Tensor) for b in boxes):

@@ -41,13 +41,15 @@ def rpn_proposals(objectness: Tensor, deltas: Tensor, anchors: Tensor, num_ancho
     sizes = flat_image_sizes(image_sizes, objectness.size(0) if objectness.dim() == 2 else len(image_sizes),
                              "rpn_proposals")
     boxes, scores, counts = _ops().rpn_proposals(
-        objectness, deltas, anchors, [int(n) for n in num_anchors_per_level], sizes, int(pre_nms_top_n), int(post_nms_top_n), float(nms_thresh),
+        objectness, deltas, anchors, [int(n) for n in num_anchors_per_level], sizes, int(pre_nms_top_n),
+        int(post_nms_top_n), float(nms_thresh),
         float(score_thresh), float(min_size))
     return tuple(_split(counts, boxes, scores))
 
 
 def detection_postprocess(class_logits: Tensor, box_regression: Tensor, proposals: list[Tensor],
-                          image_sizes: list[tuple[int, int]], weights=(10.0, 10.0, 5.0, 5.0), score_thresh: float = 0.05,
+                          image_sizes: list[tuple[int, int]], weights=(10.0, 10.0, 5.0, 5.0),
+                          score_thresh: float = 0.05,
                           nms_thresh: float = 0.5, detections_per_img: int = 100, min_size: float = 1e-2
                           ) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
     """torchvision's RoIHeads.postprocess_detections in one op.
@@ -67,7 +69,8 @@ def detection_postprocess(class_logits: Tensor, box_regression: Tensor, proposal
     boxes_per_image = [int(p.size(0)) for p in proposals]
     sizes = flat_image_sizes(image_sizes, len(proposals), "detection_postprocess")
     boxes, scores, labels, counts = _ops().detection_postprocess(
-        class_logits, box_regression, torch.cat(proposals), boxes_per_image, sizes, [float(w) for w in weights], float(score_thresh),
+        class_logits, box_regression, torch.cat(proposals), boxes_per_image, sizes, [float(w) for w in weights],
+        float(score_thresh),
         float(nms_thresh), int(detections_per_img), float(min_size))
     return tuple(_split(counts, boxes, scores, labels))
 
@@ -82,7 +85,8 @@ def _rpn_fake(objectness, deltas, anchors, num_anchors_per_level, image_sizes, p
 def _detection_fake(class_logits, box_regression, proposals, boxes_per_image, image_sizes, weights, score_thresh,
                     nms_thresh, detections_per_img, min_size=0.01):
     n = torch.library.get_ctx().new_dynamic_size()
-    return (class_logits.new_empty((n, 4)), class_logits.new_empty((n,)), class_logits.new_empty((n,), dtype=torch.long),
+    return (class_logits.new_empty((n, 4)), class_logits.new_empty((n,)),
+            class_logits.new_empty((n,), dtype=torch.long),
             class_logits.new_empty((len(boxes_per_image),), dtype=torch.long))
 
 

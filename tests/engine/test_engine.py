@@ -3,14 +3,14 @@
 import importlib.util
 import json
 import os
+import pickle
 import signal
 
 import pytest
 import torch
 
 from fasterrcnn_ext.data import SyntheticShapes
-from fasterrcnn_ext.engine import (TrainConfig, build_model, coco_metrics, load_checkpoint, model_from_checkpoint,
-                                   train)
+from fasterrcnn_ext.engine import TrainConfig, build_model, coco_metrics, load_checkpoint, model_from_checkpoint, train
 from fasterrcnn_ext.engine.evaluate import detections_to_coco
 from fasterrcnn_ext.engine.train import epoch_batches, lr_factor
 
@@ -209,7 +209,7 @@ def test_a_failed_write_leaves_the_previous_file_whole(tmp_path):
     assert json.load(open(path)) == {"map": 0.5}
     ckpt = str(tmp_path / "last.pt")
     save_checkpoint(ckpt, {"iteration": 1})
-    with pytest.raises(Exception):
+    with pytest.raises(pickle.PicklingError):
         save_checkpoint(ckpt, {"iteration": 2, "bad": lambda: None})  # lambdas do not pickle
     assert torch.load(ckpt)["iteration"] == 1
     assert sorted(os.listdir(tmp_path)) == ["last.pt", "metrics.json"]  # no temporary files left behind

@@ -21,7 +21,7 @@ def images_and_targets(n=2, seed=0, sizes=None):
     sizes = sizes or [(320, 416)] * n
     images = [torch.rand(3, h, w, generator=g) for h, w in sizes]
     targets = []
-    for i in range(n):
+    for _ in range(n):
         xy = torch.rand(3, 2, generator=g) * 200
         boxes = torch.cat([xy, xy + torch.rand(3, 2, generator=g) * 100 + 20], 1)
         targets.append({"boxes": boxes, "labels": torch.randint(1, 5, (3,), generator=g)})

@@ -30,7 +30,8 @@ def test_nms_under_autocast_with_mixed_dtypes(device):
     scores = torch.rand(100, device=device)
     with torch.autocast(device_type=device, dtype=torch.bfloat16):
         keep = ops.nms(boxes.to(torch.bfloat16), scores, 0.5)
-        keep_b = ops.batched_nms(boxes, scores.to(torch.bfloat16), torch.zeros(100, dtype=torch.long, device=device), 0.5)
+        classes = torch.zeros(100, dtype=torch.long, device=device)
+        keep_b = ops.batched_nms(boxes, scores.to(torch.bfloat16), classes, 0.5)
     expected = ops.nms(boxes.to(torch.bfloat16).float(), scores, 0.5)
     torch.testing.assert_close(keep, expected)
     assert keep_b.dtype == torch.int64

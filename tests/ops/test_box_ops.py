@@ -80,7 +80,8 @@ def test_encode_decode_match_boxcoder(device, dtype, weights):
     torch.testing.assert_close(ours, coder.decode_single(rel, proposals), **tol)
     # The round trip.
     torch.testing.assert_close(ops.decode_boxes(codes, proposals, weights), reference,
-                               rtol=1e-5 if dtype == torch.float32 else 1e-12, atol=1e-3 if dtype == torch.float32 else 1e-9)
+                               rtol=1e-5 if dtype == torch.float32 else 1e-12,
+                               atol=1e-3 if dtype == torch.float32 else 1e-9)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

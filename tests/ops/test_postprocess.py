@@ -98,7 +98,8 @@ def test_rpn_proposals_nan_inputs_are_dropped():
     assert len(boxes[0]) > 0
     assert torch.isfinite(boxes[0]).all() and torch.isfinite(scores[0]).all()
     generic = torch.ops.fasterrcnn_ext._rpn_proposals_generic(objectness, deltas, anchors, per_level,
-                                                              [v for hw in sizes for v in hw], 1000, 1000, 0.7, 0.0, 1e-3)
+                                                              [v for hw in sizes for v in hw], 1000, 1000, 0.7, 0.0,
+                                                              1e-3)
     torch.testing.assert_close(canonical(generic[0], generic[1])[0], canonical(boxes[0], scores[0])[0],
                                rtol=1e-5, atol=1e-3)
 
@@ -170,10 +171,10 @@ def test_detection_postprocess_matches_torchvision(op, score_thresh, detections)
         [v for hw in sizes for v in hw], [10.0, 10.0, 5.0, 5.0], score_thresh, 0.5, detections, 0.01)
     assert counts.tolist() == [len(b) for b in theirs[0]]
     sizes_ = counts.tolist()
-    for b, s, l, tb, ts, tl in zip(boxes.split(sizes_), scores.split(sizes_), labels.split(sizes_), *theirs):
-        b, s, l = canonical(b, s, l)
+    for b, s, lab, tb, ts, tl in zip(boxes.split(sizes_), scores.split(sizes_), labels.split(sizes_), *theirs):
+        b, s, lab = canonical(b, s, lab)
         tb, ts, tl = canonical(tb, ts, tl)
-        torch.testing.assert_close(l, tl)
+        torch.testing.assert_close(lab, tl)
         torch.testing.assert_close(s, ts, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(b, tb, rtol=1e-5, atol=1e-3)
 
@@ -211,7 +212,8 @@ def test_opcheck():
     class_logits, box_regression, proposals = detection_inputs((50, 30), classes=5)
     for name in ("detection_postprocess", "_detection_postprocess_generic"):
         torch.library.opcheck(getattr(torch.ops.fasterrcnn_ext, name).default,
-                              (class_logits, box_regression, torch.cat(proposals), [50, 30], [v for hw in IMAGE_SIZES for v in hw],
+                              (class_logits, box_regression, torch.cat(proposals), [50, 30],
+                               [v for hw in IMAGE_SIZES for v in hw],
                                [10.0, 10.0, 5.0, 5.0], 0.05, 0.5, 100, 0.01))
 
 
@@ -222,10 +224,10 @@ def test_detection_postprocess_dtypes(dtype):
     assert boxes[0].dtype == dtype and scores[0].dtype == dtype and labels[0].dtype == torch.int64
     if dtype == torch.float64:
         theirs = torchvision_postprocess(class_logits, box_regression, proposals, IMAGE_SIZES)
-        for b, s, l, tb, ts, tl in zip(boxes, scores, labels, *theirs):
-            b, s, l = canonical(b, s, l)
+        for b, s, lab, tb, ts, tl in zip(boxes, scores, labels, *theirs):
+            b, s, lab = canonical(b, s, lab)
             tb, ts, tl = canonical(tb, ts, tl)
-            torch.testing.assert_close((b, s, l), (tb, ts, tl))
+            torch.testing.assert_close((b, s, lab), (tb, ts, tl))
     else:  # half types compute in float32: the float32 result of the same (rounded) inputs, rounded
         ref = ops.detection_postprocess(class_logits.float(), box_regression.float(), [p.float() for p in proposals],
                                         IMAGE_SIZES)

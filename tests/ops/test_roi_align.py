@@ -113,7 +113,7 @@ def test_gradcheck(device):
     x = torch.randn(1, 2, 8, 9, dtype=torch.float64, device=device, requires_grad=True)
     rois = random_rois(5, 1, image_hw=(8, 9), max_size=6, dtype=torch.float64, device=device)
     for aligned in (False, True):
-        assert torch.autograd.gradcheck(lambda t: ops.roi_align(t, rois, 3, 1.0, 2, aligned), (x,))
+        assert torch.autograd.gradcheck(lambda t, aligned=aligned: ops.roi_align(t, rois, 3, 1.0, 2, aligned), (x,))
 
 
 def test_empty_boxes(device):
@@ -161,7 +161,8 @@ def test_backward_is_deterministic_and_thread_count_independent():
     "input, rois, kw, message",
     [
         (torch.rand(2, 3, 8, 8), torch.tensor([[2.0, 0, 0, 4, 4]]), {}, r"rois\[0, 0\] = 2 is not a valid batch index"),
-        (torch.rand(2, 3, 8, 8), torch.tensor([[-1.0, 0, 0, 4, 4]]), {}, r"rois\[0, 0\] = -1 is not a valid batch index"),
+        (torch.rand(2, 3, 8, 8), torch.tensor([[-1.0, 0, 0, 4, 4]]), {},
+         r"rois\[0, 0\] = -1 is not a valid batch index"),
         (torch.rand(2, 3, 8, 8), torch.rand(4, 4), {}, r"boxes must be a Tensor\[K, 5\]"),
         (torch.rand(2, 3, 8, 8), torch.rand(4, 6), {}, r"boxes must be a Tensor\[K, 5\]"),
         (torch.rand(2, 3, 8, 8), torch.zeros(1, 5), {"output_size": 0}, r"output_size must be positive"),

@@ -42,7 +42,7 @@ class AnchorGenerator(tv_anchor_utils.AnchorGenerator):
 
     @staticmethod
     def generate_anchors(scales, aspect_ratios, dtype: torch.dtype = torch.float32,
-                         device: torch.device = torch.device("cpu")) -> Tensor:
+                         device: torch.device = torch.device("cpu")) -> Tensor:  # noqa: B008 (torchvision's)
         """Zero-centred anchors [A, 4] of one level, rounded to integers as torchvision does."""
         scales = torch.as_tensor(scales, dtype=dtype, device=device)
         aspect_ratios = torch.as_tensor(aspect_ratios, dtype=dtype, device=device)

@@ -177,7 +177,8 @@ def cpu_has_native_bfloat16() -> bool:
 
 
 def _is_local_checkpoint(weights) -> bool:
-    return isinstance(weights, (str, os.PathLike)) and (os.path.exists(weights) or str(weights).endswith((".pt", ".pth")))
+    return isinstance(weights, (str, os.PathLike)) and (os.path.exists(weights)
+                                                        or str(weights).endswith((".pt", ".pth")))
 
 
 def read_checkpoint_file(path):
@@ -207,7 +208,8 @@ def _build(tv_builder, weights, num_classes, kwargs) -> FasterRCNN:
         predictor = state.get("roi_heads.box_predictor.cls_score.weight")
         if predictor is not None:
             if num_classes is not None and num_classes != predictor.shape[0]:
-                raise ValueError(f"checkpoint {local!s} has {predictor.shape[0]} classes, not num_classes={num_classes}")
+                raise ValueError(f"checkpoint {local!s} has {predictor.shape[0]} classes, "
+                                 f"not num_classes={num_classes}")
             num_classes = predictor.shape[0]
         weights = None
         kwargs.setdefault("weights_backbone", None)  # the checkpoint holds the backbone too: nothing to download
@@ -217,7 +219,8 @@ def _build(tv_builder, weights, num_classes, kwargs) -> FasterRCNN:
     return model
 
 
-def fasterrcnn_resnet50_fpn(*, weights=None, progress: bool = True, num_classes: int | None = None, **kwargs) -> FasterRCNN:
+def fasterrcnn_resnet50_fpn(*, weights=None, progress: bool = True, num_classes: int | None = None,
+                            **kwargs) -> FasterRCNN:
     """torchvision.models.detection.fasterrcnn_resnet50_fpn on our kernels. ``weights``: torchvision's weights enum or
     its name (downloaded by torchvision), or a local checkpoint path. Other arguments as torchvision's."""
     return _build(tv_faster_rcnn.fasterrcnn_resnet50_fpn, weights, num_classes, dict(progress=progress, **kwargs))
