@@ -16,12 +16,13 @@ from torchvision.ops.poolers import initLevelMapper
 from .._library import ops as _ops
 from ._registration import register_autograd, register_fake
 from ._utils import check_boxes_fit_batch, pair, rois_from_boxes
+from .constants import CANONICAL_LEVEL, CANONICAL_SCALE
 from .roi_align import roi_align
 
 
 def multi_scale_roi_align(features: list[Tensor], boxes: Tensor | list[Tensor], output_size, scales: list[float],
-                          sampling_ratio: int = -1, aligned: bool = False, canonical_scale: float = 224.0,
-                          canonical_level: float = 4.0) -> Tensor:
+                          sampling_ratio: int = -1, aligned: bool = False,
+                          canonical_scale: float = CANONICAL_SCALE, canonical_level: float = CANONICAL_LEVEL) -> Tensor:
     """RoIAlign of every RoI from its FPN level, in one op (no Python loop over levels, no host sync).
 
     Each RoI goes to level ``floor(canonical_level + log2(sqrt(area) / canonical_scale) + 1e-6)`` (FPN paper, eq. 1),
@@ -66,8 +67,8 @@ class MultiScaleRoIAlign(torchvision.ops.MultiScaleRoIAlign):
     torchvision's, so torchvision's detection models accept it.
     """
 
-    def __init__(self, featmap_names: list[str], output_size, sampling_ratio: int, *, canonical_scale: int = 224,
-                 canonical_level: int = 4):
+    def __init__(self, featmap_names: list[str], output_size, sampling_ratio: int, *,
+                 canonical_scale: int = CANONICAL_SCALE, canonical_level: int = CANONICAL_LEVEL):
         super().__init__(list(featmap_names), pair(output_size), sampling_ratio, canonical_scale=canonical_scale,
                          canonical_level=canonical_level)
 
@@ -92,7 +93,7 @@ class MultiScaleRoIAlign(torchvision.ops.MultiScaleRoIAlign):
         rois = rois_from_boxes(boxes)
         if len(features) == 1:
             return roi_align(features[0], rois, self.output_size, self.scales[0], self.sampling_ratio)
-        if not _adjacent_levels(self.scales):
+        if not _levels_fit_the_maps(self.scales):
             return self._pool_non_adjacent_levels(features, boxes, rois)
         return multi_scale_roi_align(features, rois, self.output_size, self.scales, self.sampling_ratio, False,
                                      self.canonical_scale, self.canonical_level)
@@ -124,14 +125,17 @@ class MultiScaleRoIAlign(torchvision.ops.MultiScaleRoIAlign):
                 f"sampling_ratio={self.sampling_ratio})")
 
 
-def _adjacent_levels(scales: list[float]) -> bool:
-    """Whether each scale is half the previous one (one feature map per pyramid level), as the fused op needs."""
-    return all(math.isclose(a, 2 * b, rel_tol=1e-6) for a, b in zip(scales, scales[1:]))
+def _levels_fit_the_maps(scales: list[float]) -> bool:
+    """Whether every FPN level from the first map's to the last map's has a map at its position (level k pools from
+    maps[k - k_min], as in torchvision), which the fused op needs: true for one map per level, and for maps that share
+    a scale (MobileNetV3's two stride-32 maps: every RoI pools from the first)."""
+    k_min, k_max = -math.log2(scales[0]), -math.log2(scales[-1])
+    return k_min <= k_max and k_max - k_min < len(scales)
 
 
 @register_fake("fasterrcnn_ext::multi_scale_roi_align")
 def _multi_scale_roi_align_fake(features, rois, scales, pooled_height, pooled_width, sampling_ratio, aligned,
-                                canonical_scale=224.0, canonical_level=4.0):
+                                canonical_scale=CANONICAL_SCALE, canonical_level=CANONICAL_LEVEL):
     torch._check(len(features) == len(scales), lambda: "multi_scale_roi_align: one scale per feature map")
     torch._check(rois.dim() == 2 and rois.size(1) == 5, lambda: "multi_scale_roi_align: rois must be [K, 5]")
     return features[0].new_empty((rois.size(0), features[0].size(1), pooled_height, pooled_width))
@@ -146,8 +150,8 @@ def _multi_scale_roi_align_backward_fake(grad, rois, scales, pooled_height, pool
 def _setup_context(ctx, inputs, output):
     # Some torch versions (2.11) leave arguments equal to their schema default out of `inputs`.
     features, rois, scales, pooled_height, pooled_width, sampling_ratio, aligned = inputs[:7]
-    canonical_scale = inputs[7] if len(inputs) > 7 else 224.0
-    canonical_level = inputs[8] if len(inputs) > 8 else 4.0
+    canonical_scale = inputs[7] if len(inputs) > 7 else float(CANONICAL_SCALE)
+    canonical_level = inputs[8] if len(inputs) > 8 else float(CANONICAL_LEVEL)
     ctx.save_for_backward(rois)
     ctx.args = (scales, pooled_height, pooled_width, sampling_ratio, aligned, canonical_scale, canonical_level)
     ctx.shapes = [f.shape for f in features]

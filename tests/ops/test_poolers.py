@@ -117,3 +117,17 @@ def test_non_adjacent_levels_give_torchvisions_result_and_warn_once():
     torch.testing.assert_close(again, expected, rtol=0, atol=1e-6)
     assert torch.equal(got[2], torch.zeros_like(got[2])) and got[1].abs().sum() > 0
     assert sum("skip a pyramid level" in str(w.message) for w in caught) == 1
+
+
+def test_maps_sharing_a_scale_take_the_fused_op_without_a_warning():
+    """MobileNetV3-FPN gives two stride-32 maps: every RoI pools from the first, as in torchvision, in one op."""
+    import warnings
+
+    g = torch.Generator().manual_seed(1)
+    feats = OrderedDict([("0", torch.randn(1, 4, 4, 5, generator=g)), ("1", torch.randn(1, 4, 4, 5, generator=g))])
+    boxes = [torch.tensor([[0.0, 0, 20, 20], [0, 0, 300, 300], [10, 20, 127, 159]])]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = ops.MultiScaleRoIAlign(["0", "1"], 2, 2)(feats, boxes, [(128, 160)])
+    expected = torchvision.ops.MultiScaleRoIAlign(["0", "1"], 2, 2)(feats, boxes, [(128, 160)])
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
