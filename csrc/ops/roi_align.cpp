@@ -14,7 +14,8 @@ TORCH_LIBRARY_FRAGMENT(fasterrcnn_ext, m) {
       "bool aligned) -> Tensor");
   // One pass over all RoIs of an FPN: each RoI is pooled from the level
   // floor(canonical_level + log2(sqrt(area) / canonical_scale) + 1e-6), clamped to the levels given.
-  // scales[l] is the spatial scale of features[l] (a power of 2, finest level first).
+  // scales[l] is the spatial scale of features[l] (a power of 2, finest level first). The defaults are
+  // common/constants.h's kCanonicalScale and kCanonicalLevel (a schema string cannot name them).
   m.def(
       "multi_scale_roi_align(Tensor[] features, Tensor rois, float[] scales, SymInt pooled_height, "
       "SymInt pooled_width, int sampling_ratio, bool aligned, float canonical_scale=224., "

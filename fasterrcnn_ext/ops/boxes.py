@@ -7,14 +7,13 @@ C classes.
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torchvision.ops as _torchvision_ops
 from torch import Tensor
 
 from .._library import ops as _ops
 from ._registration import register_fake
+from .constants import BBOX_XFORM_CLIP
 
 
 def nms(boxes: Tensor, scores: Tensor, iou_threshold: float, *, max_keep: int = -1) -> Tensor:
@@ -104,9 +103,6 @@ def _nms_bitmask_fake(boxes, scores, idxs, iou_threshold, max_keep, chunk_rows):
                  lambda: f"_nms_bitmask: boxes must be a [N, 4] tensor, got {boxes.shape}")
     return _nms_fake_result(boxes, max_keep)
 
-
-# log(1000 / 16): the largest box an image holds over the smallest stride; bounds exp() in decode_boxes.
-BBOX_XFORM_CLIP = math.log(1000.0 / 16)
 
 
 def box_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:

@@ -151,3 +151,20 @@ def test_decode_exp_accuracy_and_limits(device):
     special = torch.tensor([[0, 0, float("nan"), 0], [0, 0, 100.0, 0], [0, 0, -200.0, 0]], device=device)
     out = ops.decode_boxes(special, boxes[:3], (1, 1, 1, 1), bbox_xform_clip=1e9).cpu()
     assert out[0, 0].isnan() and out[1, 2] == float("inf") and out[2, 0] == out[2, 2] == 0.5
+
+
+def test_constants_agree_with_the_kernels():
+    """ops/constants.py and csrc/ops/common/constants.h hold the same values: the decode clamp, and the FPN rule's
+    defaults in the multi_scale_roi_align schema."""
+    from fasterrcnn_ext.ops.constants import BBOX_XFORM_CLIP, CANONICAL_LEVEL, CANONICAL_SCALE
+
+    assert BBOX_XFORM_CLIP == math.log(1000.0 / 16)
+    anchor = torch.tensor([[0.0, 0.0, 10.0, 20.0]], dtype=torch.float64)
+    codes = torch.tensor([[0.0, 0.0, 100.0, 100.0]], dtype=torch.float64)  # clamped at BBOX_XFORM_CLIP
+    decoded = ops.decode_boxes(codes, anchor, (1.0, 1.0, 1.0, 1.0))[0]
+    width, height = decoded[2] - decoded[0], decoded[3] - decoded[1]
+    torch.testing.assert_close(width.item(), 10.0 * math.exp(BBOX_XFORM_CLIP), rtol=1e-12, atol=0)
+    torch.testing.assert_close(height.item(), 20.0 * math.exp(BBOX_XFORM_CLIP), rtol=1e-12, atol=0)
+    schema = torch.ops.fasterrcnn_ext.multi_scale_roi_align.default._schema
+    defaults = {a.name: a.default_value for a in schema.arguments}
+    assert defaults["canonical_scale"] == CANONICAL_SCALE and defaults["canonical_level"] == CANONICAL_LEVEL

@@ -20,6 +20,7 @@
 #include <vector>
 
 #include "checks.h"
+#include "constants.h"
 #include "host_device.h"
 #include "roi_math.h"
 
@@ -62,6 +63,21 @@ struct RoIAlignParams {
   float canonical_scale, canonical_level;
 };
 
+// The parameters of a one-level RoIAlign (roi_align itself), whose FPN level rule is never used.
+inline RoIAlignParams one_level_roi_align_params(int64_t pooled_h, int64_t pooled_w, int64_t sampling_ratio,
+                                                 int64_t batch, int64_t channels, bool aligned) {
+  RoIAlignParams pp{};
+  pp.pooled_h = pooled_h;
+  pp.pooled_w = pooled_w;
+  pp.sampling_ratio = sampling_ratio;
+  pp.batch = batch;
+  pp.channels = channels;
+  pp.aligned = aligned;
+  pp.canonical_scale = static_cast<float>(kCanonicalScale);
+  pp.canonical_level = static_cast<float>(kCanonicalLevel);
+  return pp;
+}
+
 // Where and how one RoI is pooled.
 template <typename T>
 struct RoIAlignTask {
@@ -83,7 +99,7 @@ FRCNN_INLINE RoIAlignTask<T> roi_align_task(const RoIAlignLevels<P>& lv, const R
                         : static_cast<int>(fpn_level<float>(static_cast<float>(roi[1]), static_cast<float>(roi[2]),
                                                             static_cast<float>(roi[3]), static_cast<float>(roi[4]),
                                                             pp.canonical_scale, pp.canonical_level, lv.k_min,
-                                                            lv.k_max, 1e-6f));
+                                                            lv.k_max, kFpnLevelEps));
   t.g = roi_align_geometry(roi[1], roi[2], roi[3], roi[4], static_cast<T>(lv.scale[t.level]), pp.pooled_h,
                            pp.pooled_w, pp.sampling_ratio, pp.aligned, lv.height[t.level], lv.width[t.level]);
   return t;

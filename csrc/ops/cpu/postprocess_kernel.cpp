@@ -24,13 +24,11 @@
 
 #include "ops/common/box_math.h"
 #include "ops/common/checks.h"
+#include "ops/common/constants.h"
 #include "ops/cpu/nms_cpu.h"
 
 namespace fasterrcnn_ext {
 namespace {
-
-// log(1000 / 16): see decode_box.
-constexpr double kBBoxXformClip = 4.135166556742356;
 
 // An unsigned integer whose order is the value order (uint32 for float, uint64 for double), with -0 equal to +0 and
 // NaN equal to -inf (NaN ranks below every number and ties with -inf, as in the selection's contract below).

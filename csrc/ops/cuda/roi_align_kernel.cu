@@ -251,7 +251,7 @@ std::vector<at::Tensor> backward_cuda(const at::Tensor& grad, const at::Tensor& 
 at::Tensor roi_align_forward_cuda(const at::Tensor& input, const at::Tensor& rois, double spatial_scale,
                                   int64_t pooled_height, int64_t pooled_width, int64_t sampling_ratio, bool aligned) {
   check_roi_inputs(input, rois, spatial_scale, pooled_height, pooled_width, "roi_align");
-  const Pool pp{pooled_height, pooled_width, sampling_ratio, 0, 0, 0, aligned, 224.f, 4.f};
+  const Pool pp = one_level_roi_align_params(pooled_height, pooled_width, sampling_ratio, 0, 0, aligned);
   const std::vector<double> scales{spatial_scale};
   return forward_cuda({input}, rois, scales, pp);
 }
@@ -259,7 +259,8 @@ at::Tensor roi_align_forward_cuda(const at::Tensor& input, const at::Tensor& roi
 at::Tensor roi_align_backward_cuda(const at::Tensor& grad, const at::Tensor& rois, double spatial_scale,
                                    int64_t pooled_height, int64_t pooled_width, int64_t batch_size, int64_t channels,
                                    int64_t height, int64_t width, int64_t sampling_ratio, bool aligned) {
-  const Pool pp{pooled_height, pooled_width, sampling_ratio, batch_size, channels, 0, aligned, 224.f, 4.f};
+  const Pool pp = one_level_roi_align_params(pooled_height, pooled_width, sampling_ratio, batch_size, channels,
+                                             aligned);
   const std::vector<double> scales{spatial_scale};
   const std::vector<int64_t> heights{height}, widths{width};
   return backward_cuda(grad, rois, scales, pp, heights, widths)[0];

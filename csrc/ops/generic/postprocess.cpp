@@ -13,11 +13,10 @@
 #include <vector>
 
 #include "ops/common/checks.h"
+#include "ops/common/constants.h"
 
 namespace fasterrcnn_ext {
 namespace {
-
-constexpr double kBBoxXformClip = 4.135166556742356;  // log(1000 / 16)
 
 at::Tensor batched_nms_keep_mask_op(const at::Tensor& boxes, const at::Tensor& scores, const at::Tensor& idxs,
                                     double thresh) {

@@ -2,15 +2,11 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor, nn
 
 from ... import ops
-
-# log(1000 / 16): bounds dw and dh before exp(), so a box grows at most 1000/16 times its reference.
-BBOX_XFORM_CLIP = math.log(1000.0 / 16)
+from ...ops.constants import BBOX_XFORM_CLIP
 
 
 class BoxCoder:
