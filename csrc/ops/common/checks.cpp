@@ -14,6 +14,11 @@ void check_boxes(const at::Tensor& boxes, const char* op, const char* name) {
               " must be a floating-point tensor, got dtype ", boxes.scalar_type());
 }
 
+void check_roi_batch_index(double batch_index, int64_t roi, int64_t batch_size, const char* op) {
+  FRCNN_CHECK(batch_index >= 0 && batch_index < static_cast<double>(batch_size), op, ": rois[", roi, ", 0] = ",
+              batch_index, " is not a valid batch index: the input has batch size ", batch_size);
+}
+
 void check_same_dtype(const at::Tensor& a, const char* a_name, const at::Tensor& b, const char* b_name,
                       const char* op) {
   FRCNN_CHECK(a.scalar_type() == b.scalar_type(), op, ": ", a_name, " and ", b_name,

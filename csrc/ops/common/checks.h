@@ -83,6 +83,8 @@ std::string message(const Args&... args) {
 namespace fasterrcnn_ext {
 
 // A `[N, 4]` floating-point tensor of (x1, y1, x2, y2) boxes.
+// A RoI's batch index (the first column of rois[roi]; NaN included) must be in [0, batch_size).
+void check_roi_batch_index(double batch_index, int64_t roi, int64_t batch_size, const char* op);
 void check_boxes(const at::Tensor& boxes, const char* op, const char* name);
 
 void check_same_dtype(const at::Tensor& a, const char* a_name, const at::Tensor& b, const char* b_name,

@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "ops/common/checks.h"
+#include "ops/common/constants.h"
 #include "ops/common/roi_math.h"
 #include "ops/cpu/large_output.h"
 #include "ops/cpu/roi_block.h"
@@ -186,8 +187,7 @@ RoIList<acc_t> read_rois(const at::Tensor& rois_in, int64_t batch_size, const st
   for (int64_t i = 0; i < 5 * k; ++i) list.data[i] = static_cast<acc_t>(p[i]);
   for (int64_t r = 0; r < k; ++r) {
     const acc_t b = list.data[5 * r];
-    FRCNN_CHECK(b >= 0 && b < static_cast<acc_t>(batch_size), op, ": rois[", r, ", 0] = ", b,
-                " is not a valid batch index: the input has batch size ", batch_size);
+    check_roi_batch_index(b, r, batch_size, op);
     list.batch[r] = static_cast<int64_t>(b);
   }
   if (levels.size() > 1) {
@@ -198,7 +198,7 @@ RoIList<acc_t> read_rois(const at::Tensor& rois_in, int64_t batch_size, const st
       const acc_t* roi = list.roi(r);
       // float32, as torchvision's LevelMapper computes it on float32 boxes.
       list.level[r] = fpn_level<float>(roi[1], roi[2], roi[3], roi[4], static_cast<float>(canonical_scale),
-                                       static_cast<float>(canonical_level), k_min, k_max, 1e-6f);
+                                       static_cast<float>(canonical_level), k_min, k_max, kFpnLevelEps);
     }
   }
   return list;

@@ -37,8 +37,7 @@ void pool_per_element(const std::vector<at::Tensor>& features, at::ArrayRef<doub
       acc_t roi[5];
       for (int i = 0; i < 5; ++i) roi[i] = static_cast<acc_t>(roi_data[5 * r + i]);
       const RoIAlignTask<acc_t> task = roi_align_task(lv, pp, roi);
-      FRCNN_CHECK(task.valid, "_roi_align_per_element: rois[", r, ", 0] = ", roi[0],
-                  " is not a valid batch index: the input has batch size ", pp.batch);
+      if (!task.valid) check_roi_batch_index(roi[0], r, pp.batch, "_roi_align_per_element");
       const int64_t height = lv.height[task.level], width = lv.width[task.level];
       const int64_t needed = roi_align_table_bytes(task.g, pp.pooled_h, pp.pooled_w);
       const bool use_table = needed <= table_bytes;

@@ -99,8 +99,8 @@ FRCNN_CPU_MULTIVERSION_ARCH void max_pool_bin(const double* buf, int64_t width, 
 // value update is vmaxps (max(v, best) is "v > best ? v : best" bit for bit, NaN and signed zeros included: x86 max
 // returns its second operand unless the first is greater) and the index update is a masked move: single-uop
 // instructions where GCC's code for the portable vectors above blends through vector masks (3 uops a blend on
-// Intel cores). On the benchmark's roi_pool, Intel Xeon with AMX, 2 threads: 67 -> 50 ms (one chain, portable
-// vectors: 84 ms). Same two chains, same merge.
+// Intel cores), so this version is faster on Intel CPUs (docs/performance.md has the figures). Same two chains,
+// same merge.
 #define FRCNN_AVX512_HELPER FRCNN_CPU_TARGET_AVX512F __attribute__((always_inline)) static inline
 
 // The AVX-512 instructions the kernel needs, per element type: a 64-byte block is one vector V, with an index vector
@@ -238,11 +238,7 @@ std::tuple<at::Tensor, at::Tensor> roi_pool_forward_cpu_typed(const at::Tensor& 
   if (k == 0 || channels == 0) return {output, argmax};
   const at::Tensor rois_t = rois_in.to(c10::CppTypeToScalarType<acc_t>::value).contiguous();
   const acc_t* rois = rois_t.data_ptr<acc_t>();
-  for (int64_t r = 0; r < k; ++r) {
-    const acc_t b = rois[5 * r];
-    FRCNN_CHECK(b >= 0 && b < static_cast<acc_t>(batch), "roi_pool: rois[", r, ", 0] = ", b,
-                " is not a valid batch index: the input has batch size ", batch);
-  }
+  for (int64_t r = 0; r < k; ++r) check_roi_batch_index(rois[5 * r], r, batch, "roi_pool");
   scalar_t* out = output.data_ptr<scalar_t>();
   int64_t* arg_out = with_argmax ? argmax.data_ptr<int64_t>() : nullptr;
   const acc_t scale = static_cast<acc_t>(spatial_scale);
@@ -346,11 +342,7 @@ at::Tensor roi_pool_backward_cpu(const at::Tensor& grad, const at::Tensor& rois,
     const acc_t* roi = rois_t.data_ptr<acc_t>();
     scalar_t* gin = grad_input.data_ptr<scalar_t>();
     const int64_t plane = height * width, bins = pooled_height * pooled_width;
-    for (int64_t r = 0; r < k; ++r) {
-      const acc_t b = roi[5 * r];
-      FRCNN_CHECK(b >= 0 && b < static_cast<acc_t>(batch_size), "roi_pool backward: rois[", r, ", 0] = ", b,
-                  " is not a valid batch index: the input has batch size ", batch_size);
-    }
+    for (int64_t r = 0; r < k; ++r) check_roi_batch_index(roi[5 * r], r, batch_size, "roi_pool backward");
     at::parallel_for(0, channels, 1, [&](int64_t c0, int64_t c1) {
       for (int64_t c = c0; c < c1; ++c) {
         for (int64_t r = 0; r < k; ++r) {
