@@ -80,9 +80,9 @@ def _add_eval(sub) -> None:
 
 
 def _run_eval(args) -> int:
+    from .data import build_dataset
     from .engine.checkpoint import load_checkpoint, model_from_checkpoint
     from .engine.evaluate import evaluate
-    from .engine.train import build_dataset
 
     checkpoint = load_checkpoint(args.weights)
     dataset = build_dataset(args.data, train=False, split=args.split, seed=args.seed,

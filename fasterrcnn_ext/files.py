@@ -1,4 +1,6 @@
-"""Result files written atomically: a crash or Ctrl-C mid-write leaves the previous file whole, never half a file."""
+"""Files: result files and checkpoints written atomically (a crash or Ctrl-C mid-write leaves the previous file whole,
+never half a file), and checkpoint files read with errors that name the file. engine/checkpoint.py builds on these
+for training checkpoints; the model builders read weights files with them."""
 
 from __future__ import annotations
 
@@ -29,3 +31,33 @@ def atomic_write(path: str, binary: bool = False):
 def write_json(path: str, value) -> None:
     with atomic_write(path) as f:
         json.dump(value, f, indent=1)
+
+
+def is_checkpoint_path(weights) -> bool:
+    """Whether a ``weights=`` argument names a local checkpoint file (an existing path, or a .pt/.pth name) rather
+    than torchvision weights (an enum or its name)."""
+    return isinstance(weights, (str, os.PathLike)) and (os.path.exists(weights)
+                                                        or str(weights).endswith((".pt", ".pth")))
+
+
+def read_checkpoint_file(path):
+    """torch.load on the CPU, weights only; FileNotFoundError or ValueError naming the file."""
+    import torch
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint {path!s} does not exist")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unpickling problem is a corrupt checkpoint for the user
+        raise ValueError(f"checkpoint {path!s} could not be read: {e}") from e
+
+
+def load_checkpoint_state_dict(path) -> dict:
+    """The model state_dict of a checkpoint file: a bare state_dict, or a training checkpoint with a "model" entry."""
+    import torch
+
+    checkpoint = read_checkpoint_file(path)
+    state = checkpoint.get("model", checkpoint) if isinstance(checkpoint, dict) else None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"checkpoint {path!s} holds no model state_dict")
+    return state

@@ -44,9 +44,9 @@ def detection_agreement(reference: list[dict], other: list[dict], *, iou: float 
 
 
 def main(argv=None) -> dict:
+    from ..data import build_dataset
     from ..engine.checkpoint import load_checkpoint, model_from_checkpoint
     from ..engine.evaluate import coco_metrics, detections_to_coco
-    from ..engine.train import build_dataset
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--weights", required=True, help="a fasterrcnn_ext checkpoint (e.g. the demo's model.pt)")

@@ -10,9 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from ..files import atomic_write
+from ..files import atomic_write, read_checkpoint_file
 from ..models import detection
-from ..models.detection.faster_rcnn import read_checkpoint_file
 
 # The builders `--model NAME` accepts. Each takes num_classes and weights_backbone-free keyword arguments.
 MODEL_BUILDERS = {

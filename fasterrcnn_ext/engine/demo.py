@@ -8,11 +8,12 @@ import time
 
 import torch
 
+from ..data import build_dataset
 from ..files import write_json
 from .checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 from .detect import draw_detections, save_png
 from .evaluate import evaluate
-from .train import TrainConfig, build_dataset, train
+from .train import TrainConfig, train
 
 DEMO_PICTURES = 8
 

@@ -10,7 +10,7 @@ from PIL import Image
 from torchvision.utils import draw_bounding_boxes
 
 from ..data import load_image
-from ..files import write_json
+from ..files import is_checkpoint_path, write_json
 from ..models import detection
 from .checkpoint import load_checkpoint, model_from_checkpoint
 from .evaluate import detections_to_coco
@@ -32,7 +32,7 @@ def load_detector(weights: str):
     """(model, class_names, category_ids) from a fasterrcnn_ext checkpoint path or a torchvision weights name such
     as ``FasterRCNN_ResNet50_FPN_Weights.DEFAULT`` (downloaded by torchvision). class_names[label - 1] names a
     label; category_ids is None where labels are COCO category ids already (torchvision's weights)."""
-    if os.path.exists(weights) or weights.endswith((".pt", ".pth")):
+    if is_checkpoint_path(weights):
         checkpoint = load_checkpoint(weights)
         model = model_from_checkpoint(checkpoint, weights)
         return model, list(checkpoint["class_names"]), list(checkpoint["category_ids"])

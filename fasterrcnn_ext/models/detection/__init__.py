@@ -1,5 +1,5 @@
 """Faster R-CNN on fasterrcnn_ext's kernels, mirroring torchvision.models.detection (same builders, arguments and
-state_dict keys), plus the classic VGG16 model of the design notes."""
+state_dict keys), plus the classic VGG16 model (docs/design.md)."""
 
 from torchvision.models.detection.faster_rcnn import (
     FasterRCNN_MobileNet_V3_Large_320_FPN_Weights,
@@ -9,6 +9,7 @@ from torchvision.models.detection.faster_rcnn import (
 )
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 
+from ...files import load_checkpoint_state_dict
 from ._utils import BoxCoder
 from .anchor_utils import AnchorGenerator
 from .faster_rcnn import (
@@ -22,7 +23,6 @@ from .faster_rcnn import (
     fasterrcnn_resnet50_fpn,
     fasterrcnn_resnet50_fpn_v2,
     fasterrcnn_vgg16,
-    load_checkpoint_state_dict,
 )
 from .roi_heads import RoIHeads
 from .rpn import RegionProposalNetwork, RPNHead

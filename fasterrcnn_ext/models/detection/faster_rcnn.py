@@ -1,5 +1,5 @@
 """Faster R-CNN (Ren et al., 2015) on fasterrcnn_ext's kernels: a drop-in for torchvision's FasterRCNN and builders
-(same arguments, same state_dict keys, same detections), plus the classic VGG16 model of the design notes.
+(same arguments, same state_dict keys, same detections), plus the classic VGG16 model (docs/design.md).
 
 Shapes: N images, each [3, H_i, W_i] in [0, 1]; K_i detections of image i.
 
@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import os
 import warnings
 from collections import OrderedDict
 
@@ -24,6 +23,7 @@ from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHe
 
 from ... import memory, ops
 from ...capabilities import cpu_capabilities
+from ...files import is_checkpoint_path, load_checkpoint_state_dict
 from ._inference import InferenceCopy
 from ._utils import rebind
 from .anchor_utils import AnchorGenerator
@@ -176,32 +176,8 @@ def cpu_has_native_bfloat16() -> bool:
 # Builders: torchvision's builders (same arguments and weights), then our kernels over the same modules.
 
 
-def _is_local_checkpoint(weights) -> bool:
-    return isinstance(weights, (str, os.PathLike)) and (os.path.exists(weights)
-                                                        or str(weights).endswith((".pt", ".pth")))
-
-
-def read_checkpoint_file(path):
-    """torch.load on the CPU, weights only; FileNotFoundError or ValueError naming the file."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint {path!s} does not exist")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any unpickling problem is a corrupt checkpoint for the user
-        raise ValueError(f"checkpoint {path!s} could not be read: {e}") from e
-
-
-def load_checkpoint_state_dict(path) -> dict[str, Tensor]:
-    """The model state_dict of a checkpoint file: a bare state_dict, or a training checkpoint with a "model" entry."""
-    checkpoint = read_checkpoint_file(path)
-    state = checkpoint.get("model", checkpoint) if isinstance(checkpoint, dict) else None
-    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
-        raise ValueError(f"checkpoint {path!s} holds no model state_dict")
-    return state
-
-
 def _build(tv_builder, weights, num_classes, kwargs) -> FasterRCNN:
-    local = weights if _is_local_checkpoint(weights) else None
+    local = weights if is_checkpoint_path(weights) else None
     state = None
     if local is not None:
         state = load_checkpoint_state_dict(local)
@@ -247,7 +223,7 @@ def fasterrcnn_mobilenet_v3_large_320_fpn(*, weights=None, progress: bool = True
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# The classic VGG16 Faster R-CNN of the design notes.
+# The classic VGG16 Faster R-CNN (Ren et al., 2015; docs/design.md).
 
 VGG16_STRIDE = 16  # conv5_3 after four 2x2 max-pools
 
@@ -287,9 +263,9 @@ class VGG16BoxHead(nn.Module):
 
 def fasterrcnn_vgg16(*, weights=None, num_classes: int = 21, weights_backbone=None, progress: bool = True,
                      trainable_layers: int = 10, **kwargs) -> FasterRCNN:
-    """The classic Faster R-CNN of the design notes: VGG16 conv layers up to conv5_3 (stride 16, 512 channels), an
-    RPN with a 3x3 conv and 9 anchors per location (sizes 128, 256, 512 x ratios 0.5, 1, 2), RoIPool 7x7, fc6 and
-    fc7 with 4096 units, images resized to a 600-pixel short side (1000 at most).
+    """The classic Faster R-CNN of the paper (docs/design.md): VGG16 conv layers up to conv5_3 (stride 16, 512
+    channels), an RPN with a 3x3 conv and 9 anchors per location (sizes 128, 256, 512 x ratios 0.5, 1, 2), RoIPool
+    7x7, fc6 and fc7 with 4096 units, images resized to a 600-pixel short side (1000 at most).
 
     Args:
         weights: a local checkpoint path of this model, or None.

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 from torch import nn
 
+from ...files import load_checkpoint_state_dict
 from ...ops import MultiScaleRoIAlign
 from .anchor_utils import AnchorGenerator
-from .faster_rcnn import FasterRCNN, FastRCNNPredictor, TwoMLPHead, load_checkpoint_state_dict
+from .faster_rcnn import FasterRCNN, FastRCNNPredictor, TwoMLPHead
 from .rpn import RPNHead
 
 TINY_STRIDE = 8  # three stride-2 stages
