@@ -3,9 +3,9 @@
 The loop counts optimizer steps (``iteration``). Every ``checkpoint_every`` steps, at the end, and on Ctrl-C or
 SIGTERM, rank 0 writes ``<out>/last.pt`` atomically with the model, optimizer, scheduler, grad scaler, RNG state,
 ``iteration`` and the arguments; ``resume`` continues from it with the same data order and learning-rate schedule.
-Losses go to a tqdm bar and ``<out>/log.txt`` on rank 0 in the design notes' format (the median of the last 20
-steps, then the run's mean in brackets), and one JSON line per log step to ``<out>/losses.jsonl``, the loss curve,
-which a resumed run appends to.
+Losses go to a tqdm bar and ``<out>/log.txt`` on rank 0 in the classic Faster R-CNN log format (the median of the
+last 20 steps, then the run's mean in brackets), and one JSON line per log step to ``<out>/losses.jsonl``, the loss
+curve, which a resumed run appends to.
 """
 
 from __future__ import annotations
@@ -24,13 +24,10 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from ..data import SyntheticShapes, collate
-from ..data.coco import CocoDetection
+from ..data import build_dataset, collate
 from .checkpoint import build_model, load_checkpoint, load_model_state, save_checkpoint
 
 LOSS_NAMES = ("loss_classifier", "loss_box_reg", "loss_objectness", "loss_rpn_box_reg")
-# Held-out synthetic images come from another seed, so they share no image with the training set.
-HELD_OUT_SEED_OFFSET = 1_000_003
 
 
 @dataclasses.dataclass
@@ -75,16 +72,6 @@ class TrainConfig:
     hflip: float = 0.5
     device: str | None = None
     progress: bool = True
-
-
-def build_dataset(data: str, *, train: bool, split: str, seed: int = 0, synthetic_images: int = 200,
-                  skip_bad_images: bool = False, hflip: float = 0.0):
-    if data == "synthetic":
-        # Cached: training revisits every image each epoch; evaluation reads each twice (images, ground truth).
-        return SyntheticShapes(synthetic_images, seed=seed if train else seed + HELD_OUT_SEED_OFFSET, cache=True)
-    if not os.path.isdir(data):
-        raise FileNotFoundError(f"--data {data}: not 'synthetic' and not a folder")
-    return CocoDetection(data, split, hflip=hflip if train else 0.0, skip_bad_images=skip_bad_images)
 
 
 def lr_factor(step: int, warmup_iters: int, max_iters: int, final_fraction: float) -> float:
@@ -175,9 +162,55 @@ def _distributed_setup(device: str | None):
     return rank, world_size, dev
 
 
-def train(cfg: TrainConfig) -> dict:
-    """Trains as ``cfg`` says; returns {"iteration", "checkpoint", "losses" (the last step's, averaged over ranks),
-    "interrupted"}."""
+@dataclasses.dataclass
+class _Run:
+    """The state of one training run: what train() sets up, steps and checkpoints."""
+
+    cfg: TrainConfig
+    rank: int
+    world_size: int
+    device: torch.device
+    dataset: torch.utils.data.Dataset
+    model: torch.nn.Module
+    train_model: torch.nn.Module  # the model, or its DistributedDataParallel wrapper
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    iteration: int
+    max_iters: int
+    batches_per_epoch: int
+    last: str  # the run's last.pt
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def checkpoint(self) -> dict:
+        return {
+            "model": self.model.state_dict(), "model_name": self.cfg.model, "num_classes": self.dataset.num_classes,
+            "class_names": list(self.dataset.class_names), "category_ids": list(self.dataset.category_ids),
+            "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None, "iteration": self.iteration,
+            "rng_state": torch.get_rng_state(), "args": dataclasses.asdict(self.cfg),
+            # The RPN and RoI samplers draw on the device's generator.
+            "cuda_rng_state": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,
+        }
+
+    def loader(self):
+        """The rest of the current epoch's batches (a resumed run starts mid-epoch, at the same batch)."""
+        epoch, offset = divmod(self.iteration, self.batches_per_epoch)
+        batches = epoch_batches(len(self.dataset), epoch, self.cfg.seed, self.rank, self.world_size,
+                                self.cfg.batch_size)[offset:]
+        return torch.utils.data.DataLoader(self.dataset, batch_sampler=batches, collate_fn=collate,
+                                           num_workers=self.cfg.workers, worker_init_fn=_ignore_sigint,
+                                           # its own generator: a loader drawing its base seed from the global one
+                                           # would shift the RPN/RoI samplers on resume
+                                           generator=torch.Generator().manual_seed(self.cfg.seed + epoch))
+
+
+def _prepare(cfg: TrainConfig) -> _Run:
+    """Checks the arguments, sets up the processes, the data, the model and the optimizer, and restores a resumed
+    run's state."""
     if (cfg.max_iters is None) == (cfg.epochs is None):
         raise ValueError("give exactly one of max_iters (--max-iters) and epochs (--epochs)")
     if (cfg.max_iters or cfg.epochs) <= 0 or cfg.batch_size <= 0 or cfg.lr <= 0:
@@ -227,96 +260,103 @@ def train(cfg: TrainConfig) -> dict:
             torch.cuda.set_rng_state(checkpoint["cuda_rng_state"], device)
     train_model = (torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda"
                                                              else None) if world_size > 1 else model)
-
-    is_main = rank == 0
-    if is_main:
+    if rank == 0:
         os.makedirs(cfg.out, exist_ok=True)
+    return _Run(cfg, rank, world_size, device, dataset, model, train_model, optimizer, scheduler, scaler, iteration,
+                max_iters, batches_per_epoch, last)
 
-    def make_checkpoint():
-        return {
-            "model": model.state_dict(), "model_name": cfg.model, "num_classes": dataset.num_classes,
-            "class_names": list(dataset.class_names), "category_ids": list(dataset.category_ids),
-            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-            "scaler": scaler.state_dict() if scaler.is_enabled() else None, "iteration": iteration,
-            "rng_state": torch.get_rng_state(), "args": dataclasses.asdict(cfg),
-            # The RPN and RoI samplers draw on the device's generator.
-            "cuda_rng_state": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-        }
 
-    log = _LossLog()
+def _step(run: _Run, images, targets, stop_requested: bool) -> tuple[dict[str, float], bool]:
+    """One optimizer step. Returns the losses averaged over the ranks (with their sum, ``loss``) and whether any
+    rank was asked to stop; one reduction carries both, so that every rank stops after the same step."""
+    device = run.device
+    images = [im.to(device, non_blocking=True) for im in images]
+    targets = [{k: v.to(device) if torch.is_tensor(v) else v for k, v in t.items()} for t in targets]
     amp_dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
-    bar = tqdm(total=max_iters, initial=iteration, disable=not (is_main and cfg.progress), dynamic_ncols=True,
-               desc="train")
-    log_file = open(os.path.join(cfg.out, "log.txt"), "a") if is_main else None  # noqa: SIM115
-    curve_file = open(os.path.join(cfg.out, "losses.jsonl"), "a") if is_main else None  # noqa: SIM115
+    with torch.autocast(device.type, dtype=amp_dtype, enabled=run.cfg.amp):
+        losses = run.train_model(images, targets)
+    loss = sum(losses.values())
+    run.optimizer.zero_grad(set_to_none=True)
+    run.scaler.scale(loss).backward()
+    run.scaler.step(run.optimizer)
+    run.scaler.update()
+    run.scheduler.step()
+    run.iteration += 1
+    values = torch.stack([losses[k].detach().float() for k in LOSS_NAMES] +
+                         [torch.tensor(float(stop_requested), device=device)])
+    if run.world_size > 1:
+        dist.all_reduce(values)
+        values /= run.world_size
+    values = values.cpu()
+    step_losses = {k: float(v) for k, v in zip(LOSS_NAMES, values[:-1])}
+    step_losses = {"loss": sum(step_losses.values()), **step_losses}
+    if not math.isfinite(step_losses["loss"]):
+        raise FloatingPointError(f"loss is {step_losses['loss']} at iteration {run.iteration} "
+                                 f"({step_losses}); {run.last} keeps the last good state")
+    return step_losses, bool(values[-1] > 0)
+
+
+class _Logger:
+    """Rank 0's progress: the tqdm bar, log.txt (the classic log line) and losses.jsonl (the loss curve)."""
+
+    def __init__(self, run: _Run):
+        cfg = run.cfg
+        self.run = run
+        self.losses = _LossLog()
+        self.bar = tqdm(total=run.max_iters, initial=run.iteration, disable=not (run.is_main and cfg.progress),
+                        dynamic_ncols=True, desc="train")
+        self.log_file = open(os.path.join(cfg.out, "log.txt"), "a") if run.is_main else None  # noqa: SIM115
+        self.curve_file = open(os.path.join(cfg.out, "losses.jsonl"), "a") if run.is_main else None  # noqa: SIM115
+
+    def step(self, losses: dict[str, float], force: bool) -> None:
+        run, cfg = self.run, self.run.cfg
+        self.losses.update(losses)
+        self.bar.update(1)
+        if not run.is_main or not (run.iteration % cfg.log_every == 0 or run.iteration == run.max_iters or force):
+            return
+        line = self.losses.format(run.iteration, run.max_iters, run.optimizer.param_groups[0]["lr"])
+        if cfg.progress:
+            self.bar.write(line)
+        else:
+            print(line, flush=True)
+        self.log_file.write(line + "\n")
+        self.log_file.flush()
+        record = {"iteration": run.iteration, "time": time.time(), **losses}
+        self.curve_file.write(json.dumps(record) + "\n")
+        self.curve_file.flush()
+
+    def close(self) -> None:
+        self.bar.close()
+        if self.run.is_main:
+            self.log_file.close()
+            self.curve_file.close()
+
+
+def train(cfg: TrainConfig) -> dict:
+    """Trains as ``cfg`` says; returns {"iteration", "checkpoint", "losses" (the last step's, averaged over ranks),
+    "interrupted"}."""
+    run = _prepare(cfg)
+    logger = _Logger(run)
     last_losses: dict[str, float] = {}
     interrupted = False
     try:
         with _StopRequests() as stop:
-            while iteration < max_iters and not interrupted:
-                epoch, offset = divmod(iteration, batches_per_epoch)
-                batches = epoch_batches(len(dataset), epoch, cfg.seed, rank, world_size, cfg.batch_size)[offset:]
-                loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, collate_fn=collate,
-                                                     num_workers=cfg.workers, worker_init_fn=_ignore_sigint,
-                                                     # its own generator: a loader drawing its base seed from the
-                                                     # global one would shift the RPN/RoI samplers on resume
-                                                     generator=torch.Generator().manual_seed(cfg.seed + epoch))
-                for images, targets in loader:
-                    images = [im.to(device, non_blocking=True) for im in images]
-                    targets = [{k: v.to(device) if torch.is_tensor(v) else v for k, v in t.items()} for t in targets]
-                    with torch.autocast(device.type, dtype=amp_dtype, enabled=cfg.amp):
-                        losses = train_model(images, targets)
-                    loss = sum(losses.values())
-                    optimizer.zero_grad(set_to_none=True)
-                    scaler.scale(loss).backward()
-                    scaler.step(optimizer)
-                    scaler.update()
-                    scheduler.step()
-                    iteration += 1
-                    # One reduction per step carries the losses (for the log) and the stop flag, so every rank
-                    # stops after the same step.
-                    values = torch.stack([losses[k].detach().float() for k in LOSS_NAMES] +
-                                         [torch.tensor(float(stop.requested), device=device)])
-                    if world_size > 1:
-                        dist.all_reduce(values)
-                        values /= world_size
-                    values = values.cpu()
-                    last_losses = {k: float(v) for k, v in zip(LOSS_NAMES, values[:-1])}
-                    last_losses = {"loss": sum(last_losses.values()), **last_losses}
-                    if not math.isfinite(last_losses["loss"]):
-                        raise FloatingPointError(f"loss is {last_losses['loss']} at iteration {iteration} "
-                                                 f"({last_losses}); {last} keeps the last good state")
-                    log.update(last_losses)
-                    bar.update(1)
-                    if is_main and (iteration % cfg.log_every == 0 or iteration == max_iters or values[-1] > 0):
-                        line = log.format(iteration, max_iters, optimizer.param_groups[0]["lr"])
-                        if cfg.progress:
-                            bar.write(line)
-                        else:
-                            print(line, flush=True)
-                        log_file.write(line + "\n")
-                        log_file.flush()
-                        record = {"iteration": iteration, "time": time.time(), **last_losses}
-                        curve_file.write(json.dumps(record) + "\n")
-                        curve_file.flush()
-                    if values[-1] > 0:
-                        interrupted = True
+            while run.iteration < run.max_iters and not interrupted:
+                for images, targets in run.loader():
+                    last_losses, interrupted = _step(run, images, targets, stop.requested)
+                    logger.step(last_losses, force=interrupted)
+                    if interrupted or run.iteration >= run.max_iters:
                         break
-                    if is_main and iteration % cfg.checkpoint_every == 0 and iteration < max_iters:
-                        save_checkpoint(last, make_checkpoint())
-                    if iteration >= max_iters:
-                        break
-        if is_main:
-            save_checkpoint(last, make_checkpoint())
+                    if run.is_main and run.iteration % cfg.checkpoint_every == 0:
+                        save_checkpoint(run.last, run.checkpoint())
+        if run.is_main:
+            save_checkpoint(run.last, run.checkpoint())
             if interrupted:
-                print(f"stopped at iteration {iteration}; saved {last} (continue with --resume {last})",
+                print(f"stopped at iteration {run.iteration}; saved {run.last} (continue with --resume {run.last})",
                       file=sys.stderr, flush=True)
     finally:
-        bar.close()
-        if is_main:
-            log_file.close()
-            curve_file.close()
-    return {"iteration": iteration, "checkpoint": last, "losses": last_losses, "interrupted": interrupted}
+        logger.close()
+    return {"iteration": run.iteration, "checkpoint": run.last, "losses": last_losses, "interrupted": interrupted}
 
 
 def _check_resumable(checkpoint: dict, cfg: TrainConfig, dataset) -> None:
