@@ -39,7 +39,8 @@ def check_boxes_fit_batch(boxes, batch_size: int, op: str) -> None:
 def rois_from_boxes(boxes: Tensor | list[Tensor] | tuple[Tensor, ...]) -> Tensor:
     """``Tensor[K, 5]`` rois (batch index, x1, y1, x2, y2) from either rois or a list of per-image ``Tensor[L, 4]``.
 
-    The batch-index column is built without a Python loop over the tensors' contents and without a host sync.
+    The batch-index column is built on the boxes' device from their sizes alone: no host-to-device copy, which from
+    pageable memory would wait for the device (a hidden sync in every CUDA call with a list of boxes).
     """
     if isinstance(boxes, Tensor):
         if boxes.dim() != 2 or boxes.size(1) != 5:
@@ -54,7 +55,6 @@ def rois_from_boxes(boxes: Tensor | list[Tensor] | tuple[Tensor, ...]) -> Tensor
         if b.dim() != 2 or b.size(1) != 4:
             raise ValueError(f"boxes[{i}] must be a Tensor[L, 4], got shape {tuple(b.shape)}")
     concat = torch.cat(list(boxes), dim=0)
-    counts = torch.tensor([b.size(0) for b in boxes], device=concat.device)
-    ids = torch.arange(len(boxes), device=concat.device, dtype=concat.dtype).repeat_interleave(
-        counts, output_size=concat.size(0))
-    return torch.cat([ids[:, None], concat], dim=1)
+    ids = torch.cat([torch.full((b.size(0), 1), i, dtype=concat.dtype, device=concat.device)
+                     for i, b in enumerate(boxes)])
+    return torch.cat([ids, concat], dim=1)
