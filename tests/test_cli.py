@@ -160,6 +160,7 @@ def _env():
     return env
 
 
+@pytest.mark.slow
 def test_python_dash_m_and_ddp_two_gloo_processes(tmp_path):
     out = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
@@ -174,6 +175,7 @@ def test_python_dash_m_and_ddp_two_gloo_processes(tmp_path):
     assert len((out / "log.txt").read_text().splitlines()) == 3
 
 
+@pytest.mark.slow
 def test_ctrl_c_saves_a_checkpoint(tmp_path):
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "fasterrcnn_ext", "train", "--data", "synthetic", "--out", str(out),
@@ -193,6 +195,7 @@ def test_ctrl_c_saves_a_checkpoint(tmp_path):
 
 
 @needs_pycocotools
+@pytest.mark.slow
 def test_demo_defaults_reach_the_target(tmp_path):
     """The README's main job: with the defaults, mAP@0.5 >= 0.7 on the held-out images (about 4 minutes here)."""
     metrics = demo(str(tmp_path / "demo"), progress=False)

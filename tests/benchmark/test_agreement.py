@@ -36,6 +36,7 @@ def test_each_other_detection_is_a_twin_once():
 
 
 @pytest.mark.skipif(importlib.util.find_spec("pycocotools") is None, reason="pycocotools is not installed")
+@pytest.mark.slow
 def test_cli_reports_both_comparisons_and_writes_json(tmp_path):
     from fasterrcnn_ext.benchmark.agreement import main
     from fasterrcnn_ext.engine import TrainConfig, train
