@@ -1,7 +1,7 @@
 """Benchmark cases: each times one of our ops against its torchvision counterpart on realistic inputs.
 
-Sizes follow the design notes: an 800x1344 image, 257,796 FPN anchors, 1,000 RoIs on 256-channel FPN maps,
-RPN-like clustered boxes.
+Sizes are those of the R50-FPN detector (docs/design.md): an 800x1344 image, 257,796 FPN anchors, 1,000 RoIs on
+256-channel FPN maps, RPN-like clustered boxes.
 """
 
 from __future__ import annotations
@@ -150,7 +150,7 @@ def box_cases(device: str) -> list[Case]:
     g = torch.Generator().manual_seed(0)
     sizes, ratios = ((32,), (64,), (128,), (256,), (512,)), ((0.5, 1.0, 2.0),) * 5
     cases = []
-    # The design notes' FPN at 800 pixels: an image padded to 768x1344, 257,796 anchors.
+    # The R50-FPN detector at 800 pixels (docs/design.md): an image padded to 768x1344, 257,796 anchors.
     feats = [torch.zeros(2, 1, 768 // s, 1344 // s, device=device) for s in (4, 8, 16, 32)]
     feats.append(torch.zeros(2, 1, 12, 21, device=device))
     ours_gen, theirs_gen = OurAnchorGenerator(sizes, ratios), AnchorGenerator(sizes, ratios)

@@ -25,7 +25,7 @@ def test_fpn_anchors_equal_torchvision(device, dtype):
     if dtype == torch.float16:  # half-precision features get float32 anchors (fp32 box coordinates)
         theirs = TVAnchorGenerator(FPN_SIZES, FPN_RATIOS)(images, [f.float() for f in feats])
     for a, b in zip(ours, theirs):
-        assert a.shape == (257_796, 4)  # the design notes' count
+        assert a.shape == (257_796, 4)  # the count docs/design.md gives
         assert a.dtype == (torch.float32 if dtype == torch.float16 else dtype)
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 

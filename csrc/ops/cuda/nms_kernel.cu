@@ -64,8 +64,8 @@ __global__ void nms_mask_kernel(int64_t n, int64_t row_begin, int64_t col_blocks
 // Per 64-box block, three round trips instead of one per kept box: the block's 64 diagonal words and its removed
 // word are loaded into shared memory at once; every thread then walks the block from shared memory (the same walk,
 // so all take the same branches and know the kept bits without another barrier); and the kept rows are ORed into the
-// later blocks' removed words, one word per thread, their loads independent of each other. (Session 4's version paid
-// a dependent global load per kept box, the largest part of NMS time on an H100; the one before it hung.)
+// later blocks' removed words, one word per thread, their loads independent of each other. A dependent global load
+// per kept box was the largest part of NMS time on an H100.
 __global__ void nms_reduce_kernel(int64_t n, int64_t row_begin, int64_t rows, int64_t col_blocks,
                                   const uint64_t* __restrict__ mask, uint64_t* __restrict__ removed,
                                   bool* __restrict__ keep, int64_t* __restrict__ num_kept, int64_t max_keep) {

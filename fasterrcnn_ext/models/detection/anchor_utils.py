@@ -1,7 +1,7 @@
 """Anchor generation, mirroring torchvision.models.detection.anchor_utils.AnchorGenerator, on one fused op.
 
 Shapes: N images, L feature levels (level l is H_l x W_l), A_l anchors per location, sum_l H_l * W_l * A_l anchors
-per image (257,796 for the design notes' FPN at 800x1344).
+per image (257,796 for the R50-FPN detector at 768x1344, docs/design.md).
 """
 
 from __future__ import annotations
