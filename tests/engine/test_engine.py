@@ -209,7 +209,7 @@ def test_a_failed_write_leaves_the_previous_file_whole(tmp_path):
     assert json.load(open(path)) == {"map": 0.5}
     ckpt = str(tmp_path / "last.pt")
     save_checkpoint(ckpt, {"iteration": 1})
-    with pytest.raises(pickle.PicklingError):
+    with pytest.raises((pickle.PicklingError, AttributeError)):  # a local lambda: AttributeError
         save_checkpoint(ckpt, {"iteration": 2, "bad": lambda: None})  # lambdas do not pickle
     assert torch.load(ckpt)["iteration"] == 1
     assert sorted(os.listdir(tmp_path)) == ["last.pt", "metrics.json"]  # no temporary files left behind
