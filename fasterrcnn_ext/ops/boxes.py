@@ -52,8 +52,10 @@ def batched_nms(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: floa
 
     Returns:
         Tensor[K] (int64): indices of the kept boxes, sorted by decreasing score (ties: lower index first; NaN
-        scores last).
+        scores last). Empty ``boxes`` give an empty result whatever the other arguments are, as in torchvision.
     """
+    if isinstance(boxes, Tensor) and boxes.numel() == 0:
+        return torch.empty((0,), dtype=torch.int64, device=boxes.device)
     return _ops().batched_nms(boxes, scores, idxs, float(iou_threshold), max_keep=max_keep)
 
 

@@ -350,3 +350,11 @@ def test_nms_bitmask_opcheck(device):
     idxs = torch.randint(0, 3, (300,), device=device)
     torch.library.opcheck(torch.ops.fasterrcnn_ext._nms_bitmask.default, (boxes, scores, None, 0.5, -1, 64))
     torch.library.opcheck(torch.ops.fasterrcnn_ext._nms_bitmask.default, (boxes, scores, idxs, 0.5, 10, 0))
+
+
+def test_batched_nms_of_no_boxes_is_empty_whatever_the_rest():
+    """torchvision returns at once for empty boxes; code that relies on it passes None for the rest."""
+    for args in ((None, None, None), (torch.empty(0), torch.empty(0, dtype=torch.long), 0.5)):
+        got = ops.batched_nms(torch.empty(0, 4), *args)
+        expected = torchvision.ops.batched_nms(torch.empty(0, 4), *args)
+        assert got.dtype == expected.dtype == torch.int64 and got.shape == expected.shape == (0,)
