@@ -8,6 +8,9 @@ Environment:
   MAX_JOBS                parallel compile jobs for ninja.
   FRCNN_CPU_MAX_ISA=avx2  leave the AVX-512 clones of the CPU kernels out: an AVX-512 machine then runs (and
                           benchmarks) the code that AVX2-only CPUs run.
+  FRCNN_SANITIZE=address,undefined
+                          build the C++ sources with AddressSanitizer and UndefinedBehaviorSanitizer (any
+                          -fsanitize= list); Python must then preload libasan (scripts/sanitize.sh does it all).
 """
 
 import glob
@@ -147,6 +150,16 @@ def _extensions():
         sys.exit(f"FRCNN_CPU_MAX_ISA={max_isa!r}: the only value is 'avx2' (unset: every clone up to AVX-512)")
     if max_isa == "avx2":
         define_macros.append(("FRCNN_CPU_MAX_ISA_AVX2", "1"))
+    link_flags = ["-fopenmp"]
+    sanitize = os.environ.get("FRCNN_SANITIZE", "")
+    if sanitize:
+        if not re.fullmatch(r"[a-z,-]+", sanitize):
+            sys.exit(f"FRCNN_SANITIZE={sanitize!r}: give a -fsanitize= list such as 'address,undefined'")
+        # -O1 and frame pointers: reports with exact lines; no recovery, so the first finding stops the process.
+        # The CPU kernels only: nvcc has no such sanitizers (compute-sanitizer checks the CUDA kernels).
+        sanitizer_flags = [f"-fsanitize={sanitize}", "-fno-sanitize-recover=all", "-fno-omit-frame-pointer", "-g"]
+        cxx_flags = [f for f in cxx_flags if f != "-O3"] + ["-O1"] + sanitizer_flags
+        link_flags += sanitizer_flags
     include_dirs = [os.path.join(ROOT, "csrc")]
     cuda_version, arch_list = None, None
     if with_cuda:
@@ -172,7 +185,7 @@ def _extensions():
     print(f"fasterrcnn_ext: building with CUDA={with_cuda} (arch list {arch_list}, nvcc {cuda_version}), "
           f"torch {torch.__version__}", flush=True)
     return [ext_cls("fasterrcnn_ext._C", sources, include_dirs=include_dirs, define_macros=define_macros,
-                    extra_compile_args=extra, extra_link_args=["-fopenmp"], py_limited_api=True)]
+                    extra_compile_args=extra, extra_link_args=link_flags, py_limited_api=True)]
 
 
 setup(

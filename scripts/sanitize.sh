@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# Runs the op and model tests against an AddressSanitizer + UndefinedBehaviorSanitizer build of the C++ kernels.
+#
+#   bash scripts/sanitize.sh                 # the default build: the AVX-512 code where this CPU has it, else AVX2
+#   ISA=avx2 bash scripts/sanitize.sh        # FRCNN_CPU_MAX_ISA=avx2: the AVX2 code, even on an AVX-512 CPU
+#   bash scripts/sanitize.sh tests/ops -k roi_pool     # other pytest arguments (default: tests/ops tests/models)
+#
+# The build lives in its own copy of the tree (build/sanitize-<isa>/, rebuilt incrementally), so the .venv's
+# editable install is untouched. libasan is preloaded into Python (the interpreter is not instrumented). The first
+# memory error or undefined behaviour stops the run with its report (exit status 1).
+#
+# Leaks: LeakSanitizer runs at exit and reports every block still allocated, most of them Python's and torch's own
+# (interned objects, caches freed by nobody at exit). Only leaks with a frame in our library count: the script
+# keeps those reports (build/sanitize-<isa>/leaks.txt has them all) and fails if there is one.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$(pwd)
+PY="$ROOT/.venv/bin/python"
+ISA=${ISA:-default}
+case "$ISA" in default) isa_env=() ;; avx2) isa_env=(FRCNN_CPU_MAX_ISA=avx2) ;;
+  *) echo "ISA must be 'default' or 'avx2', got '$ISA'" >&2; exit 2 ;; esac
+DIR="$ROOT/build/sanitize-$ISA"
+SRC="$DIR/src"
+mkdir -p "$SRC"
+
+# The working tree as git sees it (tracked and untracked-but-not-ignored files), mtimes kept: ninja rebuilds only
+# what changed since the last run.
+git ls-files -co --exclude-standard -z | tar --null -T - -cf - | tar -xf - -C "$SRC"
+
+echo "== building with FRCNN_SANITIZE=address,undefined ${isa_env[*]:-} in $SRC"
+(cd "$SRC" && env FORCE_CUDA=0 FRCNN_SANITIZE=address,undefined "${isa_env[@]}" MAX_JOBS="${MAX_JOBS:-$(nproc)}" \
+  "$PY" setup.py -q build_ext --inplace > "$DIR/build.log" 2>&1) || { tail -30 "$DIR/build.log"; exit 1; }
+
+LIBASAN=$(gcc -print-file-name=libasan.so)
+LIBUBSAN=$(gcc -print-file-name=libubsan.so)
+rm -f "$DIR"/lsan.*
+args=("$@")
+[ ${#args[@]} -gt 0 ] || args=(tests/ops tests/models)
+echo "== pytest ${args[*]} under ASan + UBSan (CPU only)"
+cd "$SRC"
+set +e
+env CUDA_VISIBLE_DEVICES="" LD_PRELOAD="$LIBASAN $LIBUBSAN" \
+  ASAN_OPTIONS="detect_leaks=1:halt_on_error=1:detect_stack_use_after_return=0:strict_init_order=1" \
+  LSAN_OPTIONS="exitcode=0:log_path=$DIR/lsan" \
+  UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1" \
+  PYTHONPATH="$SRC" "$PY" -m pytest -q -p no:cacheprovider -x "${args[@]}"
+status=$?
+set -e
+
+# Leak reports: keep the blocks (one per leak, up to a blank line) that have a frame in our library.
+cat "$DIR"/lsan.* > "$DIR/leaks.txt" 2>/dev/null || true
+ours=$(awk -v RS= '/_C\.abi3\.so|csrc\//' "$DIR/leaks.txt" | grep -c "leak of" || true)
+all=$(grep -c "leak of" "$DIR/leaks.txt" || true)
+echo "== leaks: $all reported at exit, $ours with a frame in fasterrcnn_ext's library"
+if [ "$ours" -gt 0 ]; then
+  awk -v RS= '/_C\.abi3\.so|csrc\//' "$DIR/leaks.txt" | head -80
+  status=1
+fi
+[ $status -eq 0 ] && echo "== sanitizers ($ISA build): clean" || echo "== sanitizers ($ISA build): FAILED" >&2
+exit $status
