@@ -82,6 +82,12 @@ if want memcheck; then
     > "$DIR/memcheck.log" 2>&1
   echo "memcheck exit code $? (0: clean)" | tee -a "$DIR/memcheck.log"
   tail -5 "$DIR/memcheck.log"
+  # The property-based cases (tests/ops/test_properties.py draw the device: CPU and CUDA), a short profile.
+  echo "== compute-sanitizer memcheck (property-based cases, HYPOTHESIS_PROFILE=short)"
+  HYPOTHESIS_PROFILE=short compute-sanitizer --tool memcheck --error-exitcode 9 $PY -m pytest -q -p no:cacheprovider \
+    tests/ops/test_properties.py -x > "$DIR/memcheck_properties.log" 2>&1
+  echo "memcheck (properties) exit code $? (0: clean)" | tee -a "$DIR/memcheck_properties.log"
+  tail -5 "$DIR/memcheck_properties.log"
 fi
 
 exit $status

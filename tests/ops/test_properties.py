@@ -13,8 +13,10 @@ import math
 import pytest
 import torch
 import torchvision
-from hypothesis import assume, given
-from hypothesis import strategies as st
+
+pytest.importorskip("hypothesis", reason="hypothesis is not installed (requirements-dev.txt)")
+from hypothesis import assume, given  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
 from torchvision.models.detection import _utils as tv_det_utils
 from torchvision.models.detection.anchor_utils import AnchorGenerator as TvAnchorGenerator
 from torchvision.models.detection.image_list import ImageList
