@@ -130,7 +130,7 @@ def _extensions():
     sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "ops", "*.cpp"))
                      + glob.glob(os.path.join("csrc", "ops", "common", "*.cpp"))
                      + glob.glob(os.path.join("csrc", "ops", "cpu", "*.cpp"))
-                     + glob.glob(os.path.join("csrc", "ops", "generic", "*.cpp"))
+                     + glob.glob(os.path.join("csrc", "ops", "composite", "*.cpp"))
                      + glob.glob(os.path.join("csrc", "ops", "autocast", "*.cpp"))
                      + glob.glob(os.path.join("csrc", "runtime", "*.cpp")))
     # -fopenmp: at::parallel_for is inline and uses `#pragma omp parallel` when torch's backend is OpenMP;

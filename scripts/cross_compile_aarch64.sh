@@ -32,7 +32,7 @@ FLAGS=(-std=c++20 -O2 -fPIC -fvisibility=hidden -fopenmp -ffp-contract=off -fno-
 
 OUT=$(mktemp -d)
 trap 'rm -rf "$OUT"' EXIT
-mapfile -t SOURCES < <(ls csrc/*.cpp csrc/ops/*.cpp csrc/ops/common/*.cpp csrc/ops/cpu/*.cpp csrc/ops/generic/*.cpp \
+mapfile -t SOURCES < <(ls csrc/*.cpp csrc/ops/*.cpp csrc/ops/common/*.cpp csrc/ops/cpu/*.cpp csrc/ops/composite/*.cpp \
                           csrc/ops/autocast/*.cpp csrc/runtime/*.cpp)
 echo "compiling ${#SOURCES[@]} CPU sources with $($CXX --version | head -1) ($JOBS at a time)"
 export CXX OUT

@@ -1,5 +1,5 @@
 // Schemas of the fused post-processing ops. Kernels: cpu/postprocess_kernel.cpp (fused, CPU) and
-// generic/postprocess.cpp (tensor ops, any device: the CUDA path).
+// composite/postprocess.cpp (tensor ops, any device: the CUDA path).
 #include <torch/library.h>
 
 TORCH_LIBRARY_FRAGMENT(fasterrcnn_ext, m) {
