@@ -209,7 +209,8 @@ class InferenceCopy:
             # Built under torch.inference_mode: such tensors keep no version counter, so an in-place weight update
             # could not be noticed. Run the module itself (correct, without the speed-ups).
             return module
-        key = (self._state_key(module), cpu_capabilities())
+        caps = cpu_capabilities()
+        key = (self._state_key(module), caps)
         cached = self._copies.get(dtype)
         if cached is not None and cached[0] == key:
             return cached[1]
@@ -219,11 +220,10 @@ class InferenceCopy:
         clone = clone.to(memory_format=torch.channels_last)
         if dtype is not None:
             clone = clone.to(dtype)
-            if (dtype == torch.bfloat16 and cpu_capabilities().fused_bfloat16_convolutions
+            if (dtype == torch.bfloat16 and caps.fused_bfloat16_convolutions
                     and all(p.device.type == "cpu" for p in clone.parameters())):
                 fuse_convolutions(clone)
-        elif cpu_capabilities().winograd and all(p.device.type == "cpu" and p.dtype == torch.float32
-                                                  for p in clone.parameters()):
+        elif caps.winograd and all(p.device.type == "cpu" and p.dtype == torch.float32 for p in clone.parameters()):
             use_winograd_convolutions(clone)
         self._copies[dtype] = (key, clone)
         return clone

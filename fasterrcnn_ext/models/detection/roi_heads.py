@@ -53,5 +53,5 @@ class RoIHeads(tv_roi_heads.RoIHeads):
         dtype = proposals[0].dtype  # boxes stay in float32 when the heads ran in half precision (autocast)
         boxes, scores, labels = ops.detection_postprocess(
             class_logits.to(dtype), box_regression.to(dtype), proposals, image_shapes, self.box_coder.weights,
-            self.score_thresh,            self.nms_thresh, self.detections_per_img)
+            self.score_thresh, self.nms_thresh, self.detections_per_img)
         return list(boxes), list(scores), list(labels)
