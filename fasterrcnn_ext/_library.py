@@ -39,10 +39,16 @@ class ExtensionNotBuiltError(RuntimeError):
     """Raised when an op is called but the compiled library could not be loaded."""
 
 
-def ops():
-    """torch.ops.fasterrcnn_ext, or a clear error if the compiled library is not usable."""
+def assert_loaded() -> None:
+    """A clear error if the compiled library is not usable (the op wrappers call it in eager mode, before
+    ``torch.ops.fasterrcnn_ext.<op>``, which would otherwise fail with "no such operator")."""
     if not LOADED:
         raise ExtensionNotBuiltError(f"fasterrcnn_ext: {LOAD_ERROR} {REBUILD_HINT}")
+
+
+def ops():
+    """torch.ops.fasterrcnn_ext, or a clear error if the compiled library is not usable."""
+    assert_loaded()
     return torch.ops.fasterrcnn_ext
 
 

@@ -1,4 +1,10 @@
-"""Argument helpers shared by the op wrappers."""
+"""Argument helpers shared by the op wrappers.
+
+Two kinds: the scriptable helpers (``rois_from_boxes``, ``flat_image_sizes``, ``per_image``), which TorchScript
+compiles into a scripted op or detector, and the eager checks (``check_*``, ``pair``), which the wrappers call under
+``if not torch.jit.is_scripting():`` to turn bad arguments into ValueErrors that say what was wrong (a scripted op
+gets the kernels' own TORCH_CHECK errors instead).
+"""
 
 from __future__ import annotations
 
@@ -17,16 +23,23 @@ def pair(size, name: str = "output_size") -> tuple[int, int]:
     raise ValueError(f"{name} must be an int or a pair of ints, got {size!r}")
 
 
-def flat_image_sizes(image_sizes, num_images: int, op: str, name: str = "image_sizes") -> list[int]:
-    """[h0, w0, h1, w1, ...] from one (height, width) pair per image; ValueError naming ``name`` if there is not
-    exactly one pair per image."""
+def check_image_sizes(image_sizes, num_images: int, op: str, name: str = "image_sizes") -> None:
+    """ValueError naming ``name`` unless there is exactly one (height, width) pair per image."""
     if not isinstance(image_sizes, (list, tuple)) or len(image_sizes) != num_images:
         got = f"{len(image_sizes)} entries" if isinstance(image_sizes, (list, tuple)) else type(image_sizes).__name__
         raise ValueError(f"{op}: {name} must hold one (height, width) per image, {num_images} images, got {got}")
     for i, hw in enumerate(image_sizes):
         if not isinstance(hw, (list, tuple, torch.Size)) or len(hw) != 2:
             raise ValueError(f"{op}: {name}[{i}] must be a (height, width) pair, got {hw!r}")
-    return [int(v) for hw in image_sizes for v in hw]
+
+
+def flat_image_sizes(image_sizes: list[tuple[int, int]]) -> list[int]:
+    """[h0, w0, h1, w1, ...] from one (height, width) pair per image."""
+    flat: list[int] = []
+    for hw in image_sizes:
+        flat.append(int(hw[0]))
+        flat.append(int(hw[1]))
+    return flat
 
 
 def check_boxes_fit_batch(boxes, batch_size: int, op: str) -> None:
@@ -36,17 +49,13 @@ def check_boxes_fit_batch(boxes, batch_size: int, op: str) -> None:
         raise ValueError(f"{op}: boxes has {len(boxes)} per-image tensors but the input holds {batch_size} images")
 
 
-def rois_from_boxes(boxes: Tensor | list[Tensor] | tuple[Tensor, ...]) -> Tensor:
-    """``Tensor[K, 5]`` rois (batch index, x1, y1, x2, y2) from either rois or a list of per-image ``Tensor[L, 4]``.
-
-    The batch-index column is built on the boxes' device from their sizes alone: no host-to-device copy, which from
-    pageable memory would wait for the device (a hidden sync in every CUDA call with a list of boxes).
-    """
+def check_boxes(boxes) -> None:
+    """ValueError unless ``boxes`` is a Tensor[K, 5] or a non-empty list of Tensor[L, 4]."""
     if isinstance(boxes, Tensor):
         if boxes.dim() != 2 or boxes.size(1) != 5:
             raise ValueError("boxes must be a Tensor[K, 5] of (batch index, x1, y1, x2, y2) or a list of Tensor[L, 4], "
                              f"got a tensor of shape {tuple(boxes.shape)}")
-        return boxes
+        return
     if not isinstance(boxes, (list, tuple)) or not all(isinstance(b, Tensor) for b in boxes):
         raise ValueError(f"boxes must be a Tensor[K, 5] or a list of Tensor[L, 4], got {type(boxes).__name__}")
     if len(boxes) == 0:
@@ -54,7 +63,24 @@ def rois_from_boxes(boxes: Tensor | list[Tensor] | tuple[Tensor, ...]) -> Tensor
     for i, b in enumerate(boxes):
         if b.dim() != 2 or b.size(1) != 4:
             raise ValueError(f"boxes[{i}] must be a Tensor[L, 4], got shape {tuple(b.shape)}")
-    concat = torch.cat(list(boxes), dim=0)
-    ids = torch.cat([torch.full((b.size(0), 1), i, dtype=concat.dtype, device=concat.device)
-                     for i, b in enumerate(boxes)])
-    return torch.cat([ids, concat], dim=1)
+
+
+def rois_from_boxes(boxes: Tensor | list[Tensor]) -> Tensor:
+    """``Tensor[K, 5]`` rois (batch index, x1, y1, x2, y2) from either rois or a list of per-image ``Tensor[L, 4]``.
+
+    The batch-index column is built on the boxes' device from their sizes alone: no host-to-device copy, which from
+    pageable memory would wait for the device (a hidden sync in every CUDA call with a list of boxes).
+    """
+    if not torch.jit.is_scripting():
+        check_boxes(boxes)
+    if isinstance(boxes, Tensor):
+        return boxes
+    concat = torch.cat(boxes, dim=0)
+    ids = [torch.full((b.size(0), 1), i, dtype=concat.dtype, device=concat.device) for i, b in enumerate(boxes)]
+    return torch.cat([torch.cat(ids, dim=0), concat], dim=1)
+
+
+def per_image(counts: Tensor, values: list[Tensor]) -> list[list[Tensor]]:
+    """Each of ``values`` split into one tensor per image, ``counts[i]`` rows for image i."""
+    sizes: list[int] = counts.tolist()  # the per-image sizes: one host read, after the outputs exist
+    return [list(v.split(sizes)) for v in values]

@@ -11,12 +11,13 @@ import torch
 import torchvision.ops as _torchvision_ops
 from torch import Tensor
 
-from .._library import ops as _ops
+from .._library import assert_loaded
 from ._registration import register_fake
 from .constants import BBOX_XFORM_CLIP
 
 
-def nms(boxes: Tensor, scores: Tensor, iou_threshold: float, *, max_keep: int = -1) -> Tensor:
+@torch.fx.wrap
+def nms(boxes: Tensor, scores: Tensor, iou_threshold: float, max_keep: int = -1) -> Tensor:
     """Non-maximum suppression: keeps the highest-scoring boxes, dropping those that overlap a kept box by more
     than ``iou_threshold`` (IoU).
 
@@ -25,8 +26,9 @@ def nms(boxes: Tensor, scores: Tensor, iou_threshold: float, *, max_keep: int = 
             computed in float32 (float64 for float64 input).
         scores (Tensor[N]): scores of the boxes, same dtype as ``boxes``.
         iou_threshold (float): boxes with IoU > iou_threshold with a kept box are discarded.
-        max_keep (int, keyword-only): stop after this many kept boxes; the result is then
+        max_keep (int): stop after this many kept boxes; the result is then
             ``nms(boxes, scores, iou_threshold)[:max_keep]``, computed with less work. -1 (default) keeps all.
+            Ours only (torchvision's nms has three arguments); TorchScript and ONNX export keep it.
 
     Returns:
         Tensor[K] (int64): indices of the kept boxes, sorted by decreasing score. The same indices in the same order
@@ -34,10 +36,13 @@ def nms(boxes: Tensor, scores: Tensor, iou_threshold: float, *, max_keep: int = 
         NaN scores rank below every number (so those boxes come last); a box with a NaN coordinate has NaN IoU with
         every box, so it neither suppresses nor is suppressed.
     """
-    return _ops().nms(boxes, scores, float(iou_threshold), max_keep=max_keep)
+    if not torch.jit.is_scripting():
+        assert_loaded()
+    return torch.ops.fasterrcnn_ext.nms(boxes, scores, float(iou_threshold), max_keep=int(max_keep))
 
 
-def batched_nms(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: float, *, max_keep: int = -1) -> Tensor:
+@torch.fx.wrap
+def batched_nms(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: float, max_keep: int = -1) -> Tensor:
     """Class-aware NMS in one op call: a box only suppresses boxes with the same ``idxs`` value.
 
     Unlike torchvision, there is no coordinate-offset trick (which loses precision on large coordinates): the
@@ -48,15 +53,17 @@ def batched_nms(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: floa
         scores (Tensor[N]): scores, same dtype as ``boxes``.
         idxs (Tensor[N]): integer category of each box.
         iou_threshold (float): boxes with IoU > iou_threshold with a kept box of the same category are discarded.
-        max_keep (int, keyword-only): keep at most this many (the highest-scoring); -1 keeps all.
+        max_keep (int): keep at most this many (the highest-scoring); -1 keeps all. Ours only.
 
     Returns:
         Tensor[K] (int64): indices of the kept boxes, sorted by decreasing score (ties: lower index first; NaN
         scores last). Empty ``boxes`` give an empty result whatever the other arguments are, as in torchvision.
     """
-    if isinstance(boxes, Tensor) and boxes.numel() == 0:
+    if boxes.numel() == 0:
         return torch.empty((0,), dtype=torch.int64, device=boxes.device)
-    return _ops().batched_nms(boxes, scores, idxs, float(iou_threshold), max_keep=max_keep)
+    if not torch.jit.is_scripting():
+        assert_loaded()
+    return torch.ops.fasterrcnn_ext.batched_nms(boxes, scores, idxs, float(iou_threshold), max_keep=int(max_keep))
 
 
 def batched_nms_keep_mask(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: float) -> Tensor:
@@ -65,7 +72,9 @@ def batched_nms_keep_mask(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_thres
     Its size is known in advance, so on CUDA nothing waits for the device (batched_nms must, to size its output):
     chain it with other tensor ops and select once at the end.
     """
-    return _ops().batched_nms_keep_mask(boxes, scores, idxs, float(iou_threshold))
+    if not torch.jit.is_scripting():
+        assert_loaded()
+    return torch.ops.fasterrcnn_ext.batched_nms_keep_mask(boxes, scores, idxs, float(iou_threshold))
 
 
 def _nms_fake_result(boxes: Tensor, max_keep: int) -> Tensor:
@@ -119,7 +128,9 @@ def box_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
     """
     if not (boxes1.is_floating_point() and boxes2.is_floating_point()):
         return _torchvision_ops.box_iou(boxes1, boxes2)
-    return _ops().box_iou(boxes1, boxes2)
+    if not torch.jit.is_scripting():
+        assert_loaded()
+    return torch.ops.fasterrcnn_ext.box_iou(boxes1, boxes2)
 
 
 def clip_boxes_to_image(boxes: Tensor, size: tuple[int, int]) -> Tensor:
@@ -127,8 +138,9 @@ def clip_boxes_to_image(boxes: Tensor, size: tuple[int, int]) -> Tensor:
     NaN coordinates stay NaN, as with torch.clamp. Integer boxes stay integers (computed by torchvision)."""
     if not boxes.is_floating_point():
         return _torchvision_ops.clip_boxes_to_image(boxes, size)
-    height, width = size
-    return _ops().clip_boxes_to_image(boxes, int(height), int(width))
+    if not torch.jit.is_scripting():
+        assert_loaded()
+    return torch.ops.fasterrcnn_ext.clip_boxes_to_image(boxes, int(size[0]), int(size[1]))
 
 
 def remove_small_boxes(boxes: Tensor, min_size: float) -> Tensor:
@@ -136,16 +148,26 @@ def remove_small_boxes(boxes: Tensor, min_size: float) -> Tensor:
     Boxes with NaN sides are removed. Integer boxes are compared by torchvision."""
     if not boxes.is_floating_point():
         return _torchvision_ops.remove_small_boxes(boxes, min_size)
-    return _ops().remove_small_boxes(boxes, float(min_size))
+    if not torch.jit.is_scripting():
+        assert_loaded()
+    return torch.ops.fasterrcnn_ext.remove_small_boxes(boxes, float(min_size))
 
 
-def encode_boxes(reference_boxes: Tensor, proposals: Tensor, weights) -> Tensor:
+def _four_floats(weights: tuple[float, float, float, float]) -> list[float]:
+    if not torch.jit.is_scripting():
+        assert_loaded()
+        return [float(w) for w in weights]  # any length: the kernel's check names a wrong one
+    return [float(weights[0]), float(weights[1]), float(weights[2]), float(weights[3])]
+
+
+def encode_boxes(reference_boxes: Tensor, proposals: Tensor, weights: tuple[float, float, float, float]) -> Tensor:
     """Regression targets (Tensor[N, 4]: dx, dy, dw, dh) that take ``proposals`` to ``reference_boxes`` (both
     Tensor[N, 4]); torchvision's BoxCoder.encode_single with ``weights`` (wx, wy, ww, wh)."""
-    return _ops().encode_boxes(reference_boxes, proposals, [float(w) for w in weights])
+    return torch.ops.fasterrcnn_ext.encode_boxes(reference_boxes, proposals, _four_floats(weights))
 
 
-def decode_boxes(rel_codes: Tensor, boxes: Tensor, weights, bbox_xform_clip: float = BBOX_XFORM_CLIP) -> Tensor:
+def decode_boxes(rel_codes: Tensor, boxes: Tensor, weights: tuple[float, float, float, float],
+                 bbox_xform_clip: float = BBOX_XFORM_CLIP) -> Tensor:
     """Applies regression deltas to boxes; torchvision's BoxCoder.decode_single.
 
     Args:
@@ -157,7 +179,7 @@ def decode_boxes(rel_codes: Tensor, boxes: Tensor, weights, bbox_xform_clip: flo
     Returns:
         Tensor[N, 4 * C]: decoded boxes, in (x1, y1, x2, y2) format.
     """
-    return _ops().decode_boxes(rel_codes, boxes, [float(w) for w in weights], float(bbox_xform_clip))
+    return torch.ops.fasterrcnn_ext.decode_boxes(rel_codes, boxes, _four_floats(weights), float(bbox_xform_clip))
 
 
 @register_fake("fasterrcnn_ext::box_iou")

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .._library import ops as _ops
+from .._library import assert_loaded
 from ._registration import register_fake
 
 # Winograd's F(4x4, 3x3) filter transform G (Lavin and Gray, 2016; interpolation points 0, +-1, +-2 and infinity):
@@ -48,7 +48,9 @@ def conv3x3_winograd(input: Tensor, transformed_weight: Tensor, bias: Tensor | N
     Returns:
         Tensor[N, K, H, W] in channels_last memory format.
     """
-    return _ops().conv3x3_winograd(input, transformed_weight, bias, relu)
+    if not torch.jit.is_scripting():
+        assert_loaded()
+    return torch.ops.fasterrcnn_ext.conv3x3_winograd(input, transformed_weight, bias, relu)
 
 
 @register_fake("fasterrcnn_ext::conv3x3_winograd")

@@ -11,17 +11,19 @@ import warnings
 import torch
 import torchvision
 from torch import Tensor
+from torch.jit.annotations import BroadcastingList2
 from torchvision.ops.poolers import initLevelMapper
 
-from .._library import ops as _ops
+from .._library import assert_loaded
 from ._registration import register_autograd, register_fake
 from ._utils import check_boxes_fit_batch, pair, rois_from_boxes
 from .constants import CANONICAL_LEVEL, CANONICAL_SCALE
 from .roi_align import roi_align
 
 
-def multi_scale_roi_align(features: list[Tensor], boxes: Tensor | list[Tensor], output_size, scales: list[float],
-                          sampling_ratio: int = -1, aligned: bool = False,
+@torch.fx.wrap
+def multi_scale_roi_align(features: list[Tensor], boxes: Tensor | list[Tensor], output_size: BroadcastingList2[int],
+                          scales: list[float], sampling_ratio: int = -1, aligned: bool = False,
                           canonical_scale: float = CANONICAL_SCALE, canonical_level: float = CANONICAL_LEVEL) -> Tensor:
     """RoIAlign of every RoI from its FPN level, in one op (no Python loop over levels, no host sync).
 
@@ -37,20 +39,76 @@ def multi_scale_roi_align(features: list[Tensor], boxes: Tensor | list[Tensor], 
     Returns:
         Tensor[K, C, PH, PW].
     """
-    ph, pw = pair(output_size)
-    if features:
-        check_boxes_fit_batch(boxes, features[0].size(0) if features[0].dim() == 4 else len(boxes),
-                              "multi_scale_roi_align")
+    if not torch.jit.is_scripting():
+        assert_loaded()
+        output_size = pair(output_size)
+        features = list(features)
+        scales = [float(s) for s in scales]
+        if features:
+            check_boxes_fit_batch(boxes, features[0].size(0) if features[0].dim() == 4 else len(boxes),
+                                  "multi_scale_roi_align")
     rois = rois_from_boxes(boxes)
-    return _ops().multi_scale_roi_align(list(features), rois, [float(s) for s in scales], ph, pw,
-                                        int(sampling_ratio), bool(aligned), float(canonical_scale),
-                                        float(canonical_level))
+    return torch.ops.fasterrcnn_ext.multi_scale_roi_align(features, rois, scales, output_size[0], output_size[1],
+                                                          int(sampling_ratio), bool(aligned), float(canonical_scale),
+                                                          float(canonical_level))
 
 
-def infer_scale(feature: Tensor, original_size: tuple[int, int]) -> float:
+def _log2(x: float) -> float:
+    return math.log(x) / math.log(2.0)  # TorchScript has no math.log2
+
+
+def infer_scale(feature: Tensor, original_size: list[int]) -> float:
     """The power-of-2 spatial scale of a feature map for an image of ``original_size`` (torchvision's rule)."""
-    approx = feature.shape[-2] / original_size[0]
-    return 2.0 ** round(math.log2(approx))
+    approx = float(feature.shape[-2]) / float(original_size[0])
+    return 2.0 ** float(round(_log2(approx)))
+
+
+@torch.fx.wrap
+def _filter_input(x: dict[str, Tensor], featmap_names: list[str]) -> list[Tensor]:
+    features: list[Tensor] = []
+    for name in featmap_names:
+        if name in x:
+            features.append(x[name])
+    if not torch.jit.is_scripting() and not features:
+        raise ValueError(f"MultiScaleRoIAlign: none of the feature maps {featmap_names} is in the input "
+                         f"(got {list(x)})")
+    return features
+
+
+@torch.fx.wrap
+def _infer_scales(features: list[Tensor], image_shapes: list[tuple[int, int]]) -> list[float]:
+    """The scale of each feature map, from the largest image of the batch (as torchvision's MultiScaleRoIAlign)."""
+    max_height = 0
+    max_width = 0
+    for shape in image_shapes:
+        max_height = max(max_height, shape[0])
+        max_width = max(max_width, shape[1])
+    return [infer_scale(f, [max_height, max_width]) for f in features]
+
+
+def _check_pool_arguments(features: list[Tensor], boxes: list[Tensor], image_shapes: list[tuple[int, int]]) -> None:
+    if isinstance(boxes, (list, tuple)) and len(image_shapes) != len(boxes):
+        raise ValueError(f"MultiScaleRoIAlign: image_shapes has {len(image_shapes)} entries but boxes has "
+                         f"{len(boxes)} per-image tensors: give one (height, width) per image")
+    check_boxes_fit_batch(boxes, features[0].size(0) if features[0].dim() == 4 else len(boxes), "MultiScaleRoIAlign")
+
+
+@torch.fx.wrap
+def _multi_scale_pool(features: list[Tensor], boxes: list[Tensor], image_shapes: list[tuple[int, int]],
+                      output_size: list[int], sampling_ratio: int, scales: list[float], canonical_scale: int,
+                      canonical_level: int) -> Tensor:
+    """MultiScaleRoIAlign's pooling once the scales are known: one RoIAlign for one map, the fused op for maps of
+    consecutive levels, torchvision's per-level loop for maps that skip a level."""
+    if not torch.jit.is_scripting():
+        _check_pool_arguments(features, boxes, image_shapes)
+    rois = rois_from_boxes(boxes)
+    if len(features) == 1:
+        return roi_align(features[0], rois, output_size, scales[0], sampling_ratio)
+    if not _levels_fit_the_maps(scales):
+        return _pool_non_adjacent_levels(features, rois, output_size, sampling_ratio, scales, canonical_scale,
+                                         canonical_level)
+    return multi_scale_roi_align(features, rois, output_size, scales, sampling_ratio, False, float(canonical_scale),
+                                 float(canonical_level))
 
 
 class MultiScaleRoIAlign(torchvision.ops.MultiScaleRoIAlign):
@@ -64,10 +122,10 @@ class MultiScaleRoIAlign(torchvision.ops.MultiScaleRoIAlign):
         canonical_level (int): k0 of the FPN level rule (4: a 224x224 RoI comes from P4).
 
     As in torchvision, the scales are inferred from the first batch's shapes and then kept. A subclass of
-    torchvision's, so torchvision's detection models accept it.
+    torchvision's, so torchvision's detection models accept it; it scripts (torch.jit.script) and is an FX leaf.
     """
 
-    def __init__(self, featmap_names: list[str], output_size, sampling_ratio: int, *,
+    def __init__(self, featmap_names: list[str], output_size: BroadcastingList2[int], sampling_ratio: int, *,
                  canonical_scale: int = CANONICAL_SCALE, canonical_level: int = CANONICAL_LEVEL):
         super().__init__(list(featmap_names), pair(output_size), sampling_ratio, canonical_scale=canonical_scale,
                          canonical_level=canonical_level)
@@ -78,58 +136,57 @@ class MultiScaleRoIAlign(torchvision.ops.MultiScaleRoIAlign):
         ``image_shapes`` are the (H, W) of the images after resizing (as in torchvision's ImageList).
         Returns Tensor[sum L_i, C, PH, PW].
         """
-        features = [x[name] for name in self.featmap_names if name in x]
-        if not features:
-            raise ValueError(f"MultiScaleRoIAlign: none of the feature maps {self.featmap_names} is in the input "
-                             f"(got {list(x)})")
-        if isinstance(boxes, (list, tuple)) and len(image_shapes) != len(boxes):
-            raise ValueError(f"MultiScaleRoIAlign: image_shapes has {len(image_shapes)} entries but boxes has "
-                             f"{len(boxes)} per-image tensors: give one (height, width) per image")
-        check_boxes_fit_batch(boxes, features[0].size(0) if features[0].dim() == 4 else len(boxes),
-                              "MultiScaleRoIAlign")
-        if self.scales is None:
-            original = (max(s[0] for s in image_shapes), max(s[1] for s in image_shapes))
-            self.scales = [infer_scale(f, original) for f in features]
-        rois = rois_from_boxes(boxes)
-        if len(features) == 1:
-            return roi_align(features[0], rois, self.output_size, self.scales[0], self.sampling_ratio)
-        if not _levels_fit_the_maps(self.scales):
-            return self._pool_non_adjacent_levels(features, boxes, rois)
-        return multi_scale_roi_align(features, rois, self.output_size, self.scales, self.sampling_ratio, False,
-                                     self.canonical_scale, self.canonical_level)
-
-    def _pool_non_adjacent_levels(self, features: list[Tensor], boxes: list[Tensor], rois: Tensor) -> Tensor:
-        """torchvision's result for feature maps that skip a level (e.g. strides 8 and 32): a RoI whose FPN level is
-        the i-th from the finest given pools from the i-th map given, and one whose level is past the number of maps
-        pools to zeros. A Python loop over the levels, as torchvision's: the fused op needs every level."""
-        if not self._warned_non_adjacent:
-            self._warned_non_adjacent = True
-            warnings.warn(f"MultiScaleRoIAlign: the feature maps at scales {self.scales} skip a pyramid level; as in "
-                          "torchvision, RoIs are pooled from the map at their level's position among the maps given, "
-                          "and RoIs of a level past the last map pool to zeros", UserWarning, stacklevel=3)
-        k_min = int(round(-math.log2(self.scales[0])))
-        k_max = int(round(-math.log2(self.scales[-1])))
-        mapper = initLevelMapper(k_min, k_max, canonical_scale=self.canonical_scale,
-                                 canonical_level=self.canonical_level)
-        levels = mapper(boxes if isinstance(boxes, (list, tuple)) else [rois[:, 1:]])
-        result = features[0].new_zeros((rois.size(0), features[0].size(1), *self.output_size))
-        for level, (feature, scale) in enumerate(zip(features, self.scales)):
-            index = torch.where(levels == level)[0]
-            result[index] = roi_align(feature, rois[index], self.output_size, scale, self.sampling_ratio)
-        return result
-
-    _warned_non_adjacent = False
+        features = _filter_input(x, self.featmap_names)
+        scales = self.scales
+        if scales is None:
+            scales = _infer_scales(features, image_shapes)
+            if torch.jit.is_scripting():
+                self.scales = scales
+            elif not isinstance(scales, torch.fx.Proxy):  # an FX trace leaves the module as it was
+                self.scales = scales
+        return _multi_scale_pool(features, boxes, image_shapes, [self.output_size[0], self.output_size[1]],
+                                 self.sampling_ratio, scales, self.canonical_scale, self.canonical_level)
 
     def __repr__(self) -> str:
         return (f"{self.__class__.__name__}(featmap_names={self.featmap_names}, output_size={self.output_size}, "
                 f"sampling_ratio={self.sampling_ratio})")
 
 
+_warned_non_adjacent = [False]  # a list, not a bool global: TorchScript compiles none of this (eager only)
+
+
+def _warn_non_adjacent_once(scales: list[float]) -> None:
+    if not _warned_non_adjacent[0]:
+        _warned_non_adjacent[0] = True
+        warnings.warn(f"MultiScaleRoIAlign: the feature maps at scales {scales} skip a pyramid level; as in "
+                      "torchvision, RoIs are pooled from the map at their level's position among the maps given, "
+                      "and RoIs of a level past the last map pool to zeros", UserWarning, stacklevel=4)
+
+
+def _pool_non_adjacent_levels(features: list[Tensor], rois: Tensor, output_size: list[int], sampling_ratio: int,
+                              scales: list[float], canonical_scale: int, canonical_level: int) -> Tensor:
+    """torchvision's result for feature maps that skip a level (e.g. strides 8 and 32): a RoI whose FPN level is
+    the i-th from the finest given pools from the i-th map given, and one whose level is past the number of maps
+    pools to zeros. A loop over the levels, as torchvision's: the fused op needs every level."""
+    if not torch.jit.is_scripting():
+        _warn_non_adjacent_once(scales)
+    k_min = int(round(-_log2(scales[0])))
+    k_max = int(round(-_log2(scales[-1])))
+    mapper = initLevelMapper(k_min, k_max, canonical_scale=canonical_scale, canonical_level=canonical_level)
+    levels = mapper([rois[:, 1:]])
+    result = features[0].new_zeros((rois.size(0), features[0].size(1), output_size[0], output_size[1]))
+    for level, feature in enumerate(features):
+        index = torch.where(levels == level)[0]
+        result[index] = roi_align(feature, rois[index], output_size, scales[level], sampling_ratio)
+    return result
+
+
 def _levels_fit_the_maps(scales: list[float]) -> bool:
     """Whether every FPN level from the first map's to the last map's has a map at its position (level k pools from
     maps[k - k_min], as in torchvision), which the fused op needs: true for one map per level, and for maps that share
     a scale (MobileNetV3's two stride-32 maps: every RoI pools from the first)."""
-    k_min, k_max = -math.log2(scales[0]), -math.log2(scales[-1])
+    k_min = round(-_log2(scales[0]))
+    k_max = round(-_log2(scales[-1]))
     return k_min <= k_max and k_max - k_min < len(scales)
 
 

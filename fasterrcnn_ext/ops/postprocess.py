@@ -8,14 +8,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .._library import ops as _ops
+from .._library import assert_loaded
 from ._registration import register_fake
-from ._utils import flat_image_sizes
-
-
-def _split(counts: Tensor, *tensors: Tensor) -> list[list[Tensor]]:
-    sizes = counts.tolist()  # the per-image sizes: the one host read, after the outputs exist
-    return [list(t.split(sizes)) for t in tensors]
+from ._utils import check_image_sizes, flat_image_sizes, per_image
 
 
 def rpn_proposals(objectness: Tensor, deltas: Tensor, anchors: Tensor, num_anchors_per_level: list[int],
@@ -38,17 +33,21 @@ def rpn_proposals(objectness: Tensor, deltas: Tensor, anchors: Tensor, num_ancho
         (boxes, scores): one Tensor[P_i, 4] and one Tensor[P_i] per image, by decreasing score. Candidates with NaN
         logits or deltas are dropped (a NaN logit also never takes a top-k slot from a number).
     """
-    sizes = flat_image_sizes(image_sizes, objectness.size(0) if objectness.dim() == 2 else len(image_sizes),
-                             "rpn_proposals")
-    boxes, scores, counts = _ops().rpn_proposals(
-        objectness, deltas, anchors, [int(n) for n in num_anchors_per_level], sizes, int(pre_nms_top_n),
-        int(post_nms_top_n), float(nms_thresh),
-        float(score_thresh), float(min_size))
-    return tuple(_split(counts, boxes, scores))
+    if not torch.jit.is_scripting():
+        assert_loaded()
+        check_image_sizes(image_sizes, objectness.size(0) if objectness.dim() == 2 else len(image_sizes),
+                          "rpn_proposals")
+        num_anchors_per_level = [int(n) for n in num_anchors_per_level]
+    boxes, scores, counts = torch.ops.fasterrcnn_ext.rpn_proposals(
+        objectness, deltas, anchors, num_anchors_per_level, flat_image_sizes(image_sizes), int(pre_nms_top_n),
+        int(post_nms_top_n), float(nms_thresh), float(score_thresh), float(min_size))
+    split = per_image(counts, [boxes, scores])
+    return split[0], split[1]
 
 
 def detection_postprocess(class_logits: Tensor, box_regression: Tensor, proposals: list[Tensor],
-                          image_sizes: list[tuple[int, int]], weights=(10.0, 10.0, 5.0, 5.0),
+                          image_sizes: list[tuple[int, int]],
+                          weights: list[float] = (10.0, 10.0, 5.0, 5.0),  # noqa: B006 (a tuple: immutable)
                           score_thresh: float = 0.05,
                           nms_thresh: float = 0.5, detections_per_img: int = 100, min_size: float = 1e-2
                           ) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
@@ -66,13 +65,17 @@ def detection_postprocess(class_logits: Tensor, box_regression: Tensor, proposal
         (boxes, scores, labels): per image, Tensor[D_i, 4], Tensor[D_i], Tensor[D_i] (int64), by decreasing score.
         Rows with NaN logits or deltas are dropped.
     """
+    if not torch.jit.is_scripting():
+        assert_loaded()
+        check_image_sizes(image_sizes, len(proposals), "detection_postprocess")
+        weights = [float(w) for w in weights]  # any length: the kernel's check names a wrong one
     boxes_per_image = [int(p.size(0)) for p in proposals]
-    sizes = flat_image_sizes(image_sizes, len(proposals), "detection_postprocess")
-    boxes, scores, labels, counts = _ops().detection_postprocess(
-        class_logits, box_regression, torch.cat(proposals), boxes_per_image, sizes, [float(w) for w in weights],
-        float(score_thresh),
+    boxes, scores, labels, counts = torch.ops.fasterrcnn_ext.detection_postprocess(
+        class_logits, box_regression, torch.cat(proposals), boxes_per_image, flat_image_sizes(image_sizes),
+        weights, float(score_thresh),
         float(nms_thresh), int(detections_per_img), float(min_size))
-    return tuple(_split(counts, boxes, scores, labels))
+    split = per_image(counts, [boxes, scores, labels])
+    return split[0], split[1], split[2]
 
 
 def _rpn_fake(objectness, deltas, anchors, num_anchors_per_level, image_sizes, pre_nms_top_n, post_nms_top_n,

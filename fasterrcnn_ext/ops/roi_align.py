@@ -7,14 +7,16 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
+from torch.jit.annotations import BroadcastingList2
 
-from .._library import ops as _ops
+from .._library import assert_loaded
 from ._registration import register_autograd, register_fake
 from ._utils import check_boxes_fit_batch, pair, rois_from_boxes
 
 
-def roi_align(input: Tensor, boxes: Tensor | list[Tensor], output_size, spatial_scale: float = 1.0,
-              sampling_ratio: int = -1, aligned: bool = False) -> Tensor:
+@torch.fx.wrap
+def roi_align(input: Tensor, boxes: Tensor | list[Tensor], output_size: BroadcastingList2[int],
+              spatial_scale: float = 1.0, sampling_ratio: int = -1, aligned: bool = False) -> Tensor:
     """Pools each RoI to a fixed ``output_size`` by bilinear sampling (RoIAlign, Mask R-CNN).
 
     Args:
@@ -35,16 +37,20 @@ def roi_align(input: Tensor, boxes: Tensor | list[Tensor], output_size, spatial_
         RuntimeError: a batch index outside [0, N), a wrong shape, a non-positive output size or spatial_scale, a
             dtype mismatch, integer input.
     """
-    ph, pw = pair(output_size)
-    check_boxes_fit_batch(boxes, input.size(0) if input.dim() == 4 else len(boxes), "roi_align")
+    if not torch.jit.is_scripting():
+        assert_loaded()
+        output_size = pair(output_size)
+        check_boxes_fit_batch(boxes, input.size(0) if input.dim() == 4 else len(boxes), "roi_align")
     rois = rois_from_boxes(boxes)
-    return _ops().roi_align(input, rois, float(spatial_scale), ph, pw, int(sampling_ratio), bool(aligned))
+    return torch.ops.fasterrcnn_ext.roi_align(input, rois, float(spatial_scale), output_size[0], output_size[1],
+                                              int(sampling_ratio), bool(aligned))
 
 
 class RoIAlign(nn.Module):
     """Module form of :func:`roi_align` (torchvision.ops.RoIAlign)."""
 
-    def __init__(self, output_size, spatial_scale: float, sampling_ratio: int, aligned: bool = False):
+    def __init__(self, output_size: BroadcastingList2[int], spatial_scale: float, sampling_ratio: int,
+                 aligned: bool = False):
         super().__init__()
         self.output_size = output_size
         self.spatial_scale = spatial_scale

@@ -7,13 +7,16 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
+from torch.jit.annotations import BroadcastingList2
 
-from .._library import ops as _ops
+from .._library import assert_loaded
 from ._registration import register_autograd, register_fake
 from ._utils import check_boxes_fit_batch, pair, rois_from_boxes
 
 
-def roi_pool(input: Tensor, boxes: Tensor | list[Tensor], output_size, spatial_scale: float = 1.0) -> Tensor:
+@torch.fx.wrap
+def roi_pool(input: Tensor, boxes: Tensor | list[Tensor], output_size: BroadcastingList2[int],
+             spatial_scale: float = 1.0) -> Tensor:
     """Max-pools each RoI into a fixed ``output_size`` grid of bins (RoIPool, Fast R-CNN).
 
     Args:
@@ -25,20 +28,24 @@ def roi_pool(input: Tensor, boxes: Tensor | list[Tensor], output_size, spatial_s
     Returns:
         Tensor[K, C, PH, PW]: exactly torchvision.ops.roi_pool's values. Empty bins are 0.
     """
-    ph, pw = pair(output_size)
-    check_boxes_fit_batch(boxes, input.size(0) if input.dim() == 4 else len(boxes), "roi_pool")
+    if not torch.jit.is_scripting():
+        assert_loaded()
+        output_size = pair(output_size)
+        check_boxes_fit_batch(boxes, input.size(0) if input.dim() == 4 else len(boxes), "roi_pool")
     rois = rois_from_boxes(boxes)
     if torch.is_grad_enabled() and input.requires_grad:
-        output, _ = _ops().roi_pool(input, rois, float(spatial_scale), ph, pw)
+        output, _ = torch.ops.fasterrcnn_ext.roi_pool(input, rois, float(spatial_scale), output_size[0],
+                                                      output_size[1])
         return output
     # No gradient wanted (inference): the op that does not write the argmax, only the backward's input.
-    return _ops()._roi_pool_values(input, rois, float(spatial_scale), ph, pw)
+    return torch.ops.fasterrcnn_ext._roi_pool_values(input, rois, float(spatial_scale), output_size[0],
+                                                     output_size[1])
 
 
 class RoIPool(nn.Module):
     """Module form of :func:`roi_pool` (torchvision.ops.RoIPool)."""
 
-    def __init__(self, output_size, spatial_scale: float):
+    def __init__(self, output_size: BroadcastingList2[int], spatial_scale: float):
         super().__init__()
         self.output_size = output_size
         self.spatial_scale = spatial_scale

@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from torchvision.models.detection import anchor_utils as tv_anchor_utils
 from torchvision.models.detection.image_list import ImageList
 
-from ..._library import ops as _ops
+from ..._library import assert_loaded
 
 
 class AnchorGenerator(tv_anchor_utils.AnchorGenerator):
@@ -61,12 +61,21 @@ class AnchorGenerator(tv_anchor_utils.AnchorGenerator):
 
     def all_anchors(self, grid_sizes: list[tuple[int, int]], strides: list[tuple[int, int]]) -> Tensor:
         """The anchors of every level in one Tensor[sum_l H_l * W_l * A_l, 4] (level, row, column, anchor order)."""
-        if len(grid_sizes) != len(self.cell_anchors):
-            raise ValueError(f"AnchorGenerator: got {len(grid_sizes)} feature maps but anchors for "
+        if not torch.jit.is_scripting():
+            self._check_levels(len(grid_sizes))
+            assert_loaded()
+        flat_sizes: list[int] = []
+        flat_strides: list[int] = []
+        for g, s in zip(grid_sizes, strides):
+            flat_sizes += [int(g[0]), int(g[1])]
+            flat_strides += [int(s[0]), int(s[1])]
+        return torch.ops.fasterrcnn_ext.anchor_grid(self.cell_anchors, flat_sizes, flat_strides)
+
+    @torch.jit.unused
+    def _check_levels(self, num_maps: int) -> None:
+        if num_maps != len(self.cell_anchors):
+            raise ValueError(f"AnchorGenerator: got {num_maps} feature maps but anchors for "
                              f"{len(self.cell_anchors)} levels (sizes={self.sizes})")
-        flat_sizes = [int(v) for g in grid_sizes for v in g]
-        flat_strides = [int(v) for s in strides for v in s]
-        return _ops().anchor_grid(self.cell_anchors, flat_sizes, flat_strides)
 
     def grid_anchors(self, grid_sizes: list[tuple[int, int]], strides: list[tuple[int, int]]) -> list[Tensor]:
         """torchvision's per-level list of anchors."""
@@ -78,7 +87,7 @@ class AnchorGenerator(tv_anchor_utils.AnchorGenerator):
         """One Tensor[sum_l H_l * W_l * A_l, 4] per image (all images of a batch share one padded size, so the
         same tensor is returned for each: treat it as read-only). Anchors take the features' dtype, except that
         half-precision features get float32 anchors (fp32 box coordinates)."""
-        grid_sizes = [tuple(f.shape[-2:]) for f in feature_maps]
+        grid_sizes = [(f.shape[-2], f.shape[-1]) for f in feature_maps]
         image_size = image_list.tensors.shape[-2:]
         strides = [(image_size[0] // g[0], image_size[1] // g[1]) for g in grid_sizes]
         dtype = feature_maps[0].dtype

@@ -18,12 +18,14 @@ from collections import OrderedDict
 import torch
 import torchvision
 from torch import Tensor, nn
+from torch.jit.annotations import BroadcastingList2
 from torchvision.models.detection import faster_rcnn as tv_faster_rcnn
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 
 from ... import memory, ops
 from ...capabilities import cpu_capabilities
 from ...files import is_checkpoint_path, load_checkpoint_state_dict
+from ...ops._utils import pair
 from ._inference import InferenceCopy
 from ._utils import rebind
 from .anchor_utils import AnchorGenerator
@@ -134,10 +136,43 @@ class FasterRCNN(tv_faster_rcnn.FasterRCNN):
         return ours
 
     def forward(self, images: list[Tensor], targets: list[dict[str, Tensor]] | None = None):
+        if not torch.jit.is_scripting():
+            return self._eager_forward(images, targets)
+        return self._scripted_forward(images, targets)
+
+    @torch.jit.unused
+    def _eager_forward(self, images: list[Tensor], targets: list[dict[str, Tensor]] | None):
         _check_inputs(images, targets, self.training)
-        if self.training or torch.is_grad_enabled() or not self.fast_inference:
+        if (self.training or torch.is_grad_enabled() or not self.fast_inference or torch.jit.is_tracing()
+                or torch.onnx.is_in_onnx_export()):
             return super().forward(images, targets)
         return self._inference_forward(images)
+
+    def _scripted_forward(self, images: list[Tensor], targets: list[dict[str, Tensor]] | None
+                          ) -> tuple[dict[str, Tensor], list[dict[str, Tensor]]]:
+        """torchvision's GeneralizedRCNN.forward as TorchScript compiles it (TorchScript cannot call the base class's
+        method): it returns the (losses, detections) tuple that torchvision's scripted detector returns."""
+        if self.training:
+            if targets is None:
+                raise ValueError("targets are required in training mode: one dict with 'boxes' and 'labels' per "
+                                 "image")
+        original_image_sizes: list[tuple[int, int]] = []
+        for img in images:
+            original_image_sizes.append((img.shape[-2], img.shape[-1]))
+        image_list, targets = self.transform(images, targets)
+        features = self.backbone(image_list.tensors)
+        if isinstance(features, Tensor):
+            features = OrderedDict([("0", features)])
+        proposals, proposal_losses = self.rpn(image_list, features, targets)
+        detections, detector_losses = self.roi_heads(features, proposals, image_list.image_sizes, targets)
+        detections = self.transform.postprocess(detections, image_list.image_sizes, original_image_sizes)
+        losses: dict[str, Tensor] = {}
+        losses.update(detector_losses)
+        losses.update(proposal_losses)
+        if not self._has_warned:
+            warnings.warn("RCNN always returns a (Losses, Detections) tuple in scripting", stacklevel=2)
+            self._has_warned = True
+        return losses, detections
 
     def _inference_forward(self, images: list[Tensor]) -> list[dict[str, Tensor]]:
         pool_cpu = (self.reuse_cpu_memory and all(image.device.type == "cpu" for image in images)
@@ -161,7 +196,7 @@ class FasterRCNN(tv_faster_rcnn.FasterRCNN):
             if isinstance(features, Tensor):
                 features = OrderedDict([("0", features)])
             rpn_head = self._rpn_head_for_inference.get(self.rpn.head, self.inference_dtype)
-            proposals, _ = self.rpn(image_list, features, head=rpn_head)
+            proposals, _ = self.rpn.forward_with_head(rpn_head, image_list, features)
             detections, _ = self.roi_heads(features, proposals, image_list.image_sizes)
         return self.transform.postprocess(detections, image_list.image_sizes, original_image_sizes)
 
@@ -237,13 +272,15 @@ class RoIPoolLevel(nn.Module):
         featmap_name (str): the key of the feature map in the backbone's output ("0" for a single tensor).
     """
 
-    def __init__(self, output_size=7, spatial_scale: float = 1.0 / VGG16_STRIDE, featmap_name: str = "0"):
+    def __init__(self, output_size: BroadcastingList2[int] = 7, spatial_scale: float = 1.0 / VGG16_STRIDE,
+                 featmap_name: str = "0"):
         super().__init__()
-        self.output_size = output_size
+        self.output_size = list(pair(output_size))
         self.spatial_scale = spatial_scale
         self.featmap_name = featmap_name
 
-    def forward(self, features: dict[str, Tensor], proposals: list[Tensor], image_shapes) -> Tensor:
+    def forward(self, features: dict[str, Tensor], proposals: list[Tensor],
+                image_shapes: list[tuple[int, int]]) -> Tensor:
         return ops.roi_pool(features[self.featmap_name], proposals, self.output_size, self.spatial_scale)
 
 

@@ -55,30 +55,41 @@ class RegionProposalNetwork(tv_rpn.RegionProposalNetwork):
         raise NotImplementedError("fasterrcnn_ext's RPN selects proposals with the fused rpn_proposals op in forward")
 
     def forward(self, images: ImageList, features: dict[str, Tensor],
-                targets: list[dict[str, Tensor]] | None = None, *,
-                head: nn.Module | None = None) -> tuple[list[Tensor], dict[str, Tensor]]:
-        """Returns one Tensor[P_i, 4] of proposals per image and, in training, the RPN losses. ``head`` runs in place
-        of self.head (the detector's inference copy of it)."""
-        features = list(features.values())
-        objectness, pred_bbox_deltas = (head if head is not None else self.head)(features)
+                targets: list[dict[str, Tensor]] | None = None) -> tuple[list[Tensor], dict[str, Tensor]]:
+        """Returns one Tensor[P_i, 4] of proposals per image and, in training, the RPN losses."""
+        feature_maps = list(features.values())
+        objectness, pred_bbox_deltas = self.head(feature_maps)
+        return self._proposals(images, feature_maps, objectness, pred_bbox_deltas, targets)
+
+    def forward_with_head(self, head: nn.Module, images: ImageList,
+                          features: dict[str, Tensor]) -> tuple[list[Tensor], dict[str, Tensor]]:
+        """forward in eval, with ``head`` run in place of self.head (the detector's inference copy of it)."""
+        feature_maps = list(features.values())
+        objectness, pred_bbox_deltas = head(feature_maps)
+        return self._proposals(images, feature_maps, objectness, pred_bbox_deltas, None)
+
+    def _proposals(self, images: ImageList, features: list[Tensor], objectness: list[Tensor],
+                   pred_bbox_deltas: list[Tensor],
+                   targets: list[dict[str, Tensor]] | None) -> tuple[list[Tensor], dict[str, Tensor]]:
         anchors = self.anchor_generator(images, features)
         num_images = len(anchors)
         num_anchors_per_level = [o.shape[1] * o.shape[2] * o.shape[3] for o in objectness]
-        objectness, pred_bbox_deltas = concat_box_prediction_layers(objectness, pred_bbox_deltas)
-        if objectness.dtype != anchors[0].dtype:  # half-precision heads (autocast): select in float32
-            objectness, pred_bbox_deltas = objectness.to(anchors[0].dtype), pred_bbox_deltas.to(anchors[0].dtype)
+        objectness_flat, deltas_flat = concat_box_prediction_layers(objectness, pred_bbox_deltas)
+        if objectness_flat.dtype != anchors[0].dtype:  # half-precision heads (autocast): select in float32
+            objectness_flat = objectness_flat.to(anchors[0].dtype)
+            deltas_flat = deltas_flat.to(anchors[0].dtype)
         # Faster R-CNN does not backpropagate through the proposals: the selection sees detached tensors.
         boxes, _ = ops.rpn_proposals(
-            objectness.detach().view(num_images, -1), pred_bbox_deltas.detach().view(num_images, -1, 4), anchors[0],
+            objectness_flat.detach().view(num_images, -1), deltas_flat.detach().view(num_images, -1, 4), anchors[0],
             num_anchors_per_level, images.image_sizes, self.pre_nms_top_n(), self.post_nms_top_n(), self.nms_thresh,
             self.score_thresh, self.min_size)
-        losses = {}
+        losses: dict[str, Tensor] = {}
         if self.training:
             if targets is None:
                 raise ValueError("RegionProposalNetwork: targets are required in training mode")
             labels, matched_gt_boxes = self.assign_targets_to_anchors(anchors, targets)
             regression_targets = self.box_coder.encode(matched_gt_boxes, anchors)
-            loss_objectness, loss_rpn_box_reg = self.compute_loss(objectness, pred_bbox_deltas, labels,
+            loss_objectness, loss_rpn_box_reg = self.compute_loss(objectness_flat, deltas_flat, labels,
                                                                   regression_targets)
             losses = {"loss_objectness": loss_objectness, "loss_rpn_box_reg": loss_rpn_box_reg}
-        return list(boxes), losses
+        return boxes, losses
