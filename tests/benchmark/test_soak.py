@@ -20,9 +20,23 @@ def test_a_kept_tensor_per_call_is_caught():
     assert not result["flat"] and result["second_half_growth_mb"] >= 30
 
 
+def test_warm_up_steps_are_run_but_not_measured():
+    kept, seen = [], []
+
+    def step(i):
+        seen.append(i)
+        if i < 30:  # grows only while warming up
+            kept.append(torch.ones(1 << 20))
+
+    result = soak._phase("warm", 40, step, bound_bytes=4 << 20, log=None, warmup=30)
+    assert seen == list(range(70)) and result["warmup_steps"] == 30 and result["steps"] == 40
+    assert result["flat"], result
+
+
 @pytest.mark.slow
 def test_short_soak_of_the_detector_is_flat():
-    results = soak.run("fasterrcnn_tiny", calls=60, train_steps=24, bound_mb=32.0, log=None)
+    results = soak.run("fasterrcnn_tiny", calls=60, train_steps=24, bound_mb=32.0, train_warmup=8,
+                       log=None)
     assert [r["phase"] for r in results] == ["inference, pool on", "inference, pool off", "training"]
     for r in results:
         assert r["flat"], r
