@@ -7,6 +7,8 @@ so ``import fasterrcnn_ext.ops as ops`` can replace ``import torchvision.ops as 
 
 import torchvision.ops as _torchvision_ops
 
+from .._library import LOADED as _LOADED
+from . import _onnx
 from .boxes import (
     BBOX_XFORM_CLIP,
     batched_nms,
@@ -31,6 +33,10 @@ __all__ = [
     "roi_align", "RoIAlign", "roi_pool", "RoIPool", "MultiScaleRoIAlign", "multi_scale_roi_align",
     "conv3x3_winograd", "winograd_weight",
 ]
+
+
+if _LOADED:
+    _onnx.register()  # the ONNX forms of roi_align, roi_pool, nms, batched_nms (torch.onnx.export, dynamo=False)
 
 
 def __getattr__(name: str):

@@ -68,15 +68,15 @@ def check_boxes(boxes) -> None:
 def rois_from_boxes(boxes: Tensor | list[Tensor]) -> Tensor:
     """``Tensor[K, 5]`` rois (batch index, x1, y1, x2, y2) from either rois or a list of per-image ``Tensor[L, 4]``.
 
-    The batch-index column is built on the boxes' device from their sizes alone: no host-to-device copy, which from
-    pageable memory would wait for the device (a hidden sync in every CUDA call with a list of boxes).
+    The batch-index column is filled on the boxes' device: no host-to-device copy, which from pageable memory would
+    wait for the device (a hidden sync in every CUDA call with a list of boxes).
     """
     if not torch.jit.is_scripting():
         check_boxes(boxes)
     if isinstance(boxes, Tensor):
         return boxes
     concat = torch.cat(boxes, dim=0)
-    ids = [torch.full((b.size(0), 1), i, dtype=concat.dtype, device=concat.device) for i, b in enumerate(boxes)]
+    ids = [torch.full_like(b[:, :1], i) for i, b in enumerate(boxes)]  # traces with dynamic sizes
     return torch.cat([torch.cat(ids, dim=0), concat], dim=1)
 
 

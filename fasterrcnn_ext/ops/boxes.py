@@ -10,8 +10,10 @@ from __future__ import annotations
 import torch
 import torchvision.ops as _torchvision_ops
 from torch import Tensor
+from torchvision.models.detection._utils import BoxCoder as _TorchvisionBoxCoder
 
 from .._library import assert_loaded
+from ._onnx import exporting
 from ._registration import register_fake
 from .constants import BBOX_XFORM_CLIP
 
@@ -73,6 +75,10 @@ def batched_nms_keep_mask(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_thres
     chain it with other tensor ops and select once at the end.
     """
     if not torch.jit.is_scripting():
+        if exporting():  # the kept indices of batched_nms (which has an ONNX form) as a mask
+            keep = batched_nms(boxes, scores, idxs, iou_threshold)
+            mask = torch.zeros_like(scores, dtype=torch.bool)
+            return mask.scatter(0, keep, torch.ones_like(keep, dtype=torch.bool))
         assert_loaded()
     return torch.ops.fasterrcnn_ext.batched_nms_keep_mask(boxes, scores, idxs, float(iou_threshold))
 
@@ -129,6 +135,8 @@ def box_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
     if not (boxes1.is_floating_point() and boxes2.is_floating_point()):
         return _torchvision_ops.box_iou(boxes1, boxes2)
     if not torch.jit.is_scripting():
+        if exporting():  # ONNX export and tracing: torchvision's, in standard operations
+            return _torchvision_ops.box_iou(boxes1, boxes2)
         assert_loaded()
     return torch.ops.fasterrcnn_ext.box_iou(boxes1, boxes2)
 
@@ -139,6 +147,8 @@ def clip_boxes_to_image(boxes: Tensor, size: tuple[int, int]) -> Tensor:
     if not boxes.is_floating_point():
         return _torchvision_ops.clip_boxes_to_image(boxes, size)
     if not torch.jit.is_scripting():
+        if exporting():
+            return _torchvision_ops.clip_boxes_to_image(boxes, size)
         assert_loaded()
     return torch.ops.fasterrcnn_ext.clip_boxes_to_image(boxes, int(size[0]), int(size[1]))
 
@@ -149,6 +159,8 @@ def remove_small_boxes(boxes: Tensor, min_size: float) -> Tensor:
     if not boxes.is_floating_point():
         return _torchvision_ops.remove_small_boxes(boxes, min_size)
     if not torch.jit.is_scripting():
+        if exporting():
+            return _torchvision_ops.remove_small_boxes(boxes, min_size)
         assert_loaded()
     return torch.ops.fasterrcnn_ext.remove_small_boxes(boxes, float(min_size))
 
@@ -163,6 +175,9 @@ def _four_floats(weights: tuple[float, float, float, float]) -> list[float]:
 def encode_boxes(reference_boxes: Tensor, proposals: Tensor, weights: tuple[float, float, float, float]) -> Tensor:
     """Regression targets (Tensor[N, 4]: dx, dy, dw, dh) that take ``proposals`` to ``reference_boxes`` (both
     Tensor[N, 4]); torchvision's BoxCoder.encode_single with ``weights`` (wx, wy, ww, wh)."""
+    if not torch.jit.is_scripting():
+        if exporting():
+            return _TorchvisionBoxCoder(weights).encode_single(reference_boxes, proposals)
     return torch.ops.fasterrcnn_ext.encode_boxes(reference_boxes, proposals, _four_floats(weights))
 
 
@@ -179,6 +194,9 @@ def decode_boxes(rel_codes: Tensor, boxes: Tensor, weights: tuple[float, float, 
     Returns:
         Tensor[N, 4 * C]: decoded boxes, in (x1, y1, x2, y2) format.
     """
+    if not torch.jit.is_scripting():
+        if exporting():
+            return _TorchvisionBoxCoder(weights, bbox_xform_clip).decode_single(rel_codes, boxes)
     return torch.ops.fasterrcnn_ext.decode_boxes(rel_codes, boxes, _four_floats(weights), float(bbox_xform_clip))
 
 

@@ -15,6 +15,7 @@ from torch.jit.annotations import BroadcastingList2
 from torchvision.ops.poolers import initLevelMapper
 
 from .._library import assert_loaded
+from ._onnx import exporting
 from ._registration import register_autograd, register_fake
 from ._utils import check_boxes_fit_batch, pair, rois_from_boxes
 from .constants import CANONICAL_LEVEL, CANONICAL_SCALE
@@ -47,6 +48,9 @@ def multi_scale_roi_align(features: list[Tensor], boxes: Tensor | list[Tensor], 
         if features:
             check_boxes_fit_batch(boxes, features[0].size(0) if features[0].dim() == 4 else len(boxes),
                                   "multi_scale_roi_align")
+        if exporting():  # no ONNX form of the fused op: one RoIAlign per level, as torchvision's export
+            return _pool_per_level(features, rois_from_boxes(boxes), output_size, sampling_ratio, scales,
+                                   int(canonical_scale), int(canonical_level), aligned)
     rois = rois_from_boxes(boxes)
     return torch.ops.fasterrcnn_ext.multi_scale_roi_align(features, rois, scales, output_size[0], output_size[1],
                                                           int(sampling_ratio), bool(aligned), float(canonical_scale),
@@ -167,9 +171,17 @@ def _pool_non_adjacent_levels(features: list[Tensor], rois: Tensor, output_size:
                               scales: list[float], canonical_scale: int, canonical_level: int) -> Tensor:
     """torchvision's result for feature maps that skip a level (e.g. strides 8 and 32): a RoI whose FPN level is
     the i-th from the finest given pools from the i-th map given, and one whose level is past the number of maps
-    pools to zeros. A loop over the levels, as torchvision's: the fused op needs every level."""
+    pools to zeros."""
     if not torch.jit.is_scripting():
         _warn_non_adjacent_once(scales)
+    return _pool_per_level(features, rois, output_size, sampling_ratio, scales, canonical_scale, canonical_level,
+                           False)
+
+
+def _pool_per_level(features: list[Tensor], rois: Tensor, output_size: list[int], sampling_ratio: int,
+                    scales: list[float], canonical_scale: int, canonical_level: int, aligned: bool) -> Tensor:
+    """The FPN level rule, then one RoIAlign per level (torchvision's MultiScaleRoIAlign): for maps that skip a
+    level (the fused op needs every level) and under ONNX export (the fused op has no ONNX form)."""
     k_min = int(round(-_log2(scales[0])))
     k_max = int(round(-_log2(scales[-1])))
     mapper = initLevelMapper(k_min, k_max, canonical_scale=canonical_scale, canonical_level=canonical_level)
@@ -177,7 +189,7 @@ def _pool_non_adjacent_levels(features: list[Tensor], rois: Tensor, output_size:
     result = features[0].new_zeros((rois.size(0), features[0].size(1), output_size[0], output_size[1]))
     for level, feature in enumerate(features):
         index = torch.where(levels == level)[0]
-        result[index] = roi_align(feature, rois[index], output_size, scales[level], sampling_ratio)
+        result[index] = roi_align(feature, rois[index], output_size, scales[level], sampling_ratio, aligned)
     return result
 
 

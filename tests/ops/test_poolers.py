@@ -99,7 +99,7 @@ def test_opcheck(device):
                           (feats, rois, [1 / 4, 1 / 8, 1 / 16, 1 / 32], 7, 7, 2, False, 224.0, 4.0))
 
 
-def test_non_adjacent_levels_give_torchvisions_result_and_warn_once():
+def test_non_adjacent_levels_give_torchvisions_result_and_warn_once(monkeypatch):
     """Maps at strides 8 and 32 only (torchvision's own ONNX test does this): torchvision pools a RoI of level 4 from
     the second map given and gives zeros to a RoI of level 5; ours gives the same, with one warning."""
     import warnings
@@ -107,6 +107,9 @@ def test_non_adjacent_levels_give_torchvisions_result_and_warn_once():
     g = torch.Generator().manual_seed(0)
     feats = OrderedDict([("p3", torch.randn(1, 4, 16, 20, generator=g)), ("p5", torch.randn(1, 4, 4, 5, generator=g))])
     boxes = [torch.tensor([[0.0, 0, 20, 20], [0, 0, 300, 300], [0, 0, 500, 500]])]  # levels 3 (clamped), 4, 5
+    from fasterrcnn_ext.ops import poolers
+
+    monkeypatch.setattr(poolers, "_warned_non_adjacent", [False])  # once per process: another test may have warned
     ours_m = ops.MultiScaleRoIAlign(["p3", "p5"], 2, 2)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

@@ -12,6 +12,7 @@ from torchvision.models.detection import anchor_utils as tv_anchor_utils
 from torchvision.models.detection.image_list import ImageList
 
 from ..._library import assert_loaded
+from ...ops._onnx import exporting
 
 
 class AnchorGenerator(tv_anchor_utils.AnchorGenerator):
@@ -79,6 +80,9 @@ class AnchorGenerator(tv_anchor_utils.AnchorGenerator):
 
     def grid_anchors(self, grid_sizes: list[tuple[int, int]], strides: list[tuple[int, int]]) -> list[Tensor]:
         """torchvision's per-level list of anchors."""
+        if not torch.jit.is_scripting():
+            if exporting():
+                return super().grid_anchors(grid_sizes, strides)
         anchors = self.all_anchors(grid_sizes, strides)
         counts = [g[0] * g[1] * a.size(0) for g, a in zip(grid_sizes, self.cell_anchors)]
         return list(anchors.split(counts))
@@ -86,7 +90,13 @@ class AnchorGenerator(tv_anchor_utils.AnchorGenerator):
     def forward(self, image_list: ImageList, feature_maps: list[Tensor]) -> list[Tensor]:
         """One Tensor[sum_l H_l * W_l * A_l, 4] per image (all images of a batch share one padded size, so the
         same tensor is returned for each: treat it as read-only). Anchors take the features' dtype, except that
-        half-precision features get float32 anchors (fp32 box coordinates)."""
+        half-precision features get float32 anchors (fp32 box coordinates).
+
+        Under ONNX export or torch.jit.trace, torchvision's computation in standard operations (the anchor_grid op
+        has no ONNX form)."""
+        if not torch.jit.is_scripting():
+            if exporting():
+                return super().forward(image_list, feature_maps)
         grid_sizes = [(f.shape[-2], f.shape[-1]) for f in feature_maps]
         image_size = image_list.tensors.shape[-2:]
         strides = [(image_size[0] // g[0], image_size[1] // g[1]) for g in grid_sizes]

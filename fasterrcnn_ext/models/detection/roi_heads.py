@@ -6,10 +6,12 @@ Shapes: N images, P_i proposals of image i, C classes (background included), D_i
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 from torchvision.models.detection import roi_heads as tv_roi_heads
 
 from ... import ops
+from ...ops._onnx import exporting
 from ._utils import BoxCoder, rebind
 
 __all__ = ["RoIHeads"]
@@ -49,7 +51,11 @@ class RoIHeads(tv_roi_heads.RoIHeads):
 
     def postprocess_detections(self, class_logits: Tensor, box_regression: Tensor, proposals: list[Tensor],
                                image_shapes: list[tuple[int, int]]) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
-        """Detections per image in one fused op (softmax, decode, clip, thresholds, per-class NMS, top-k)."""
+        """Detections per image in one fused op (softmax, decode, clip, thresholds, per-class NMS, top-k); under ONNX
+        export or torch.jit.trace, torchvision's steps, whose every operation has an ONNX form."""
+        if not torch.jit.is_scripting():
+            if exporting():
+                return super().postprocess_detections(class_logits, box_regression, proposals, image_shapes)
         dtype = proposals[0].dtype  # boxes stay in float32 when the heads ran in half precision (autocast)
         boxes, scores, labels = ops.detection_postprocess(
             class_logits.to(dtype), box_regression.to(dtype), proposals, image_shapes, self.box_coder.weights,

@@ -6,12 +6,14 @@ Shapes: N images, L feature levels (H_l x W_l), A anchors per location, P propos
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 from torchvision.models.detection import rpn as tv_rpn
 from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.rpn import RPNHead, concat_box_prediction_layers
 
 from ... import ops
+from ...ops._onnx import exporting
 from ._utils import BoxCoder, rebind
 from .anchor_utils import AnchorGenerator
 
@@ -51,12 +53,21 @@ class RegionProposalNetwork(tv_rpn.RegionProposalNetwork):
         ours.box_similarity = ops.box_iou
         return ours
 
-    def filter_proposals(self, proposals, objectness, image_shapes, num_anchors_per_level):
-        raise NotImplementedError("fasterrcnn_ext's RPN selects proposals with the fused rpn_proposals op in forward")
+    @torch.jit.unused
+    def filter_proposals(self, proposals: Tensor, objectness: Tensor, image_shapes: list[tuple[int, int]],
+                         num_anchors_per_level: list[int]) -> tuple[list[Tensor], list[Tensor]]:
+        """torchvision's selection, in standard operations: used only under ONNX export or torch.jit.trace (forward
+        selects with the fused rpn_proposals op otherwise)."""
+        return super().filter_proposals(proposals, objectness, image_shapes, num_anchors_per_level)
 
     def forward(self, images: ImageList, features: dict[str, Tensor],
                 targets: list[dict[str, Tensor]] | None = None) -> tuple[list[Tensor], dict[str, Tensor]]:
-        """Returns one Tensor[P_i, 4] of proposals per image and, in training, the RPN losses."""
+        """Returns one Tensor[P_i, 4] of proposals per image and, in training, the RPN losses.
+
+        Under ONNX export or torch.jit.trace: torchvision's forward, whose every step has an ONNX form."""
+        if not torch.jit.is_scripting():
+            if exporting():
+                return super().forward(images, features, targets)
         feature_maps = list(features.values())
         objectness, pred_bbox_deltas = self.head(feature_maps)
         return self._proposals(images, feature_maps, objectness, pred_bbox_deltas, targets)
