@@ -97,6 +97,32 @@ def main():
     sizes = [(256, 320), (256, 320)]
     step("MultiScaleRoIAlign", lambda: ops.MultiScaleRoIAlign(list(feats), 7, 2)(feats, props, sizes),
          lambda: torchvision.ops.MultiScaleRoIAlign(list(feats), 7, 2)(feats, props, sizes))
+    # The CUDA RoIAlign forward splits channels into chunks: a partial last chunk (256 = 6 x 37 + 34), and more
+    # chunks than the grid's y dimension holds (65,535), which the kernel loops over.
+    for channels, size, n in ((256, 7, 300), (70_000, 44, 1)):
+        xc = torch.randn(1, channels, 12, 10, device=dev)
+        rc = torch.cat([torch.zeros(n, 1, device=dev), boxes_on(n, dev, 6, 30.0)], 1)
+        step(f"roi_align, {channels} channels at {size}x{size}", lambda: ops.roi_align(xc, rc, size, 0.25, 2, True),
+             lambda: torchvision.ops.roi_align(xc, rc, size, 0.25, 2, True))
+
+    # The composite post-processing (what CUDA runs) against the fused CPU kernels: per-image scores by rank.
+    obj, dl, anc = torch.randn(2, 3000), torch.randn(2, 3000, 4) * 0.1, boxes_on(3000, "cpu", 7)
+
+    def rpn_on(device):
+        _, scores = ops.rpn_proposals(obj.to(device), dl.to(device), anc.to(device), [2000, 1000],
+                                      [(220, 230), (200, 240)], 500, 200, 0.7)
+        return torch.cat([v.sort(descending=True).values for v in scores]).cpu()
+
+    step("rpn_proposals (CUDA vs the CPU op)", lambda: rpn_on(dev), lambda: rpn_on("cpu"))
+    logits, regression = torch.randn(300, 11) * 3, torch.randn(300, 44) * 0.1
+    props = [boxes_on(180, "cpu", 8), boxes_on(120, "cpu", 9)]
+
+    def detections_on(device):
+        _, scores, _ = ops.detection_postprocess(logits.to(device), regression.to(device),
+                                                 [p.to(device) for p in props], [(250, 240), (230, 260)])
+        return torch.cat([v.sort(descending=True).values for v in scores]).cpu()
+
+    step("detection_postprocess (CUDA vs the CPU op)", lambda: detections_on(dev), lambda: detections_on("cpu"))
     if failures:
         print("FAILED:", ", ".join(failures))
         sys.exit(1)

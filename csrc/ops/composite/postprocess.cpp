@@ -2,7 +2,8 @@
 // over (image, level) or (image, class) groups. No Python, no loop over images. The NMS returns a keep mask
 // (batched_nms_keep_mask), so on CUDA the only host sync of rpn_proposals is the final selection, whose size is the
 // output's; detection_postprocess has one more, a candidate selection before the NMS: most of the K x C candidates
-// fail the score test, and NMS over all of them costs far more than the sync. Registered as
+// fail the score test, and NMS over all of them costs far more than the sync. The image sizes and per-image counts
+// reach the device from pinned memory (host_values_on), which does not wait for it. Registered as
 // CompositeExplicitAutograd (what CUDA runs: the CPU has its fused kernel) and as the private _*_generic ops, so the
 // CPU tests cover this path too.
 #include <ATen/ATen.h>
@@ -17,6 +18,15 @@
 
 namespace fasterrcnn_ext {
 namespace {
+
+// `values` as an int64 tensor on `options`' device. On an accelerator the copy is made from pinned memory and does
+// not block: it is ordered on the current stream and waits for nothing, where a copy from pageable memory
+// synchronises with the device (torch's pinned-memory allocator keeps the host buffer until the copy is done).
+at::Tensor host_values_on(at::IntArrayRef values, const at::TensorOptions& options) {
+  at::Tensor host = at::tensor(values, at::TensorOptions().dtype(at::kLong));
+  if (options.device().is_cpu()) return host;
+  return host.pin_memory().to(options.device(), /*non_blocking=*/true);
+}
 
 at::Tensor batched_nms_keep_mask_op(const at::Tensor& boxes, const at::Tensor& scores, const at::Tensor& idxs,
                                     double thresh) {
@@ -94,7 +104,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rpn_proposals_generic(
   const at::Tensor rel = deltas.gather(1, idx.unsqueeze(2).expand({batch, k, 4})).reshape({-1, 4});
   const at::Tensor base = anchors.index_select(0, idx.reshape({-1}));
   const at::Tensor image_of = at::arange(batch, long_opts).repeat_interleave(k);
-  const at::Tensor hw = at::tensor(image_sizes.vec(), long_opts).to(objectness.scalar_type()).view({batch, 2});
+  const at::Tensor hw = host_values_on(image_sizes, long_opts).to(objectness.scalar_type()).view({batch, 2});
   const at::Tensor boxes = clip_rows(decode_op(rel, base, {1.0, 1.0, 1.0, 1.0}), hw.index_select(0, image_of));
   const at::Tensor valid = large_enough(boxes, min_size).logical_and(scores.ge(score_thresh));
   // No selection before the NMS (it would sync): invalid candidates get a NaN score, which ranks after every
@@ -114,9 +124,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> detection_postprocess
   const int64_t batch = static_cast<int64_t>(boxes_per_image.size()), classes = class_logits.size(1);
   const int64_t k = class_logits.size(0);
   const auto long_opts = class_logits.options().dtype(at::kLong);
-  const at::Tensor per_image = at::tensor(boxes_per_image.vec(), long_opts);
+  const at::Tensor per_image = host_values_on(boxes_per_image, long_opts);
   const at::Tensor proposal_image = at::arange(batch, long_opts).repeat_interleave(per_image, 0, k);
-  const at::Tensor hw = at::tensor(image_sizes.vec(), long_opts).to(class_logits.scalar_type()).view({batch, 2});
+  const at::Tensor hw = host_values_on(image_sizes, long_opts).to(class_logits.scalar_type()).view({batch, 2});
   // Foreground classes only: [K, C - 1] candidates, row-major as torchvision flattens them.
   const at::Tensor scores = class_logits.softmax(-1).slice(1, 1).reshape({-1});
   at::Tensor boxes = decode_op(box_regression, proposals, weights).view({k, classes, 4}).slice(1, 1);
