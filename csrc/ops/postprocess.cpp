@@ -23,6 +23,11 @@ TORCH_LIBRARY_FRAGMENT(fasterrcnn_ext, m) {
       "detection_postprocess(Tensor class_logits, Tensor box_regression, Tensor proposals, SymInt[] boxes_per_image, "
       "SymInt[] image_sizes, float[] weights, float score_thresh, float nms_thresh, int detections_per_img, "
       "float min_size=0.01) -> (Tensor, Tensor, Tensor, Tensor)");
+  // Each of `values` (tensors of sum(counts) rows) split into one tensor per image, counts[i] rows for image i:
+  // [values[0] of image 0, values[0] of image 1, ..., values[1] of image 0, ...]. The per-image sizes are read on
+  // the host (one read for all of values), so under torch.compile and torch.export each output gets an unbacked size
+  // from the fake kernel instead of a graph break. The outputs are copies, not views.
+  m.def("split_per_image(Tensor[] values, Tensor counts) -> Tensor[]");
   // The device-generic implementations (what CUDA runs), callable on any device so the CPU tests cover them.
   m.def(
       "_rpn_proposals_generic(Tensor objectness, Tensor deltas, Tensor anchors, SymInt[] num_anchors_per_level, "

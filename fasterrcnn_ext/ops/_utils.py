@@ -34,11 +34,12 @@ def check_image_sizes(image_sizes, num_images: int, op: str, name: str = "image_
 
 
 def flat_image_sizes(image_sizes: list[tuple[int, int]]) -> list[int]:
-    """[h0, w0, h1, w1, ...] from one (height, width) pair per image."""
+    """[h0, w0, h1, w1, ...] from one (height, width) pair per image (ints, or SymInts under torch.export: no int(),
+    which would specialise them)."""
     flat: list[int] = []
     for hw in image_sizes:
-        flat.append(int(hw[0]))
-        flat.append(int(hw[1]))
+        flat.append(hw[0])
+        flat.append(hw[1])
     return flat
 
 
@@ -81,6 +82,11 @@ def rois_from_boxes(boxes: Tensor | list[Tensor]) -> Tensor:
 
 
 def per_image(counts: Tensor, values: list[Tensor]) -> list[list[Tensor]]:
-    """Each of ``values`` split into one tensor per image, ``counts[i]`` rows for image i."""
-    sizes: list[int] = counts.tolist()  # the per-image sizes: one host read, after the outputs exist
-    return [list(v.split(sizes)) for v in values]
+    """Each of ``values`` split into one tensor per image, ``counts[i]`` rows for image i.
+
+    One op (split_per_image) reads the sizes on the host, once for all of ``values``; under torch.compile and
+    torch.export its fake kernel gives each part an unbacked size, so the graph does not break there.
+    """
+    parts = torch.ops.fasterrcnn_ext.split_per_image(values, counts)
+    n = counts.size(0)
+    return [parts[i * n:(i + 1) * n] for i in range(len(values))]

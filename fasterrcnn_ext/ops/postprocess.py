@@ -37,7 +37,6 @@ def rpn_proposals(objectness: Tensor, deltas: Tensor, anchors: Tensor, num_ancho
         assert_loaded()
         check_image_sizes(image_sizes, objectness.size(0) if objectness.dim() == 2 else len(image_sizes),
                           "rpn_proposals")
-        num_anchors_per_level = [int(n) for n in num_anchors_per_level]
     boxes, scores, counts = torch.ops.fasterrcnn_ext.rpn_proposals(
         objectness, deltas, anchors, num_anchors_per_level, flat_image_sizes(image_sizes), int(pre_nms_top_n),
         int(post_nms_top_n), float(nms_thresh), float(score_thresh), float(min_size))
@@ -69,7 +68,7 @@ def detection_postprocess(class_logits: Tensor, box_regression: Tensor, proposal
         assert_loaded()
         check_image_sizes(image_sizes, len(proposals), "detection_postprocess")
         weights = [float(w) for w in weights]  # any length: the kernel's check names a wrong one
-    boxes_per_image = [int(p.size(0)) for p in proposals]
+    boxes_per_image = [p.size(0) for p in proposals]  # SymInts under torch.export: no int(), which would specialise
     boxes, scores, labels, counts = torch.ops.fasterrcnn_ext.detection_postprocess(
         class_logits, box_regression, torch.cat(proposals), boxes_per_image, flat_image_sizes(image_sizes),
         weights, float(score_thresh),
@@ -91,6 +90,14 @@ def _detection_fake(class_logits, box_regression, proposals, boxes_per_image, im
     return (class_logits.new_empty((n, 4)), class_logits.new_empty((n,)),
             class_logits.new_empty((n,), dtype=torch.long),
             class_logits.new_empty((len(boxes_per_image),), dtype=torch.long))
+
+
+@register_fake("fasterrcnn_ext::split_per_image")
+def _split_per_image_fake(values, counts):
+    torch._check(counts.dim() == 1, lambda: f"split_per_image: counts must be 1-D, got {counts.shape}")
+    ctx = torch.library.get_ctx()
+    rows = [ctx.new_dynamic_size() for _ in range(counts.size(0))]  # the same sizes for every tensor of values
+    return [v.new_empty((r, *v.shape[1:])) for v in values for r in rows]
 
 
 for _name, _fake in [("rpn_proposals", _rpn_fake), ("_rpn_proposals_generic", _rpn_fake),

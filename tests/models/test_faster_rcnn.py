@@ -300,17 +300,32 @@ def test_bfloat16_inference_runs_and_keeps_float32_boxes():
     assert sum(len(d["boxes"]) for d in out) > 0
 
 
-def test_torch_compile_eval_model():
-    """torch.compile of the eval model gives the eager detections. The graph breaks at the fused post-processing
-    ops, whose output sizes depend on the data (documented in the README)."""
-    mine, _ = model_pair("fasterrcnn_mobilenet_v3_large_320_fpn", box_score_thresh=0.0)
+_V2_BATCH_NORM = pytest.mark.xfail(
+    strict=True, reason="torch 2.14's batch_norm guards on whether its input is empty, and the number of proposals "
+    "is data-dependent: v2's box head (convolutions with batch norm) cannot trace in one graph")
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=[pytest.mark.slow] + ([_V2_BATCH_NORM] if "v2" in n else []))
+                                  if "resnet" in n else n for n in BUILDERS + ["fasterrcnn_vgg16"]])
+def test_torch_compile_fullgraph_eval_model(name):
+    """torch.compile(fullgraph=True) of the eval model gives the plain eager detections: no graph break from the
+    images to the detections (the per-image splits of the post-processing are an op with unbacked output sizes)."""
+    if name == "fasterrcnn_vgg16":
+        torch.manual_seed(0)
+        mine = ours.fasterrcnn_vgg16(num_classes=5, min_size=224, max_size=320, box_score_thresh=0.0)
+    else:
+        mine, _ = model_pair(name, box_score_thresh=0.0)
     mine.eval()
-    images, _ = images_and_targets(1)
-    compiled = torch.compile(mine, backend="eager")
+    images, _ = images_and_targets(2)
+    compiled = torch.compile(mine, fullgraph=True, backend="eager")
     with torch.no_grad():
-        got, expected = compiled(images), mine(images)
+        got = compiled(images)
+        mine.fast_inference = False  # what the compiled forward runs: the modules as they are
+        expected = mine(images)
+    assert sum(len(d["boxes"]) for d in got) > 0
     for a, b in zip(got, expected):
-        torch.testing.assert_close(a, b)
+        for key in b:
+            torch.testing.assert_close(a[key], b[key])
 
 
 def test_bfloat16_copy_fuses_convolutions_and_keeps_bfloat16_weights():

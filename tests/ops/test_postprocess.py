@@ -233,3 +233,36 @@ def test_detection_postprocess_dtypes(dtype):
                                         IMAGE_SIZES)
         for b, rb in zip(boxes, ref[0]):
             assert b.shape == rb.shape
+
+
+def test_split_per_image():
+    counts = torch.tensor([3, 0, 2])
+    boxes, scores = torch.rand(5, 4), torch.rand(5)
+    parts = torch.ops.fasterrcnn_ext.split_per_image([boxes, scores], counts)
+    assert [p.shape for p in parts] == [(3, 4), (0, 4), (2, 4), (3,), (0,), (2,)]
+    torch.testing.assert_close(torch.cat(parts[:3]), boxes)
+    torch.testing.assert_close(torch.cat(parts[3:]), scores)
+    assert parts[0].data_ptr() != boxes.data_ptr()  # copies, not views (the schema promises no aliasing)
+    torch.library.opcheck(torch.ops.fasterrcnn_ext.split_per_image.default, ([boxes, scores], counts))
+    with pytest.raises(RuntimeError, match=r"values\[1\] must have sum\(counts\) = 5 rows, got shape \[4\]"):
+        torch.ops.fasterrcnn_ext.split_per_image([boxes, scores[:4]], counts)
+    with pytest.raises(RuntimeError, match=r"counts\[1\] = -1 is negative"):
+        torch.ops.fasterrcnn_ext.split_per_image([boxes], torch.tensor([3, -1, 3]))
+    with pytest.raises(RuntimeError, match="counts must be a 1-D int64 tensor"):
+        torch.ops.fasterrcnn_ext.split_per_image([boxes], counts.float())
+
+
+def test_post_processing_compiles_without_a_graph_break():
+    """torch.compile(fullgraph=True): the per-image split is one op whose fake kernel gives unbacked sizes."""
+    objectness, deltas, anchors, per_level, sizes = rpn_inputs(2)
+    args = (objectness, deltas, anchors, per_level, sizes, 1000, 300, 0.7)
+    compiled = torch.compile(ops.rpn_proposals, fullgraph=True, backend="eager")
+    for got, expected in zip(compiled(*args), ops.rpn_proposals(*args)):
+        for a, b in zip(got, expected):
+            torch.testing.assert_close(a, b)
+    class_logits, box_regression, proposals = detection_inputs()
+    args = (class_logits, box_regression, proposals, IMAGE_SIZES)
+    compiled = torch.compile(ops.detection_postprocess, fullgraph=True, backend="eager")
+    for got, expected in zip(compiled(*args), ops.detection_postprocess(*args)):
+        for a, b in zip(got, expected):
+            torch.testing.assert_close(a, b)

@@ -143,10 +143,37 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> detection_postprocess
   return {boxes.index_select(0, rows), scores.index_select(0, rows), labels.index_select(0, rows), counts};
 }
 
+std::vector<at::Tensor> split_per_image(at::TensorList values, const at::Tensor& counts) {
+  FRCNN_CHECK(counts.dim() == 1 && counts.scalar_type() == at::kLong,
+              "split_per_image: counts must be a 1-D int64 tensor, got shape ", counts.sizes(), " and dtype ",
+              counts.scalar_type());
+  const at::Tensor sizes = counts.to(at::kCPU).contiguous();  // the host read: the outputs' sizes
+  const int64_t* size = sizes.data_ptr<int64_t>();
+  const int64_t images = sizes.numel();
+  int64_t total = 0;
+  for (int64_t i = 0; i < images; ++i) {
+    FRCNN_CHECK(size[i] >= 0, "split_per_image: counts[", i, "] = ", size[i], " is negative");
+    total += size[i];
+  }
+  std::vector<at::Tensor> parts;
+  parts.reserve(values.size() * static_cast<size_t>(images));
+  for (size_t v = 0; v < values.size(); ++v) {
+    FRCNN_CHECK(values[v].dim() >= 1 && values[v].size(0) == total, "split_per_image: values[", v,
+                "] must have sum(counts) = ", total, " rows, got shape ", values[v].sizes());
+    int64_t start = 0;
+    for (int64_t i = 0; i < images; ++i) {
+      parts.push_back(values[v].narrow(0, start, size[i]).clone());
+      start += size[i];
+    }
+  }
+  return parts;
+}
+
 }  // namespace
 }  // namespace fasterrcnn_ext
 
 TORCH_LIBRARY_IMPL(fasterrcnn_ext, CompositeExplicitAutograd, m) {
+  m.impl("split_per_image", &fasterrcnn_ext::split_per_image);
   m.impl("rpn_proposals", &fasterrcnn_ext::rpn_proposals_generic);
   m.impl("detection_postprocess", &fasterrcnn_ext::detection_postprocess_generic);
   m.impl("_rpn_proposals_generic", &fasterrcnn_ext::rpn_proposals_generic);

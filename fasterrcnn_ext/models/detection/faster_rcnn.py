@@ -143,8 +143,10 @@ class FasterRCNN(tv_faster_rcnn.FasterRCNN):
     @torch.jit.unused
     def _eager_forward(self, images: list[Tensor], targets: list[dict[str, Tensor]] | None):
         _check_inputs(images, targets, self.training)
+        # Tracing, export and torch.compile run the modules as they are: the inference copies are built and looked up
+        # in Python (parameter versions, data pointers), outside what a graph can hold.
         if (self.training or torch.is_grad_enabled() or not self.fast_inference or torch.jit.is_tracing()
-                or torch.onnx.is_in_onnx_export()):
+                or torch.onnx.is_in_onnx_export() or torch.compiler.is_compiling()):
             return super().forward(images, targets)
         return self._inference_forward(images)
 
