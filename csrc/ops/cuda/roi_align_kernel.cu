@@ -149,16 +149,19 @@ template <typename scalar_t, typename acc_t>
 __global__ void roi_align_backward_deterministic_kernel(Levels<acc_t> gl, const scalar_t* __restrict__ rois, Pool pp,
                                                         const scalar_t* __restrict__ grad, int64_t gs0, int64_t gs1,
                                                         int64_t gs2, int64_t gs3) {
-  const int64_t plane_id = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
-  if (plane_id >= pp.batch * pp.channels) return;
-  const int64_t n = plane_id / pp.channels, c = plane_id % pp.channels;
-  for (int64_t r = 0; r < pp.num_rois; ++r) {
-    const RoIAlignTask<acc_t> task = read_task<acc_t>(gl, pp, rois, r);
-    CUDA_KERNEL_ASSERT(task.valid && "roi_align backward: a RoI's batch index is outside [0, N)");
-    if (!task.valid || task.image != n) continue;
-    for (int64_t p = 0; p < pp.pooled_h; ++p) {
-      for (int64_t q = 0; q < pp.pooled_w; ++q) {
-        scatter_bin<false>(gl, pp, task, c, p, q, static_cast<acc_t>(grad[r * gs0 + c * gs1 + p * gs2 + q * gs3]));
+  // A grid-stride loop: the grid is capped (blocks_for), and planes past it must still be done.
+  for (int64_t plane_id = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+       plane_id < pp.batch * pp.channels; plane_id += static_cast<int64_t>(blockDim.x) * gridDim.x) {
+    const int64_t n = plane_id / pp.channels, c = plane_id % pp.channels;
+    for (int64_t r = 0; r < pp.num_rois; ++r) {
+      const RoIAlignTask<acc_t> task = read_task<acc_t>(gl, pp, rois, r);
+      CUDA_KERNEL_ASSERT(task.valid && "roi_align backward: a RoI's batch index is outside [0, N)");
+      if (!task.valid || task.image != n) continue;
+      for (int64_t p = 0; p < pp.pooled_h; ++p) {
+        for (int64_t q = 0; q < pp.pooled_w; ++q) {
+          scatter_bin<false>(gl, pp, task, c, p, q,
+                             static_cast<acc_t>(grad[r * gs0 + c * gs1 + p * gs2 + q * gs3]));
+        }
       }
     }
   }
