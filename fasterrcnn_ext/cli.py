@@ -8,6 +8,7 @@
     fasterrcnn-ext eval --data DIR --weights runs/b/last.pt --out runs/b/eval
     fasterrcnn-ext detect img1.jpg img2.png --weights runs/a/last.pt --out runs/a/detect
     fasterrcnn-ext bench --quick
+    fasterrcnn-ext export --weights runs/a/last.pt --format onnx --out detector.onnx   # or --format torchscript
 """
 
 from __future__ import annotations
@@ -172,11 +173,39 @@ def _run_bench(args) -> int:
     return 0
 
 
+def _add_export(sub) -> None:
+    from .engine.export import FORMATS, ONNX_OPSET
+
+    p = sub.add_parser("export", help="the detector as an ONNX or TorchScript file for serving")
+    p.add_argument("--weights", required=True, help="a checkpoint, or torchvision weights such as "
+                   "FasterRCNN_ResNet50_FPN_Weights.DEFAULT")
+    p.add_argument("--format", required=True, choices=FORMATS, help="onnx (onnxruntime, standard operators), "
+                   "torchscript (LibTorch); pt2 and aoti are not supported yet")
+    p.add_argument("--out", required=True, help="the file to write")
+    p.add_argument("--image-size", type=int, nargs=2, default=[480, 640], metavar=("H", "W"),
+                   help="the example image traced for ONNX (the exported graph takes any size)")
+    p.add_argument("--opset", type=int, default=ONNX_OPSET)
+    p.set_defaults(run=_run_export)
+
+
+def _run_export(args) -> int:
+    from .engine.detect import load_detector
+    from .engine.export import FORMATS, export_detector
+
+    if args.format not in FORMATS:
+        raise ValueError(f"--format {args.format!r}: choose from {', '.join(FORMATS)}")
+    if args.format in ("pt2", "aoti"):
+        export_detector(None, args.format, args.out)  # raises the reason, before the weights are loaded
+    model, _, _ = load_detector(args.weights)
+    export_detector(model, args.format, args.out, tuple(args.image_size), args.opset)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fasterrcnn-ext", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_train, _add_eval, _add_detect, _add_demo, _add_bench):
+    for add in (_add_train, _add_eval, _add_detect, _add_demo, _add_bench, _add_export):
         add(sub)
     return parser
 

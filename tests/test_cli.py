@@ -218,3 +218,41 @@ def test_train_on_cuda_with_nccl_and_amp(tmp_path):
     assert ckpt["iteration"] == 3 and ckpt["scaler"] is not None
     assert main(["eval", "--data", "synthetic", "--weights", str(out / "last.pt"), "--out", str(tmp_path / "e"),
                  "--synthetic-images", "4", "--device", "cuda", "--no-progress"]) == 0
+
+
+def test_export_onnx_and_torchscript_give_the_model_detections(trained, tmp_path, capsys):
+    ort = pytest.importorskip("onnxruntime")
+    from fasterrcnn_ext.engine.detect import load_detector
+
+    model, _, _ = load_detector(os.path.join(trained, "last.pt"))
+    model.eval().fast_inference = False
+    image = SyntheticShapes(1, seed=5)[0][0]
+    with torch.no_grad():
+        expected = model([image])[0]
+    onnx_file, ts_file = tmp_path / "d.onnx", tmp_path / "d.pt"
+    assert main(["export", "--weights", os.path.join(trained, "last.pt"), "--format", "onnx", "--out",
+                 str(onnx_file), "--image-size", "128", "160"]) == 0
+    assert "wrote" in capsys.readouterr().out
+    session = ort.InferenceSession(str(onnx_file), providers=["CPUExecutionProvider"])
+    boxes, labels, scores = session.run(None, {"image": image.numpy()})
+    assert len(expected["boxes"]) > 0 and len(boxes) == len(expected["boxes"])
+    torch.testing.assert_close(torch.from_numpy(boxes), expected["boxes"], rtol=1e-4, atol=1e-2)
+    assert torch.equal(torch.from_numpy(labels), expected["labels"])
+    assert main(["export", "--weights", os.path.join(trained, "last.pt"), "--format", "torchscript", "--out",
+                 str(ts_file)]) == 0
+    _, got = torch.jit.load(str(ts_file))([image])
+    for key in expected:
+        torch.testing.assert_close(got[0][key], expected[key])
+
+
+def test_export_refuses_what_it_cannot_do_and_keeps_the_file(trained, tmp_path, capsys):
+    out = tmp_path / "model.pt2"
+    out.write_bytes(b"earlier")
+    assert main(["export", "--weights", os.path.join(trained, "last.pt"), "--format", "pt2", "--out", str(out)]) == 2
+    assert "--format pt2: not supported yet" in capsys.readouterr().err
+    assert out.read_bytes() == b"earlier"
+    assert main(["export", "--weights", str(tmp_path / "missing.pt"), "--format", "onnx", "--out", str(out)]) == 2
+    assert "missing.pt" in capsys.readouterr().err
+    assert main(["export", "--weights", os.path.join(trained, "last.pt"), "--format", "onnx", "--out",
+                 str(tmp_path)]) == 2
+    assert "is a folder" in capsys.readouterr().err
