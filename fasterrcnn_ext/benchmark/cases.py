@@ -247,7 +247,35 @@ def detector_cases(device: str) -> list[Case]:
 
     cases.append(Case("detector outside the learned layers", outside_learned(mine), outside_learned(theirs),
                       target=3.0))
+    if device == "cpu":
+        cases += _onnxruntime_peer(mine, image[0])
     return cases
+
+
+def _onnxruntime_peer(model, image) -> list[Case]:
+    """Our eager detector against the same model exported to ONNX (fasterrcnn-ext export) and run by onnxruntime
+    with as many threads, when onnxruntime is installed: the deployment peer our eager path must stay ahead of. The
+    "torchvision" column of this row is onnxruntime's time."""
+    try:
+        import onnxruntime
+    except ImportError:
+        return []
+    import io
+    import warnings
+
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, ([image],), buffer, dynamo=False, opset_version=17, input_names=["image"],
+                          output_names=["boxes", "labels", "scores"],
+                          dynamic_axes={"image": [1, 2], "boxes": [0], "labels": [0], "scores": [0]})
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = torch.get_num_threads()
+    options.inter_op_num_threads = 1
+    session = onnxruntime.InferenceSession(buffer.getvalue(), options, providers=["CPUExecutionProvider"])
+    feed = {"image": image.numpy()}
+    return [Case(f"detector vs onnxruntime {onnxruntime.__version__} (its ONNX export; right column)",
+                 lambda: model([image]), lambda: session.run(None, feed), target=1.0)]
 
 
 def conv_cases(device: str) -> list[Case]:
