@@ -248,17 +248,18 @@ def detector_cases(device: str) -> list[Case]:
     cases.append(Case("detector outside the learned layers", outside_learned(mine), outside_learned(theirs),
                       target=3.0))
     if device == "cpu":
-        cases += _onnxruntime_peer(mine, image[0])
+        cases += _deployment_peers(mine, image[0])
     return cases
 
 
-def _onnxruntime_peer(model, image) -> list[Case]:
-    """Our eager detector against the same model exported to ONNX (fasterrcnn-ext export) and run by onnxruntime
-    with as many threads, when onnxruntime is installed: the deployment peer our eager path must stay ahead of. The
-    "torchvision" column of this row is onnxruntime's time."""
-    try:
-        import onnxruntime
-    except ImportError:
+def _deployment_peers(model, image) -> list[Case]:
+    """Our eager detector against the same model exported to ONNX (as `fasterrcnn-ext export` writes it) and run by
+    onnxruntime and by OpenVINO with as many threads, each when installed: the deployment peers our eager path must
+    stay ahead of. The "torchvision" column of these rows is the runtime's time."""
+    import importlib.util
+
+    runtimes = [name for name in ("onnxruntime", "openvino") if importlib.util.find_spec(name) is not None]
+    if not runtimes:
         return []
     import io
     import warnings
@@ -269,13 +270,27 @@ def _onnxruntime_peer(model, image) -> list[Case]:
         torch.onnx.export(model, ([image],), buffer, dynamo=False, opset_version=17, input_names=["image"],
                           output_names=["boxes", "labels", "scores"],
                           dynamic_axes={"image": [1, 2], "boxes": [0], "labels": [0], "scores": [0]})
-    options = onnxruntime.SessionOptions()
-    options.intra_op_num_threads = torch.get_num_threads()
-    options.inter_op_num_threads = 1
-    session = onnxruntime.InferenceSession(buffer.getvalue(), options, providers=["CPUExecutionProvider"])
+    threads = torch.get_num_threads()
     feed = {"image": image.numpy()}
-    return [Case(f"detector vs onnxruntime {onnxruntime.__version__} (its ONNX export; right column)",
-                 lambda: model([image]), lambda: session.run(None, feed), target=1.0)]
+    cases = []
+    if "onnxruntime" in runtimes:
+        import onnxruntime
+
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        session = onnxruntime.InferenceSession(buffer.getvalue(), options, providers=["CPUExecutionProvider"])
+        cases.append(Case(f"detector vs onnxruntime {onnxruntime.__version__} (its ONNX export; right column)",
+                          lambda: model([image]), lambda: session.run(None, feed), target=1.0))
+    if "openvino" in runtimes:
+        import openvino
+
+        core = openvino.Core()
+        compiled = core.compile_model(core.read_model(buffer.getvalue()), "CPU",
+                                      {"INFERENCE_NUM_THREADS": str(threads)})
+        cases.append(Case(f"detector vs OpenVINO {openvino.__version__.split('-')[0]} (its ONNX export; right column)",
+                          lambda: model([image]), lambda: compiled(feed), target=1.0))
+    return cases
 
 
 def conv_cases(device: str) -> list[Case]:

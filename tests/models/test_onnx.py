@@ -173,6 +173,17 @@ def test_detector_exports_and_equals_torchvision_export(name):
         assert_same_detections(got, expected)
 
 
+def assert_twins_across_runtimes(got, expected):
+    """Two runtimes' detections of a randomly initialised model: the 10 best have twins and >= 90% overall (twin:
+    same label, score within 1e-3, IoU >= 0.99 or every coordinate within 0.05 pixel); see the test below."""
+    assert abs(len(got["boxes"]) - len(expected["boxes"])) <= max(2, len(expected["boxes"]) // 50)
+    iou = torchvision.ops.box_iou(got["boxes"], expected["boxes"])
+    near = (got["boxes"][:, None] - expected["boxes"][None]).abs().amax(-1) <= 0.05
+    twin = (((iou >= 0.99) | near) & (got["labels"][:, None] == expected["labels"][None])
+            & ((got["scores"][:, None] - expected["scores"][None]).abs() <= 1e-3)).any(1)
+    assert twin[:10].all() and twin.float().mean() >= 0.9, (twin[:10], twin.float().mean())
+
+
 @pytest.mark.slow
 def test_detector_export_gives_the_pytorch_detections():
     """onnxruntime against our PyTorch model, on two image sizes. A randomly initialised detector proposes slivers
@@ -193,12 +204,7 @@ def test_detector_export_gives_the_pytorch_detections():
         got = detections(run(model, image))[0]
         with torch.no_grad():
             expected = mine([image])[0]
-        assert abs(len(got["boxes"]) - len(expected["boxes"])) <= max(2, len(expected["boxes"]) // 50)
-        iou = torchvision.ops.box_iou(got["boxes"], expected["boxes"])
-        near = (got["boxes"][:, None] - expected["boxes"][None]).abs().amax(-1) <= 0.05
-        twin = (((iou >= 0.99) | near) & (got["labels"][:, None] == expected["labels"][None])
-                & ((got["scores"][:, None] - expected["scores"][None]).abs() <= 1e-3)).any(1)
-        assert twin[:10].all() and twin.float().mean() >= 0.9, (twin[:10], twin.float().mean())
+        assert_twins_across_runtimes(got, expected)
 
 
 @pytest.mark.slow
@@ -214,3 +220,22 @@ def test_vgg16_detector_exports_with_max_roi_pool():
         expected = model([image])
     assert len(got[0]["boxes"]) == len(expected[0]["boxes"]) > 0
     torch.testing.assert_close(got[0]["scores"][:10], expected[0]["scores"][:10], rtol=1e-3, atol=1e-4)
+
+
+def test_openvino_runs_the_exported_detector_like_onnxruntime():
+    """OpenVINO loads the exported file and gives onnxruntime's detections on two image sizes (the two runtimes'
+    convolutions differ in the last bits, as onnxruntime's and PyTorch's do: the same criterion as below)."""
+    openvino = pytest.importorskip("openvino")
+    mine, _ = model_pair("fasterrcnn_mobilenet_v3_large_320_fpn", box_score_thresh=0.05)
+    mine.eval()
+    g = torch.Generator().manual_seed(0)
+    images = [torch.rand(3, h, w, generator=g) for h, w in IMAGE_SIZES]
+    exported = export_detector(mine, images[0])
+    core = openvino.Core()
+    compiled = core.compile_model(core.read_model(exported), "CPU")
+    for image in images:
+        outputs = compiled({"image": image.numpy()})
+        got = detections([torch.from_numpy(outputs[name]) for name in ("boxes", "labels", "scores")])
+        expected = detections(run(exported, image))
+        assert len(expected[0]["boxes"]) > 0
+        assert_twins_across_runtimes(got[0], expected[0])
