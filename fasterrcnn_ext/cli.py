@@ -190,10 +190,8 @@ def _add_export(sub) -> None:
 
 def _run_export(args) -> int:
     from .engine.detect import load_detector
-    from .engine.export import FORMATS, export_detector
+    from .engine.export import export_detector
 
-    if args.format not in FORMATS:
-        raise ValueError(f"--format {args.format!r}: choose from {', '.join(FORMATS)}")
     if args.format in ("pt2", "aoti"):
         export_detector(None, args.format, args.out)  # raises the reason, before the weights are loaded
     model, _, _ = load_detector(args.weights)

@@ -262,14 +262,11 @@ def _deployment_peers(model, image) -> list[Case]:
     if not runtimes:
         return []
     import io
-    import warnings
+
+    from ..engine.export import export_onnx
 
     buffer = io.BytesIO()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(model, ([image],), buffer, dynamo=False, opset_version=17, input_names=["image"],
-                          output_names=["boxes", "labels", "scores"],
-                          dynamic_axes={"image": [1, 2], "boxes": [0], "labels": [0], "scores": [0]})
+    export_onnx(model, image, buffer)
     threads = torch.get_num_threads()
     feed = {"image": image.numpy()}
     cases = []

@@ -27,6 +27,16 @@ FORMATS = ("onnx", "torchscript", "pt2", "aoti")
 ONNX_OPSET = 17  # RoiAlign's half_pixel mode (aligned=True) needs 16 or later
 
 
+def export_onnx(model: torch.nn.Module, image: torch.Tensor, f, opset: int = ONNX_OPSET) -> None:
+    """Writes the eval ``model`` to ``f`` (a path or a binary file) as ONNX, traced on ``image`` ([3, H, W]): one
+    image of any size in (``image``), ``boxes``, ``labels``, ``scores`` out."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the exporter's deprecation and tracer warnings
+        torch.onnx.export(model, ([image],), f, dynamo=False, opset_version=opset, input_names=["image"],
+                          output_names=["boxes", "labels", "scores"],
+                          dynamic_axes={"image": [1, 2], "boxes": [0], "labels": [0], "scores": [0]})
+
+
 def export_detector(model: torch.nn.Module, fmt: str, out: str, image_size: tuple[int, int] = (480, 640),
                     opset: int = ONNX_OPSET, log=print) -> str:
     """Exports ``model`` (put in eval mode) to ``out`` in format ``fmt``; returns ``out``. ``image_size`` (H, W) is
@@ -44,17 +54,14 @@ def export_detector(model: torch.nn.Module, fmt: str, out: str, image_size: tupl
     model = model.eval()
     start = time.perf_counter()
     log(f"exporting {type(model).__name__} to {fmt} ({out})...")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the exporters' deprecation and tracer warnings
-        if fmt == "onnx":
-            image = torch.rand(3, *image_size)
-            with atomic_write(out, binary=True) as f:
-                torch.onnx.export(model, ([image],), f, dynamo=False, opset_version=opset, input_names=["image"],
-                                  output_names=["boxes", "labels", "scores"],
-                                  dynamic_axes={"image": [1, 2], "boxes": [0], "labels": [0], "scores": [0]})
-        else:
+    if fmt == "onnx":
+        with atomic_write(out, binary=True) as f:
+            export_onnx(model, torch.rand(3, *image_size), f, opset)
+    else:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch.jit.script's deprecation warning
             scripted = torch.jit.script(model)
-            with atomic_write(out, binary=True) as f:
-                torch.jit.save(scripted, f)
+        with atomic_write(out, binary=True) as f:
+            torch.jit.save(scripted, f)
     log(f"wrote {out} ({os.path.getsize(out) / 2**20:.1f} MB) in {time.perf_counter() - start:.1f} s")
     return out

@@ -60,6 +60,15 @@ def assert_same_detections(mine, theirs):
         assert ((iou >= 0.99) & same_label & close_score).any(1).all()
 
 
+def assert_equal_detections(got, expected):
+    """The same detections, key by key, within float tolerance (the same model run two ways)."""
+    assert len(got) == len(expected)
+    for a, b in zip(got, expected):
+        assert a.keys() == b.keys()
+        for key in b:
+            torch.testing.assert_close(a[key], b[key])
+
+
 BUILDERS = ["fasterrcnn_resnet50_fpn", "fasterrcnn_resnet50_fpn_v2", "fasterrcnn_mobilenet_v3_large_fpn",
             "fasterrcnn_mobilenet_v3_large_320_fpn"]
 
@@ -323,9 +332,7 @@ def test_torch_compile_fullgraph_eval_model(name):
         mine.fast_inference = False  # what the compiled forward runs: the modules as they are
         expected = mine(images)
     assert sum(len(d["boxes"]) for d in got) > 0
-    for a, b in zip(got, expected):
-        for key in b:
-            torch.testing.assert_close(a[key], b[key])
+    assert_equal_detections(got, expected)
 
 
 def test_bfloat16_copy_fuses_convolutions_and_keeps_bfloat16_weights():

@@ -10,6 +10,7 @@ import torch
 import torchvision
 
 import fasterrcnn_ext.ops as ops
+from fasterrcnn_ext.engine.export import export_onnx
 from fasterrcnn_ext.models import detection as ours
 
 from .test_faster_rcnn import BUILDERS, assert_same_detections, model_pair
@@ -144,8 +145,9 @@ def test_multi_scale_roi_align_exports_per_level(names):
 # --- the whole detector ---------------------------------------------------------------------------------------------
 
 def export_detector(model, image) -> bytes:
-    return export(model, ([image],), input_names=["image"], output_names=["boxes", "labels", "scores"],
-                  dynamic_axes={"image": [1, 2], "boxes": [0], "labels": [0], "scores": [0]})
+    f = io.BytesIO()
+    export_onnx(model, image, f)  # what `fasterrcnn-ext export --format onnx` writes
+    return f.getvalue()
 
 
 def detections(outputs):

@@ -8,7 +8,13 @@ import torch
 
 from fasterrcnn_ext.models import detection as ours
 
-from .test_faster_rcnn import BUILDERS, assert_same_detections, images_and_targets, model_pair
+from .test_faster_rcnn import (
+    BUILDERS,
+    assert_equal_detections,
+    assert_same_detections,
+    images_and_targets,
+    model_pair,
+)
 
 
 def script(module):
@@ -37,10 +43,7 @@ def test_scripted_detector_equals_eager_and_torchvision_scripted(name):
         expected = mine(images)
     assert losses == {} and isinstance(got, list) and len(got) == len(images)
     assert sum(len(d["boxes"]) for d in got) > 0
-    for a, b in zip(got, expected):
-        assert a.keys() == b.keys()
-        for key in a:
-            torch.testing.assert_close(a[key], b[key])
+    assert_equal_detections(got, expected)
     if name == "fasterrcnn_resnet50_fpn":
         # The other builders' randomly initialised backbones give flat features or saturated scores, hence ties that
         # two correct models break differently even in eager mode (test_faster_rcnn.py compares those with
@@ -58,9 +61,7 @@ def test_scripted_vgg16_equals_eager():
         model.fast_inference = False
         expected = model(images)
     assert sum(len(d["boxes"]) for d in got) > 0
-    for a, b in zip(got, expected):
-        for key in a:
-            torch.testing.assert_close(a[key], b[key])
+    assert_equal_detections(got, expected)
 
 
 def test_scripted_detector_trains_with_the_eager_losses():
@@ -90,6 +91,4 @@ def test_scripted_detector_saves_and_loads(tmp_path):
     with torch.no_grad():
         _, got = run_scripted(loaded, images)
         _, expected = run_scripted(scripted, images)
-    for a, b in zip(got, expected):
-        for key in a:
-            torch.testing.assert_close(a[key], b[key])
+    assert_equal_detections(got, expected)

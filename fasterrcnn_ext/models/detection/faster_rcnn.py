@@ -25,6 +25,7 @@ from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHe
 from ... import memory, ops
 from ...capabilities import cpu_capabilities
 from ...files import is_checkpoint_path, load_checkpoint_state_dict
+from ...ops._onnx import exporting
 from ...ops._utils import pair
 from ._inference import InferenceCopy
 from ._utils import rebind
@@ -145,8 +146,8 @@ class FasterRCNN(tv_faster_rcnn.FasterRCNN):
         _check_inputs(images, targets, self.training)
         # Tracing, export and torch.compile run the modules as they are: the inference copies are built and looked up
         # in Python (parameter versions, data pointers), outside what a graph can hold.
-        if (self.training or torch.is_grad_enabled() or not self.fast_inference or torch.jit.is_tracing()
-                or torch.onnx.is_in_onnx_export() or torch.compiler.is_compiling()):
+        if (self.training or torch.is_grad_enabled() or not self.fast_inference or exporting()
+                or torch.compiler.is_compiling()):
             return super().forward(images, targets)
         return self._inference_forward(images)
 
@@ -178,7 +179,7 @@ class FasterRCNN(tv_faster_rcnn.FasterRCNN):
 
     def _inference_forward(self, images: list[Tensor]) -> list[dict[str, Tensor]]:
         pool_cpu = (self.reuse_cpu_memory and all(image.device.type == "cpu" for image in images)
-                    and not torch.compiler.is_compiling() and cpu_capabilities().memory_pool)
+                    and cpu_capabilities().memory_pool)
         with memory.cpu_pool() if pool_cpu else contextlib.nullcontext():
             return self._inference_forward_impl(images)
 
@@ -187,8 +188,7 @@ class FasterRCNN(tv_faster_rcnn.FasterRCNN):
         image_list, _ = self.transform(images)
         backbone = self._backbone_for_inference.get(self.backbone, self.inference_dtype)
         device_type = image_list.tensors.device.type
-        if (self.inference_dtype == torch.bfloat16 and device_type == "cpu" and not torch.compiler.is_compiling()
-                and not cpu_has_native_bfloat16()):
+        if self.inference_dtype == torch.bfloat16 and device_type == "cpu" and not cpu_has_native_bfloat16():
             warnings.warn("inference_dtype = torch.bfloat16 on a CPU without AVX512-BF16 or AMX: bfloat16 is "
                           "emulated there and the detector runs slower than in float32 (inference_dtype = None)",
                           RuntimeWarning, stacklevel=3)
