@@ -8,7 +8,7 @@
     fasterrcnn-ext eval --data DIR --weights runs/b/last.pt --out runs/b/eval
     fasterrcnn-ext detect img1.jpg img2.png --weights runs/a/last.pt --out runs/a/detect
     fasterrcnn-ext bench --quick
-    fasterrcnn-ext export --weights runs/a/last.pt --format onnx --out detector.onnx   # or --format torchscript
+    fasterrcnn-ext export --weights runs/a/last.pt --format onnx --out detector.onnx   # or torchscript, pt2, aoti
 """
 
 from __future__ import annotations
@@ -176,14 +176,16 @@ def _run_bench(args) -> int:
 def _add_export(sub) -> None:
     from .engine.export import FORMATS, ONNX_OPSET
 
-    p = sub.add_parser("export", help="the detector as an ONNX or TorchScript file for serving")
+    p = sub.add_parser("export", help="the detector as an ONNX, TorchScript, torch.export or AOTInductor file for "
+                       "serving")
     p.add_argument("--weights", required=True, help="a checkpoint, or torchvision weights such as "
                    "FasterRCNN_ResNet50_FPN_Weights.DEFAULT")
     p.add_argument("--format", required=True, choices=FORMATS, help="onnx (onnxruntime, standard operators), "
-                   "torchscript (LibTorch); pt2 and aoti are not supported yet")
+                   "torchscript (LibTorch), pt2 (torch.export, any image size), aoti (AOTInductor, one image size)")
     p.add_argument("--out", required=True, help="the file to write")
     p.add_argument("--image-size", type=int, nargs=2, default=[480, 640], metavar=("H", "W"),
-                   help="the example image traced for ONNX (the exported graph takes any size)")
+                   help="the example image traced for onnx and pt2 (their graphs take any size); "
+                   "the one image size an aoti package takes")
     p.add_argument("--opset", type=int, default=ONNX_OPSET)
     p.set_defaults(run=_run_export)
 
@@ -192,8 +194,6 @@ def _run_export(args) -> int:
     from .engine.detect import load_detector
     from .engine.export import export_detector
 
-    if args.format in ("pt2", "aoti"):
-        export_detector(None, args.format, args.out)  # raises the reason, before the weights are loaded
     model, _, _ = load_detector(args.weights)
     export_detector(model, args.format, args.out, tuple(args.image_size), args.opset)
     return 0

@@ -245,11 +245,34 @@ def test_export_onnx_and_torchscript_give_the_model_detections(trained, tmp_path
         torch.testing.assert_close(got[0][key], expected[key])
 
 
+def test_export_pt2_takes_any_image_size_in_a_fresh_process(trained, tmp_path, capsys):
+    from fasterrcnn_ext.engine.detect import load_detector
+
+    out = tmp_path / "d.pt2"
+    assert main(["export", "--weights", os.path.join(trained, "last.pt"), "--format", "pt2", "--out", str(out)]) == 0
+    assert "wrote" in capsys.readouterr().out
+    model, _, _ = load_detector(os.path.join(trained, "last.pt"))
+    model.eval().fast_inference = False
+    images = [SyntheticShapes(1, seed=5)[0][0], torch.rand(3, 150, 300)]
+    script = ("import sys, torch, fasterrcnn_ext; run = torch.export.load(sys.argv[1]).module(); "
+              "torch.save([run([i]) for i in torch.load(sys.argv[2])], sys.argv[3])")
+    torch.save(images, tmp_path / "in.pt")
+    proc = subprocess.run([sys.executable, "-c", script, str(out), str(tmp_path / "in.pt"), str(tmp_path / "o.pt")],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for image, got in zip(images, torch.load(tmp_path / "o.pt")):
+        with torch.no_grad():
+            expected = model([image])
+        for key in expected[0]:
+            torch.testing.assert_close(got[0][key], expected[0][key])
+
+
 def test_export_refuses_what_it_cannot_do_and_keeps_the_file(trained, tmp_path, capsys):
     out = tmp_path / "model.pt2"
     out.write_bytes(b"earlier")
-    assert main(["export", "--weights", os.path.join(trained, "last.pt"), "--format", "pt2", "--out", str(out)]) == 2
-    assert "--format pt2: not supported yet" in capsys.readouterr().err
+    assert main(["export", "--weights", os.path.join(trained, "last.pt"), "--format", "pt2", "--out", str(out),
+                 "--image-size", "16", "640"]) == 2
+    assert "--image-size must be two sizes from 32" in capsys.readouterr().err
     assert out.read_bytes() == b"earlier"
     assert main(["export", "--weights", str(tmp_path / "missing.pt"), "--format", "onnx", "--out", str(out)]) == 2
     assert "missing.pt" in capsys.readouterr().err

@@ -7,8 +7,14 @@ Formats:
   torchvision's scripted detector. Loading it needs the fasterrcnn_ext library (``import fasterrcnn_ext``, or
   ``torch.ops.load_library`` of its _C library in C++).
 
-``pt2`` and ``aoti`` (torch.export, AOTInductor) are refused with the reason: torchvision's transform, which this
-detector keeps, fixes the resized image size when exported, so the program would only take images of one size.
+- ``pt2``: ``torch.export`` of the eval detector with a dynamic image height and width (32 to ``MAX_SIDE`` pixels),
+  saved with ``torch.export.save``; ``torch.export.load(FILE).module()([image])`` gives the eager detections.
+- ``aoti``: that program compiled by AOTInductor for one image size (``--image-size``), a package that
+  ``torch._inductor.aoti_load_package(FILE)`` loads and runs without Python model code. One size, because torch
+  2.14's inductor computes wrong convolution outputs from the dynamic program's run-time (unbacked) resized size
+  (tests/models/test_export.py keeps that case as a strict xfail).
+Loading a pt2 or aoti file needs the fasterrcnn_ext library loaded first (``import fasterrcnn_ext``): the program
+calls its ops.
 
 Every file is written atomically: a failed export leaves no partial file and an earlier file of that name whole.
 """
@@ -25,6 +31,8 @@ from ..files import atomic_write
 
 FORMATS = ("onnx", "torchscript", "pt2", "aoti")
 ONNX_OPSET = 17  # RoiAlign's half_pixel mode (aligned=True) needs 16 or later
+MIN_SIDE = 32  # the FPN's coarsest level has stride 32: a smaller image pads to one cell anyway
+MAX_SIDE = 8192  # far above any resize target (torchvision's max_size is 1333); bounds the program's size range
 
 
 def export_onnx(model: torch.nn.Module, image: torch.Tensor, f, opset: int = ONNX_OPSET) -> None:
@@ -37,18 +45,34 @@ def export_onnx(model: torch.nn.Module, image: torch.Tensor, f, opset: int = ONN
                           dynamic_axes={"image": [1, 2], "boxes": [0], "labels": [0], "scores": [0]})
 
 
+def export_program(model: torch.nn.Module, image: torch.Tensor, dynamic: bool = True):
+    """``torch.export.export`` of the eval ``model`` on one image ([3, H, W]); with ``dynamic`` the program takes
+    any height and width from MIN_SIDE to MAX_SIDE (the transform's resize is computed in the program,
+    models/detection/transform.py), else only ``image``'s size."""
+    shapes = None
+    if dynamic:
+        height = torch.export.Dim("height", min=MIN_SIDE, max=MAX_SIDE)
+        width = torch.export.Dim("width", min=MIN_SIDE, max=MAX_SIDE)
+        shapes = ([{1: height, 2: width}],)
+    with torch.no_grad():
+        return torch.export.export(model.eval(), ([image],), dynamic_shapes=shapes, strict=False)
+
+
+def compile_aoti(program, f) -> None:
+    """AOTInductor: ``program`` (an ExportedProgram) compiled and packaged into ``f`` (a path or a binary file)."""
+    torch._inductor.aoti_compile_and_package(program, package_path=f)
+
+
 def export_detector(model: torch.nn.Module, fmt: str, out: str, image_size: tuple[int, int] = (480, 640),
                     opset: int = ONNX_OPSET, log=print) -> str:
     """Exports ``model`` (put in eval mode) to ``out`` in format ``fmt``; returns ``out``. ``image_size`` (H, W) is
-    the example image traced for ONNX (the exported graph takes any size)."""
+    the example image traced for onnx and pt2 (their programs take any size) and the one size an aoti package
+    takes."""
     if fmt not in FORMATS:
         raise ValueError(f"--format {fmt!r}: choose from {', '.join(FORMATS)}")
-    if fmt in ("pt2", "aoti"):
-        raise ValueError(f"--format {fmt}: not supported yet: torch.export keeps the image size that torchvision's "
-                         "transform resizes to, so the program would take images of one size only; use onnx or "
-                         "torchscript")
-    if len(image_size) != 2 or min(image_size) < 32:
-        raise ValueError(f"--image-size must be two sizes of at least 32 pixels, got {list(image_size)}")
+    if len(image_size) != 2 or not all(MIN_SIDE <= side <= MAX_SIDE for side in image_size):
+        raise ValueError(f"--image-size must be two sizes from {MIN_SIDE} to {MAX_SIDE} pixels, "
+                         f"got {list(image_size)}")
     if os.path.isdir(out):
         raise ValueError(f"--out {out} is a folder: give the file to write")
     model = model.eval()
@@ -57,6 +81,14 @@ def export_detector(model: torch.nn.Module, fmt: str, out: str, image_size: tupl
     if fmt == "onnx":
         with atomic_write(out, binary=True) as f:
             export_onnx(model, torch.rand(3, *image_size), f, opset)
+    elif fmt in ("pt2", "aoti"):
+        program = export_program(model, torch.rand(3, *image_size), dynamic=fmt == "pt2")
+        with atomic_write(out, binary=True) as f:
+            if fmt == "pt2":
+                torch.export.save(program, f)
+            else:
+                log(f"compiling with AOTInductor for {image_size[0]}x{image_size[1]} images (minutes)...")
+                compile_aoti(program, f)
     else:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # torch.jit.script's deprecation warning

@@ -309,13 +309,8 @@ def test_bfloat16_inference_runs_and_keeps_float32_boxes():
     assert sum(len(d["boxes"]) for d in out) > 0
 
 
-_V2_BATCH_NORM = pytest.mark.xfail(
-    strict=True, reason="torch 2.14's batch_norm guards on whether its input is empty, and the number of proposals "
-    "is data-dependent: v2's box head (convolutions with batch norm) cannot trace in one graph")
-
-
-@pytest.mark.parametrize("name", [pytest.param(n, marks=[pytest.mark.slow] + ([_V2_BATCH_NORM] if "v2" in n else []))
-                                  if "resnet" in n else n for n in BUILDERS + ["fasterrcnn_vgg16"]])
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if "resnet" in n else n
+                                  for n in BUILDERS + ["fasterrcnn_vgg16"]])
 def test_torch_compile_fullgraph_eval_model(name):
     """torch.compile(fullgraph=True) of the eval model gives the plain eager detections: no graph break from the
     images to the detections (the per-image splits of the post-processing are an op with unbacked output sizes)."""

@@ -68,8 +68,8 @@ class AnchorGenerator(tv_anchor_utils.AnchorGenerator):
         flat_sizes: list[int] = []
         flat_strides: list[int] = []
         for g, s in zip(grid_sizes, strides):
-            flat_sizes += [int(g[0]), int(g[1])]
-            flat_strides += [int(s[0]), int(s[1])]
+            flat_sizes += [g[0], g[1]]  # no int(): SymInts under torch.export stay symbolic
+            flat_strides += [s[0], s[1]]
         return torch.ops.fasterrcnn_ext.anchor_grid(self.cell_anchors, flat_sizes, flat_strides)
 
     @torch.jit.unused

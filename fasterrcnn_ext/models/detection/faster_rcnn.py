@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import math
 import warnings
 from collections import OrderedDict
 
 import torch
 import torchvision
 from torch import Tensor, nn
+from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
 from torch.jit.annotations import BroadcastingList2
 from torchvision.models.detection import faster_rcnn as tv_faster_rcnn
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
@@ -27,6 +29,7 @@ from ...capabilities import cpu_capabilities
 from ...files import is_checkpoint_path, load_checkpoint_state_dict
 from ...ops._onnx import exporting
 from ...ops._utils import pair
+from . import transform
 from ._inference import InferenceCopy
 from ._utils import rebind
 from .anchor_utils import AnchorGenerator
@@ -146,10 +149,51 @@ class FasterRCNN(tv_faster_rcnn.FasterRCNN):
         _check_inputs(images, targets, self.training)
         # Tracing, export and torch.compile run the modules as they are: the inference copies are built and looked up
         # in Python (parameter versions, data pointers), outside what a graph can hold.
-        if (self.training or torch.is_grad_enabled() or not self.fast_inference or exporting()
-                or torch.compiler.is_compiling()):
+        if torch.compiler.is_compiling() and not self.training:
+            return self._compiled_eval_forward(images)
+        if self.training or torch.is_grad_enabled() or not self.fast_inference or exporting():
             return super().forward(images, targets)
         return self._inference_forward(images)
+
+    @torch.jit.unused
+    def _compiled_eval_forward(self, images: list[Tensor]) -> list[dict[str, Tensor]]:
+        """The eval forward under torch.compile and torch.export: torchvision's steps, with what a graph with
+        data-dependent sizes needs.
+
+        - torch.export with a dynamic image size: the transform's sizes stay symbolic (models/detection/transform.py),
+          so one exported program takes any image size (a fixed size exports torchvision's transform as it is);
+          MultiScaleRoIAlign's scales, unless an eager call already set them, come from the
+          padded batch size (torchvision's rule on the resized size gives the same scales for resized sides of 75
+          pixels and more).
+        - the box head runs on the RoIs plus one zero row, dropped after: a box head with batch norms
+          (resnet50_fpn_v2) otherwise branches on whether the data-dependent number of RoIs is zero.
+        """
+        original_image_sizes = [(img.shape[-2], img.shape[-1]) for img in images]
+        symbolic = (torch.compiler.is_exporting() and transform.resizes_symbolically(self.transform)
+                    and any(isinstance(size, torch.SymInt) for image in images for size in image.shape[-2:]))
+        if symbolic:
+            image_list = transform.transform_images(self.transform, images)
+        else:
+            image_list, _ = self.transform(images)
+        features = self.backbone(image_list.tensors)
+        if isinstance(features, Tensor):
+            features = OrderedDict([("0", features)])
+        proposals, _ = self.rpn(image_list, features)
+        heads = self.roi_heads
+        if torch.compiler.is_exporting():
+            _settle_pool_scales(heads.box_roi_pool, features, image_list.tensors.shape[-2:])
+        box_features = heads.box_roi_pool(features, proposals, image_list.image_sizes)
+        padded = torch.cat([box_features, box_features.new_zeros((1,) + box_features.shape[1:])])
+        box_features = heads.box_head(padded)[:-1]
+        class_logits, box_regression = heads.box_predictor(box_features)
+        boxes, scores, labels = heads.postprocess_detections(class_logits, box_regression, proposals,
+                                                             image_list.image_sizes)
+        detections = [{"boxes": b, "labels": lab, "scores": sc} for b, sc, lab in zip(boxes, scores, labels)]
+        if not symbolic:
+            return self.transform.postprocess(detections, image_list.image_sizes, original_image_sizes)
+        for detection, size, original_size in zip(detections, image_list.image_sizes, original_image_sizes):
+            detection["boxes"] = transform.rescale_boxes(detection["boxes"], size, original_size)
+        return detections
 
     def _scripted_forward(self, images: list[Tensor], targets: list[dict[str, Tensor]] | None
                           ) -> tuple[dict[str, Tensor], list[dict[str, Tensor]]]:
@@ -201,6 +245,25 @@ class FasterRCNN(tv_faster_rcnn.FasterRCNN):
             proposals, _ = self.rpn.forward_with_head(rpn_head, image_list, features)
             detections, _ = self.roi_heads(features, proposals, image_list.image_sizes)
         return self.transform.postprocess(detections, image_list.image_sizes, original_image_sizes)
+
+
+def _settle_pool_scales(pool: nn.Module, features: dict[str, Tensor], padded_size) -> None:
+    """Sets an unset MultiScaleRoIAlign's scales from the padded batch size, a multiple of every feature stride
+    under torch.export (where the resized image size is only known at run time)."""
+    if not isinstance(pool, torchvision.ops.MultiScaleRoIAlign) or pool.scales is not None:
+        return
+    scales = []
+    for name in pool.featmap_names:
+        if name in features:
+            try:
+                stride = int(padded_size[0] // features[name].shape[-2])
+            except GuardOnDataDependentSymNode as e:
+                raise ValueError(
+                    f"torch.export: the stride of feature map {name!r} is not a constant of the padded image size "
+                    f"({padded_size[0]} // {features[name].shape[-2]}): run the model once eagerly before export, "
+                    "which sets MultiScaleRoIAlign's scales") from e
+            scales.append(2.0 ** -round(math.log2(stride)))
+    pool.scales = scales
 
 
 def cpu_has_native_bfloat16() -> bool:
