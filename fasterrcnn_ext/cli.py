@@ -187,6 +187,8 @@ def _add_export(sub) -> None:
                    help="the example image traced for onnx and pt2 (their graphs take any size); "
                    "the one image size an aoti package takes")
     p.add_argument("--opset", type=int, default=ONNX_OPSET)
+    p.add_argument("--dynamo", action="store_true", help="onnx through the torch.export-based exporter (our ops "
+                   "translated to standard ONNX operators) instead of the TorchScript-based one")
     p.set_defaults(run=_run_export)
 
 
@@ -195,7 +197,9 @@ def _run_export(args) -> int:
     from .engine.export import export_detector
 
     model, _, _ = load_detector(args.weights)
-    export_detector(model, args.format, args.out, tuple(args.image_size), args.opset)
+    if args.dynamo and args.format != "onnx":
+        raise ValueError(f"--dynamo chooses the ONNX exporter: it applies to --format onnx, not {args.format}")
+    export_detector(model, args.format, args.out, tuple(args.image_size), args.opset, dynamo=args.dynamo)
     return 0
 
 

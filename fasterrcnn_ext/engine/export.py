@@ -1,8 +1,10 @@
 """Export a detector for serving: ``fasterrcnn-ext export --weights W --format F --out FILE``.
 
 Formats:
-- ``onnx``: the TorchScript-based ONNX exporter (standard operators only: RoiAlign, MaxRoiPool, NonMaxSuppression,
-  ...), one image of any size in ([3, H, W] float in [0, 1]), boxes, labels and scores out; onnxruntime runs it.
+- ``onnx``: standard ONNX operators only (RoiAlign, MaxRoiPool, NonMaxSuppression, ...), one image of any size in
+  ([3, H, W] float in [0, 1]), boxes, labels and scores out; onnxruntime and OpenVINO run it. By default the
+  TorchScript-based exporter; ``--dynamo``: the torch.export-based one, with our ops translated
+  (ops/_onnxscript.py).
 - ``torchscript``: ``torch.jit.script`` of the model, saved for LibTorch; it returns (losses, detections) like
   torchvision's scripted detector. Loading it needs the fasterrcnn_ext library (``import fasterrcnn_ext``, or
   ``torch.ops.load_library`` of its _C library in C++).
@@ -35,26 +37,46 @@ MIN_SIDE = 32  # the FPN's coarsest level has stride 32: a smaller image pads to
 MAX_SIDE = 8192  # far above any resize target (torchvision's max_size is 1333); bounds the program's size range
 
 
-def export_onnx(model: torch.nn.Module, image: torch.Tensor, f, opset: int = ONNX_OPSET) -> None:
+def export_onnx(model: torch.nn.Module, image: torch.Tensor, f, opset: int = ONNX_OPSET, dynamo: bool = False) -> None:
     """Writes the eval ``model`` to ``f`` (a path or a binary file) as ONNX, traced on ``image`` ([3, H, W]): one
-    image of any size in (``image``), ``boxes``, ``labels``, ``scores`` out."""
+    image of any size in (``image``), ``boxes``, ``labels``, ``scores`` out.
+
+    ``dynamo=False``: the TorchScript-based exporter (the detector takes torchvision's paths in standard operations,
+    ops/_onnx.py). ``dynamo=True``: the torch.export-based exporter, on the program ``export_program`` exports (the
+    fused ops translated by ops/_onnxscript.py; opset 18 or later)."""
+    names = dict(input_names=["image"], output_names=["boxes", "labels", "scores"])
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the exporter's deprecation and tracer warnings
-        torch.onnx.export(model, ([image],), f, dynamo=False, opset_version=opset, input_names=["image"],
-                          output_names=["boxes", "labels", "scores"],
-                          dynamic_axes={"image": [1, 2], "boxes": [0], "labels": [0], "scores": [0]})
+        warnings.simplefilter("ignore")  # the exporters' deprecation and tracer warnings
+        if not dynamo:
+            torch.onnx.export(model, ([image],), f, dynamo=False, opset_version=opset,
+                              dynamic_axes={"image": [1, 2], "boxes": [0], "labels": [0], "scores": [0]}, **names)
+            return
+        from ..ops._onnxscript import onnx_translations
+
+        with torch.no_grad():  # RoIPool without its argmax, which has no ONNX form
+            program = torch.onnx.export(model.eval(), ([image],), dynamo=True, opset_version=max(opset, 18),
+                                        custom_translation_table=onnx_translations(),
+                                        dynamic_shapes=_dynamic_image_shapes(), verbose=False, **names)
+    data = program.model_proto.SerializeToString()
+    if isinstance(f, (str, os.PathLike)):
+        with atomic_write(os.fspath(f), binary=True) as out:
+            out.write(data)
+    else:
+        f.write(data)
+
+
+def _dynamic_image_shapes():
+    height = torch.export.Dim("height", min=MIN_SIDE, max=MAX_SIDE)
+    width = torch.export.Dim("width", min=MIN_SIDE, max=MAX_SIDE)
+    return ([{1: height, 2: width}],)
 
 
 def export_program(model: torch.nn.Module, image: torch.Tensor, dynamic: bool = True):
     """``torch.export.export`` of the eval ``model`` on one image ([3, H, W]); with ``dynamic`` the program takes
     any height and width from MIN_SIDE to MAX_SIDE (the transform's resize is computed in the program,
     models/detection/transform.py), else only ``image``'s size."""
-    shapes = None
-    if dynamic:
-        height = torch.export.Dim("height", min=MIN_SIDE, max=MAX_SIDE)
-        width = torch.export.Dim("width", min=MIN_SIDE, max=MAX_SIDE)
-        shapes = ([{1: height, 2: width}],)
     with torch.no_grad():
+        shapes = _dynamic_image_shapes() if dynamic else None
         return torch.export.export(model.eval(), ([image],), dynamic_shapes=shapes, strict=False)
 
 
@@ -64,7 +86,7 @@ def compile_aoti(program, f) -> None:
 
 
 def export_detector(model: torch.nn.Module, fmt: str, out: str, image_size: tuple[int, int] = (480, 640),
-                    opset: int = ONNX_OPSET, log=print) -> str:
+                    opset: int = ONNX_OPSET, log=print, dynamo: bool = False) -> str:
     """Exports ``model`` (put in eval mode) to ``out`` in format ``fmt``; returns ``out``. ``image_size`` (H, W) is
     the example image traced for onnx and pt2 (their programs take any size) and the one size an aoti package
     takes."""
@@ -80,7 +102,7 @@ def export_detector(model: torch.nn.Module, fmt: str, out: str, image_size: tupl
     log(f"exporting {type(model).__name__} to {fmt} ({out})...")
     if fmt == "onnx":
         with atomic_write(out, binary=True) as f:
-            export_onnx(model, torch.rand(3, *image_size), f, opset)
+            export_onnx(model, torch.rand(3, *image_size), f, opset, dynamo=dynamo)
     elif fmt in ("pt2", "aoti"):
         program = export_program(model, torch.rand(3, *image_size), dynamic=fmt == "pt2")
         with atomic_write(out, binary=True) as f:

@@ -26,9 +26,17 @@ _INT64 = torch.onnx.TensorProtoDataType.INT64
 
 
 def exporting() -> bool:
-    """Whether the caller runs under torch.onnx.export or torch.jit.trace, which record torch operations and need
-    the paths of the ops and the detector that have an ONNX form (and no data-dependent Python values)."""
+    """Whether the caller runs under torch.onnx.export (either exporter) or torch.jit.trace: the box operations
+    (IoU, clipping, coding) then take torchvision's paths, in standard operations."""
     return torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
+
+
+def tracing_by_value() -> bool:
+    """Whether the caller runs under torch.jit.trace or the TorchScript-based ONNX exporter, which record the
+    operations that run on real tensors: the fused ops' data-dependent output sizes would be frozen, so the detector
+    and the poolers take the paths of standard operations. Under torch.export and the dynamo ONNX exporter (which
+    traces through fake kernels, and translates the fused ops with ops/_onnxscript.py) this is False."""
+    return torch.jit.is_tracing() or (torch.onnx.is_in_onnx_export() and not torch.compiler.is_compiling())
 
 
 def _constant(g, values, dtype):

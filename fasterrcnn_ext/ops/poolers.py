@@ -15,7 +15,7 @@ from torch.jit.annotations import BroadcastingList2
 from torchvision.ops.poolers import initLevelMapper
 
 from .._library import assert_loaded
-from ._onnx import exporting
+from ._onnx import tracing_by_value
 from ._registration import register_autograd, register_fake
 from ._utils import check_boxes_fit_batch, pair, rois_from_boxes
 from .constants import CANONICAL_LEVEL, CANONICAL_SCALE
@@ -48,7 +48,7 @@ def multi_scale_roi_align(features: list[Tensor], boxes: Tensor | list[Tensor], 
         if features:
             check_boxes_fit_batch(boxes, features[0].size(0) if features[0].dim() == 4 else len(boxes),
                                   "multi_scale_roi_align")
-        if exporting():  # no ONNX form of the fused op: one RoIAlign per level, as torchvision's export
+        if tracing_by_value():  # no ONNX form of the fused op: one RoIAlign per level, as torchvision's export
             return _pool_per_level(features, rois_from_boxes(boxes), output_size, sampling_ratio, scales,
                                    int(canonical_scale), int(canonical_level), aligned)
     rois = rois_from_boxes(boxes)

@@ -12,7 +12,7 @@ from torchvision.models.detection import anchor_utils as tv_anchor_utils
 from torchvision.models.detection.image_list import ImageList
 
 from ..._library import assert_loaded
-from ...ops._onnx import exporting
+from ...ops._onnx import tracing_by_value
 
 
 class AnchorGenerator(tv_anchor_utils.AnchorGenerator):
@@ -81,7 +81,7 @@ class AnchorGenerator(tv_anchor_utils.AnchorGenerator):
     def grid_anchors(self, grid_sizes: list[tuple[int, int]], strides: list[tuple[int, int]]) -> list[Tensor]:
         """torchvision's per-level list of anchors."""
         if not torch.jit.is_scripting():
-            if exporting():
+            if tracing_by_value():
                 return super().grid_anchors(grid_sizes, strides)
         anchors = self.all_anchors(grid_sizes, strides)
         counts = [g[0] * g[1] * a.size(0) for g, a in zip(grid_sizes, self.cell_anchors)]
@@ -95,7 +95,7 @@ class AnchorGenerator(tv_anchor_utils.AnchorGenerator):
         Under ONNX export or torch.jit.trace, torchvision's computation in standard operations (the anchor_grid op
         has no ONNX form)."""
         if not torch.jit.is_scripting():
-            if exporting():
+            if tracing_by_value():
                 return super().forward(image_list, feature_maps)
         grid_sizes = [(f.shape[-2], f.shape[-1]) for f in feature_maps]
         image_size = image_list.tensors.shape[-2:]

@@ -27,7 +27,7 @@ from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHe
 from ... import memory, ops
 from ...capabilities import cpu_capabilities
 from ...files import is_checkpoint_path, load_checkpoint_state_dict
-from ...ops._onnx import exporting
+from ...ops._onnx import tracing_by_value
 from ...ops._utils import pair
 from . import transform
 from ._inference import InferenceCopy
@@ -151,7 +151,7 @@ class FasterRCNN(tv_faster_rcnn.FasterRCNN):
         # in Python (parameter versions, data pointers), outside what a graph can hold.
         if torch.compiler.is_compiling() and not self.training:
             return self._compiled_eval_forward(images)
-        if self.training or torch.is_grad_enabled() or not self.fast_inference or exporting():
+        if self.training or torch.is_grad_enabled() or not self.fast_inference or tracing_by_value():
             return super().forward(images, targets)
         return self._inference_forward(images)
 

@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from torchvision.models.detection import roi_heads as tv_roi_heads
 
 from ... import ops
-from ...ops._onnx import exporting
+from ...ops._onnx import tracing_by_value
 from ._utils import BoxCoder, rebind
 
 __all__ = ["RoIHeads"]
@@ -54,7 +54,7 @@ class RoIHeads(tv_roi_heads.RoIHeads):
         """Detections per image in one fused op (softmax, decode, clip, thresholds, per-class NMS, top-k); under ONNX
         export or torch.jit.trace, torchvision's steps, whose every operation has an ONNX form."""
         if not torch.jit.is_scripting():
-            if exporting():
+            if tracing_by_value():
                 return super().postprocess_detections(class_logits, box_regression, proposals, image_shapes)
         dtype = proposals[0].dtype  # boxes stay in float32 when the heads ran in half precision (autocast)
         boxes, scores, labels = ops.detection_postprocess(

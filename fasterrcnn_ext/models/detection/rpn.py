@@ -13,7 +13,7 @@ from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.rpn import RPNHead, concat_box_prediction_layers
 
 from ... import ops
-from ...ops._onnx import exporting
+from ...ops._onnx import tracing_by_value
 from ._utils import BoxCoder, rebind
 from .anchor_utils import AnchorGenerator
 
@@ -66,7 +66,7 @@ class RegionProposalNetwork(tv_rpn.RegionProposalNetwork):
 
         Under ONNX export or torch.jit.trace: torchvision's forward, whose every step has an ONNX form."""
         if not torch.jit.is_scripting():
-            if exporting():
+            if tracing_by_value():
                 return super().forward(images, features, targets)
         feature_maps = list(features.values())
         objectness, pred_bbox_deltas = self.head(feature_maps)
