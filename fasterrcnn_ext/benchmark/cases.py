@@ -253,32 +253,40 @@ def detector_cases(device: str) -> list[Case]:
 
 
 def _deployment_peers(model, image) -> list[Case]:
-    """Our eager detector against the same model exported to ONNX (as `fasterrcnn-ext export` writes it) and run by
-    onnxruntime and by OpenVINO with as many threads, each when installed: the deployment peers our eager path must
-    stay ahead of. The "torchvision" column of these rows is the runtime's time."""
+    """Our eager detector against the same model exported: the torch.export program with a dynamic image size (what
+    `fasterrcnn-ext export --format pt2` writes), and the ONNX export (TorchScript-based and, when onnxscript is
+    installed, dynamo) run by onnxruntime and by OpenVINO with as many threads, each when installed: the deployment
+    peers our eager path must stay ahead of. The "torchvision" column of these rows is the peer's time."""
     import importlib.util
-
-    runtimes = [name for name in ("onnxruntime", "openvino") if importlib.util.find_spec(name) is not None]
-    if not runtimes:
-        return []
     import io
 
-    from ..engine.export import export_onnx
+    from ..engine.export import export_onnx, export_program
 
+    program = export_program(model, image).module()
+    cases = [Case("detector vs its torch.export program (dynamic size; right column)", lambda: model([image]),
+                  lambda: program([image]), target=1.0)]
+    runtimes = [name for name in ("onnxruntime", "openvino") if importlib.util.find_spec(name) is not None]
+    if not runtimes:
+        return cases
     buffer = io.BytesIO()
     export_onnx(model, image, buffer)
     threads = torch.get_num_threads()
     feed = {"image": image.numpy()}
-    cases = []
     if "onnxruntime" in runtimes:
         import onnxruntime
 
         options = onnxruntime.SessionOptions()
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
-        session = onnxruntime.InferenceSession(buffer.getvalue(), options, providers=["CPUExecutionProvider"])
-        cases.append(Case(f"detector vs onnxruntime {onnxruntime.__version__} (its ONNX export; right column)",
-                          lambda: model([image]), lambda: session.run(None, feed), target=1.0))
+        exports = [("ONNX export", buffer.getvalue())]
+        if importlib.util.find_spec("onnxscript") is not None:
+            dynamo = io.BytesIO()
+            export_onnx(model, image, dynamo, dynamo=True)
+            exports.append(("dynamo ONNX export", dynamo.getvalue()))
+        for what, data in exports:
+            session = onnxruntime.InferenceSession(data, options, providers=["CPUExecutionProvider"])
+            cases.append(Case(f"detector vs onnxruntime {onnxruntime.__version__} (its {what}; right column)",
+                              lambda: model([image]), lambda session=session: session.run(None, feed), target=1.0))
     if "openvino" in runtimes:
         import openvino
 
