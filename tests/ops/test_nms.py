@@ -320,6 +320,39 @@ def test_nms_bitmask_score_order_keys(device):
         torch.testing.assert_close(got.cpu(), ops.nms(apart.to(dtype), scores, 0.5), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_nms_bitmask_batched_class_key_buckets(device, dtype):
+    """batched NMS sorts once by a 64-bit (class, score) key whose class half is clamped to int32 (float scores; double
+    scores take two sorts): classes past int32 share a bucket yet are still told apart, and the skip of column blocks
+    past a block's last class stays right (here with classes far apart, clustered and interleaved)."""
+    n = 700
+    boxes = rpn_like_boxes(n, dtype=dtype)
+    scores = torch.rand(n, dtype=dtype)
+    big = 2**40
+    for idxs in (torch.randint(-3, 3, (n,)) * big,  # every class outside int32 but 0
+                 torch.randint(0, 5, (n,)) + 2**31 - 3,  # straddling INT32_MAX
+                 torch.randint(0, 7, (n,)) - 2**31 - 2,  # straddling INT32_MIN
+                 torch.full((n,), -big)):
+        # torchvision's per-class loop: its coordinate trick would lose precision with such class ids.
+        expected = torchvision.ops.boxes._batched_nms_vanilla(boxes, scores, idxs, 0.5)
+        for chunk_rows, max_keep in ((0, -1), (64, -1), (64, 40)):
+            got = bitmask_nms(boxes.to(device), scores.to(device), 0.5, idxs=idxs.to(device), max_keep=max_keep,
+                              chunk_rows=chunk_rows)
+            want = expected if max_keep < 0 else expected[:max_keep]
+            torch.testing.assert_close(got.cpu(), want, rtol=0, atol=0)
+
+
+def test_nms_bitmask_stops_building_masks_once_enough_are_kept(device):
+    """max_keep reached in the first chunk: the later chunks' masks are skipped on the device and the result is the
+    prefix (sparse boxes, so nearly every box is kept)."""
+    boxes = random_boxes(2000, image_size=20000.0)
+    scores = torch.rand(2000)
+    expected = ops.nms(boxes, scores, 0.5)
+    for max_keep in (10, 64, 65):
+        got = bitmask_nms(boxes.to(device), scores.to(device), 0.5, max_keep=max_keep, chunk_rows=64)
+        torch.testing.assert_close(got.cpu(), expected[:max_keep], rtol=0, atol=0)
+
+
 def test_nms_bitmask_nan_inf_and_degenerate_boxes(device):
     boxes = rpn_like_boxes(300)
     boxes[3, 0] = float("nan")

@@ -1,6 +1,7 @@
 // The bitmask NMS of the CUDA kernel (cuda/nms_kernel.cu), written once for both devices.
 //
-// The steps: order the boxes (score descending, NaN last, ties by lower index; batched: by class first); build a
+// The steps: order the boxes in one sort (score descending, NaN last, ties by lower index; batched: by class first,
+// class and score in one 64-bit key; 32-bit score keys where the scores are floats); build a
 // mask in which word c of row i holds the bits of boxes 64c..64c+63 that box i suppresses (IoU > threshold, same
 // class, later in the order); then walk the mask one 64-box block at a time: the block's kept boxes follow from its
 // removed bits and its diagonal words alone, and the kept rows are ORed into the removed bits of every later block.
@@ -56,11 +57,19 @@ FRCNN_INLINE uint64_t nms_mask_word(const NmsBox<acc_t>& row, const NmsBox<acc_t
   return bits;
 }
 
-// Boxes sorted by class: a column block whose first class is past the row block's last shares no class with it,
-// so its words are all zero (batched_nms over many classes skips most blocks). classes == nullptr: one class.
+// A class as the sort key holds it: clamped to int32 (classes past that range share a bucket, still compared in full
+// by nms_mask_word).
+FRCNN_INLINE int32_t nms_class_bucket(int64_t cls) {
+  return static_cast<int32_t>(cls < INT32_MIN ? INT32_MIN : (cls > INT32_MAX ? INT32_MAX : cls));
+}
+
+// Boxes sorted by class bucket: a column block whose first bucket is past the row block's last shares no class with
+// it, so its words are all zero (batched_nms over many classes skips most blocks), and neither does any later column
+// block. classes == nullptr: one class.
 FRCNN_INLINE bool nms_blocks_share_a_class(const int64_t* classes, int64_t row_start, int row_size,
                                            int64_t col_start) {
-  return classes == nullptr || classes[col_start] <= classes[row_start + row_size - 1];
+  return classes == nullptr ||
+         nms_class_bucket(classes[col_start]) <= nms_class_bucket(classes[row_start + row_size - 1]);
 }
 
 // The index of x's lowest set bit; x != 0.
@@ -115,6 +124,24 @@ FRCNN_INLINE int64_t nms_order_key(float score) {
   return ~ordered;
 }
 
+// nms_order_key in 32 bits, for scores that are floats (half and bfloat16 widen to float exactly): sorting half as
+// many key bytes.
+FRCNN_INLINE int32_t nms_order_key32(float score) {
+  if (score != score) return INT32_MAX;
+  score = score + 0.0f;
+  int32_t bits;
+  memcpy(&bits, &score, sizeof bits);
+  const int32_t ordered = bits < 0 ? (bits ^ INT32_MAX) : bits;
+  return ~ordered;  // never INT32_MAX: ordered > INT32_MIN for every non-NaN float
+}
+
+// batched_nms's one sort key: class bucket in the high 32 bits, nms_order_key32 (offset to unsigned) in the low 32,
+// so that ascending order is (class, score descending, NaN last); a stable sort breaks ties by index.
+FRCNN_INLINE int64_t nms_class_order_key(float score, int64_t cls) {
+  const uint32_t low = static_cast<uint32_t>(nms_order_key32(score)) ^ 0x80000000u;
+  return static_cast<int64_t>(nms_class_bucket(cls)) * (int64_t{1} << 32) + static_cast<int64_t>(low);
+}
+
 FRCNN_INLINE int64_t nms_order_key(double score) {
   if (score != score) return INT64_MAX;
   score = score + 0.0;
@@ -126,37 +153,52 @@ FRCNN_INLINE int64_t nms_order_key(double score) {
 
 // ---- host steps ----
 
-// The NMS order from the keys of nms_order_key: ties by lower index (a stable sort); batched: by class first. Returns
-// the order and, when batched, the classes in that order (the class sort's values).
-inline std::pair<at::Tensor, at::Tensor> nms_sort_order(const at::Tensor& order_key, const at::Tensor* idxs) {
-  at::Tensor order = std::get<1>(order_key.sort(/*stable=*/true, /*dim=*/0, /*descending=*/false));
-  if (idxs == nullptr) return {order, at::Tensor()};
-  const auto [classes_sorted, by_class] = idxs->to(at::kLong).index_select(0, order).sort(/*stable=*/true, 0, false);
+// What one sort orders the boxes by (Kernels::sort_key computes it on the device):
+//  - float, half, bfloat16 scores: nms_order_key32 (int32), or for batched_nms nms_class_order_key (int64), whose
+//    stable sort gives the (class, score, index) order at once;
+//  - double scores: nms_order_key (int64); batched_nms then sorts by class in a second stable sort.
+struct NmsSortKey {
+  at::Tensor key;
+  bool has_class = false;  // key is nms_class_order_key
+};
+
+inline bool nms_scores_fit_32_bits(const at::Tensor& scores) { return scores.scalar_type() != at::kDouble; }
+
+// The NMS order (ties by lower index: stable sorts) and, when batched, the classes (int64) in that order.
+inline std::pair<at::Tensor, at::Tensor> nms_sort_order(const NmsSortKey& key, const at::Tensor* classes) {
+  at::Tensor order = std::get<1>(key.key.sort(/*stable=*/true, /*dim=*/0, /*descending=*/false));
+  if (classes == nullptr) return {order, at::Tensor()};
+  if (key.has_class) return {order, classes->index_select(0, order)};
+  const auto [classes_sorted, by_class] = classes->index_select(0, order).sort(/*stable=*/true, 0, false);
   return {order.index_select(0, by_class), classes_sorted};
 }
 
-// What the walk decided: keep[i] says whether box order[i] (the i-th in NMS order) is kept; order_key is
-// nms_order_key of each score.
+// What the walk decided: keep[i] says whether box order[i] (the i-th in NMS order) is kept; key is the sort key of
+// each box (input order).
 struct NmsBitmaskResult {
-  at::Tensor order, keep, order_key;
+  at::Tensor order, keep;
+  NmsSortKey key;
 };
 
 // The bitmask NMS on any device. `Kernels` supplies the device's three steps:
-//   static at::Tensor order_key(const at::Tensor& scores);                       // int64 [n], nms_order_key
+//   static NmsSortKey sort_key(const at::Tensor& scores, const at::Tensor* classes);   // see NmsSortKey
 //   template <typename scalar_t> static void build_mask(int64_t n, int64_t row_begin, int64_t rows,
 //       int64_t col_blocks, const scalar_t* boxes, const int64_t* classes, at::opmath_type<scalar_t> threshold,
-//       uint64_t* mask);                                                         // rows of the chunk
+//       uint64_t* mask, const int64_t* num_kept, int64_t max_keep);   // rows of the chunk; nothing once max_keep
+//                                                                     // boxes are kept (read on the device)
 //   static void reduce(int64_t n, int64_t row_begin, int64_t rows, int64_t col_blocks, const uint64_t* mask,
-//       uint64_t* removed, bool* keep, int64_t* num_kept, int64_t max_keep);     // the walk over the chunk
+//       const int64_t* classes, uint64_t* removed, bool* keep, int64_t* num_kept, int64_t max_keep);
+//                                                                     // the walk over the chunk
 // chunk_rows > 0 (a multiple of 64) sets the rows of mask built at once (tests use it to force chunking); 0: as
 // many as fit kNmsMaskBudgetBytes. Nothing here waits for the device.
 template <typename Kernels>
 NmsBitmaskResult nms_bitmask_keep_sorted(const at::Tensor& boxes, const at::Tensor& scores, const at::Tensor* idxs,
                                          double iou_threshold, int64_t max_keep, int64_t chunk_rows) {
   const int64_t n = boxes.size(0);
-  const at::Tensor order_key = Kernels::order_key(scores);
+  const at::Tensor classes = idxs != nullptr ? idxs->to(at::kLong).contiguous() : at::Tensor();
+  const NmsSortKey key = Kernels::sort_key(scores, idxs != nullptr ? &classes : nullptr);
   // (Not a structured binding: the dispatch lambda below captures these, which nvcc's front end may not accept.)
-  const std::pair<at::Tensor, at::Tensor> sorted = nms_sort_order(order_key, idxs);
+  const std::pair<at::Tensor, at::Tensor> sorted = nms_sort_order(key, idxs != nullptr ? &classes : nullptr);
   const at::Tensor& order = sorted.first;
   const at::Tensor& classes_sorted = sorted.second;
   const at::Tensor boxes_sorted = boxes.index_select(0, order).contiguous();
@@ -182,15 +224,16 @@ NmsBitmaskResult nms_bitmask_keep_sorted(const at::Tensor& boxes, const at::Tens
     auto* mask_words = reinterpret_cast<uint64_t*>(mask.data_ptr<int64_t>());
     for (int64_t row_begin = 0; row_begin < n; row_begin += chunk_rows) {
       const int64_t rows = std::min(chunk_rows, n - row_begin);
+      const int64_t* sorted_classes = idxs != nullptr ? classes_sorted.data_ptr<int64_t>() : nullptr;
       Kernels::template build_mask<scalar_t>(n, row_begin, rows, col_blocks, boxes_sorted.data_ptr<scalar_t>(),
-                                             idxs != nullptr ? classes_sorted.data_ptr<int64_t>() : nullptr,
-                                             threshold, mask_words);
-      Kernels::reduce(n, row_begin, rows, col_blocks, mask_words,
+                                             sorted_classes, threshold, mask_words, num_kept.data_ptr<int64_t>(),
+                                             walk_max_keep);
+      Kernels::reduce(n, row_begin, rows, col_blocks, mask_words, sorted_classes,
                       reinterpret_cast<uint64_t*>(removed.data_ptr<int64_t>()), keep.data_ptr<bool>(),
                       num_kept.data_ptr<int64_t>(), walk_max_keep);
     }
   });
-  return {order, keep, order_key};
+  return {order, keep, key};
 }
 
 // The kept indices from nms_bitmask_keep_sorted, by decreasing score (ties: lower index), at most max_keep (< 0:
@@ -198,9 +241,18 @@ NmsBitmaskResult nms_bitmask_keep_sorted(const at::Tensor& boxes, const at::Tens
 inline at::Tensor nms_kept_indices(const NmsBitmaskResult& r, bool batched, int64_t max_keep) {
   at::Tensor kept = r.order.masked_select(r.keep);
   if (batched && kept.numel() > 1) {
-    // Back to score order across classes (kept is grouped by class): by index, then stably by key.
-    kept = std::get<0>(kept.sort());
-    kept = kept.index_select(0, std::get<1>(r.order_key.index_select(0, kept).sort(/*stable=*/true, 0, false)));
+    // Back to score order across classes (kept is grouped by class). With a class key, the score key is its low
+    // half (offset back to int32).
+    auto score_key = [&](const at::Tensor& boxes) {
+      const at::Tensor key = r.key.key.index_select(0, boxes);
+      return r.key.has_class ? key.bitwise_and(int64_t{0xFFFFFFFF}) - int64_t{0x80000000} : key;
+    };
+    if (r.key.has_class && r.order.size(0) <= INT32_MAX) {  // one sort of (score key << 32) + index
+      kept = std::get<0>((score_key(kept) * (int64_t{1} << 32) + kept).sort()).bitwise_and(int64_t{0xFFFFFFFF});
+    } else {  // by index, then stably by the score key
+      kept = std::get<0>(kept.sort());
+      kept = kept.index_select(0, std::get<1>(score_key(kept).sort(/*stable=*/true, 0, false)));
+    }
     if (max_keep >= 0 && kept.numel() > max_keep) kept = kept.slice(0, 0, max_keep);
   }
   return kept;

@@ -13,25 +13,39 @@ namespace fasterrcnn_ext {
 namespace {
 
 struct SerialBitmaskKernels {
-  static at::Tensor order_key(const at::Tensor& scores) {
-    at::Tensor key = at::empty({scores.size(0)}, scores.options().dtype(at::kLong));
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, scores.scalar_type(), "nms_order_key", [&] {
+  static NmsSortKey sort_key(const at::Tensor& scores, const at::Tensor* classes) {
+    const at::Tensor s = scores.contiguous();
+    const int64_t n = s.size(0);
+    const bool key32 = nms_scores_fit_32_bits(s);
+    const bool has_class = classes != nullptr && key32;
+    at::Tensor key = at::empty({n}, s.options().dtype(key32 && !has_class ? at::kInt : at::kLong));
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s.scalar_type(), "nms_sort_key", [&] {
       using acc_t = at::opmath_type<scalar_t>;
-      const at::Tensor s = scores.contiguous();
       const scalar_t* in = s.data_ptr<scalar_t>();
-      int64_t* out = key.data_ptr<int64_t>();
-      at::parallel_for(0, s.size(0), 4096, [&](int64_t lo, int64_t hi) {
-        for (int64_t i = lo; i < hi; ++i) out[i] = nms_order_key(static_cast<acc_t>(in[i]));
+      const int64_t* cls = has_class ? classes->data_ptr<int64_t>() : nullptr;
+      at::parallel_for(0, n, 4096, [&](int64_t lo, int64_t hi) {
+        for (int64_t i = lo; i < hi; ++i) {
+          const acc_t score = static_cast<acc_t>(in[i]);
+          if (has_class) {
+            key.data_ptr<int64_t>()[i] = nms_class_order_key(static_cast<float>(score), cls[i]);
+          } else if (key32) {
+            key.data_ptr<int32_t>()[i] = nms_order_key32(static_cast<float>(score));
+          } else {
+            key.data_ptr<int64_t>()[i] = nms_order_key(score);
+          }
+        }
       });
     });
-    return key;
+    return {key, has_class};
   }
 
   // One "thread block" per (row block, column block) pair of the chunk, as the CUDA grid.
   template <typename scalar_t>
   static void build_mask(int64_t n, int64_t row_begin, int64_t rows, int64_t col_blocks, const scalar_t* boxes,
-                         const int64_t* classes, at::opmath_type<scalar_t> threshold, uint64_t* mask) {
+                         const int64_t* classes, at::opmath_type<scalar_t> threshold, uint64_t* mask,
+                         const int64_t* num_kept, int64_t max_keep) {
     using acc_t = at::opmath_type<scalar_t>;
+    if (max_keep >= 0 && *num_kept >= max_keep) return;  // an earlier chunk kept enough: this one is never walked
     const int64_t first_row_block = row_begin / kNmsBlockBoxes;
     const int64_t row_blocks = (rows + kNmsBlockBoxes - 1) / kNmsBlockBoxes;
     for (int64_t rb = first_row_block; rb < first_row_block + row_blocks; ++rb) {
@@ -55,7 +69,7 @@ struct SerialBitmaskKernels {
   }
 
   static void reduce(int64_t n, int64_t row_begin, int64_t rows, int64_t col_blocks, const uint64_t* mask,
-                     uint64_t* removed, bool* keep, int64_t* num_kept, int64_t max_keep) {
+                     const int64_t* classes, uint64_t* removed, bool* keep, int64_t* num_kept, int64_t max_keep) {
     const int64_t first_block = row_begin / kNmsBlockBoxes;
     const int64_t end_block = (row_begin + rows + kNmsBlockBoxes - 1) / kNmsBlockBoxes;
     for (int64_t blk = first_block; blk < end_block; ++blk) {
@@ -67,7 +81,11 @@ struct SerialBitmaskKernels {
       for (int k = 0; k < size; ++k) diag[k] = block_rows[k * col_blocks + blk];
       const uint64_t kept_bits = nms_walk_block(removed[blk], diag, size, num_kept, max_keep);
       for (int k = 0; k < size; ++k) keep[start + k] = (kept_bits >> k) & 1;
-      for (int64_t c = blk + 1; c < col_blocks; ++c) removed[c] |= nms_kept_rows_word(block_rows, col_blocks, kept_bits, c);
+      // Column blocks past the block's last class are never suppressed by it (nor is any later one).
+      for (int64_t c = blk + 1; c < col_blocks && nms_blocks_share_a_class(classes, start, size, c * kNmsBlockBoxes);
+           ++c) {
+        removed[c] |= nms_kept_rows_word(block_rows, col_blocks, kept_bits, c);
+      }
     }
   }
 };

@@ -8,7 +8,8 @@
 //    terabyte-sized mask;
 //  - a class-aware variant: boxes sorted by (class, score) and only same-class pairs compared, skipping blocks
 //    whose class ranges cannot meet;
-//  - an early exit after max_keep kept boxes;
+//  - an early exit after max_keep kept boxes (the walk, and the mask of later chunks);
+//  - one sort: 32-bit score keys, or for batched NMS one 64-bit (class, score) key;
 //  - the IoU is the shared box_math.h function in float32 (float64 for double), the same as the CPU kernel.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -17,17 +18,30 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <type_traits>
+
 #include "ops/common/checks.h"
 #include "ops/common/nms_bitmask.h"
 
 namespace fasterrcnn_ext {
 namespace {
 
-template <typename scalar_t>
-__global__ void nms_order_key_kernel(int64_t n, const scalar_t* __restrict__ scores, int64_t* __restrict__ key) {
+// The sort key of each box (common/nms_bitmask.h NmsSortKey): int32 score keys, int64 (class, score) keys, or for
+// double scores int64 score keys.
+template <typename scalar_t, typename key_t>
+__global__ void nms_sort_key_kernel(int64_t n, const scalar_t* __restrict__ scores,
+                                    const int64_t* __restrict__ classes, key_t* __restrict__ key) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (i < n) key[i] = nms_order_key(static_cast<acc_t>(scores[i]));
+  if (i >= n) return;
+  const acc_t score = static_cast<acc_t>(scores[i]);
+  if constexpr (std::is_same_v<key_t, int32_t>) {
+    key[i] = nms_order_key32(static_cast<float>(score));
+  } else if constexpr (std::is_same_v<acc_t, double>) {
+    key[i] = nms_order_key(score);
+  } else {
+    key[i] = nms_class_order_key(static_cast<float>(score), classes[i]);
+  }
 }
 
 // One block of 64 threads per (row block, column block) pair of the chunk; thread t writes row t's word.
@@ -35,8 +49,10 @@ template <typename scalar_t>
 __global__ void nms_mask_kernel(int64_t n, int64_t row_begin, int64_t col_blocks,
                                 const scalar_t* __restrict__ boxes,   // [n, 4], sorted
                                 const int64_t* __restrict__ classes,  // [n] sorted, or nullptr
-                                at::opmath_type<scalar_t> threshold, uint64_t* __restrict__ mask) {
+                                at::opmath_type<scalar_t> threshold, uint64_t* __restrict__ mask,
+                                const int64_t* __restrict__ num_kept, int64_t max_keep) {
   using acc_t = at::opmath_type<scalar_t>;
+  if (max_keep >= 0 && *num_kept >= max_keep) return;  // an earlier chunk kept enough: this one is never walked
   const int64_t row_block = row_begin / kNmsBlockBoxes + blockIdx.y;
   const int64_t col_block = blockIdx.x;
   if (col_block < row_block) return;  // below the diagonal: never read
@@ -65,12 +81,21 @@ __global__ void nms_mask_kernel(int64_t n, int64_t row_begin, int64_t col_blocks
 // word are loaded into shared memory at once; every thread then walks the block from shared memory (the same walk,
 // so all take the same branches and know the kept bits without another barrier); and the kept rows are ORed into the
 // later blocks' removed words, one word per thread, their loads independent of each other. A dependent global load
-// per kept box was the largest part of NMS time on an H100.
+// per kept box was the largest part of NMS time on an H100. With kSharedRemoved the removed words live in shared
+// memory for the whole chunk (loaded once, stored once), so the per-block OR is a shared read-modify-write instead
+// of a global one; batched_nms stops at the first column block past the block's last class.
+template <bool kSharedRemoved>
 __global__ void nms_reduce_kernel(int64_t n, int64_t row_begin, int64_t rows, int64_t col_blocks,
-                                  const uint64_t* __restrict__ mask, uint64_t* __restrict__ removed,
-                                  bool* __restrict__ keep, int64_t* __restrict__ num_kept, int64_t max_keep) {
+                                  const uint64_t* __restrict__ mask, const int64_t* __restrict__ classes,
+                                  uint64_t* __restrict__ removed_global, bool* __restrict__ keep,
+                                  int64_t* __restrict__ num_kept, int64_t max_keep) {
+  extern __shared__ uint64_t removed_shared[];
   __shared__ uint64_t diag[kNmsBlockBoxes];
   __shared__ uint64_t block_removed;
+  uint64_t* removed = kSharedRemoved ? removed_shared : removed_global;
+  if (kSharedRemoved) {
+    for (int64_t c = threadIdx.x; c < col_blocks; c += blockDim.x) removed_shared[c] = removed_global[c];
+  }
   int64_t kept = *num_kept;  // every thread keeps the same count: they all walk the same bits
   const int64_t first_block = row_begin / kNmsBlockBoxes;
   const int64_t end_block = (row_begin + rows + kNmsBlockBoxes - 1) / kNmsBlockBoxes;
@@ -87,41 +112,66 @@ __global__ void nms_reduce_kernel(int64_t n, int64_t row_begin, int64_t rows, in
     const uint64_t kept_bits = nms_walk_block(block_removed, diag, size, &kept, max_keep);
     if (threadIdx.x < size && ((kept_bits >> threadIdx.x) & 1)) keep[start + threadIdx.x] = true;
     if (kept_bits == 0) continue;  // the same in every thread
-    for (int64_t c = blk + 1 + threadIdx.x; c < col_blocks; c += blockDim.x) {
+    for (int64_t c = blk + 1 + threadIdx.x;
+         c < col_blocks && nms_blocks_share_a_class(classes, start, size, c * kNmsBlockBoxes); c += blockDim.x) {
       removed[c] |= nms_kept_rows_word(block_rows, col_blocks, kept_bits, c);
     }
   }
-  __syncthreads();  // every thread has read *num_kept
+  __syncthreads();  // every thread has read *num_kept and written its removed words
+  if (kSharedRemoved) {
+    for (int64_t c = threadIdx.x; c < col_blocks; c += blockDim.x) removed_global[c] = removed_shared[c];
+  }
   if (threadIdx.x == 0) *num_kept = kept;
 }
 
+// Up to this many removed words (32 KB: 262,144 boxes) the walk keeps them in shared memory.
+constexpr int64_t kNmsSharedRemovedWords = 4096;
+
 struct CudaBitmaskKernels {
-  static at::Tensor order_key(const at::Tensor& scores) {
+  static NmsSortKey sort_key(const at::Tensor& scores, const at::Tensor* classes) {
     const at::Tensor s = scores.contiguous();
-    at::Tensor key = at::empty({s.size(0)}, s.options().dtype(at::kLong));
+    const int64_t n = s.size(0);
+    const bool key32 = nms_scores_fit_32_bits(s);
+    const bool has_class = classes != nullptr && key32;
+    at::Tensor key = at::empty({n}, s.options().dtype(key32 && !has_class ? at::kInt : at::kLong));
     constexpr int kThreads = 256;
-    const int64_t blocks = (s.size(0) + kThreads - 1) / kThreads;
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s.scalar_type(), "nms_order_key", [&] {
-      nms_order_key_kernel<scalar_t><<<static_cast<unsigned>(blocks), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
-          s.size(0), s.data_ptr<scalar_t>(), key.data_ptr<int64_t>());
+    const auto blocks = static_cast<unsigned>((n + kThreads - 1) / kThreads);
+    const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+    const int64_t* cls = has_class ? classes->data_ptr<int64_t>() : nullptr;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s.scalar_type(), "nms_sort_key", [&] {
+      if (key32 && !has_class) {
+        nms_sort_key_kernel<scalar_t, int32_t><<<blocks, kThreads, 0, stream>>>(n, s.data_ptr<scalar_t>(), cls,
+                                                                                key.data_ptr<int32_t>());
+      } else {
+        nms_sort_key_kernel<scalar_t, int64_t><<<blocks, kThreads, 0, stream>>>(n, s.data_ptr<scalar_t>(), cls,
+                                                                                key.data_ptr<int64_t>());
+      }
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
-    return key;
+    return {key, has_class};
   }
 
   template <typename scalar_t>
   static void build_mask(int64_t n, int64_t row_begin, int64_t rows, int64_t col_blocks, const scalar_t* boxes,
-                         const int64_t* classes, at::opmath_type<scalar_t> threshold, uint64_t* mask) {
+                         const int64_t* classes, at::opmath_type<scalar_t> threshold, uint64_t* mask,
+                         const int64_t* num_kept, int64_t max_keep) {
     const dim3 grid(static_cast<unsigned>(col_blocks), static_cast<unsigned>((rows + kNmsBlockBoxes - 1) / kNmsBlockBoxes));
     nms_mask_kernel<scalar_t><<<grid, kNmsBlockBoxes, 0, at::cuda::getCurrentCUDAStream()>>>(
-        n, row_begin, col_blocks, boxes, classes, threshold, mask);
+        n, row_begin, col_blocks, boxes, classes, threshold, mask, num_kept, max_keep);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 
   static void reduce(int64_t n, int64_t row_begin, int64_t rows, int64_t col_blocks, const uint64_t* mask,
-                     uint64_t* removed, bool* keep, int64_t* num_kept, int64_t max_keep) {
-    nms_reduce_kernel<<<1, 256, 0, at::cuda::getCurrentCUDAStream()>>>(n, row_begin, rows, col_blocks, mask, removed,
-                                                                       keep, num_kept, max_keep);
+                     const int64_t* classes, uint64_t* removed, bool* keep, int64_t* num_kept, int64_t max_keep) {
+    const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+    if (col_blocks <= kNmsSharedRemovedWords) {
+      const size_t shared = static_cast<size_t>(col_blocks) * sizeof(uint64_t);
+      nms_reduce_kernel<true><<<1, 256, shared, stream>>>(n, row_begin, rows, col_blocks, mask, classes, removed,
+                                                          keep, num_kept, max_keep);
+    } else {
+      nms_reduce_kernel<false><<<1, 256, 0, stream>>>(n, row_begin, rows, col_blocks, mask, classes, removed, keep,
+                                                      num_kept, max_keep);
+    }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 };
