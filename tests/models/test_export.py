@@ -8,7 +8,7 @@ import textwrap
 import pytest
 import torch
 
-from fasterrcnn_ext.engine.export import compile_aoti, export_program
+from fasterrcnn_ext.engine.export import compile_aoti, export_detector, export_program
 from fasterrcnn_ext.models import detection as ours
 from fasterrcnn_ext.models.detection.tiny import fasterrcnn_tiny
 
@@ -137,11 +137,11 @@ def assert_close_detections(got, expected):
 
 @pytest.mark.slow
 def test_aoti_package_gives_the_detections_in_a_fresh_process(tmp_path):
-    """AOTInductor compiles the program for one image size (about a minute here)."""
+    """AOTInductor compiles the program for one image size (about a minute here), as `fasterrcnn-ext export --format
+    aoti` writes it (atomically, through a file object)."""
     model = spread_tiny()
-    image = torch.rand(3, 200, 260)
-    compile_aoti(export_program(model, image, dynamic=False), str(tmp_path / "tiny_aoti.pt2"))
-    images = [image, torch.rand(3, 200, 260)]
+    export_detector(model, "aoti", str(tmp_path / "tiny_aoti.pt2"), image_size=(200, 260), log=lambda _: None)
+    images = [torch.rand(3, 200, 260), torch.rand(3, 200, 260)]
     got = run_in_fresh_process("aoti", tmp_path / "tiny_aoti.pt2", images, tmp_path)
     for image, detections in zip(images, got):
         assert_close_detections(detections, eager_detections(model, [image]))
