@@ -9,10 +9,9 @@ import pytest
 import torch
 
 from fasterrcnn_ext.engine.export import compile_aoti, export_detector, export_program
-from fasterrcnn_ext.models import detection as ours
 from fasterrcnn_ext.models.detection.tiny import fasterrcnn_tiny
 
-from .test_faster_rcnn import BUILDERS, assert_equal_detections, model_pair
+from .test_faster_rcnn import BUILDERS, assert_equal_detections, model_pair, small_model
 
 # Sizes that resize by the short side and by the long side, in landscape and portrait, and one that pads to a single
 # cell of the coarsest level: the program must compute each resize itself.
@@ -42,12 +41,7 @@ def spread_tiny(seed=0):
 @pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if "resnet" in n else n
                                   for n in BUILDERS + ["fasterrcnn_vgg16"]])
 def test_export_with_dynamic_size_gives_eager_detections(name):
-    if name == "fasterrcnn_vgg16":
-        torch.manual_seed(0)
-        mine = ours.fasterrcnn_vgg16(num_classes=5, min_size=224, max_size=320, box_score_thresh=0.0)
-    else:
-        mine, _ = model_pair(name, box_score_thresh=0.0)
-    mine.eval()
+    mine = small_model(name, box_score_thresh=0.0).eval()
     g = torch.Generator().manual_seed(0)
     program = export_program(mine, torch.rand(3, *SIZES[0], generator=g))
     for size in SIZES:

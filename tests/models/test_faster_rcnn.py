@@ -47,6 +47,15 @@ def model_pair(name, **kw):
     return mine, theirs
 
 
+def small_model(name, **kw):
+    """Our model of builder ``name`` (or fasterrcnn_vgg16) at small image sizes, randomly initialised with seed 0
+    (the torchvision builders' weights are torchvision's model's: model_pair)."""
+    if name == "fasterrcnn_vgg16":
+        torch.manual_seed(0)
+        return ours.fasterrcnn_vgg16(num_classes=5, min_size=224, max_size=320, **kw)
+    return model_pair(name, **kw)[0]
+
+
 def assert_same_detections(mine, theirs):
     for a, b in zip(mine, theirs):
         assert a.keys() == b.keys()
@@ -314,12 +323,7 @@ def test_bfloat16_inference_runs_and_keeps_float32_boxes():
 def test_torch_compile_fullgraph_eval_model(name):
     """torch.compile(fullgraph=True) of the eval model gives the plain eager detections: no graph break from the
     images to the detections (the per-image splits of the post-processing are an op with unbacked output sizes)."""
-    if name == "fasterrcnn_vgg16":
-        torch.manual_seed(0)
-        mine = ours.fasterrcnn_vgg16(num_classes=5, min_size=224, max_size=320, box_score_thresh=0.0)
-    else:
-        mine, _ = model_pair(name, box_score_thresh=0.0)
-    mine.eval()
+    mine = small_model(name, box_score_thresh=0.0).eval()
     images, _ = images_and_targets(2)
     compiled = torch.compile(mine, fullgraph=True, backend="eager")
     with torch.no_grad():

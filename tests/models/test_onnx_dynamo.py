@@ -13,20 +13,11 @@ from fasterrcnn_ext.models import detection as ours
 from fasterrcnn_ext.ops._onnxscript import onnx_translations
 
 from .test_export import eager_detections, spread_tiny
-from .test_faster_rcnn import BUILDERS, assert_same_detections, model_pair
-from .test_onnx import IMAGE_SIZES, assert_twins_across_runtimes, detections, op_types, run
+from .test_faster_rcnn import BUILDERS, assert_same_detections, small_model
+from .test_onnx import IMAGE_SIZES, Fn, assert_twins_across_runtimes, detections, op_types, run
 
 pytest.importorskip("onnxscript")
 ort = pytest.importorskip("onnxruntime")
-
-
-class Fn(torch.nn.Module):
-    def __init__(self, fn):
-        super().__init__()
-        self.fn = fn
-
-    def forward(self, *args):
-        return self.fn(*args)
 
 
 def export_op(fn, args, dynamic) -> bytes:
@@ -140,12 +131,7 @@ def export_detector(model, image, dynamo) -> bytes:
 def test_detector_equals_the_torchscript_based_export(name):
     """The same weights through both exporters, both run by onnxruntime, on two image sizes (one resized and padded:
     the dynamo graph computes the resize from the image size)."""
-    if name == "fasterrcnn_vgg16":
-        torch.manual_seed(0)
-        mine = ours.fasterrcnn_vgg16(num_classes=5, min_size=224, max_size=320, box_score_thresh=0.05)
-    else:
-        mine, _ = model_pair(name, box_score_thresh=0.05, box_detections_per_img=1000)
-    mine.eval()
+    mine = small_model(name, box_score_thresh=0.05, box_detections_per_img=1000).eval()
     g = torch.Generator().manual_seed(0)
     images = [torch.rand(3, h, w, generator=g) for h, w in IMAGE_SIZES]
     model, reference = export_detector(mine, images[0], True), export_detector(mine, images[0], False)

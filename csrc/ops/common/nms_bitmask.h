@@ -162,7 +162,14 @@ struct NmsSortKey {
   bool has_class = false;  // key is nms_class_order_key
 };
 
-inline bool nms_scores_fit_32_bits(const at::Tensor& scores) { return scores.scalar_type() != at::kDouble; }
+// The key buffer for `scores` (contiguous) and whether it takes the class: int32 for float-like scores without
+// classes, int64 otherwise; the device kernel fills it.
+inline NmsSortKey nms_empty_sort_key(const at::Tensor& scores, bool batched) {
+  const bool key32 = scores.scalar_type() != at::kDouble;  // half and bfloat16 widen to float exactly
+  const bool has_class = batched && key32;
+  return {at::empty({scores.size(0)}, scores.options().dtype(key32 && !has_class ? at::kInt : at::kLong)),
+          has_class};
+}
 
 // The NMS order (ties by lower index: stable sorts) and, when batched, the classes (int64) in that order.
 inline std::pair<at::Tensor, at::Tensor> nms_sort_order(const NmsSortKey& key, const at::Tensor* classes) {

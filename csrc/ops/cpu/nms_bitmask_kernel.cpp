@@ -16,9 +16,9 @@ struct SerialBitmaskKernels {
   static NmsSortKey sort_key(const at::Tensor& scores, const at::Tensor* classes) {
     const at::Tensor s = scores.contiguous();
     const int64_t n = s.size(0);
-    const bool key32 = nms_scores_fit_32_bits(s);
-    const bool has_class = classes != nullptr && key32;
-    at::Tensor key = at::empty({n}, s.options().dtype(key32 && !has_class ? at::kInt : at::kLong));
+    const NmsSortKey result = nms_empty_sort_key(s, classes != nullptr);
+    const at::Tensor& key = result.key;
+    const bool has_class = result.has_class, key32 = key.scalar_type() == at::kInt;
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s.scalar_type(), "nms_sort_key", [&] {
       using acc_t = at::opmath_type<scalar_t>;
       const scalar_t* in = s.data_ptr<scalar_t>();
@@ -36,7 +36,7 @@ struct SerialBitmaskKernels {
         }
       });
     });
-    return {key, has_class};
+    return result;
   }
 
   // One "thread block" per (row block, column block) pair of the chunk, as the CUDA grid.

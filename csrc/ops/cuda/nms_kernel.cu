@@ -131,15 +131,15 @@ struct CudaBitmaskKernels {
   static NmsSortKey sort_key(const at::Tensor& scores, const at::Tensor* classes) {
     const at::Tensor s = scores.contiguous();
     const int64_t n = s.size(0);
-    const bool key32 = nms_scores_fit_32_bits(s);
-    const bool has_class = classes != nullptr && key32;
-    at::Tensor key = at::empty({n}, s.options().dtype(key32 && !has_class ? at::kInt : at::kLong));
+    const NmsSortKey result = nms_empty_sort_key(s, classes != nullptr);
+    const at::Tensor& key = result.key;
+    const bool key32 = key.scalar_type() == at::kInt;
     constexpr int kThreads = 256;
     const auto blocks = static_cast<unsigned>((n + kThreads - 1) / kThreads);
     const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-    const int64_t* cls = has_class ? classes->data_ptr<int64_t>() : nullptr;
+    const int64_t* cls = result.has_class ? classes->data_ptr<int64_t>() : nullptr;
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s.scalar_type(), "nms_sort_key", [&] {
-      if (key32 && !has_class) {
+      if (key32) {
         nms_sort_key_kernel<scalar_t, int32_t><<<blocks, kThreads, 0, stream>>>(n, s.data_ptr<scalar_t>(), cls,
                                                                                 key.data_ptr<int32_t>());
       } else {
@@ -148,7 +148,7 @@ struct CudaBitmaskKernels {
       }
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
-    return {key, has_class};
+    return result;
   }
 
   template <typename scalar_t>
