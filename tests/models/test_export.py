@@ -153,3 +153,14 @@ def test_aoti_of_the_dynamic_program(tmp_path):
     run = torch._inductor.aoti_load_package(str(path))
     image = torch.rand(3, 240, 300)
     assert_close_detections(run([image]), eager_detections(model, [image]))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU visible")
+def test_export_with_dynamic_size_on_cuda():
+    """The dynamic-size program on CUDA (the resize's sizes are computed on the CPU, the rest on the device); cuDNN
+    may pick other convolution algorithms in the program than in eager, so within float rounding."""
+    model = spread_tiny().cuda()
+    program = export_program(model, torch.rand(3, 192, 256, device="cuda"))
+    for size in SIZES:
+        image = torch.rand(3, *size, device="cuda")
+        assert_close_detections(program.module()([image]), eager_detections(model, [image]))
