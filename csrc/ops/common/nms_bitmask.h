@@ -18,6 +18,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <utility>
 
 #include "box_math.h"
@@ -111,44 +112,36 @@ FRCNN_INLINE uint64_t nms_kept_rows_word(const uint64_t* block_rows, int64_t col
   return word;
 }
 
-// An int64 whose ascending order is the NMS order of the scores: higher score first, -0 tied with +0, NaN after
-// every number (-inf included). One sort on it replaces a sort on the scores plus one on NaN-ness.
-FRCNN_INLINE int64_t nms_order_key(float score) {
-  if (score != score) return INT64_MAX;
-  score = score + 0.0f;  // -0 becomes +0
-  int32_t bits;
+// An integer whose ascending order is the NMS order of the scores: higher score first, -0 tied with +0, NaN after
+// every number (-inf included). One sort on it replaces a sort on the scores plus one on NaN-ness. Int is the
+// float's same-size signed integer.
+template <typename Float, typename Int>
+FRCNN_INLINE Int nms_order_key_bits(Float score) {
+  constexpr Int kMax = std::numeric_limits<Int>::max();
+  if (score != score) return kMax;
+  score = score + Float(0);  // -0 becomes +0
+  Int bits;
   memcpy(&bits, &score, sizeof bits);
   // As a signed integer, a float's bit pattern orders the non-negative floats; flipping the magnitude bits of the
-  // negative ones orders those too. ~ then reverses the order without overflow.
-  const int64_t ordered = bits < 0 ? (bits ^ INT32_MAX) : bits;
-  return ~ordered;
+  // negative ones orders those too. ~ then reverses the order without overflow, and never gives kMax: ordered is
+  // above the minimum for every non-NaN value.
+  const Int ordered = bits < 0 ? static_cast<Int>(bits ^ kMax) : bits;
+  return static_cast<Int>(~ordered);
 }
 
-// nms_order_key in 32 bits, for scores that are floats (half and bfloat16 widen to float exactly): sorting half as
-// many key bytes.
-FRCNN_INLINE int32_t nms_order_key32(float score) {
-  if (score != score) return INT32_MAX;
-  score = score + 0.0f;
-  int32_t bits;
-  memcpy(&bits, &score, sizeof bits);
-  const int32_t ordered = bits < 0 ? (bits ^ INT32_MAX) : bits;
-  return ~ordered;  // never INT32_MAX: ordered > INT32_MIN for every non-NaN float
-}
+// The key of float scores in 32 bits (half and bfloat16 widen to float exactly): sorting half as many key bytes.
+FRCNN_INLINE int32_t nms_order_key32(float score) { return nms_order_key_bits<float, int32_t>(score); }
+
+// As an int64 (the serial CPU NMS's radix key): nms_order_key32, widened.
+FRCNN_INLINE int64_t nms_order_key(float score) { return nms_order_key32(score); }
+
+FRCNN_INLINE int64_t nms_order_key(double score) { return nms_order_key_bits<double, int64_t>(score); }
 
 // batched_nms's one sort key: class bucket in the high 32 bits, nms_order_key32 (offset to unsigned) in the low 32,
 // so that ascending order is (class, score descending, NaN last); a stable sort breaks ties by index.
 FRCNN_INLINE int64_t nms_class_order_key(float score, int64_t cls) {
   const uint32_t low = static_cast<uint32_t>(nms_order_key32(score)) ^ 0x80000000u;
   return static_cast<int64_t>(nms_class_bucket(cls)) * (int64_t{1} << 32) + static_cast<int64_t>(low);
-}
-
-FRCNN_INLINE int64_t nms_order_key(double score) {
-  if (score != score) return INT64_MAX;
-  score = score + 0.0;
-  int64_t bits;
-  memcpy(&bits, &score, sizeof bits);
-  const int64_t ordered = bits < 0 ? (bits ^ INT64_MAX) : bits;
-  return ~ordered;  // never INT64_MAX: ordered > INT64_MIN for every non-NaN double
 }
 
 // ---- host steps ----
