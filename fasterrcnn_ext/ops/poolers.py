@@ -61,10 +61,14 @@ def _log2(x: float) -> float:
     return math.log(x) / math.log(2.0)  # TorchScript has no math.log2
 
 
+def power_of_2_scale(approx: float) -> float:
+    """The power of 2 nearest ``approx`` in log scale: a feature map's spatial scale (torchvision's rule)."""
+    return 2.0 ** float(round(_log2(approx)))
+
+
 def infer_scale(feature: Tensor, original_size: list[int]) -> float:
     """The power-of-2 spatial scale of a feature map for an image of ``original_size`` (torchvision's rule)."""
-    approx = float(feature.shape[-2]) / float(original_size[0])
-    return 2.0 ** float(round(_log2(approx)))
+    return power_of_2_scale(float(feature.shape[-2]) / float(original_size[0]))
 
 
 @torch.fx.wrap
@@ -181,7 +185,7 @@ def _pool_non_adjacent_levels(features: list[Tensor], rois: Tensor, output_size:
 def _pool_per_level(features: list[Tensor], rois: Tensor, output_size: list[int], sampling_ratio: int,
                     scales: list[float], canonical_scale: int, canonical_level: int, aligned: bool) -> Tensor:
     """The FPN level rule, then one RoIAlign per level (torchvision's MultiScaleRoIAlign): for maps that skip a
-    level (the fused op needs every level) and under ONNX export (the fused op has no ONNX form)."""
+    level (the fused op needs every level) and under the TorchScript-based ONNX exporter (tracing_by_value())."""
     k_min = int(round(-_log2(scales[0])))
     k_max = int(round(-_log2(scales[-1])))
     mapper = initLevelMapper(k_min, k_max, canonical_scale=canonical_scale, canonical_level=canonical_level)

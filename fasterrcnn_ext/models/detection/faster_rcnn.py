@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import math
 import warnings
 from collections import OrderedDict
 
@@ -29,6 +28,7 @@ from ...capabilities import cpu_capabilities
 from ...files import is_checkpoint_path, load_checkpoint_state_dict
 from ...ops._onnx import tracing_by_value
 from ...ops._utils import pair
+from ...ops.poolers import power_of_2_scale
 from . import transform
 from ._inference import InferenceCopy
 from ._utils import rebind
@@ -262,7 +262,7 @@ def _settle_pool_scales(pool: nn.Module, features: dict[str, Tensor], padded_siz
                     f"torch.export: the stride of feature map {name!r} is not a constant of the padded image size "
                     f"({padded_size[0]} // {features[name].shape[-2]}): run the model once eagerly before export, "
                     "which sets MultiScaleRoIAlign's scales") from e
-            scales.append(2.0 ** -round(math.log2(stride)))
+            scales.append(power_of_2_scale(1.0 / stride))
     pool.scales = scales
 
 
