@@ -8,7 +8,6 @@ Formats:
 - ``torchscript``: ``torch.jit.script`` of the model, saved for LibTorch; it returns (losses, detections) like
   torchvision's scripted detector. Loading it needs the fasterrcnn_ext library (``import fasterrcnn_ext``, or
   ``torch.ops.load_library`` of its _C library in C++).
-
 - ``pt2``: ``torch.export`` of the eval detector with a dynamic image height and width (32 to ``MAX_SIDE`` pixels),
   saved with ``torch.export.save``; ``torch.export.load(FILE).module()([image])`` gives the eager detections.
 - ``aoti``: that program compiled by AOTInductor for one image size (``--image-size``), a package that
@@ -23,6 +22,7 @@ Every file is written atomically: a failed export leaves no partial file and an 
 
 from __future__ import annotations
 
+import io
 import os
 import time
 import warnings
@@ -47,17 +47,19 @@ def export_onnx(model: torch.nn.Module, image: torch.Tensor, f, opset: int = ONN
     names = dict(input_names=["image"], output_names=["boxes", "labels", "scores"])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the exporters' deprecation and tracer warnings
-        if not dynamo:
-            torch.onnx.export(model, ([image],), f, dynamo=False, opset_version=opset,
-                              dynamic_axes={"image": [1, 2], "boxes": [0], "labels": [0], "scores": [0]}, **names)
-            return
-        from ..ops._onnxscript import onnx_translations
+        if dynamo:
+            from ..ops._onnxscript import onnx_translations
 
-        with torch.no_grad():  # RoIPool without its argmax, which has no ONNX form
-            program = torch.onnx.export(model.eval(), ([image],), dynamo=True, opset_version=max(opset, 18),
-                                        custom_translation_table=onnx_translations(),
-                                        dynamic_shapes=_dynamic_image_shapes(), verbose=False, **names)
-    data = program.model_proto.SerializeToString()
+            with torch.no_grad():  # RoIPool without its argmax, which has no ONNX form
+                program = torch.onnx.export(model.eval(), ([image],), dynamo=True, opset_version=max(opset, 18),
+                                            custom_translation_table=onnx_translations(),
+                                            dynamic_shapes=_dynamic_image_shapes(), verbose=False, **names)
+            data = program.model_proto.SerializeToString()
+        else:
+            buffer = io.BytesIO()
+            torch.onnx.export(model, ([image],), buffer, dynamo=False, opset_version=opset,
+                              dynamic_axes={"image": [1, 2], "boxes": [0], "labels": [0], "scores": [0]}, **names)
+            data = buffer.getvalue()
     if isinstance(f, (str, os.PathLike)):
         with atomic_write(os.fspath(f), binary=True) as out:
             out.write(data)
