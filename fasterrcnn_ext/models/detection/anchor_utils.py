@@ -92,8 +92,8 @@ class AnchorGenerator(tv_anchor_utils.AnchorGenerator):
         same tensor is returned for each: treat it as read-only). Anchors take the features' dtype, except that
         half-precision features get float32 anchors (fp32 box coordinates).
 
-        Under ONNX export or torch.jit.trace, torchvision's computation in standard operations (the anchor_grid op
-        has no ONNX form)."""
+        Under torch.jit.trace or the TorchScript-based ONNX exporter (tracing_by_value()), torchvision's computation
+        in standard operations (those record what runs on real tensors; the dynamo exporter translates anchor_grid)."""
         if not torch.jit.is_scripting():
             if tracing_by_value():
                 return super().forward(image_list, feature_maps)

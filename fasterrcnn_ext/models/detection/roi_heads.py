@@ -51,8 +51,9 @@ class RoIHeads(tv_roi_heads.RoIHeads):
 
     def postprocess_detections(self, class_logits: Tensor, box_regression: Tensor, proposals: list[Tensor],
                                image_shapes: list[tuple[int, int]]) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
-        """Detections per image in one fused op (softmax, decode, clip, thresholds, per-class NMS, top-k); under ONNX
-        export or torch.jit.trace, torchvision's steps, whose every operation has an ONNX form."""
+        """Detections per image in one fused op (softmax, decode, clip, thresholds, per-class NMS, top-k); under
+        torch.jit.trace or the TorchScript-based ONNX exporter (tracing_by_value()), torchvision's steps, whose every
+        operation has an ONNX form."""
         if not torch.jit.is_scripting():
             if tracing_by_value():
                 return super().postprocess_detections(class_logits, box_regression, proposals, image_shapes)

@@ -56,15 +56,16 @@ class RegionProposalNetwork(tv_rpn.RegionProposalNetwork):
     @torch.jit.unused
     def filter_proposals(self, proposals: Tensor, objectness: Tensor, image_shapes: list[tuple[int, int]],
                          num_anchors_per_level: list[int]) -> tuple[list[Tensor], list[Tensor]]:
-        """torchvision's selection, in standard operations: used only under ONNX export or torch.jit.trace (forward
-        selects with the fused rpn_proposals op otherwise)."""
+        """torchvision's selection, in standard operations: used only under torch.jit.trace or the
+        TorchScript-based ONNX exporter (forward selects with the fused rpn_proposals op otherwise)."""
         return super().filter_proposals(proposals, objectness, image_shapes, num_anchors_per_level)
 
     def forward(self, images: ImageList, features: dict[str, Tensor],
                 targets: list[dict[str, Tensor]] | None = None) -> tuple[list[Tensor], dict[str, Tensor]]:
         """Returns one Tensor[P_i, 4] of proposals per image and, in training, the RPN losses.
 
-        Under ONNX export or torch.jit.trace: torchvision's forward, whose every step has an ONNX form."""
+        Under torch.jit.trace or the TorchScript-based ONNX exporter (tracing_by_value()): torchvision's forward,
+        whose every step has an ONNX form."""
         if not torch.jit.is_scripting():
             if tracing_by_value():
                 return super().forward(images, features, targets)
