@@ -1,6 +1,7 @@
 // Schemas of RoIAlign and the fused multi-level RoIAlign. Kernels: cpu/roi_align_kernel.cpp,
 // cuda/roi_align_kernel.cu; autocast: autocast/autocast_kernels.cpp.
 // _roi_align_per_element: cpu/roi_align_per_element_kernel.cpp, cuda/roi_align_kernel.cu.
+// _roi_align_backward_fixed_point: cpu/roi_backward_fixed_point_kernel.cpp, cuda/roi_align_kernel.cu.
 #include <torch/library.h>
 
 TORCH_LIBRARY_FRAGMENT(fasterrcnn_ext, m) {
@@ -32,4 +33,11 @@ TORCH_LIBRARY_FRAGMENT(fasterrcnn_ext, m) {
       "_roi_align_per_element(Tensor[] features, Tensor rois, float[] scales, SymInt pooled_height, "
       "SymInt pooled_width, int sampling_ratio, bool aligned, float canonical_scale, float canonical_level, "
       "int table_bytes) -> Tensor");
+  // Private: the CUDA backward under torch.use_deterministic_algorithms(True) (fixed-point atomics,
+  // common/fixed_point.h) on any device; on the CPU its steps run serially, so the CPU tests cover them.
+  // _multi_scale_roi_align_backward's arguments and result (one level: roi_align's backward).
+  m.def(
+      "_roi_align_backward_fixed_point(Tensor grad, Tensor rois, float[] scales, SymInt pooled_height, "
+      "SymInt pooled_width, int sampling_ratio, bool aligned, float canonical_scale, float canonical_level, "
+      "SymInt batch_size, SymInt channels, SymInt[] heights, SymInt[] widths) -> Tensor[]");
 }

@@ -1,4 +1,5 @@
-// Schemas of RoIPool. Kernels: cpu/roi_pool_kernel.cpp, cuda/roi_pool_kernel.cu.
+// Schemas of RoIPool. Kernels: cpu/roi_pool_kernel.cpp, cuda/roi_pool_kernel.cu;
+// _roi_pool_backward_fixed_point: cpu/roi_backward_fixed_point_kernel.cpp, cuda/roi_pool_kernel.cu.
 #include <torch/library.h>
 
 TORCH_LIBRARY_FRAGMENT(fasterrcnn_ext, m) {
@@ -15,4 +16,10 @@ TORCH_LIBRARY_FRAGMENT(fasterrcnn_ext, m) {
   m.def(
       "_roi_pool_backward(Tensor grad, Tensor rois, Tensor argmax, float spatial_scale, SymInt pooled_height, "
       "SymInt pooled_width, SymInt batch_size, SymInt channels, SymInt height, SymInt width) -> Tensor");
+  // Private: the CUDA backward under torch.use_deterministic_algorithms(True) (fixed-point atomics,
+  // common/fixed_point.h) on any device; on the CPU its steps run serially, so the CPU tests cover them.
+  m.def(
+      "_roi_pool_backward_fixed_point(Tensor grad, Tensor rois, Tensor argmax, float spatial_scale, "
+      "SymInt pooled_height, SymInt pooled_width, SymInt batch_size, SymInt channels, SymInt height, SymInt width) "
+      "-> Tensor");
 }

@@ -220,6 +220,12 @@ def _multi_scale_roi_align_backward_fake(grad, rois, scales, pooled_height, pool
     return [grad.new_empty((batch_size, channels, h, w)) for h, w in zip(heights, widths)]
 
 
+@register_fake("fasterrcnn_ext::_roi_align_backward_fixed_point")
+def _roi_align_backward_fixed_point_fake(grad, rois, scales, pooled_height, pooled_width, sampling_ratio, aligned,
+                                         canonical_scale, canonical_level, batch_size, channels, heights, widths):
+    return [grad.new_empty((batch_size, channels, h, w)) for h, w in zip(heights, widths)]
+
+
 def _setup_context(ctx, inputs, output):
     # Some torch versions (2.11) leave arguments equal to their schema default out of `inputs`.
     features, rois, scales, pooled_height, pooled_width, sampling_ratio, aligned = inputs[:7]

@@ -77,6 +77,12 @@ def _roi_pool_backward_fake(grad, rois, argmax, spatial_scale, pooled_height, po
     return grad.new_empty((batch_size, channels, height, width))
 
 
+@register_fake("fasterrcnn_ext::_roi_pool_backward_fixed_point")
+def _roi_pool_backward_fixed_point_fake(grad, rois, argmax, spatial_scale, pooled_height, pooled_width, batch_size,
+                                        channels, height, width):
+    return grad.new_empty((batch_size, channels, height, width))
+
+
 def _roi_pool_setup_context(ctx, inputs, output):
     input, rois, spatial_scale, pooled_height, pooled_width = inputs
     _, argmax = output

@@ -191,6 +191,21 @@ FRCNN_INLINE void roi_align_visit_samples(const RoIAlignGeometry<T>& g, int64_t 
   }
 }
 
+// The backward of output element (p, q) of one channel plane: add(offset, term) for the four taps of every valid
+// sample, in sample order, term = the tap's weight * grad / count (the plane's offset y * width + x). The CUDA
+// backward (float or fixed-point atomics) and the fixed-point CPU twin.
+template <typename T, typename Add>
+FRCNN_INLINE void roi_align_scatter_bin(const RoIAlignGeometry<T>& g, int64_t height, int64_t width, int64_t p,
+                                        int64_t q, T grad, Add&& add) {
+  const T gbin = grad / g.count;
+  roi_align_visit_samples(g, height, width, p, q, [&](const AxisWeights<T>& y, const AxisWeights<T>& x) {
+    add(y.low * width + x.low, y.w_low * x.w_low * gbin);
+    add(y.low * width + x.high, y.w_low * x.w_high * gbin);
+    add(y.high * width + x.low, y.w_high * x.w_low * gbin);
+    add(y.high * width + x.high, y.w_high * x.w_high * gbin);
+  });
+}
+
 // The same element as roi_align_table_bin, without a table.
 template <typename T, typename scalar_t>
 FRCNN_INLINE T roi_align_direct_bin(const RoIAlignGeometry<T>& g, const scalar_t* plane, int64_t height,

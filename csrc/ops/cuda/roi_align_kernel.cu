@@ -8,8 +8,9 @@
 // per-level launches). float16/bfloat16 accumulate in float32; addresses are int64. A RoI whose batch index is
 // outside [0, N) trips a device-side assert and is never read.
 // Backward: one thread per output element, atomics into a float32 (float64 for double) buffer; under
-// torch.use_deterministic_algorithms(True), one thread per (image, channel) plane accumulates every RoI in order
-// instead, without atomics.
+// torch.use_deterministic_algorithms(True), the same threads add fixed-point int64 terms instead
+// (common/fixed_point.h: integer atomics, whose sum does not depend on their order), which the private op
+// _roi_align_backward_fixed_point exposes and its CPU twin checks.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -23,6 +24,7 @@
 
 #include "ops/common/checks.h"
 #include "ops/common/roi_align_per_element.h"
+#include "ops/cuda/fixed_point.cuh"
 
 namespace fasterrcnn_ext {
 namespace {
@@ -106,29 +108,6 @@ __device__ __forceinline__ Bin bin_of(int64_t idx, const Pool& pp) {
   return bin;
 }
 
-// Scatters the gradient of output element (c, p, q) of a RoI to its plane: atomically, or plainly when the caller
-// guarantees one writer per plane (the deterministic kernel).
-template <bool kAtomic, typename acc_t>
-__device__ __forceinline__ void scatter_bin(const Levels<acc_t>& gl, const Pool& pp, const RoIAlignTask<acc_t>& task,
-                                            int64_t c, int64_t p, int64_t q, acc_t grad) {
-  const RoIAlignGeometry<acc_t>& g = task.g;
-  const int64_t height = gl.height[task.level], width = gl.width[task.level];
-  acc_t* plane = gl.data[task.level] + (task.image * pp.channels + c) * height * width;
-  const acc_t gbin = grad / g.count;
-  roi_align_visit_samples(g, height, width, p, q, [&](const AxisWeights<acc_t>& y, const AxisWeights<acc_t>& x) {
-    acc_t* t[4] = {plane + y.low * width + x.low, plane + y.low * width + x.high, plane + y.high * width + x.low,
-                   plane + y.high * width + x.high};
-    const acc_t w[4] = {y.w_low * x.w_low, y.w_low * x.w_high, y.w_high * x.w_low, y.w_high * x.w_high};
-    for (int k = 0; k < 4; ++k) {
-      if (kAtomic) {
-        atomicAdd(t[k], w[k] * gbin);
-      } else {
-        *t[k] += w[k] * gbin;
-      }
-    }
-  });
-}
-
 template <typename scalar_t, typename acc_t>
 __global__ void roi_align_backward_kernel(int64_t total, Levels<acc_t> gl, const scalar_t* __restrict__ rois,
                                           Pool pp, const scalar_t* __restrict__ grad, int64_t gs0, int64_t gs1,
@@ -139,31 +118,35 @@ __global__ void roi_align_backward_kernel(int64_t total, Levels<acc_t> gl, const
     const RoIAlignTask<acc_t> task = read_task<acc_t>(gl, pp, rois, bin.r);
     CUDA_KERNEL_ASSERT(task.valid && "roi_align backward: a RoI's batch index is outside [0, N)");
     if (!task.valid) continue;
-    scatter_bin<true>(gl, pp, task, bin.c, bin.p, bin.q,
-                      static_cast<acc_t>(grad[bin.r * gs0 + bin.c * gs1 + bin.p * gs2 + bin.q * gs3]));
+    const int64_t height = gl.height[task.level], width = gl.width[task.level];
+    acc_t* plane = gl.data[task.level] + (task.image * pp.channels + bin.c) * height * width;
+    roi_align_scatter_bin(task.g, height, width, bin.p, bin.q,
+                          static_cast<acc_t>(grad[bin.r * gs0 + bin.c * gs1 + bin.p * gs2 + bin.q * gs3]),
+                          [&](int64_t offset, acc_t term) { atomicAdd(plane + offset, term); });
   }
 }
 
-// Deterministic: thread (n, c) owns plane c of image n on every level and adds every RoI's gradient in order.
+// Deterministic: the same threads, each term added in fixed point (sums) or as a non-finite flag (flags).
 template <typename scalar_t, typename acc_t>
-__global__ void roi_align_backward_deterministic_kernel(Levels<acc_t> gl, const scalar_t* __restrict__ rois, Pool pp,
-                                                        const scalar_t* __restrict__ grad, int64_t gs0, int64_t gs1,
-                                                        int64_t gs2, int64_t gs3) {
-  // A grid-stride loop: the grid is capped (blocks_for), and planes past it must still be done.
-  for (int64_t plane_id = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
-       plane_id < pp.batch * pp.channels; plane_id += static_cast<int64_t>(blockDim.x) * gridDim.x) {
-    const int64_t n = plane_id / pp.channels, c = plane_id % pp.channels;
-    for (int64_t r = 0; r < pp.num_rois; ++r) {
-      const RoIAlignTask<acc_t> task = read_task<acc_t>(gl, pp, rois, r);
-      CUDA_KERNEL_ASSERT(task.valid && "roi_align backward: a RoI's batch index is outside [0, N)");
-      if (!task.valid || task.image != n) continue;
-      for (int64_t p = 0; p < pp.pooled_h; ++p) {
-        for (int64_t q = 0; q < pp.pooled_w; ++q) {
-          scatter_bin<false>(gl, pp, task, c, p, q,
-                             static_cast<acc_t>(grad[r * gs0 + c * gs1 + p * gs2 + q * gs3]));
-        }
-      }
-    }
+__global__ void roi_align_backward_fixed_point_kernel(int64_t total, Levels<int64_t> sums, Levels<int32_t> flags,
+                                                      const double* __restrict__ max_abs,
+                                                      const scalar_t* __restrict__ rois, Pool pp,
+                                                      const scalar_t* __restrict__ grad, int64_t gs0, int64_t gs1,
+                                                      int64_t gs2, int64_t gs3) {
+  const FixedPointScale s = fixed_point_scale(*max_abs, max(int64_t{1}, pp.num_rois * pp.pooled_h * pp.pooled_w));
+  for (int64_t idx = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; idx < total;
+       idx += static_cast<int64_t>(blockDim.x) * gridDim.x) {
+    const Bin bin = bin_of(idx, pp);
+    const RoIAlignTask<acc_t> task = read_task<acc_t>(sums, pp, rois, bin.r);
+    CUDA_KERNEL_ASSERT(task.valid && "roi_align backward: a RoI's batch index is outside [0, N)");
+    if (!task.valid) continue;
+    const int64_t height = sums.height[task.level], width = sums.width[task.level];
+    const int64_t plane = (task.image * pp.channels + bin.c) * height * width;
+    int64_t* sum = sums.data[task.level] + plane;
+    int32_t* flag = flags.data[task.level] + plane;
+    roi_align_scatter_bin(task.g, height, width, bin.p, bin.q,
+                          static_cast<acc_t>(grad[bin.r * gs0 + bin.c * gs1 + bin.p * gs2 + bin.q * gs3]),
+                          [&](int64_t offset, acc_t term) { fixed_point_atomic_add(sum + offset, flag + offset, term, s); });
   }
 }
 
@@ -212,14 +195,53 @@ at::Tensor forward_cuda(const std::vector<at::Tensor>& features_in, const at::Te
   return out;
 }
 
-std::vector<at::Tensor> backward_cuda(const at::Tensor& grad, const at::Tensor& rois_in, at::ArrayRef<double> scales,
-                                      const Pool& pool_in, at::IntArrayRef heights, at::IntArrayRef widths) {
+// Deterministic: fixed-point sums (the private op _roi_align_backward_fixed_point).
+std::vector<at::Tensor> backward_fixed_point_cuda(const at::Tensor& grad, const at::Tensor& rois_in,
+                                                  at::ArrayRef<double> scales, const Pool& pool_in,
+                                                  at::IntArrayRef heights, at::IntArrayRef widths) {
   const c10::cuda::CUDAGuard guard(grad.device());
   const at::Tensor rois = rois_in.contiguous();
   Pool pp = pool_in;
   pp.num_rois = rois.size(0);
   check_pool_grad(grad, pp.num_rois, pp.channels, pp.pooled_h, pp.pooled_w, "roi_align backward");
-  const bool deterministic = at::globalContext().deterministicAlgorithms();
+  std::vector<FixedPointSums> levels;
+  std::vector<int64_t*> sums;
+  std::vector<int32_t*> flags;
+  for (size_t l = 0; l < heights.size(); ++l) {
+    levels.emplace_back(at::IntArrayRef{pp.batch, pp.channels, heights[l], widths[l]}, grad.options());
+    sums.push_back(levels.back().sums.data_ptr<int64_t>());
+    flags.push_back(levels.back().flags.data_ptr<int32_t>());
+  }
+  const int64_t total = grad.numel(), terms = std::max<int64_t>(1, pp.num_rois * pp.pooled_h * pp.pooled_w);
+  const at::Tensor max_abs = total > 0 ? finite_abs_max_on_device(grad) : at::zeros({}, grad.options().dtype(at::kDouble));
+  std::vector<at::Tensor> result;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "roi_align_backward_fixed_point_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const char* op = "multi_scale_roi_align backward (CUDA)";
+    const Levels<int64_t> sl = make_roi_align_levels(sums, heights, widths, scales, op);
+    const Levels<int32_t> fl = make_roi_align_levels(flags, heights, widths, scales, op);
+    if (total > 0) {
+      roi_align_backward_fixed_point_kernel<scalar_t, acc_t>
+          <<<blocks_for(total), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+              total, sl, fl, max_abs.data_ptr<double>(), rois.data_ptr<scalar_t>(), pp, grad.data_ptr<scalar_t>(),
+              grad.stride(0), grad.stride(1), grad.stride(2), grad.stride(3));
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+    for (const FixedPointSums& level : levels) result.push_back(fixed_point_values<scalar_t>(level, max_abs, terms));
+  });
+  return result;
+}
+
+std::vector<at::Tensor> backward_cuda(const at::Tensor& grad, const at::Tensor& rois_in, at::ArrayRef<double> scales,
+                                      const Pool& pool_in, at::IntArrayRef heights, at::IntArrayRef widths) {
+  if (at::globalContext().deterministicAlgorithms()) {
+    return backward_fixed_point_cuda(grad, rois_in, scales, pool_in, heights, widths);
+  }
+  const c10::cuda::CUDAGuard guard(grad.device());
+  const at::Tensor rois = rois_in.contiguous();
+  Pool pp = pool_in;
+  pp.num_rois = rois.size(0);
+  check_pool_grad(grad, pp.num_rois, pp.channels, pp.pooled_h, pp.pooled_w, "roi_align backward");
   std::vector<at::Tensor> result;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "roi_align_backward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -232,16 +254,8 @@ std::vector<at::Tensor> backward_cuda(const at::Tensor& grad, const at::Tensor& 
     }
     const Levels<acc_t> gl = make_roi_align_levels(data, heights, widths, scales, "multi_scale_roi_align (CUDA)");
     const int64_t total = grad.numel();
-    cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-    if (total > 0 && deterministic) {
-      roi_align_backward_deterministic_kernel<scalar_t, acc_t>
-          <<<blocks_for(pp.batch * pp.channels), kThreads, 0, stream>>>(gl, rois.data_ptr<scalar_t>(), pp,
-                                                                         grad.data_ptr<scalar_t>(), grad.stride(0),
-                                                                         grad.stride(1), grad.stride(2),
-                                                                         grad.stride(3));
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    } else if (total > 0) {
-      roi_align_backward_kernel<scalar_t, acc_t><<<blocks_for(total), kThreads, 0, stream>>>(
+    if (total > 0) {
+      roi_align_backward_kernel<scalar_t, acc_t><<<blocks_for(total), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
           total, gl, rois.data_ptr<scalar_t>(), pp, grad.data_ptr<scalar_t>(), grad.stride(0), grad.stride(1),
           grad.stride(2), grad.stride(3));
       C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -291,6 +305,19 @@ std::vector<at::Tensor> multi_scale_roi_align_backward_cuda(const at::Tensor& gr
   return backward_cuda(grad, rois, scales, pp, heights, widths);
 }
 
+std::vector<at::Tensor> roi_align_backward_fixed_point_cuda(const at::Tensor& grad, const at::Tensor& rois,
+                                                            at::ArrayRef<double> scales, int64_t pooled_height,
+                                                            int64_t pooled_width, int64_t sampling_ratio,
+                                                            bool aligned, double canonical_scale,
+                                                            double canonical_level, int64_t batch_size,
+                                                            int64_t channels, at::IntArrayRef heights,
+                                                            at::IntArrayRef widths) {
+  check_level_shapes(scales, heights, widths);
+  const Pool pp{pooled_height, pooled_width, sampling_ratio, batch_size, channels, 0, aligned,
+                static_cast<float>(canonical_scale), static_cast<float>(canonical_level)};
+  return backward_fixed_point_cuda(grad, rois, scales, pp, heights, widths);
+}
+
 at::Tensor roi_align_per_element_cuda(at::TensorList features, const at::Tensor& rois, at::ArrayRef<double> scales,
                                       int64_t pooled_height, int64_t pooled_width, int64_t sampling_ratio,
                                       bool aligned, double canonical_scale, double canonical_level,
@@ -310,4 +337,5 @@ TORCH_LIBRARY_IMPL(fasterrcnn_ext, CUDA, m) {
   m.impl("multi_scale_roi_align", &fasterrcnn_ext::multi_scale_roi_align_cuda);
   m.impl("_multi_scale_roi_align_backward", &fasterrcnn_ext::multi_scale_roi_align_backward_cuda);
   m.impl("_roi_align_per_element", &fasterrcnn_ext::roi_align_per_element_cuda);
+  m.impl("_roi_align_backward_fixed_point", &fasterrcnn_ext::roi_align_backward_fixed_point_cuda);
 }

@@ -3,7 +3,8 @@
 // One thread per output element (RoI, channel, bin), NCHW input, int64 indices; the bin geometry is the shared
 // roi_math.h code of the CPU kernel. A RoI whose batch index is outside [0, N) trips a device-side assert and is
 // never read. Backward: atomics into a float32 (float64 for double) buffer, or under
-// torch.use_deterministic_algorithms(True) one thread per (image, channel) plane adding every RoI in order.
+// torch.use_deterministic_algorithms(True) fixed-point int64 atomics (common/fixed_point.h: the sum does not depend
+// on the order of the adds), which the private op _roi_pool_backward_fixed_point exposes and its CPU twin checks.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -15,6 +16,7 @@
 
 #include "ops/common/checks.h"
 #include "ops/common/roi_math.h"
+#include "ops/cuda/fixed_point.cuh"
 
 namespace fasterrcnn_ext {
 namespace {
@@ -94,28 +96,26 @@ __global__ void roi_pool_backward_kernel(int64_t total, const scalar_t* __restri
   }
 }
 
+// Deterministic: the same threads, each term added in fixed point (sums) or as a non-finite flag (flags).
 template <typename scalar_t, typename acc_t>
-__global__ void roi_pool_backward_deterministic_kernel(int64_t num_rois, const scalar_t* __restrict__ grad,
-                                                       const int64_t* __restrict__ argmax,
-                                                       const scalar_t* __restrict__ rois, int64_t batch,
-                                                       int64_t channels, int64_t plane_size, int64_t bins,
-                                                       acc_t* __restrict__ grad_input) {
-  // A grid-stride loop: the grid is capped (blocks_for), and planes past it must still be done.
-  for (int64_t plane_id = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; plane_id < batch * channels;
-       plane_id += static_cast<int64_t>(blockDim.x) * gridDim.x) {
-    const int64_t n = plane_id / channels, c = plane_id % channels;
-    acc_t* plane = grad_input + plane_id * plane_size;
-    for (int64_t r = 0; r < num_rois; ++r) {
-      const acc_t b = static_cast<acc_t>(rois[5 * r]);
-      const bool batch_ok = b >= 0 && b < static_cast<acc_t>(batch);
-      CUDA_KERNEL_ASSERT(batch_ok && "roi_pool backward: a RoI's batch index is outside [0, N)");
-      if (!batch_ok || static_cast<int64_t>(b) != n) continue;
-      for (int64_t i = 0; i < bins; ++i) {
-        const int64_t o = (r * channels + c) * bins + i;
-        const int64_t a = argmax[o];
-        if (a >= 0 && a < plane_size) plane[a] += static_cast<acc_t>(grad[o]);
-      }
-    }
+__global__ void roi_pool_backward_fixed_point_kernel(int64_t total, const scalar_t* __restrict__ grad,
+                                                     const int64_t* __restrict__ argmax,
+                                                     const scalar_t* __restrict__ rois, const double* __restrict__ max_abs,
+                                                     int64_t terms, int64_t batch, int64_t channels,
+                                                     int64_t plane_size, int64_t bins, int64_t* __restrict__ sums,
+                                                     int32_t* __restrict__ flags) {
+  const FixedPointScale s = fixed_point_scale(*max_abs, terms);
+  for (int64_t idx = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; idx < total;
+       idx += static_cast<int64_t>(blockDim.x) * gridDim.x) {
+    const int64_t c = (idx / bins) % channels;
+    const int64_t r = idx / (bins * channels);
+    const acc_t b = static_cast<acc_t>(rois[5 * r]);
+    const bool batch_ok = b >= 0 && b < static_cast<acc_t>(batch);
+    CUDA_KERNEL_ASSERT(batch_ok && "roi_pool backward: a RoI's batch index is outside [0, N)");
+    const int64_t a = argmax[idx];
+    if (!batch_ok || a < 0 || a >= plane_size) continue;
+    const int64_t o = (static_cast<int64_t>(b) * channels + c) * plane_size + a;
+    fixed_point_atomic_add(sums + o, flags + o, static_cast<acc_t>(grad[idx]), s);
   }
 }
 
@@ -163,9 +163,43 @@ at::Tensor roi_pool_values_cuda(const at::Tensor& input, const at::Tensor& rois,
       roi_pool_forward_impl(input, rois, spatial_scale, pooled_height, pooled_width, /*write_argmax=*/false));
 }
 
+// Deterministic: fixed-point sums (the private op _roi_pool_backward_fixed_point).
+at::Tensor roi_pool_backward_fixed_point_cuda(const at::Tensor& grad_in, const at::Tensor& rois_in,
+                                              const at::Tensor& argmax_in, double spatial_scale, int64_t pooled_height,
+                                              int64_t pooled_width, int64_t batch_size, int64_t channels,
+                                              int64_t height, int64_t width) {
+  const int64_t k = rois_in.size(0);
+  check_pool_grad(grad_in, k, channels, pooled_height, pooled_width, "roi_pool backward");
+  check_same_shape(grad_in, "grad", argmax_in, "argmax", "roi_pool backward");
+  const c10::cuda::CUDAGuard guard(grad_in.device());
+  const at::Tensor grad = grad_in.contiguous(), rois = rois_in.contiguous(), argmax = argmax_in.to(at::kLong).contiguous();
+  const FixedPointSums planes(at::IntArrayRef{batch_size, channels, height, width}, grad.options());
+  const int64_t total = grad.numel(), bins = pooled_height * pooled_width;
+  const int64_t terms = std::max<int64_t>(1, k * bins);  // each bin's gradient goes to one element
+  const at::Tensor max_abs = total > 0 ? finite_abs_max_on_device(grad) : at::zeros({}, grad.options().dtype(at::kDouble));
+  at::Tensor result;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "roi_pool_backward_fixed_point_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    if (total > 0) {
+      roi_pool_backward_fixed_point_kernel<scalar_t, acc_t>
+          <<<blocks_for(total), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+              total, grad.data_ptr<scalar_t>(), argmax.data_ptr<int64_t>(), rois.data_ptr<scalar_t>(),
+              max_abs.data_ptr<double>(), terms, batch_size, channels, height * width, bins,
+              planes.sums.data_ptr<int64_t>(), planes.flags.data_ptr<int32_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+    result = fixed_point_values<scalar_t>(planes, max_abs, terms);
+  });
+  return result;
+}
+
 at::Tensor roi_pool_backward_cuda(const at::Tensor& grad_in, const at::Tensor& rois_in, const at::Tensor& argmax_in,
                                   double spatial_scale, int64_t pooled_height, int64_t pooled_width,
                                   int64_t batch_size, int64_t channels, int64_t height, int64_t width) {
+  if (at::globalContext().deterministicAlgorithms()) {
+    return roi_pool_backward_fixed_point_cuda(grad_in, rois_in, argmax_in, spatial_scale, pooled_height,
+                                              pooled_width, batch_size, channels, height, width);
+  }
   const int64_t k = rois_in.size(0);
   check_pool_grad(grad_in, k, channels, pooled_height, pooled_width, "roi_pool backward");
   check_same_shape(grad_in, "grad", argmax_in, "argmax", "roi_pool backward");
@@ -177,14 +211,8 @@ at::Tensor roi_pool_backward_cuda(const at::Tensor& grad_in, const at::Tensor& r
     at::Tensor acc = at::zeros({batch_size, channels, height, width},
                                grad.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
     const int64_t total = grad.numel(), bins = pooled_height * pooled_width, plane = height * width;
-    cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-    if (total > 0 && at::globalContext().deterministicAlgorithms()) {
-      roi_pool_backward_deterministic_kernel<scalar_t, acc_t><<<blocks_for(batch_size * channels), kThreads, 0, stream>>>(
-          k, grad.data_ptr<scalar_t>(), argmax.data_ptr<int64_t>(), rois.data_ptr<scalar_t>(), batch_size, channels,
-          plane, bins, acc.data_ptr<acc_t>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    } else if (total > 0) {
-      roi_pool_backward_kernel<scalar_t, acc_t><<<blocks_for(total), kThreads, 0, stream>>>(
+    if (total > 0) {
+      roi_pool_backward_kernel<scalar_t, acc_t><<<blocks_for(total), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
           total, grad.data_ptr<scalar_t>(), argmax.data_ptr<int64_t>(), rois.data_ptr<scalar_t>(), batch_size,
           channels, plane, bins, acc.data_ptr<acc_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -201,4 +229,5 @@ TORCH_LIBRARY_IMPL(fasterrcnn_ext, CUDA, m) {
   m.impl("roi_pool", &fasterrcnn_ext::roi_pool_forward_cuda);
   m.impl("_roi_pool_values", &fasterrcnn_ext::roi_pool_values_cuda);
   m.impl("_roi_pool_backward", &fasterrcnn_ext::roi_pool_backward_cuda);
+  m.impl("_roi_pool_backward_fixed_point", &fasterrcnn_ext::roi_pool_backward_fixed_point_cuda);
 }
