@@ -101,14 +101,35 @@ FRCNN_INLINE uint64_t nms_walk_block(uint64_t removed, const uint64_t* diag, int
   return kept_bits;
 }
 
-// Word c of the OR of the kept rows of a block: what the block's kept boxes remove from later block c.
-// `block_rows` is the mask row of the block's first box; rows are col_blocks words apart.
-FRCNN_INLINE uint64_t nms_kept_rows_word(const uint64_t* block_rows, int64_t col_blocks, uint64_t kept_bits,
-                                         int64_t c) {
+FRCNN_INLINE int popcount64(uint64_t x) {
+#if defined(__CUDA_ARCH__)
+  return __popcll(static_cast<unsigned long long>(x));
+#else
+  return __builtin_popcountll(x);
+#endif
+}
+
+// The rank of row k among the kept rows of a block: its slot in the block's kept-row list.
+FRCNN_INLINE int nms_kept_rank(uint64_t kept_bits, int k) {
+  return popcount64(kept_bits & ((uint64_t{1} << k) - 1));
+}
+
+// How many lanes OR one column word of a block's kept rows: the kept count rounded up to a power of 2, at most a
+// warp's 32 (then each lane ORs two rows).
+FRCNN_INLINE int nms_or_group_size(int kept) {
+  int group = 1;
+  while (group < kept && group < 32) group *= 2;
+  return group;
+}
+
+// Lane `slot` of a group of `group` lanes: the OR of column word c of kept rows slot, slot + group, ... (kept_rows
+// lists the block's `kept` kept rows; `block_rows` is the mask row of the block's first box, rows col_blocks words
+// apart). The OR of all slots' words is what the kept rows remove from column block c; the loads are independent,
+// so the lanes issue them at once.
+FRCNN_INLINE uint64_t nms_kept_rows_slot_word(const uint64_t* block_rows, int64_t col_blocks, const int* kept_rows,
+                                              int kept, int slot, int group, int64_t c) {
   uint64_t word = 0;
-  for (uint64_t bits = kept_bits; bits != 0; bits &= bits - 1) {
-    word |= block_rows[lowest_set_bit(bits) * col_blocks + c];
-  }
+  for (int k = slot; k < kept; k += group) word |= block_rows[kept_rows[k] * col_blocks + c];
   return word;
 }
 

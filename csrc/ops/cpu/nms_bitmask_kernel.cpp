@@ -80,11 +80,19 @@ struct SerialBitmaskKernels {
       uint64_t diag[kNmsBlockBoxes];
       for (int k = 0; k < size; ++k) diag[k] = block_rows[k * col_blocks + blk];
       const uint64_t kept_bits = nms_walk_block(removed[blk], diag, size, num_kept, max_keep);
-      for (int k = 0; k < size; ++k) keep[start + k] = (kept_bits >> k) & 1;
-      // Column blocks past the block's last class are never suppressed by it (nor is any later one).
+      int kept_rows[kNmsBlockBoxes];
+      for (int k = 0; k < size; ++k) {
+        keep[start + k] = (kept_bits >> k) & 1;
+        if (keep[start + k]) kept_rows[nms_kept_rank(kept_bits, k)] = k;
+      }
+      // Column blocks past the block's last class are never suppressed by it (nor is any later one). Each word is
+      // the OR of its group's lane words, as the CUDA warp's shuffles combine them.
+      const int kept = popcount64(kept_bits), group = nms_or_group_size(kept);
       for (int64_t c = blk + 1; c < col_blocks && nms_blocks_share_a_class(classes, start, size, c * kNmsBlockBoxes);
            ++c) {
-        removed[c] |= nms_kept_rows_word(block_rows, col_blocks, kept_bits, c);
+        for (int slot = 0; slot < group; ++slot) {
+          removed[c] |= nms_kept_rows_slot_word(block_rows, col_blocks, kept_rows, kept, slot, group, c);
+        }
       }
     }
   }

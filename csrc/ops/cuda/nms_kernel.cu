@@ -77,25 +77,32 @@ __global__ void nms_mask_kernel(int64_t n, int64_t row_begin, int64_t col_blocks
 // The greedy walk over rows [row_begin, row_begin + rows) of the mask, in one block. `removed` (one bit per box) and
 // `num_kept` carry over from chunk to chunk.
 //
-// Per 64-box block, three round trips instead of one per kept box: the block's 64 diagonal words and its removed
+// Per 64-box block, a few round trips instead of one per kept box: the block's 64 diagonal words and its removed
 // word are loaded into shared memory at once; every thread then walks the block from shared memory (the same walk,
 // so all take the same branches and know the kept bits without another barrier); and the kept rows are ORed into the
-// later blocks' removed words, one word per thread, their loads independent of each other. A dependent global load
-// per kept box was the largest part of NMS time on an H100. With kSharedRemoved the removed words live in shared
-// memory for the whole chunk (loaded once, stored once), so the per-block OR is a shared read-modify-write instead
-// of a global one; batched_nms stops at the first column block past the block's last class.
+// later blocks' removed words by groups of lanes, each lane loading one or two kept rows' words of one column at
+// once and a butterfly of warp shuffles combining them (__reduce_or_sync is 32-bit and whole-mask only; these words
+// are 64-bit and the groups 1 to 32 lanes, the kept count rounded up to a power of 2). A dependent global load per
+// kept box was the largest part of NMS time on an H100. With kSharedRemoved the removed words live in shared memory
+// for the whole chunk (loaded once, stored once), so the per-block OR is a shared read-modify-write instead of a
+// global one; batched_nms stops at the first column block past the block's last class.
 template <bool kSharedRemoved>
-__global__ void nms_reduce_kernel(int64_t n, int64_t row_begin, int64_t rows, int64_t col_blocks,
-                                  const uint64_t* __restrict__ mask, const int64_t* __restrict__ classes,
-                                  uint64_t* __restrict__ removed_global, bool* __restrict__ keep,
-                                  int64_t* __restrict__ num_kept, int64_t max_keep) {
+__global__ void __launch_bounds__(256)
+    nms_reduce_kernel(int64_t n, int64_t row_begin, int64_t rows, int64_t col_blocks,
+                      const uint64_t* __restrict__ mask, const int64_t* __restrict__ classes,
+                      uint64_t* __restrict__ removed_global, bool* __restrict__ keep, int64_t* __restrict__ num_kept,
+                      int64_t max_keep) {
   extern __shared__ uint64_t removed_shared[];
   __shared__ uint64_t diag[kNmsBlockBoxes];
   __shared__ uint64_t block_removed;
+  __shared__ int kept_rows[kNmsBlockBoxes];
   uint64_t* removed = kSharedRemoved ? removed_shared : removed_global;
   if (kSharedRemoved) {
     for (int64_t c = threadIdx.x; c < col_blocks; c += blockDim.x) removed_shared[c] = removed_global[c];
   }
+  constexpr unsigned kFullWarp = 0xffffffffu;  // blockDim.x is a multiple of 32: every warp is whole
+  const int lane = static_cast<int>(threadIdx.x % 32), warp = static_cast<int>(threadIdx.x / 32);
+  const int warps = static_cast<int>(blockDim.x / 32);
   int64_t kept = *num_kept;  // every thread keeps the same count: they all walk the same bits
   const int64_t first_block = row_begin / kNmsBlockBoxes;
   const int64_t end_block = (row_begin + rows + kNmsBlockBoxes - 1) / kNmsBlockBoxes;
@@ -104,17 +111,32 @@ __global__ void nms_reduce_kernel(int64_t n, int64_t row_begin, int64_t rows, in
     const int64_t start = blk * kNmsBlockBoxes;
     const int size = static_cast<int>(min(n - start, int64_t{kNmsBlockBoxes}));
     const uint64_t* block_rows = mask + (start - row_begin) * col_blocks;
-    // The previous block's reads of diag and its writes to removed[] (this block's word among them) are done.
+    // The previous block's reads of diag and kept_rows and its writes to removed[] (this block's word among them)
+    // are done.
     __syncthreads();
     if (threadIdx.x < size) diag[threadIdx.x] = block_rows[threadIdx.x * col_blocks + blk];
     if (threadIdx.x == 0) block_removed = removed[blk];
     __syncthreads();
     const uint64_t kept_bits = nms_walk_block(block_removed, diag, size, &kept, max_keep);
-    if (threadIdx.x < size && ((kept_bits >> threadIdx.x) & 1)) keep[start + threadIdx.x] = true;
     if (kept_bits == 0) continue;  // the same in every thread
-    for (int64_t c = blk + 1 + threadIdx.x;
-         c < col_blocks && nms_blocks_share_a_class(classes, start, size, c * kNmsBlockBoxes); c += blockDim.x) {
-      removed[c] |= nms_kept_rows_word(block_rows, col_blocks, kept_bits, c);
+    if (threadIdx.x < size && ((kept_bits >> threadIdx.x) & 1)) {
+      keep[start + threadIdx.x] = true;
+      kept_rows[nms_kept_rank(kept_bits, static_cast<int>(threadIdx.x))] = static_cast<int>(threadIdx.x);
+    }
+    __syncthreads();  // kept_rows is complete
+    const int kept_in_block = popcount64(kept_bits), group = nms_or_group_size(kept_in_block);
+    const int slot = lane % group, columns_per_warp = 32 / group;
+    // c0 is the same in every lane of a warp, so each warp's lanes run the shuffles together; a group past the last
+    // column (or the block's last class) contributes nothing and writes nothing.
+    for (int64_t c0 = blk + 1 + static_cast<int64_t>(warp) * columns_per_warp;;
+         c0 += static_cast<int64_t>(warps) * columns_per_warp) {
+      const int64_t c = c0 + lane / group;
+      const bool active = c < col_blocks && nms_blocks_share_a_class(classes, start, size, c * kNmsBlockBoxes);
+      if (!__any_sync(kFullWarp, active)) break;  // no later column of this warp is active either
+      uint64_t word =
+          active ? nms_kept_rows_slot_word(block_rows, col_blocks, kept_rows, kept_in_block, slot, group, c) : 0;
+      for (int offset = group / 2; offset > 0; offset /= 2) word |= __shfl_xor_sync(kFullWarp, word, offset);
+      if (active && slot == 0) removed[c] |= word;
     }
   }
   __syncthreads();  // every thread has read *num_kept and written its removed words
