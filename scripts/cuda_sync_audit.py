@@ -6,9 +6,10 @@ printed.
     python scripts/cuda_sync_audit.py [--json FILE]
     python scripts/cuda_sync_audit.py --cpu-dry-run      # the cases on the CPU, to check the script itself
 
-Expected: none in the box ops, anchors, RoI ops and batched_nms_keep_mask; one in nms and batched_nms (their output's
-size); in rpn_proposals and detection_postprocess the final selection and the per-image split, plus the candidate
-selection of detection_postprocess (see csrc/ops/composite/postprocess.cpp). Anything more is a hidden sync to remove.
+Expected: none in the box ops, anchors, RoI ops, batched_nms_keep_mask and the padded post-processing
+(rpn_proposals_padded, detection_postprocess_padded, FasterRCNN.detect_padded); one in nms and batched_nms (their
+output's size); in rpn_proposals and detection_postprocess the final selection and the per-image split (see
+csrc/ops/composite/postprocess.cpp). Anything more is a hidden sync to remove.
 Exits 2 without a CUDA device.
 """
 
@@ -57,6 +58,12 @@ def cases(device: str):
     yield "detection_postprocess", lambda: ops.detection_postprocess(
         torch.randn(180, 5, device=device) * 3, torch.randn(180, 20, device=device) * 0.1, boxes,
         [(100, 120), (110, 100)])
+    yield "rpn_proposals_padded", lambda: ops.rpn_proposals_padded(
+        torch.randn(2, a, device=device), torch.randn(2, a, 4, device=device) * 0.1, anchors, [1500, 500],
+        [(200, 220), (210, 200)], 300, 100, 0.7)
+    yield "detection_postprocess_padded", lambda: ops.detection_postprocess_padded(
+        torch.randn(200, 5, device=device) * 3, torch.randn(200, 20, device=device) * 0.1,
+        torch.cat([boxes[0], boxes[0]]), torch.tensor([100, 80], device=device), [(100, 120), (110, 100)])
     model = detection.fasterrcnn_mobilenet_v3_large_320_fpn(weights=None, weights_backbone=None,
                                                             num_classes=5).eval().to(device)
     images = [torch.rand(3, 320, 416, device=device)]

@@ -28,6 +28,21 @@ TORCH_LIBRARY_FRAGMENT(fasterrcnn_ext, m) {
   // the host (one read for all of values), so under torch.compile and torch.export each output gets an unbacked size
   // from the fake kernel instead of a graph break. The outputs are copies, not views.
   m.def("split_per_image(Tensor[] values, Tensor counts) -> Tensor[]");
+  // rpn_proposals and detection_postprocess with every output size fixed in advance, for CUDA graphs: no host sync,
+  // no copy from the host (composite/postprocess.cpp). The same selection, padded:
+  //   rpn_proposals_padded -> boxes [N, post_nms_top_n, 4], scores [N, post_nms_top_n], counts [N]: image i's
+  //     proposals are its first counts[i] rows, the rest zeros;
+  //   detection_postprocess_padded takes the proposals as [N * P, 4] (P rows per image, proposal_counts [N] of them
+  //     real: rpn_proposals_padded's output flattened) -> boxes [N, D, 4], scores [N, D], labels [N, D] (int64),
+  //     counts [N], D = detections_per_img, padded with zeros likewise.
+  m.def(
+      "rpn_proposals_padded(Tensor objectness, Tensor deltas, Tensor anchors, SymInt[] num_anchors_per_level, "
+      "SymInt[] image_sizes, int pre_nms_top_n, int post_nms_top_n, float nms_thresh, float score_thresh, "
+      "float min_size) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "detection_postprocess_padded(Tensor class_logits, Tensor box_regression, Tensor proposals, "
+      "Tensor proposal_counts, SymInt[] image_sizes, float[] weights, float score_thresh, float nms_thresh, "
+      "int detections_per_img, float min_size=0.01) -> (Tensor, Tensor, Tensor, Tensor)");
   // The device-generic implementations (what CUDA runs), callable on any device so the CPU tests cover them.
   m.def(
       "_rpn_proposals_generic(Tensor objectness, Tensor deltas, Tensor anchors, SymInt[] num_anchors_per_level, "

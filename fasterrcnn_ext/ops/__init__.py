@@ -22,14 +22,14 @@ from .boxes import (
 )
 from .conv import conv3x3_winograd, winograd_weight
 from .poolers import MultiScaleRoIAlign, multi_scale_roi_align
-from .postprocess import detection_postprocess, rpn_proposals
+from .postprocess import detection_postprocess, detection_postprocess_padded, rpn_proposals, rpn_proposals_padded
 from .roi_align import RoIAlign, roi_align
 from .roi_pool import RoIPool, roi_pool
 
 __all__ = [
     "nms", "batched_nms", "batched_nms_keep_mask", "box_iou", "clip_boxes_to_image", "remove_small_boxes",
     "encode_boxes", "decode_boxes",
-    "BBOX_XFORM_CLIP", "rpn_proposals", "detection_postprocess",
+    "BBOX_XFORM_CLIP", "rpn_proposals", "detection_postprocess", "rpn_proposals_padded", "detection_postprocess_padded",
     "roi_align", "RoIAlign", "roi_pool", "RoIPool", "MultiScaleRoIAlign", "multi_scale_roi_align",
     "conv3x3_winograd", "winograd_weight",
 ]

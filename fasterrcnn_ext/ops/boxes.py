@@ -114,8 +114,15 @@ def _batched_nms_keep_mask_fake(boxes, scores, idxs, iou_threshold):
     return boxes.new_empty((boxes.size(0),), dtype=torch.bool)
 
 
+@register_fake("fasterrcnn_ext::_batched_nms_keep_mask_valid")
+def _batched_nms_keep_mask_valid_fake(boxes, scores, idxs, valid, iou_threshold):
+    torch._check(valid.dim() == 1 and valid.size(0) == boxes.size(0),
+                 lambda: "_batched_nms_keep_mask_valid: valid must be a bool [N] tensor")
+    return _batched_nms_keep_mask_fake(boxes, scores, idxs, iou_threshold)
+
+
 @register_fake("fasterrcnn_ext::_nms_bitmask")
-def _nms_bitmask_fake(boxes, scores, idxs, iou_threshold, max_keep, chunk_rows):
+def _nms_bitmask_fake(boxes, scores, idxs, iou_threshold, max_keep, chunk_rows, valid=None):
     torch._check(boxes.dim() == 2 and boxes.size(1) == 4,
                  lambda: f"_nms_bitmask: boxes must be a [N, 4] tensor, got {boxes.shape}")
     return _nms_fake_result(boxes, max_keep)

@@ -77,6 +77,57 @@ def detection_postprocess(class_logits: Tensor, box_regression: Tensor, proposal
     return split[0], split[1], split[2]
 
 
+def rpn_proposals_padded(objectness: Tensor, deltas: Tensor, anchors: Tensor, num_anchors_per_level: list[int],
+                         image_sizes: list[tuple[int, int]], pre_nms_top_n: int, post_nms_top_n: int,
+                         nms_thresh: float, score_thresh: float = 0.0, min_size: float = 1e-3
+                         ) -> tuple[Tensor, Tensor, Tensor]:
+    """rpn_proposals with every output size fixed in advance: no host sync and no copy from the host, so a CUDA
+    graph can capture it (the arguments are rpn_proposals').
+
+    Returns:
+        (boxes, scores, counts): Tensor[N, post_nms_top_n, 4], Tensor[N, post_nms_top_n] and Tensor[N] (int64). Image
+        i's proposals are rows ``[:counts[i]]`` of boxes[i] and scores[i], as rpn_proposals gives them; the other rows
+        are zeros.
+    """
+    if not torch.jit.is_scripting():
+        assert_loaded()
+        check_image_sizes(image_sizes, objectness.size(0) if objectness.dim() == 2 else len(image_sizes),
+                          "rpn_proposals_padded")
+    return torch.ops.fasterrcnn_ext.rpn_proposals_padded(
+        objectness, deltas, anchors, num_anchors_per_level, flat_image_sizes(image_sizes), int(pre_nms_top_n),
+        int(post_nms_top_n), float(nms_thresh), float(score_thresh), float(min_size))
+
+
+def detection_postprocess_padded(class_logits: Tensor, box_regression: Tensor, proposals: Tensor,
+                                 proposal_counts: Tensor, image_sizes: list[tuple[int, int]],
+                                 weights: list[float] = (10.0, 10.0, 5.0, 5.0),  # noqa: B006 (a tuple: immutable)
+                                 score_thresh: float = 0.05, nms_thresh: float = 0.5, detections_per_img: int = 100,
+                                 min_size: float = 1e-2) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """detection_postprocess with every output size fixed in advance: no host sync and no copy from the host, so a
+    CUDA graph can capture it.
+
+    Args:
+        class_logits (Tensor[N * P, C]), box_regression (Tensor[N * P, 4 * C]): the box head's outputs.
+        proposals (Tensor[N * P, 4] or Tensor[N, P, 4]): P proposal rows per image, of which the first
+            ``proposal_counts[i]`` are image i's (rpn_proposals_padded's output); the other rows are ignored.
+        proposal_counts (Tensor[N], int64): real proposals per image.
+        The rest as detection_postprocess.
+
+    Returns:
+        (boxes, scores, labels, counts): Tensor[N, D, 4], Tensor[N, D], Tensor[N, D] (int64), Tensor[N] (int64),
+        D = detections_per_img. Image i's detections are the first ``counts[i]`` rows, as detection_postprocess gives
+        them; the other rows are zeros.
+    """
+    if not torch.jit.is_scripting():
+        assert_loaded()
+        check_image_sizes(image_sizes, proposal_counts.size(0) if proposal_counts.dim() == 1 else len(image_sizes),
+                          "detection_postprocess_padded")
+        weights = [float(w) for w in weights]
+    return torch.ops.fasterrcnn_ext.detection_postprocess_padded(
+        class_logits, box_regression, proposals.reshape(-1, 4), proposal_counts, flat_image_sizes(image_sizes),
+        weights, float(score_thresh), float(nms_thresh), int(detections_per_img), float(min_size))
+
+
 def _rpn_fake(objectness, deltas, anchors, num_anchors_per_level, image_sizes, pre_nms_top_n, post_nms_top_n,
               nms_thresh, score_thresh, min_size):
     n = torch.library.get_ctx().new_dynamic_size()
@@ -90,6 +141,23 @@ def _detection_fake(class_logits, box_regression, proposals, boxes_per_image, im
     return (class_logits.new_empty((n, 4)), class_logits.new_empty((n,)),
             class_logits.new_empty((n,), dtype=torch.long),
             class_logits.new_empty((len(boxes_per_image),), dtype=torch.long))
+
+
+@register_fake("fasterrcnn_ext::rpn_proposals_padded")
+def _rpn_padded_fake(objectness, deltas, anchors, num_anchors_per_level, image_sizes, pre_nms_top_n, post_nms_top_n,
+                     nms_thresh, score_thresh, min_size):
+    n = objectness.size(0)
+    return (objectness.new_empty((n, post_nms_top_n, 4)), objectness.new_empty((n, post_nms_top_n)),
+            objectness.new_empty((n,), dtype=torch.long))
+
+
+@register_fake("fasterrcnn_ext::detection_postprocess_padded")
+def _detection_padded_fake(class_logits, box_regression, proposals, proposal_counts, image_sizes, weights,
+                           score_thresh, nms_thresh, detections_per_img, min_size=0.01):
+    n = len(image_sizes) // 2
+    return (class_logits.new_empty((n, detections_per_img, 4)), class_logits.new_empty((n, detections_per_img)),
+            class_logits.new_empty((n, detections_per_img), dtype=torch.long),
+            class_logits.new_empty((n,), dtype=torch.long))
 
 
 @register_fake("fasterrcnn_ext::split_per_image")

@@ -33,6 +33,12 @@ def _sync_free_cases():
         "roi_align (list of boxes)": lambda: ops.roi_align(x, boxes, 7, 0.5, 2, True),
         "roi_pool": lambda: ops.roi_pool(x, rois, 7, 0.5),
         "multi_scale_roi_align": lambda: ops.multi_scale_roi_align(feats, rois, 7, [0.5, 0.25], 2),
+        "rpn_proposals_padded": lambda: ops.rpn_proposals_padded(
+            torch.randn(2, 2000).cuda(), torch.randn(2, 2000, 4).cuda() * 0.1, _boxes(2000, 3), [1500, 500],
+            [(200, 220), (210, 200)], 300, 100, 0.7),
+        "detection_postprocess_padded": lambda: ops.detection_postprocess_padded(
+            torch.randn(80, 5).cuda() * 3, torch.randn(80, 20).cuda() * 0.1, torch.cat([boxes[0], boxes[0]]),
+            torch.tensor([40, 25]).cuda(), [(100, 120), (110, 100)]),
     }
 
 

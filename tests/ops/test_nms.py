@@ -260,8 +260,8 @@ def test_interchangeable_with_torchvision_schema():
 
 # _nms_bitmask: the CUDA NMS algorithm (csrc/ops/common/nms_bitmask.h); on the CPU its steps run serially, so these
 # tests check the CUDA kernel's order keys, mask layout, chunking, class skipping and early exit on any machine.
-def bitmask_nms(boxes, scores, iou_threshold, idxs=None, max_keep=-1, chunk_rows=0):
-    return torch.ops.fasterrcnn_ext._nms_bitmask(boxes, scores, idxs, iou_threshold, max_keep, chunk_rows)
+def bitmask_nms(boxes, scores, iou_threshold, idxs=None, max_keep=-1, chunk_rows=0, valid=None):
+    return torch.ops.fasterrcnn_ext._nms_bitmask(boxes, scores, idxs, iou_threshold, max_keep, chunk_rows, valid)
 
 
 @pytest.mark.parametrize("n", [1, 63, 64, 65, 200, 1500])
@@ -377,12 +377,60 @@ def test_nms_bitmask_bad_chunk_rows(device):
     assert bitmask_nms(boxes[:0], scores[:0], 0.5).shape == (0,)
 
 
+def _valid_only(boxes, scores, idxs, valid, threshold):
+    """The reference: NMS over the valid boxes alone, as indices of all boxes."""
+    rows = valid.nonzero().squeeze(1)
+    if idxs is None:
+        return rows[ops.nms(boxes[rows], scores[rows], threshold)]
+    return rows[ops.batched_nms(boxes[rows], scores[rows], idxs[rows], threshold)]
+
+
+@pytest.mark.parametrize("batched", [False, True])
+@pytest.mark.parametrize("chunk_rows", [0, 64])
+@pytest.mark.parametrize("fraction", [0.0, 0.3, 0.9, 1.0])
+def test_nms_bitmask_valid_boxes_alone_are_walked(device, batched, chunk_rows, fraction):
+    """Boxes outside `valid` are sorted last and past the device-side bound: never kept, never suppressing."""
+    n = 700
+    boxes = rpn_like_boxes(n)
+    scores = torch.rand(n)
+    scores[::53] = float("nan")  # NaN scores among the valid boxes still rank after every number
+    idxs = torch.randint(0, 5, (n,)) if batched else None
+    valid = torch.rand(n) < fraction
+    expected = _valid_only(boxes, scores, idxs, valid, 0.5)
+    got = bitmask_nms(boxes.to(device), scores.to(device), 0.5, idxs=None if idxs is None else idxs.to(device),
+                      chunk_rows=chunk_rows, valid=valid.to(device))
+    torch.testing.assert_close(got.cpu(), expected, rtol=0, atol=0)
+    if 0 < fraction < 1:
+        assert 0 < expected.numel() < int(valid.sum())
+
+
+def test_batched_nms_keep_mask_valid(device):
+    n = 900
+    boxes, scores = rpn_like_boxes(n, device=device), torch.rand(n, device=device)
+    idxs = torch.randint(0, 4, (n,), device=device)
+    valid = torch.rand(n, device=device) < 0.5
+    mask = torch.ops.fasterrcnn_ext._batched_nms_keep_mask_valid(boxes, scores, idxs, valid, 0.6)
+    expected = torch.zeros(n, dtype=torch.bool)
+    expected[_valid_only(boxes.cpu(), scores.cpu(), idxs.cpu(), valid.cpu(), 0.6)] = True
+    assert torch.equal(mask.cpu(), expected) and not mask[~valid].any()
+    none = torch.ops.fasterrcnn_ext._batched_nms_keep_mask_valid(boxes, scores, idxs, torch.zeros_like(valid), 0.6)
+    assert not none.any()
+    with pytest.raises(RuntimeError, match=r"_batched_nms_keep_mask_valid: valid must be a bool \[N\] tensor"):
+        torch.ops.fasterrcnn_ext._batched_nms_keep_mask_valid(boxes, scores, idxs, valid[:-1], 0.6)
+    with pytest.raises(RuntimeError, match="valid must be a bool"):
+        torch.ops.fasterrcnn_ext._batched_nms_keep_mask_valid(boxes, scores, idxs, valid.long(), 0.6)
+    torch.library.opcheck(torch.ops.fasterrcnn_ext._batched_nms_keep_mask_valid.default,
+                          (boxes[:200], scores[:200], idxs[:200], valid[:200], 0.6))
+
+
 def test_nms_bitmask_opcheck(device):
     boxes = rpn_like_boxes(300, device=device)
     scores = distinct_scores(300, device=device)
     idxs = torch.randint(0, 3, (300,), device=device)
     torch.library.opcheck(torch.ops.fasterrcnn_ext._nms_bitmask.default, (boxes, scores, None, 0.5, -1, 64))
     torch.library.opcheck(torch.ops.fasterrcnn_ext._nms_bitmask.default, (boxes, scores, idxs, 0.5, 10, 0))
+    valid = torch.rand(300, device=device) < 0.5
+    torch.library.opcheck(torch.ops.fasterrcnn_ext._nms_bitmask.default, (boxes, scores, idxs, 0.5, -1, 64, valid))
 
 
 def test_batched_nms_of_no_boxes_is_empty_whatever_the_rest():

@@ -54,6 +54,13 @@ void check_nms_chunk_rows(int64_t chunk_rows, int64_t block_boxes, const char* o
               block_boxes, ", got ", chunk_rows);
 }
 
+void check_nms_valid(const at::Tensor& valid, const at::Tensor& boxes, const char* op) {
+  FRCNN_CHECK(valid.dim() == 1 && valid.size(0) == boxes.size(0) && valid.scalar_type() == at::kBool, op,
+              ": valid must be a bool [N] tensor with N = ", boxes.size(0), " (one flag per box), got shape ",
+              valid.sizes(), " and dtype ", valid.scalar_type());
+  check_same_device(boxes, "boxes", valid, "valid", op);
+}
+
 void check_roi_inputs(const at::Tensor& input, const at::Tensor& rois, double spatial_scale,
                       int64_t pooled_height, int64_t pooled_width, const char* op) {
   FRCNN_CHECK(input.dim() == 4, op, ": input must be a [N, C, H, W] tensor, got shape ", input.sizes());

@@ -99,6 +99,8 @@ void check_nms_inputs(const at::Tensor& boxes, const at::Tensor& scores, const a
 
 // _nms_bitmask's chunk_rows: 0 (the memory budget decides) or a positive multiple of block_boxes.
 void check_nms_chunk_rows(int64_t chunk_rows, int64_t block_boxes, const char* op);
+// The valid flags of a keep mask over only some boxes: bool [N], on the boxes' device.
+void check_nms_valid(const at::Tensor& valid, const at::Tensor& boxes, const char* op);
 
 }  // namespace fasterrcnn_ext
 

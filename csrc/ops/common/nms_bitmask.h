@@ -201,25 +201,45 @@ struct NmsBitmaskResult {
   NmsSortKey key;
 };
 
+// The boxes the kernels walk: the first min(n, *row_limit) in sorted order (all n when row_limit is null). A
+// device-side bound: the grid and the loops are sized for n, and the rows past the bound cost an early return.
+FRCNN_INLINE int64_t nms_live_rows(int64_t n, const int64_t* row_limit) {
+  return row_limit == nullptr || *row_limit >= n ? n : (*row_limit < 0 ? 0 : *row_limit);
+}
+
 // The bitmask NMS on any device. `Kernels` supplies the device's three steps:
 //   static NmsSortKey sort_key(const at::Tensor& scores, const at::Tensor* classes);   // see NmsSortKey
 //   template <typename scalar_t> static void build_mask(int64_t n, int64_t row_begin, int64_t rows,
 //       int64_t col_blocks, const scalar_t* boxes, const int64_t* classes, at::opmath_type<scalar_t> threshold,
-//       uint64_t* mask, const int64_t* num_kept, int64_t max_keep);   // rows of the chunk; nothing once max_keep
-//                                                                     // boxes are kept (read on the device)
+//       uint64_t* mask, const int64_t* num_kept, int64_t max_keep, const int64_t* row_limit);
+//                                     // rows of the chunk; nothing once max_keep boxes are kept (read on the
+//                                     // device), nothing for rows or columns past nms_live_rows
 //   static void reduce(int64_t n, int64_t row_begin, int64_t rows, int64_t col_blocks, const uint64_t* mask,
-//       const int64_t* classes, uint64_t* removed, bool* keep, int64_t* num_kept, int64_t max_keep);
-//                                                                     // the walk over the chunk
+//       const int64_t* classes, uint64_t* removed, bool* keep, int64_t* num_kept, int64_t max_keep,
+//       const int64_t* row_limit);    // the walk over the chunk's live rows
 // chunk_rows > 0 (a multiple of 64) sets the rows of mask built at once (tests use it to force chunking); 0: as
-// many as fit kNmsMaskBudgetBytes. Nothing here waits for the device.
+// many as fit kNmsMaskBudgetBytes. valid (bool [n], optional): boxes where it is false are neither kept nor
+// suppress any other; they are sorted after every valid box (a stable sort on the flag) and the kernels stop at the
+// count of valid boxes, read on the device, so they cost nothing whatever their number. Nothing here waits for the
+// device.
 template <typename Kernels>
 NmsBitmaskResult nms_bitmask_keep_sorted(const at::Tensor& boxes, const at::Tensor& scores, const at::Tensor* idxs,
-                                         double iou_threshold, int64_t max_keep, int64_t chunk_rows) {
+                                         double iou_threshold, int64_t max_keep, int64_t chunk_rows,
+                                         const at::Tensor* valid = nullptr) {
   const int64_t n = boxes.size(0);
   const at::Tensor classes = idxs != nullptr ? idxs->to(at::kLong).contiguous() : at::Tensor();
   const NmsSortKey key = Kernels::sort_key(scores, idxs != nullptr ? &classes : nullptr);
   // (Not a structured binding: the dispatch lambda below captures these, which nvcc's front end may not accept.)
-  const std::pair<at::Tensor, at::Tensor> sorted = nms_sort_order(key, idxs != nullptr ? &classes : nullptr);
+  std::pair<at::Tensor, at::Tensor> sorted = nms_sort_order(key, idxs != nullptr ? &classes : nullptr);
+  at::Tensor row_limit;
+  if (valid != nullptr) {
+    const at::Tensor invalid = valid->logical_not().index_select(0, sorted.first);
+    const at::Tensor valid_first = std::get<1>(invalid.to(at::kByte).sort(/*stable=*/true, 0, false));
+    sorted.first = sorted.first.index_select(0, valid_first);
+    if (idxs != nullptr) sorted.second = sorted.second.index_select(0, valid_first);
+    row_limit = valid->sum(at::kLong);  // a 0-dim tensor on the device: no host read
+  }
+  const int64_t* row_limit_ptr = valid != nullptr ? row_limit.data_ptr<int64_t>() : nullptr;
   const at::Tensor& order = sorted.first;
   const at::Tensor& classes_sorted = sorted.second;
   const at::Tensor boxes_sorted = boxes.index_select(0, order).contiguous();
@@ -248,10 +268,10 @@ NmsBitmaskResult nms_bitmask_keep_sorted(const at::Tensor& boxes, const at::Tens
       const int64_t* sorted_classes = idxs != nullptr ? classes_sorted.data_ptr<int64_t>() : nullptr;
       Kernels::template build_mask<scalar_t>(n, row_begin, rows, col_blocks, boxes_sorted.data_ptr<scalar_t>(),
                                              sorted_classes, threshold, mask_words, num_kept.data_ptr<int64_t>(),
-                                             walk_max_keep);
+                                             walk_max_keep, row_limit_ptr);
       Kernels::reduce(n, row_begin, rows, col_blocks, mask_words, sorted_classes,
                       reinterpret_cast<uint64_t*>(removed.data_ptr<int64_t>()), keep.data_ptr<bool>(),
-                      num_kept.data_ptr<int64_t>(), walk_max_keep);
+                      num_kept.data_ptr<int64_t>(), walk_max_keep, row_limit_ptr);
     }
   });
   return {order, keep, key};

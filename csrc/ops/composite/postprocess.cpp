@@ -1,11 +1,15 @@
 // Device-generic rpn_proposals and detection_postprocess: the whole batch as tensor ops plus one class-aware NMS
-// over (image, level) or (image, class) groups. No Python, no loop over images. The NMS returns a keep mask
-// (batched_nms_keep_mask), so on CUDA the only host sync of rpn_proposals is the final selection, whose size is the
-// output's; detection_postprocess has one more, a candidate selection before the NMS: most of the K x C candidates
-// fail the score test, and NMS over all of them costs far more than the sync. The image sizes and per-image counts
-// reach the device from pinned memory (host_values_on), which does not wait for it. Registered as
-// CompositeExplicitAutograd (what CUDA runs: the CPU has its fused kernel) and as the private _*_generic ops, so the
-// CPU tests cover this path too.
+// over (image, level) or (image, class) groups. No Python, no loop over images. The NMS takes every candidate with a
+// valid flag (_batched_nms_keep_mask_valid: on CUDA the invalid ones are sorted last and never walked, read on the
+// device) and returns a keep mask, so on CUDA the only host sync is the final selection, whose size is the output's.
+// The image sizes and per-image counts reach the device from pinned memory (host_values_on), which does not wait for
+// it. Registered as CompositeExplicitAutograd (what CUDA runs: the CPU has its fused kernel) and as the private
+// _*_generic ops, so the CPU tests cover this path too.
+//
+// rpn_proposals_padded and detection_postprocess_padded are the same steps with every size fixed in advance: the
+// outputs are padded to post_nms_top_n and detections_per_img rows per image, with the counts on the device, and the
+// image sizes are written on the device by fills instead of copies. Nothing in them reads the device or copies from
+// the host, so a CUDA graph captures them (FasterRCNN.detect_padded, CUDAGraphDetector).
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
@@ -28,12 +32,22 @@ at::Tensor host_values_on(at::IntArrayRef values, const at::TensorOptions& optio
   return host.pin_memory().to(options.device(), /*non_blocking=*/true);
 }
 
-at::Tensor batched_nms_keep_mask_op(const at::Tensor& boxes, const at::Tensor& scores, const at::Tensor& idxs,
-                                    double thresh) {
+at::Tensor keep_mask_of_valid_op(const at::Tensor& boxes, const at::Tensor& scores, const at::Tensor& idxs,
+                                 const at::Tensor& valid, double thresh) {
   static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("fasterrcnn_ext::batched_nms_keep_mask", "")
-                       .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, double)>();
-  return op.call(boxes, scores, idxs, thresh);
+                       .findSchemaOrThrow("fasterrcnn_ext::_batched_nms_keep_mask_valid", "")
+                       .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                         double)>();
+  return op.call(boxes, scores, idxs, valid, thresh);
+}
+
+// `values` as an int64 tensor on `options`' device with no copy from the host: one fill per value (a CUDA graph
+// records each fill with its value; the static-size ops are captured for fixed image sizes anyway).
+at::Tensor device_values(at::IntArrayRef values, const at::TensorOptions& options) {
+  if (options.device().is_cpu()) return at::tensor(values, at::TensorOptions().dtype(at::kLong));
+  at::Tensor out = at::empty({static_cast<int64_t>(values.size())}, options.dtype(at::kLong));
+  for (size_t i = 0; i < values.size(); ++i) out.select(0, static_cast<int64_t>(i)).fill_(values[i]);
+  return out;
 }
 
 at::Tensor decode_op(const at::Tensor& rel, const at::Tensor& boxes, at::ArrayRef<double> weights) {
@@ -76,11 +90,50 @@ std::pair<at::Tensor, at::Tensor> first_per_image(const at::Tensor& selected, co
   return {order.masked_select(take), counts};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> rpn_proposals_generic(
-    const at::Tensor& objectness, const at::Tensor& deltas, const at::Tensor& anchors,
-    at::IntArrayRef num_anchors_per_level, at::IntArrayRef image_sizes, int64_t pre_nms_top_n, int64_t post_nms_top_n,
-    double nms_thresh, double score_thresh, double min_size) {
-  check_rpn_inputs(objectness, deltas, anchors, num_anchors_per_level, image_sizes);
+// first_per_image with static sizes, for rows laid out image by image (`rows` rows each): [batch, limit] row
+// indices (the first counts[i] of image i's slots hold its selected rows in the same order; the rest repeat row 0),
+// which slots are filled, and the counts. Sizes depend on batch, rows and limit only.
+struct PaddedSelection {
+  at::Tensor rows, filled, counts;
+};
+
+PaddedSelection first_per_image_padded(const at::Tensor& selected, const at::Tensor& scores, int64_t batch,
+                                       int64_t rows, int64_t limit) {
+  const auto long_opts = scores.options().dtype(at::kLong);
+  const at::Tensor key = at::where(selected, scores, -std::numeric_limits<double>::infinity()).view({batch, rows});
+  at::Tensor top = std::get<1>(key.sort(/*stable=*/true, 1, /*descending=*/true)).narrow(1, 0, std::min(limit, rows));
+  if (top.size(1) < limit) top = at::cat({top, at::zeros({batch, limit - top.size(1)}, long_opts)}, 1);
+  const at::Tensor counts = selected.view({batch, rows}).sum(1, false, at::kLong).clamp_max(limit);
+  const at::Tensor filled = at::arange(limit, long_opts).unsqueeze(0).lt(counts.unsqueeze(1));
+  return {top + at::arange(batch, long_opts).unsqueeze(1) * rows, filled, counts};
+}
+
+// `values` [batch * rows, ...] gathered into [batch, limit, ...] at the selection's rows, zero in unfilled slots.
+at::Tensor gather_padded(const at::Tensor& values, const PaddedSelection& s) {
+  std::vector<int64_t> shape{s.rows.size(0), s.rows.size(1)};
+  for (int64_t d = 1; d < values.dim(); ++d) shape.push_back(values.size(d));
+  at::Tensor out = values.index_select(0, s.rows.reshape({-1})).view(shape);
+  at::Tensor filled = s.filled;
+  while (filled.dim() < out.dim()) filled = filled.unsqueeze(-1);
+  return at::where(filled, out, at::zeros({}, out.options()));
+}
+
+// Rows 0..batch-1, each repeated `rows` times (no host copy: an expanded arange).
+at::Tensor image_of_rows(int64_t batch, int64_t rows, const at::TensorOptions& long_opts) {
+  return at::arange(batch, long_opts).unsqueeze(1).expand({batch, rows}).reshape({-1});
+}
+
+// The RPN's candidates of a batch, image by image (`per_image` rows each): every image's pre_nms_top_n best logits
+// of each level, decoded and clipped to its image (hw [N, 2] on the device), with their scores, which of them are
+// valid (side and score thresholds) and which the per-(image, level) NMS keeps among the valid ones.
+struct RpnCandidates {
+  at::Tensor boxes, scores, kept;
+  int64_t per_image = 0;
+};
+
+RpnCandidates rpn_candidates(const at::Tensor& objectness, const at::Tensor& deltas, const at::Tensor& anchors,
+                             at::IntArrayRef num_anchors_per_level, const at::Tensor& hw, int64_t pre_nms_top_n,
+                             double nms_thresh, double score_thresh, double min_size) {
   const int64_t batch = objectness.size(0), levels = static_cast<int64_t>(num_anchors_per_level.size());
   const auto long_opts = objectness.options().dtype(at::kLong);
   // NaN logits rank last in the top-k, as in the CPU kernel (torch.topk would rank them first).
@@ -95,25 +148,87 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rpn_proposals_generic(
     }
     begin += count;
   }
-  if (top.empty()) {
-    return {at::empty({0, 4}, objectness.options()), at::empty({0}, objectness.options()), at::zeros({batch}, long_opts)};
-  }
+  RpnCandidates c;
+  if (top.empty()) return c;
   const at::Tensor idx = at::cat(top, 1);  // [N, K]
   const int64_t k = idx.size(1);
-  const at::Tensor scores = objectness.gather(1, idx).sigmoid().reshape({-1});
+  c.per_image = k;
+  c.scores = objectness.gather(1, idx).sigmoid().reshape({-1});
   const at::Tensor rel = deltas.gather(1, idx.unsqueeze(2).expand({batch, k, 4})).reshape({-1, 4});
   const at::Tensor base = anchors.index_select(0, idx.reshape({-1}));
-  const at::Tensor image_of = at::arange(batch, long_opts).repeat_interleave(k);
-  const at::Tensor hw = host_values_on(image_sizes, long_opts).to(objectness.scalar_type()).view({batch, 2});
-  const at::Tensor boxes = clip_rows(decode_op(rel, base, {1.0, 1.0, 1.0, 1.0}), hw.index_select(0, image_of));
-  const at::Tensor valid = large_enough(boxes, min_size).logical_and(scores.ge(score_thresh));
-  // No selection before the NMS (it would sync): invalid candidates get a NaN score, which ranks after every
-  // number, so they can only suppress each other; first_per_image drops them.
-  const at::Tensor nms_scores = at::where(valid, scores, std::numeric_limits<double>::quiet_NaN());
+  const at::Tensor image_of = image_of_rows(batch, k, long_opts);
+  c.boxes = clip_rows(decode_op(rel, base, {1.0, 1.0, 1.0, 1.0}), hw.index_select(0, image_of));
+  const at::Tensor valid = large_enough(c.boxes, min_size).logical_and(c.scores.ge(score_thresh));
   const at::Tensor group = image_of * levels + at::cat(level_ids).repeat({batch});
-  const at::Tensor kept = batched_nms_keep_mask_op(boxes, nms_scores, group, nms_thresh);
-  const auto [rows, counts] = first_per_image(kept.logical_and(valid), scores, image_of, batch, post_nms_top_n);
-  return {boxes.index_select(0, rows), scores.index_select(0, rows), counts};
+  c.kept = keep_mask_of_valid_op(c.boxes, c.scores, group, valid, nms_thresh);
+  return c;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> rpn_proposals_generic(
+    const at::Tensor& objectness, const at::Tensor& deltas, const at::Tensor& anchors,
+    at::IntArrayRef num_anchors_per_level, at::IntArrayRef image_sizes, int64_t pre_nms_top_n, int64_t post_nms_top_n,
+    double nms_thresh, double score_thresh, double min_size) {
+  check_rpn_inputs(objectness, deltas, anchors, num_anchors_per_level, image_sizes);
+  const int64_t batch = objectness.size(0);
+  const auto long_opts = objectness.options().dtype(at::kLong);
+  const at::Tensor hw = host_values_on(image_sizes, long_opts).to(objectness.scalar_type()).view({batch, 2});
+  const RpnCandidates c = rpn_candidates(objectness, deltas, anchors, num_anchors_per_level, hw, pre_nms_top_n,
+                                         nms_thresh, score_thresh, min_size);
+  if (c.per_image == 0) {
+    return {at::empty({0, 4}, objectness.options()), at::empty({0}, objectness.options()), at::zeros({batch}, long_opts)};
+  }
+  const auto [rows, counts] =
+      first_per_image(c.kept, c.scores, image_of_rows(batch, c.per_image, long_opts), batch, post_nms_top_n);
+  return {c.boxes.index_select(0, rows), c.scores.index_select(0, rows), counts};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> rpn_proposals_padded(
+    const at::Tensor& objectness, const at::Tensor& deltas, const at::Tensor& anchors,
+    at::IntArrayRef num_anchors_per_level, at::IntArrayRef image_sizes, int64_t pre_nms_top_n, int64_t post_nms_top_n,
+    double nms_thresh, double score_thresh, double min_size) {
+  check_rpn_inputs(objectness, deltas, anchors, num_anchors_per_level, image_sizes);
+  FRCNN_CHECK(post_nms_top_n >= 0, "rpn_proposals_padded: post_nms_top_n must be >= 0 (the padded size), got ",
+              post_nms_top_n);
+  const int64_t batch = objectness.size(0);
+  const auto long_opts = objectness.options().dtype(at::kLong);
+  const at::Tensor hw = device_values(image_sizes, long_opts).to(objectness.scalar_type()).view({batch, 2});
+  const RpnCandidates c = rpn_candidates(objectness, deltas, anchors, num_anchors_per_level, hw, pre_nms_top_n,
+                                         nms_thresh, score_thresh, min_size);
+  if (c.per_image == 0 || batch == 0) {
+    return {at::zeros({batch, post_nms_top_n, 4}, objectness.options()),
+            at::zeros({batch, post_nms_top_n}, objectness.options()), at::zeros({batch}, long_opts)};
+  }
+  const PaddedSelection s = first_per_image_padded(c.kept, c.scores, batch, c.per_image, post_nms_top_n);
+  return {gather_padded(c.boxes, s), gather_padded(c.scores, s), s.counts};
+}
+
+// The detector's candidates, proposal by proposal and then class by class (foreground classes only: [K, C - 1] as
+// torchvision flattens them): boxes decoded and clipped (hw [N, 2], proposal_image [K] on the device), scores
+// (softmax), labels, which are valid (score, side, and proposal_valid when given) and which the per-(image, class)
+// NMS keeps among the valid ones.
+struct DetectionCandidates {
+  at::Tensor boxes, scores, labels, kept, image_of;
+};
+
+DetectionCandidates detection_candidates(const at::Tensor& class_logits, const at::Tensor& box_regression,
+                                         const at::Tensor& proposals, const at::Tensor& proposal_image,
+                                         const at::Tensor* proposal_valid, const at::Tensor& hw,
+                                         at::ArrayRef<double> weights, double score_thresh, double nms_thresh,
+                                         double min_size) {
+  const int64_t classes = class_logits.size(1), k = class_logits.size(0);
+  const auto long_opts = class_logits.options().dtype(at::kLong);
+  DetectionCandidates c;
+  c.scores = class_logits.softmax(-1).slice(1, 1).reshape({-1});
+  at::Tensor boxes = decode_op(box_regression, proposals, weights).view({k, classes, 4}).slice(1, 1);
+  c.boxes = clip_rows(boxes, hw.index_select(0, proposal_image).unsqueeze(1)).reshape({-1, 4});
+  c.labels = at::arange(1, classes, long_opts).repeat({k});
+  c.image_of = proposal_image.unsqueeze(1).expand({k, classes - 1}).reshape({-1});
+  at::Tensor valid = c.scores.gt(score_thresh).logical_and(large_enough(c.boxes, min_size));
+  if (proposal_valid != nullptr) {
+    valid = valid.logical_and(proposal_valid->unsqueeze(1).expand({k, classes - 1}).reshape({-1}));
+  }
+  c.kept = keep_mask_of_valid_op(c.boxes, c.scores, c.image_of * classes + c.labels, valid, nms_thresh);
+  return c;
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> detection_postprocess_generic(
@@ -121,26 +236,52 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> detection_postprocess
     at::IntArrayRef boxes_per_image, at::IntArrayRef image_sizes, at::ArrayRef<double> weights, double score_thresh,
     double nms_thresh, int64_t detections_per_img, double min_size) {
   check_detection_inputs(class_logits, box_regression, proposals, boxes_per_image, image_sizes, weights);
-  const int64_t batch = static_cast<int64_t>(boxes_per_image.size()), classes = class_logits.size(1);
-  const int64_t k = class_logits.size(0);
+  const int64_t batch = static_cast<int64_t>(boxes_per_image.size()), k = class_logits.size(0);
   const auto long_opts = class_logits.options().dtype(at::kLong);
   const at::Tensor per_image = host_values_on(boxes_per_image, long_opts);
   const at::Tensor proposal_image = at::arange(batch, long_opts).repeat_interleave(per_image, 0, k);
   const at::Tensor hw = host_values_on(image_sizes, long_opts).to(class_logits.scalar_type()).view({batch, 2});
-  // Foreground classes only: [K, C - 1] candidates, row-major as torchvision flattens them.
-  const at::Tensor scores = class_logits.softmax(-1).slice(1, 1).reshape({-1});
-  at::Tensor boxes = decode_op(box_regression, proposals, weights).view({k, classes, 4}).slice(1, 1);
-  boxes = clip_rows(boxes, hw.index_select(0, proposal_image).unsqueeze(1)).reshape({-1, 4});
-  const at::Tensor labels = at::arange(1, classes, long_opts).repeat({k});
-  const at::Tensor image_of = proposal_image.repeat_interleave(classes - 1);
-  const at::Tensor valid = scores.gt(score_thresh).logical_and(large_enough(boxes, min_size));
-  const at::Tensor candidates = valid.nonzero().squeeze(1);  // host sync (see the top of this file)
-  const at::Tensor group = image_of * classes + labels;
-  const at::Tensor kept = at::zeros_like(valid).index_copy_(
-      0, candidates, batched_nms_keep_mask_op(boxes.index_select(0, candidates), scores.index_select(0, candidates),
-                                              group.index_select(0, candidates), nms_thresh));
-  const auto [rows, counts] = first_per_image(kept, scores, image_of, batch, detections_per_img);
-  return {boxes.index_select(0, rows), scores.index_select(0, rows), labels.index_select(0, rows), counts};
+  const DetectionCandidates c = detection_candidates(class_logits, box_regression, proposals, proposal_image, nullptr,
+                                                     hw, weights, score_thresh, nms_thresh, min_size);
+  const auto [rows, counts] = first_per_image(c.kept, c.scores, c.image_of, batch, detections_per_img);
+  return {c.boxes.index_select(0, rows), c.scores.index_select(0, rows), c.labels.index_select(0, rows), counts};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> detection_postprocess_padded(
+    const at::Tensor& class_logits, const at::Tensor& box_regression, const at::Tensor& proposals,
+    const at::Tensor& proposal_counts, at::IntArrayRef image_sizes, at::ArrayRef<double> weights, double score_thresh,
+    double nms_thresh, int64_t detections_per_img, double min_size) {
+  const char* op = "detection_postprocess_padded";
+  const int64_t batch = static_cast<int64_t>(image_sizes.size()) / 2, k = class_logits.size(0);
+  FRCNN_CHECK(batch > 0 && k % batch == 0, op, ": the proposals must be [N * P, 4] for N = ", batch,
+              " images (image_sizes) of P rows each, got ", k, " rows");
+  const int64_t per_image = k / batch;
+  check_detection_inputs(class_logits, box_regression, proposals, std::vector<int64_t>(batch, per_image),
+                         image_sizes, weights);
+  FRCNN_CHECK(proposal_counts.dim() == 1 && proposal_counts.size(0) == batch &&
+                  proposal_counts.scalar_type() == at::kLong,
+              op, ": proposal_counts must be an int64 [N] tensor with N = ", batch, ", got shape ",
+              proposal_counts.sizes(), " and dtype ", proposal_counts.scalar_type());
+  check_same_device(class_logits, "class_logits", proposal_counts, "proposal_counts", op);
+  FRCNN_CHECK(detections_per_img >= 0, op, ": detections_per_img must be >= 0 (the padded size), got ",
+              detections_per_img);
+  const auto long_opts = class_logits.options().dtype(at::kLong);
+  const int64_t classes = class_logits.size(1);
+  const at::Tensor proposal_image = image_of_rows(batch, per_image, long_opts);
+  // Proposal j of image i is real when j < proposal_counts[i] (rpn_proposals_padded's padding is not).
+  const at::Tensor proposal_valid =
+      at::arange(per_image, long_opts).repeat({batch}).lt(proposal_counts.index_select(0, proposal_image));
+  const at::Tensor hw = device_values(image_sizes, long_opts).to(class_logits.scalar_type()).view({batch, 2});
+  const auto options = class_logits.options();
+  if (classes <= 1 || per_image == 0) {
+    return {at::zeros({batch, detections_per_img, 4}, options), at::zeros({batch, detections_per_img}, options),
+            at::zeros({batch, detections_per_img}, long_opts), at::zeros({batch}, long_opts)};
+  }
+  const DetectionCandidates c = detection_candidates(class_logits, box_regression, proposals, proposal_image,
+                                                     &proposal_valid, hw, weights, score_thresh, nms_thresh, min_size);
+  const PaddedSelection s = first_per_image_padded(c.kept, c.scores, batch, per_image * (classes - 1),
+                                                   detections_per_img);
+  return {gather_padded(c.boxes, s), gather_padded(c.scores, s), gather_padded(c.labels, s), s.counts};
 }
 
 std::vector<at::Tensor> split_per_image(at::TensorList values, const at::Tensor& counts) {
@@ -178,4 +319,6 @@ TORCH_LIBRARY_IMPL(fasterrcnn_ext, CompositeExplicitAutograd, m) {
   m.impl("detection_postprocess", &fasterrcnn_ext::detection_postprocess_generic);
   m.impl("_rpn_proposals_generic", &fasterrcnn_ext::rpn_proposals_generic);
   m.impl("_detection_postprocess_generic", &fasterrcnn_ext::detection_postprocess_generic);
+  m.impl("rpn_proposals_padded", &fasterrcnn_ext::rpn_proposals_padded);
+  m.impl("detection_postprocess_padded", &fasterrcnn_ext::detection_postprocess_padded);
 }

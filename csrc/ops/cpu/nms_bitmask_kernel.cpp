@@ -43,16 +43,19 @@ struct SerialBitmaskKernels {
   template <typename scalar_t>
   static void build_mask(int64_t n, int64_t row_begin, int64_t rows, int64_t col_blocks, const scalar_t* boxes,
                          const int64_t* classes, at::opmath_type<scalar_t> threshold, uint64_t* mask,
-                         const int64_t* num_kept, int64_t max_keep) {
+                         const int64_t* num_kept, int64_t max_keep, const int64_t* row_limit) {
     using acc_t = at::opmath_type<scalar_t>;
     if (max_keep >= 0 && *num_kept >= max_keep) return;  // an earlier chunk kept enough: this one is never walked
+    n = nms_live_rows(n, row_limit);
     const int64_t first_row_block = row_begin / kNmsBlockBoxes;
     const int64_t row_blocks = (rows + kNmsBlockBoxes - 1) / kNmsBlockBoxes;
     for (int64_t rb = first_row_block; rb < first_row_block + row_blocks; ++rb) {
       const int64_t row_start = rb * kNmsBlockBoxes;
+      if (row_start >= n) break;  // past the live rows: never walked
       const int row_size = static_cast<int>(std::min<int64_t>(n - row_start, kNmsBlockBoxes));
       for (int64_t cb = rb; cb < col_blocks; ++cb) {  // below the diagonal: never read
         const int64_t col_start = cb * kNmsBlockBoxes;
+        if (col_start >= n) break;  // past the live columns: never read
         const int col_size = static_cast<int>(std::min<int64_t>(n - col_start, kNmsBlockBoxes));
         const bool meet = nms_blocks_share_a_class(classes, row_start, row_size, col_start);
         NmsBox<acc_t> cols[kNmsBlockBoxes];
@@ -69,9 +72,12 @@ struct SerialBitmaskKernels {
   }
 
   static void reduce(int64_t n, int64_t row_begin, int64_t rows, int64_t col_blocks, const uint64_t* mask,
-                     const int64_t* classes, uint64_t* removed, bool* keep, int64_t* num_kept, int64_t max_keep) {
+                     const int64_t* classes, uint64_t* removed, bool* keep, int64_t* num_kept, int64_t max_keep,
+                     const int64_t* row_limit) {
+    n = nms_live_rows(n, row_limit);
+    const int64_t live_blocks = (n + kNmsBlockBoxes - 1) / kNmsBlockBoxes;
     const int64_t first_block = row_begin / kNmsBlockBoxes;
-    const int64_t end_block = (row_begin + rows + kNmsBlockBoxes - 1) / kNmsBlockBoxes;
+    const int64_t end_block = std::min((row_begin + rows + kNmsBlockBoxes - 1) / kNmsBlockBoxes, live_blocks);
     for (int64_t blk = first_block; blk < end_block; ++blk) {
       if (max_keep >= 0 && *num_kept >= max_keep) break;
       const int64_t start = blk * kNmsBlockBoxes;
@@ -88,7 +94,7 @@ struct SerialBitmaskKernels {
       // Column blocks past the block's last class are never suppressed by it (nor is any later one). Each word is
       // the OR of its group's lane words, as the CUDA warp's shuffles combine them.
       const int kept = popcount64(kept_bits), group = nms_or_group_size(kept);
-      for (int64_t c = blk + 1; c < col_blocks && nms_blocks_share_a_class(classes, start, size, c * kNmsBlockBoxes);
+      for (int64_t c = blk + 1; c < live_blocks && nms_blocks_share_a_class(classes, start, size, c * kNmsBlockBoxes);
            ++c) {
         for (int slot = 0; slot < group; ++slot) {
           removed[c] |= nms_kept_rows_slot_word(block_rows, col_blocks, kept_rows, kept, slot, group, c);
@@ -99,13 +105,15 @@ struct SerialBitmaskKernels {
 };
 
 at::Tensor nms_bitmask_cpu(const at::Tensor& boxes, const at::Tensor& scores, const std::optional<at::Tensor>& idxs,
-                           double iou_threshold, int64_t max_keep, int64_t chunk_rows) {
+                           double iou_threshold, int64_t max_keep, int64_t chunk_rows,
+                           const std::optional<at::Tensor>& valid) {
   const at::Tensor* classes = idxs.has_value() ? &*idxs : nullptr;
   check_nms_inputs(boxes, scores, classes, "_nms_bitmask");
   check_nms_chunk_rows(chunk_rows, kNmsBlockBoxes, "_nms_bitmask");
+  if (valid.has_value()) check_nms_valid(*valid, boxes, "_nms_bitmask");
   if (boxes.size(0) == 0 || max_keep == 0) return at::empty({0}, boxes.options().dtype(at::kLong));
-  const NmsBitmaskResult r =
-      nms_bitmask_keep_sorted<SerialBitmaskKernels>(boxes, scores, classes, iou_threshold, max_keep, chunk_rows);
+  const NmsBitmaskResult r = nms_bitmask_keep_sorted<SerialBitmaskKernels>(
+      boxes, scores, classes, iou_threshold, max_keep, chunk_rows, valid.has_value() ? &*valid : nullptr);
   return nms_kept_indices(r, classes != nullptr, max_keep);
 }
 

@@ -302,6 +302,21 @@ at::Tensor batched_nms_keep_mask_cpu(const at::Tensor& boxes, const at::Tensor& 
   return at::zeros({boxes.size(0)}, boxes.options().dtype(at::kBool)).index_fill_(0, kept, true);
 }
 
+// The CPU has no device to keep waiting: the valid boxes are selected first and their keep mask scattered back.
+at::Tensor batched_nms_keep_mask_valid_cpu(const at::Tensor& boxes, const at::Tensor& scores, const at::Tensor& idxs,
+                                           const at::Tensor& valid, double iou_threshold) {
+  const char* op = "_batched_nms_keep_mask_valid";
+  check_nms_inputs(boxes, scores, &idxs, op);
+  check_nms_valid(valid, boxes, op);
+  at::Tensor out = at::zeros({boxes.size(0)}, boxes.options().dtype(at::kBool));
+  const at::Tensor rows = valid.nonzero().squeeze(1);
+  if (rows.numel() == 0) return out;
+  const at::Tensor valid_idxs = idxs.index_select(0, rows);
+  const at::Tensor kept = nms_cpu_common(boxes.index_select(0, rows), scores.index_select(0, rows), &valid_idxs,
+                                         iou_threshold, -1, op);
+  return out.index_fill_(0, rows.index_select(0, kept), true);
+}
+
 }  // namespace
 }  // namespace fasterrcnn_ext
 
@@ -309,4 +324,5 @@ TORCH_LIBRARY_IMPL(fasterrcnn_ext, CPU, m) {
   m.impl("nms", &fasterrcnn_ext::nms_cpu);
   m.impl("batched_nms", &fasterrcnn_ext::batched_nms_cpu);
   m.impl("batched_nms_keep_mask", &fasterrcnn_ext::batched_nms_keep_mask_cpu);
+  m.impl("_batched_nms_keep_mask_valid", &fasterrcnn_ext::batched_nms_keep_mask_valid_cpu);
 }

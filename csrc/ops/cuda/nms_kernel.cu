@@ -18,6 +18,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <type_traits>
 
 #include "ops/common/checks.h"
@@ -44,34 +45,50 @@ __global__ void nms_sort_key_kernel(int64_t n, const scalar_t* __restrict__ scor
   }
 }
 
-// One block of 64 threads per (row block, column block) pair of the chunk; thread t writes row t's word.
+// Blocks of 64 threads over the (row block, column block) pairs of the chunk, grid-stride in both directions (the
+// grid is capped at kNmsMaskGridCap per side); thread t writes row t's word. The loops stop at the live boxes
+// (nms_live_rows, read on the device), so a launch sized for many boxes of which few are live costs little more
+// than its capped grid.
+constexpr int64_t kNmsMaskGridCap = 128;
+
 template <typename scalar_t>
-__global__ void nms_mask_kernel(int64_t n, int64_t row_begin, int64_t col_blocks,
+__global__ void nms_mask_kernel(int64_t n, int64_t row_begin, int64_t rows, int64_t col_blocks,
                                 const scalar_t* __restrict__ boxes,   // [n, 4], sorted
                                 const int64_t* __restrict__ classes,  // [n] sorted, or nullptr
                                 at::opmath_type<scalar_t> threshold, uint64_t* __restrict__ mask,
-                                const int64_t* __restrict__ num_kept, int64_t max_keep) {
+                                const int64_t* __restrict__ num_kept, int64_t max_keep,
+                                const int64_t* __restrict__ row_limit) {
   using acc_t = at::opmath_type<scalar_t>;
-  if (max_keep >= 0 && *num_kept >= max_keep) return;  // an earlier chunk kept enough: this one is never walked
-  const int64_t row_block = row_begin / kNmsBlockBoxes + blockIdx.y;
-  const int64_t col_block = blockIdx.x;
-  if (col_block < row_block) return;  // below the diagonal: never read
-  const int64_t row_start = row_block * kNmsBlockBoxes;
-  const int64_t col_start = col_block * kNmsBlockBoxes;
-  const int row_size = static_cast<int>(min(n - row_start, int64_t{kNmsBlockBoxes}));
-  const int col_size = static_cast<int>(min(n - col_start, int64_t{kNmsBlockBoxes}));
-  uint64_t* out = mask + (static_cast<int64_t>(blockIdx.y) * kNmsBlockBoxes + threadIdx.x) * col_blocks + col_block;
-  if (!nms_blocks_share_a_class(classes, row_start, row_size, col_start)) {
-    if (threadIdx.x < row_size) *out = 0;
-    return;
-  }
   __shared__ NmsBox<acc_t> cols[kNmsBlockBoxes];
-  if (threadIdx.x < col_size) cols[threadIdx.x] = nms_load_box<scalar_t>(boxes, classes, col_start + threadIdx.x);
-  __syncthreads();
-  if (threadIdx.x >= row_size) return;
-  const int first = row_block == col_block ? threadIdx.x + 1 : 0;
-  *out = nms_mask_word(nms_load_box<scalar_t>(boxes, classes, row_start + threadIdx.x), cols, first, col_size,
-                       threshold);
+  if (max_keep >= 0 && *num_kept >= max_keep) return;  // an earlier chunk kept enough: this one is never walked
+  n = nms_live_rows(n, row_limit);
+  const int64_t chunk_row_blocks = (rows + kNmsBlockBoxes - 1) / kNmsBlockBoxes;
+  // rb, col_block, the sizes and the class test are the same in every thread of the block: no barrier is skipped.
+  for (int64_t rb = blockIdx.y; rb < chunk_row_blocks; rb += gridDim.y) {
+    const int64_t row_block = row_begin / kNmsBlockBoxes + rb;
+    const int64_t row_start = row_block * kNmsBlockBoxes;
+    if (row_start >= n) break;  // past the live boxes: never walked
+    const int row_size = static_cast<int>(min(n - row_start, int64_t{kNmsBlockBoxes}));
+    for (int64_t col_block = blockIdx.x; col_block < col_blocks; col_block += gridDim.x) {
+      if (col_block < row_block) continue;  // below the diagonal: never read
+      const int64_t col_start = col_block * kNmsBlockBoxes;
+      if (col_start >= n) break;  // past the live boxes: never read
+      const int col_size = static_cast<int>(min(n - col_start, int64_t{kNmsBlockBoxes}));
+      uint64_t* out = mask + (rb * kNmsBlockBoxes + threadIdx.x) * col_blocks + col_block;
+      if (!nms_blocks_share_a_class(classes, row_start, row_size, col_start)) {
+        if (threadIdx.x < row_size) *out = 0;
+        continue;
+      }
+      __syncthreads();  // the previous pair's reads of cols are done
+      if (threadIdx.x < col_size) cols[threadIdx.x] = nms_load_box<scalar_t>(boxes, classes, col_start + threadIdx.x);
+      __syncthreads();
+      if (threadIdx.x < row_size) {
+        const int first = row_block == col_block ? static_cast<int>(threadIdx.x) + 1 : 0;
+        *out = nms_mask_word(nms_load_box<scalar_t>(boxes, classes, row_start + threadIdx.x), cols, first, col_size,
+                             threshold);
+      }
+    }
+  }
 }
 
 // The greedy walk over rows [row_begin, row_begin + rows) of the mask, in one block. `removed` (one bit per box) and
@@ -91,7 +108,7 @@ __global__ void __launch_bounds__(256)
     nms_reduce_kernel(int64_t n, int64_t row_begin, int64_t rows, int64_t col_blocks,
                       const uint64_t* __restrict__ mask, const int64_t* __restrict__ classes,
                       uint64_t* __restrict__ removed_global, bool* __restrict__ keep, int64_t* __restrict__ num_kept,
-                      int64_t max_keep) {
+                      int64_t max_keep, const int64_t* __restrict__ row_limit) {
   extern __shared__ uint64_t removed_shared[];
   __shared__ uint64_t diag[kNmsBlockBoxes];
   __shared__ uint64_t block_removed;
@@ -104,8 +121,10 @@ __global__ void __launch_bounds__(256)
   const int lane = static_cast<int>(threadIdx.x % 32), warp = static_cast<int>(threadIdx.x / 32);
   const int warps = static_cast<int>(blockDim.x / 32);
   int64_t kept = *num_kept;  // every thread keeps the same count: they all walk the same bits
+  n = nms_live_rows(n, row_limit);  // the same in every thread
+  const int64_t live_blocks = (n + kNmsBlockBoxes - 1) / kNmsBlockBoxes;
   const int64_t first_block = row_begin / kNmsBlockBoxes;
-  const int64_t end_block = (row_begin + rows + kNmsBlockBoxes - 1) / kNmsBlockBoxes;
+  const int64_t end_block = min((row_begin + rows + kNmsBlockBoxes - 1) / kNmsBlockBoxes, live_blocks);
   for (int64_t blk = first_block; blk < end_block; ++blk) {
     if (max_keep >= 0 && kept >= max_keep) break;  // the same in every thread: no barrier is skipped by some only
     const int64_t start = blk * kNmsBlockBoxes;
@@ -131,7 +150,7 @@ __global__ void __launch_bounds__(256)
     for (int64_t c0 = blk + 1 + static_cast<int64_t>(warp) * columns_per_warp;;
          c0 += static_cast<int64_t>(warps) * columns_per_warp) {
       const int64_t c = c0 + lane / group;
-      const bool active = c < col_blocks && nms_blocks_share_a_class(classes, start, size, c * kNmsBlockBoxes);
+      const bool active = c < live_blocks && nms_blocks_share_a_class(classes, start, size, c * kNmsBlockBoxes);
       if (!__any_sync(kFullWarp, active)) break;  // no later column of this warp is active either
       uint64_t word =
           active ? nms_kept_rows_slot_word(block_rows, col_blocks, kept_rows, kept_in_block, slot, group, c) : 0;
@@ -176,51 +195,69 @@ struct CudaBitmaskKernels {
   template <typename scalar_t>
   static void build_mask(int64_t n, int64_t row_begin, int64_t rows, int64_t col_blocks, const scalar_t* boxes,
                          const int64_t* classes, at::opmath_type<scalar_t> threshold, uint64_t* mask,
-                         const int64_t* num_kept, int64_t max_keep) {
-    const dim3 grid(static_cast<unsigned>(col_blocks), static_cast<unsigned>((rows + kNmsBlockBoxes - 1) / kNmsBlockBoxes));
+                         const int64_t* num_kept, int64_t max_keep, const int64_t* row_limit) {
+    const dim3 grid(static_cast<unsigned>(std::min(col_blocks, kNmsMaskGridCap)),
+                    static_cast<unsigned>(std::min((rows + kNmsBlockBoxes - 1) / kNmsBlockBoxes, kNmsMaskGridCap)));
     nms_mask_kernel<scalar_t><<<grid, kNmsBlockBoxes, 0, at::cuda::getCurrentCUDAStream()>>>(
-        n, row_begin, col_blocks, boxes, classes, threshold, mask, num_kept, max_keep);
+        n, row_begin, rows, col_blocks, boxes, classes, threshold, mask, num_kept, max_keep, row_limit);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 
   static void reduce(int64_t n, int64_t row_begin, int64_t rows, int64_t col_blocks, const uint64_t* mask,
-                     const int64_t* classes, uint64_t* removed, bool* keep, int64_t* num_kept, int64_t max_keep) {
+                     const int64_t* classes, uint64_t* removed, bool* keep, int64_t* num_kept, int64_t max_keep,
+                     const int64_t* row_limit) {
     const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
     if (col_blocks <= kNmsSharedRemovedWords) {
       const size_t shared = static_cast<size_t>(col_blocks) * sizeof(uint64_t);
       nms_reduce_kernel<true><<<1, 256, shared, stream>>>(n, row_begin, rows, col_blocks, mask, classes, removed,
-                                                          keep, num_kept, max_keep);
+                                                          keep, num_kept, max_keep, row_limit);
     } else {
       nms_reduce_kernel<false><<<1, 256, 0, stream>>>(n, row_begin, rows, col_blocks, mask, classes, removed, keep,
-                                                      num_kept, max_keep);
+                                                      num_kept, max_keep, row_limit);
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 };
 
 NmsBitmaskResult nms_keep_sorted(const at::Tensor& boxes, const at::Tensor& scores, const at::Tensor* idxs,
-                                 double iou_threshold, int64_t max_keep, int64_t chunk_rows = 0) {
+                                 double iou_threshold, int64_t max_keep, int64_t chunk_rows = 0,
+                                 const at::Tensor* valid = nullptr) {
   const c10::cuda::CUDAGuard guard(boxes.device());
-  return nms_bitmask_keep_sorted<CudaBitmaskKernels>(boxes, scores, idxs, iou_threshold, max_keep, chunk_rows);
+  return nms_bitmask_keep_sorted<CudaBitmaskKernels>(boxes, scores, idxs, iou_threshold, max_keep, chunk_rows,
+                                                     valid);
 }
 
 at::Tensor nms_cuda_common(const at::Tensor& boxes, const at::Tensor& scores, const at::Tensor* idxs,
-                           double iou_threshold, int64_t max_keep, const char* op, int64_t chunk_rows = 0) {
+                           double iou_threshold, int64_t max_keep, const char* op, int64_t chunk_rows = 0,
+                           const at::Tensor* valid = nullptr) {
   check_nms_inputs(boxes, scores, idxs, op);
   check_cuda(boxes, "boxes", op);
+  if (valid != nullptr) check_nms_valid(*valid, boxes, op);
   if (boxes.size(0) == 0 || max_keep == 0) return at::empty({0}, boxes.options().dtype(at::kLong));
-  const NmsBitmaskResult r = nms_keep_sorted(boxes, scores, idxs, iou_threshold, max_keep, chunk_rows);
+  const NmsBitmaskResult r = nms_keep_sorted(boxes, scores, idxs, iou_threshold, max_keep, chunk_rows, valid);
   return nms_kept_indices(r, idxs != nullptr, max_keep);  // the one host sync: the output size
+}
+
+// The keep mask in input order, scattered back on the device; boxes where valid is false (when given) are never kept.
+at::Tensor keep_mask_cuda(const at::Tensor& boxes, const at::Tensor& scores, const at::Tensor& idxs,
+                          const at::Tensor* valid, double iou_threshold, const char* op) {
+  check_nms_inputs(boxes, scores, &idxs, op);
+  check_cuda(boxes, "boxes", op);
+  if (valid != nullptr) check_nms_valid(*valid, boxes, op);
+  at::Tensor out = at::zeros({boxes.size(0)}, boxes.options().dtype(at::kBool));
+  if (boxes.size(0) == 0) return out;
+  const NmsBitmaskResult r = nms_keep_sorted(boxes, scores, &idxs, iou_threshold, -1, 0, valid);
+  return out.index_copy_(0, r.order, r.keep);
 }
 
 at::Tensor batched_nms_keep_mask_cuda(const at::Tensor& boxes, const at::Tensor& scores, const at::Tensor& idxs,
                                       double iou_threshold) {
-  check_nms_inputs(boxes, scores, &idxs, "batched_nms_keep_mask");
-  check_cuda(boxes, "boxes", "batched_nms_keep_mask");
-  at::Tensor out = at::zeros({boxes.size(0)}, boxes.options().dtype(at::kBool));
-  if (boxes.size(0) == 0) return out;
-  const NmsBitmaskResult r = nms_keep_sorted(boxes, scores, &idxs, iou_threshold, -1);
-  return out.index_copy_(0, r.order, r.keep);  // scatter back to input order, on the device
+  return keep_mask_cuda(boxes, scores, idxs, nullptr, iou_threshold, "batched_nms_keep_mask");
+}
+
+at::Tensor batched_nms_keep_mask_valid_cuda(const at::Tensor& boxes, const at::Tensor& scores, const at::Tensor& idxs,
+                                            const at::Tensor& valid, double iou_threshold) {
+  return keep_mask_cuda(boxes, scores, idxs, &valid, iou_threshold, "_batched_nms_keep_mask_valid");
 }
 
 at::Tensor nms_cuda(const at::Tensor& dets, const at::Tensor& scores, double iou_threshold, int64_t max_keep) {
@@ -233,10 +270,11 @@ at::Tensor batched_nms_cuda(const at::Tensor& boxes, const at::Tensor& scores, c
 }
 
 at::Tensor nms_bitmask_cuda(const at::Tensor& boxes, const at::Tensor& scores, const std::optional<at::Tensor>& idxs,
-                            double iou_threshold, int64_t max_keep, int64_t chunk_rows) {
+                            double iou_threshold, int64_t max_keep, int64_t chunk_rows,
+                            const std::optional<at::Tensor>& valid) {
   check_nms_chunk_rows(chunk_rows, kNmsBlockBoxes, "_nms_bitmask");
   return nms_cuda_common(boxes, scores, idxs.has_value() ? &*idxs : nullptr, iou_threshold, max_keep, "_nms_bitmask",
-                         chunk_rows);
+                         chunk_rows, valid.has_value() ? &*valid : nullptr);
 }
 
 }  // namespace
@@ -246,5 +284,6 @@ TORCH_LIBRARY_IMPL(fasterrcnn_ext, CUDA, m) {
   m.impl("nms", &fasterrcnn_ext::nms_cuda);
   m.impl("batched_nms", &fasterrcnn_ext::batched_nms_cuda);
   m.impl("batched_nms_keep_mask", &fasterrcnn_ext::batched_nms_keep_mask_cuda);
+  m.impl("_batched_nms_keep_mask_valid", &fasterrcnn_ext::batched_nms_keep_mask_valid_cuda);
   m.impl("_nms_bitmask", &fasterrcnn_ext::nms_bitmask_cuda);
 }

@@ -1,0 +1,123 @@
+"""rpn_proposals_padded and detection_postprocess_padded: the fused post-processing with static output sizes (for CUDA
+graphs) gives, in each image's first counts[i] rows, exactly what the dynamic ops give, and zeros after."""
+
+import pytest
+import torch
+
+import fasterrcnn_ext.ops as ops
+
+from .test_postprocess import IMAGE_SIZES, detection_inputs, rpn_inputs
+
+E = torch.ops.fasterrcnn_ext
+WEIGHTS = [10.0, 10.0, 5.0, 5.0]
+
+
+def flat(sizes):
+    return [v for hw in sizes for v in hw]
+
+
+def assert_padded_equals(padded, counts, dynamic, dynamic_counts):
+    """Each image's first counts[i] padded rows are the dynamic op's rows of that image, bit for bit; the rest are 0."""
+    assert counts.tolist() == dynamic_counts.tolist()
+    for p, d in zip(padded, dynamic):
+        parts = d.split(dynamic_counts.tolist())
+        for i, part in enumerate(parts):
+            c = int(counts[i])
+            assert torch.equal(p[i, :c], part)
+            assert not p[i, c:].any()
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+@pytest.mark.parametrize("post_nms_top_n, score_thresh", [(1000, 0.0), (300, 0.0), (6000, 0.7)])  # 6000: > 5 x 1000
+def test_rpn_proposals_padded_is_rpn_proposals(batch, post_nms_top_n, score_thresh):
+    objectness, deltas, anchors, per_level, sizes = rpn_inputs(batch)
+    args = (objectness, deltas, anchors, per_level, flat(sizes), 1000, post_nms_top_n, 0.7, score_thresh, 1e-3)
+    boxes, scores, counts = E.rpn_proposals_padded(*args)
+    assert boxes.shape == (batch, post_nms_top_n, 4) and scores.shape == (batch, post_nms_top_n)
+    d_boxes, d_scores, d_counts = E._rpn_proposals_generic(*args)
+    assert_padded_equals((boxes, scores), counts, (d_boxes, d_scores), d_counts)
+    if score_thresh > 0:
+        assert (counts < post_nms_top_n).all()  # padding really happens
+    fused = E.rpn_proposals(*args)  # the CPU's fused kernel: the same proposals
+    assert fused[2].tolist() == counts.tolist()
+
+
+def test_rpn_proposals_padded_without_candidates():
+    objectness, deltas, anchors, per_level, sizes = rpn_inputs(2)
+    boxes, scores, counts = ops.rpn_proposals_padded(objectness, deltas, anchors, per_level, sizes, 0, 50, 0.7)
+    assert boxes.shape == (2, 50, 4) and not boxes.any() and not counts.any()
+    boxes, scores, counts = ops.rpn_proposals_padded(objectness, deltas, anchors, per_level, sizes, 100, 0, 0.7)
+    assert boxes.shape == (2, 0, 4) and scores.shape == (2, 0) and not counts.any()
+    with pytest.raises(RuntimeError, match="post_nms_top_n must be >= 0"):
+        ops.rpn_proposals_padded(objectness, deltas, anchors, per_level, sizes, 100, -1, 0.7)
+
+
+def padded_detection_inputs(proposal_counts=(1000, 700), rows=1000, classes=91):
+    """detection_inputs with every image's proposals padded to `rows` by garbage rows that must be ignored."""
+    class_logits, box_regression, proposals = detection_inputs((rows,) * len(proposal_counts), classes)
+    real = [p[:c] for p, c in zip(proposals, proposal_counts)]
+    keep = torch.cat([torch.arange(c) + i * rows for i, c in enumerate(proposal_counts)])
+    dynamic = (class_logits[keep], box_regression[keep], real)
+    padded = (class_logits, box_regression, torch.cat(proposals), torch.tensor(proposal_counts))
+    return padded, dynamic
+
+
+@pytest.mark.parametrize("proposal_counts", [(1000, 700), (0, 1000), (0, 0), (1000,)])
+@pytest.mark.parametrize("score_thresh, detections", [(0.05, 100), (0.0, 300), (0.9, 50)])
+def test_detection_postprocess_padded_is_detection_postprocess(proposal_counts, score_thresh, detections):
+    padded, (logits, regression, real) = padded_detection_inputs(proposal_counts)
+    sizes = IMAGE_SIZES[:len(proposal_counts)]
+    boxes, scores, labels, counts = E.detection_postprocess_padded(
+        *padded, flat(sizes), WEIGHTS, score_thresh, 0.5, detections, 0.01)
+    assert boxes.shape == (len(sizes), detections, 4) and labels.shape == (len(sizes), detections)
+    d = E._detection_postprocess_generic(logits, regression, torch.cat(real), [len(p) for p in real], flat(sizes),
+                                         WEIGHTS, score_thresh, 0.5, detections, 0.01)
+    assert_padded_equals((boxes, scores, labels), counts, d[:3], d[3])
+    fused = ops.detection_postprocess(logits, regression, real, sizes, score_thresh=score_thresh,
+                                      detections_per_img=detections)
+    assert [len(b) for b in fused[0]] == counts.tolist()
+
+
+def test_detection_postprocess_padded_edges_and_bad_input():
+    padded, _ = padded_detection_inputs((10, 5), rows=10, classes=1)  # background only: no detection
+    out = ops.detection_postprocess_padded(*padded, IMAGE_SIZES, detections_per_img=7)
+    assert out[0].shape == (2, 7, 4) and not out[3].any()
+    padded, _ = padded_detection_inputs((10, 5), rows=10, classes=5)
+    out = ops.detection_postprocess_padded(*padded, IMAGE_SIZES, score_thresh=0.0, detections_per_img=0)
+    assert out[0].shape == (2, 0, 4) and not out[3].any()
+    logits, regression, proposals, counts = padded
+    with pytest.raises(RuntimeError, match=r"proposal_counts must be an int64 \[N\] tensor with N = 2"):
+        ops.detection_postprocess_padded(logits, regression, proposals, counts.int(), IMAGE_SIZES)
+    with pytest.raises(RuntimeError, match=r"must be \[N \* P, 4\] for N = 2 images"):
+        E.detection_postprocess_padded(logits[:-1], regression[:-1], proposals[:-1], counts, flat(IMAGE_SIZES),
+                                       WEIGHTS, 0.05, 0.5, 100, 0.01)
+    with pytest.raises(RuntimeError, match="detections_per_img must be >= 0"):
+        ops.detection_postprocess_padded(logits, regression, proposals, counts, IMAGE_SIZES, detections_per_img=-1)
+
+
+def test_opcheck():
+    objectness, deltas, anchors, per_level, sizes = rpn_inputs(1)
+    small = objectness[:, :4000], deltas[:, :4000], anchors[:4000]
+    torch.library.opcheck(torch.ops.fasterrcnn_ext.rpn_proposals_padded.default,
+                          (*small, [4000], flat(sizes), 300, 100, 0.7, 0.0, 1e-3))
+    padded, _ = padded_detection_inputs((50, 30), rows=50, classes=5)
+    torch.library.opcheck(torch.ops.fasterrcnn_ext.detection_postprocess_padded.default,
+                          (*padded, flat(IMAGE_SIZES), WEIGHTS, 0.05, 0.5, 100, 0.01))
+
+
+def test_padded_ops_trace_with_static_shapes():
+    """The fake kernels give static sizes: torch.compile traces both ops in one graph without unbacked sizes."""
+    objectness, deltas, anchors, per_level, sizes = rpn_inputs(1)
+    small = objectness[:, :4000], deltas[:, :4000], anchors[:4000]
+    padded, _ = padded_detection_inputs((50,), rows=50, classes=5)
+
+    def both(o, d, a, logits, regression, proposals, counts):
+        boxes, scores, n = ops.rpn_proposals_padded(o, d, a, [4000], sizes, 300, 100, 0.7)
+        det = ops.detection_postprocess_padded(logits, regression, proposals, counts, sizes)
+        return boxes, scores, n, *det
+
+    eager = both(*small, *padded)
+    with torch._dynamo.config.patch(capture_dynamic_output_shape_ops=False, capture_scalar_outputs=False):
+        compiled = torch.compile(both, fullgraph=True, backend="eager")(*small, *padded)
+    for a, b in zip(eager, compiled):
+        assert torch.equal(a, b)
