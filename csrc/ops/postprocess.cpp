@@ -34,7 +34,8 @@ TORCH_LIBRARY_FRAGMENT(fasterrcnn_ext, m) {
   //     proposals are its first counts[i] rows, the rest zeros;
   //   detection_postprocess_padded takes the proposals as [N * P, 4] (P rows per image, proposal_counts [N] of them
   //     real: rpn_proposals_padded's output flattened) -> boxes [N, D, 4], scores [N, D], labels [N, D] (int64),
-  //     counts [N], D = detections_per_img, padded with zeros likewise.
+  //     counts [N], D = detections_per_img, padded with zeros likewise. The CPU checks that proposal_counts are in
+  //     [0, P]; CUDA does not read them (that would sync) and clamps.
   m.def(
       "rpn_proposals_padded(Tensor objectness, Tensor deltas, Tensor anchors, SymInt[] num_anchors_per_level, "
       "SymInt[] image_sizes, int pre_nms_top_n, int post_nms_top_n, float nms_thresh, float score_thresh, "
@@ -44,6 +45,14 @@ TORCH_LIBRARY_FRAGMENT(fasterrcnn_ext, m) {
       "Tensor proposal_counts, SymInt[] image_sizes, float[] weights, float score_thresh, float nms_thresh, "
       "int detections_per_img, float min_size=0.01) -> (Tensor, Tensor, Tensor, Tensor)");
   // The device-generic implementations (what CUDA runs), callable on any device so the CPU tests cover them.
+  m.def(
+      "_rpn_proposals_padded_generic(Tensor objectness, Tensor deltas, Tensor anchors, SymInt[] num_anchors_per_level, "
+      "SymInt[] image_sizes, int pre_nms_top_n, int post_nms_top_n, float nms_thresh, float score_thresh, "
+      "float min_size) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "_detection_postprocess_padded_generic(Tensor class_logits, Tensor box_regression, Tensor proposals, "
+      "Tensor proposal_counts, SymInt[] image_sizes, float[] weights, float score_thresh, float nms_thresh, "
+      "int detections_per_img, float min_size=0.01) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def(
       "_rpn_proposals_generic(Tensor objectness, Tensor deltas, Tensor anchors, SymInt[] num_anchors_per_level, "
       "SymInt[] image_sizes, int pre_nms_top_n, int post_nms_top_n, float nms_thresh, float score_thresh, "

@@ -249,6 +249,11 @@ def detector_cases(device: str) -> list[Case]:
                       target=3.0))
     if device == "cpu":
         cases += _deployment_peers(mine, image[0])
+    else:
+        # The batch-1 latency path: the whole eval forward replayed from one CUDA graph (CUDAGraphDetector).
+        graph = ours.CUDAGraphDetector(mine, (800, 1067))
+        cases.append(Case("detector fp32, R50-FPN, 800px, batch 1, one CUDA graph", lambda: graph(image),
+                          lambda: theirs(image), target=2.0))
     return cases
 
 

@@ -143,7 +143,6 @@ def _detection_fake(class_logits, box_regression, proposals, boxes_per_image, im
             class_logits.new_empty((len(boxes_per_image),), dtype=torch.long))
 
 
-@register_fake("fasterrcnn_ext::rpn_proposals_padded")
 def _rpn_padded_fake(objectness, deltas, anchors, num_anchors_per_level, image_sizes, pre_nms_top_n, post_nms_top_n,
                      nms_thresh, score_thresh, min_size):
     n = objectness.size(0)
@@ -151,7 +150,6 @@ def _rpn_padded_fake(objectness, deltas, anchors, num_anchors_per_level, image_s
             objectness.new_empty((n,), dtype=torch.long))
 
 
-@register_fake("fasterrcnn_ext::detection_postprocess_padded")
 def _detection_padded_fake(class_logits, box_regression, proposals, proposal_counts, image_sizes, weights,
                            score_thresh, nms_thresh, detections_per_img, min_size=0.01):
     n = len(image_sizes) // 2
@@ -169,5 +167,8 @@ def _split_per_image_fake(values, counts):
 
 
 for _name, _fake in [("rpn_proposals", _rpn_fake), ("_rpn_proposals_generic", _rpn_fake),
-                     ("detection_postprocess", _detection_fake), ("_detection_postprocess_generic", _detection_fake)]:
+                     ("detection_postprocess", _detection_fake), ("_detection_postprocess_generic", _detection_fake),
+                     ("rpn_proposals_padded", _rpn_padded_fake), ("_rpn_proposals_padded_generic", _rpn_padded_fake),
+                     ("detection_postprocess_padded", _detection_padded_fake),
+                     ("_detection_postprocess_padded_generic", _detection_padded_fake)]:
     register_fake(f"fasterrcnn_ext::{_name}")(_fake)

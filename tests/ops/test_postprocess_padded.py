@@ -27,19 +27,24 @@ def assert_padded_equals(padded, counts, dynamic, dynamic_counts):
             assert not p[i, c:].any()
 
 
+# (padded op, dynamic op): the CPU's fused kernels padded, and the device-generic path (what CUDA runs).
+RPN_PAIRS = [("rpn_proposals_padded", "rpn_proposals"), ("_rpn_proposals_padded_generic", "_rpn_proposals_generic")]
+DETECTION_PAIRS = [("detection_postprocess_padded", "detection_postprocess"),
+                   ("_detection_postprocess_padded_generic", "_detection_postprocess_generic")]
+
+
+@pytest.mark.parametrize("ops_pair", RPN_PAIRS)
 @pytest.mark.parametrize("batch", [1, 2])
 @pytest.mark.parametrize("post_nms_top_n, score_thresh", [(1000, 0.0), (300, 0.0), (6000, 0.7)])  # 6000: > 5 x 1000
-def test_rpn_proposals_padded_is_rpn_proposals(batch, post_nms_top_n, score_thresh):
+def test_rpn_proposals_padded_is_rpn_proposals(ops_pair, batch, post_nms_top_n, score_thresh):
     objectness, deltas, anchors, per_level, sizes = rpn_inputs(batch)
     args = (objectness, deltas, anchors, per_level, flat(sizes), 1000, post_nms_top_n, 0.7, score_thresh, 1e-3)
-    boxes, scores, counts = E.rpn_proposals_padded(*args)
+    boxes, scores, counts = getattr(E, ops_pair[0])(*args)
     assert boxes.shape == (batch, post_nms_top_n, 4) and scores.shape == (batch, post_nms_top_n)
-    d_boxes, d_scores, d_counts = E._rpn_proposals_generic(*args)
+    d_boxes, d_scores, d_counts = getattr(E, ops_pair[1])(*args)
     assert_padded_equals((boxes, scores), counts, (d_boxes, d_scores), d_counts)
     if score_thresh > 0:
         assert (counts < post_nms_top_n).all()  # padding really happens
-    fused = E.rpn_proposals(*args)  # the CPU's fused kernel: the same proposals
-    assert fused[2].tolist() == counts.tolist()
 
 
 def test_rpn_proposals_padded_without_candidates():
@@ -62,20 +67,29 @@ def padded_detection_inputs(proposal_counts=(1000, 700), rows=1000, classes=91):
     return padded, dynamic
 
 
+@pytest.mark.parametrize("ops_pair", DETECTION_PAIRS)
 @pytest.mark.parametrize("proposal_counts", [(1000, 700), (0, 1000), (0, 0), (1000,)])
 @pytest.mark.parametrize("score_thresh, detections", [(0.05, 100), (0.0, 300), (0.9, 50)])
-def test_detection_postprocess_padded_is_detection_postprocess(proposal_counts, score_thresh, detections):
+def test_detection_postprocess_padded_is_detection_postprocess(ops_pair, proposal_counts, score_thresh, detections):
     padded, (logits, regression, real) = padded_detection_inputs(proposal_counts)
     sizes = IMAGE_SIZES[:len(proposal_counts)]
-    boxes, scores, labels, counts = E.detection_postprocess_padded(
-        *padded, flat(sizes), WEIGHTS, score_thresh, 0.5, detections, 0.01)
+    boxes, scores, labels, counts = getattr(E, ops_pair[0])(*padded, flat(sizes), WEIGHTS, score_thresh, 0.5,
+                                                           detections, 0.01)
     assert boxes.shape == (len(sizes), detections, 4) and labels.shape == (len(sizes), detections)
-    d = E._detection_postprocess_generic(logits, regression, torch.cat(real), [len(p) for p in real], flat(sizes),
-                                         WEIGHTS, score_thresh, 0.5, detections, 0.01)
+    d = getattr(E, ops_pair[1])(logits, regression, torch.cat(real), [len(p) for p in real], flat(sizes), WEIGHTS,
+                                score_thresh, 0.5, detections, 0.01)
     assert_padded_equals((boxes, scores, labels), counts, d[:3], d[3])
-    fused = ops.detection_postprocess(logits, regression, real, sizes, score_thresh=score_thresh,
-                                      detections_per_img=detections)
-    assert [len(b) for b in fused[0]] == counts.tolist()
+    if score_thresh > 0.5:
+        assert (counts < detections).all()
+
+
+def test_generic_padded_ops_equal_the_cpu_kernels():
+    """The two padded paths agree (up to the order of tied scores, which no test input here has)."""
+    padded, _ = padded_detection_inputs((1000, 700))
+    args = (*padded, flat(IMAGE_SIZES), WEIGHTS, 0.05, 0.5, 100, 0.01)
+    cpu, generic = E.detection_postprocess_padded(*args), E._detection_postprocess_padded_generic(*args)
+    assert torch.equal(cpu[3], generic[3]) and torch.equal(cpu[2], generic[2])
+    torch.testing.assert_close(cpu[:2], generic[:2], rtol=1e-5, atol=1e-4)
 
 
 def test_detection_postprocess_padded_edges_and_bad_input():
@@ -93,16 +107,26 @@ def test_detection_postprocess_padded_edges_and_bad_input():
                                        WEIGHTS, 0.05, 0.5, 100, 0.01)
     with pytest.raises(RuntimeError, match="detections_per_img must be >= 0"):
         ops.detection_postprocess_padded(logits, regression, proposals, counts, IMAGE_SIZES, detections_per_img=-1)
+    with pytest.raises(RuntimeError, match=r"proposal_counts\[1\] = 11 is outside \[0, 10\]"):
+        ops.detection_postprocess_padded(logits, regression, proposals, torch.tensor([3, 11]), IMAGE_SIZES)
+    # the generic (CUDA) path does not read the counts on the host: out-of-range counts act as clamped
+    clamped = E._detection_postprocess_padded_generic(logits, regression, proposals, torch.tensor([-3, 11]),
+                                                      flat(IMAGE_SIZES), WEIGHTS, 0.0, 0.5, 100, 0.01)
+    expected = E._detection_postprocess_padded_generic(logits, regression, proposals, torch.tensor([0, 10]),
+                                                       flat(IMAGE_SIZES), WEIGHTS, 0.0, 0.5, 100, 0.01)
+    assert all(torch.equal(a, b) for a, b in zip(clamped, expected))
 
 
 def test_opcheck():
     objectness, deltas, anchors, per_level, sizes = rpn_inputs(1)
     small = objectness[:, :4000], deltas[:, :4000], anchors[:4000]
-    torch.library.opcheck(torch.ops.fasterrcnn_ext.rpn_proposals_padded.default,
-                          (*small, [4000], flat(sizes), 300, 100, 0.7, 0.0, 1e-3))
     padded, _ = padded_detection_inputs((50, 30), rows=50, classes=5)
-    torch.library.opcheck(torch.ops.fasterrcnn_ext.detection_postprocess_padded.default,
-                          (*padded, flat(IMAGE_SIZES), WEIGHTS, 0.05, 0.5, 100, 0.01))
+    for name in ("rpn_proposals_padded", "_rpn_proposals_padded_generic"):
+        torch.library.opcheck(getattr(torch.ops.fasterrcnn_ext, name).default,
+                              (*small, [4000], flat(sizes), 300, 100, 0.7, 0.0, 1e-3))
+    for name in ("detection_postprocess_padded", "_detection_postprocess_padded_generic"):
+        torch.library.opcheck(getattr(torch.ops.fasterrcnn_ext, name).default,
+                              (*padded, flat(IMAGE_SIZES), WEIGHTS, 0.05, 0.5, 100, 0.01))
 
 
 def test_padded_ops_trace_with_static_shapes():

@@ -61,6 +61,27 @@ void check_nms_valid(const at::Tensor& valid, const at::Tensor& boxes, const cha
   check_same_device(boxes, "boxes", valid, "valid", op);
 }
 
+int64_t check_detection_padded_inputs(const at::Tensor& class_logits, const at::Tensor& box_regression,
+                                      const at::Tensor& proposals, const at::Tensor& proposal_counts,
+                                      at::IntArrayRef image_sizes, at::ArrayRef<double> weights,
+                                      int64_t detections_per_img) {
+  const char* op = "detection_postprocess_padded";
+  const int64_t batch = static_cast<int64_t>(image_sizes.size()) / 2, k = class_logits.size(0);
+  FRCNN_CHECK(batch > 0 && k % batch == 0, op, ": the proposals must be [N * P, 4] for N = ", batch,
+              " images (image_sizes) of P rows each, got ", k, " rows");
+  const int64_t per_image = k / batch;
+  check_detection_inputs(class_logits, box_regression, proposals, std::vector<int64_t>(batch, per_image),
+                         image_sizes, weights);
+  FRCNN_CHECK(proposal_counts.dim() == 1 && proposal_counts.size(0) == batch &&
+                  proposal_counts.scalar_type() == at::kLong,
+              op, ": proposal_counts must be an int64 [N] tensor with N = ", batch, ", got shape ",
+              proposal_counts.sizes(), " and dtype ", proposal_counts.scalar_type());
+  check_same_device(class_logits, "class_logits", proposal_counts, "proposal_counts", op);
+  FRCNN_CHECK(detections_per_img >= 0, op, ": detections_per_img must be >= 0 (the padded size), got ",
+              detections_per_img);
+  return per_image;
+}
+
 void check_roi_inputs(const at::Tensor& input, const at::Tensor& rois, double spatial_scale,
                       int64_t pooled_height, int64_t pooled_width, const char* op) {
   FRCNN_CHECK(input.dim() == 4, op, ": input must be a [N, C, H, W] tensor, got shape ", input.sizes());

@@ -9,7 +9,8 @@
 // rpn_proposals_padded and detection_postprocess_padded are the same steps with every size fixed in advance: the
 // outputs are padded to post_nms_top_n and detections_per_img rows per image, with the counts on the device, and the
 // image sizes are written on the device by fills instead of copies. Nothing in them reads the device or copies from
-// the host, so a CUDA graph captures them (FasterRCNN.detect_padded, CUDAGraphDetector).
+// the host, so a CUDA graph captures them (FasterRCNN.detect_padded, CUDAGraphDetector). The CPU runs its fused
+// kernels and pads their results (cpu/postprocess_kernel.cpp); _*_padded_generic run these on the CPU for the tests.
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
@@ -251,24 +252,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> detection_postprocess
     const at::Tensor& class_logits, const at::Tensor& box_regression, const at::Tensor& proposals,
     const at::Tensor& proposal_counts, at::IntArrayRef image_sizes, at::ArrayRef<double> weights, double score_thresh,
     double nms_thresh, int64_t detections_per_img, double min_size) {
-  const char* op = "detection_postprocess_padded";
-  const int64_t batch = static_cast<int64_t>(image_sizes.size()) / 2, k = class_logits.size(0);
-  FRCNN_CHECK(batch > 0 && k % batch == 0, op, ": the proposals must be [N * P, 4] for N = ", batch,
-              " images (image_sizes) of P rows each, got ", k, " rows");
-  const int64_t per_image = k / batch;
-  check_detection_inputs(class_logits, box_regression, proposals, std::vector<int64_t>(batch, per_image),
-                         image_sizes, weights);
-  FRCNN_CHECK(proposal_counts.dim() == 1 && proposal_counts.size(0) == batch &&
-                  proposal_counts.scalar_type() == at::kLong,
-              op, ": proposal_counts must be an int64 [N] tensor with N = ", batch, ", got shape ",
-              proposal_counts.sizes(), " and dtype ", proposal_counts.scalar_type());
-  check_same_device(class_logits, "class_logits", proposal_counts, "proposal_counts", op);
-  FRCNN_CHECK(detections_per_img >= 0, op, ": detections_per_img must be >= 0 (the padded size), got ",
-              detections_per_img);
+  const int64_t per_image = check_detection_padded_inputs(class_logits, box_regression, proposals, proposal_counts,
+                                                          image_sizes, weights, detections_per_img);
+  const int64_t batch = static_cast<int64_t>(image_sizes.size()) / 2;
   const auto long_opts = class_logits.options().dtype(at::kLong);
   const int64_t classes = class_logits.size(1);
   const at::Tensor proposal_image = image_of_rows(batch, per_image, long_opts);
-  // Proposal j of image i is real when j < proposal_counts[i] (rpn_proposals_padded's padding is not).
+  // Proposal j of image i is real when j < proposal_counts[i] (rpn_proposals_padded's padding is not); counts are
+  // not read on the host, so one outside [0, P] acts as clamped to it.
   const at::Tensor proposal_valid =
       at::arange(per_image, long_opts).repeat({batch}).lt(proposal_counts.index_select(0, proposal_image));
   const at::Tensor hw = device_values(image_sizes, long_opts).to(class_logits.scalar_type()).view({batch, 2});
@@ -321,4 +312,6 @@ TORCH_LIBRARY_IMPL(fasterrcnn_ext, CompositeExplicitAutograd, m) {
   m.impl("_detection_postprocess_generic", &fasterrcnn_ext::detection_postprocess_generic);
   m.impl("rpn_proposals_padded", &fasterrcnn_ext::rpn_proposals_padded);
   m.impl("detection_postprocess_padded", &fasterrcnn_ext::detection_postprocess_padded);
+  m.impl("_rpn_proposals_padded_generic", &fasterrcnn_ext::rpn_proposals_padded);
+  m.impl("_detection_postprocess_padded_generic", &fasterrcnn_ext::detection_postprocess_padded);
 }

@@ -278,16 +278,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rpn_proposals_cpu(
 template <typename scalar_t>
 std::vector<at::Tensor> detection_postprocess_cpu_typed(const at::Tensor& class_logits_in,
                                                         const at::Tensor& box_regression_in,
-                                                        const at::Tensor& proposals_in, at::IntArrayRef boxes_per_image,
+                                                        const at::Tensor& proposals_in,
+                                                        const std::vector<int64_t>& image_begin,
+                                                        const std::vector<int64_t>& image_end,
                                                         at::IntArrayRef image_sizes, at::ArrayRef<double> weights,
                                                         double score_thresh, double nms_thresh,
                                                         int64_t detections_per_img, double min_size) {
   using acc_t = at::opmath_type<scalar_t>;
   const at::Tensor class_logits = class_logits_in.contiguous(), box_regression = box_regression_in.contiguous();
   const at::Tensor proposals = proposals_in.contiguous();
-  const int64_t classes = class_logits.size(1), batch = static_cast<int64_t>(boxes_per_image.size());
-  std::vector<int64_t> image_begin{0};
-  for (int64_t n : boxes_per_image) image_begin.push_back(image_begin.back() + n);
+  const int64_t classes = class_logits.size(1), batch = static_cast<int64_t>(image_begin.size());
   const scalar_t* logits = class_logits.data_ptr<scalar_t>();
   const scalar_t* reg = box_regression.data_ptr<scalar_t>();
   const scalar_t* props = proposals.data_ptr<scalar_t>();
@@ -302,7 +302,7 @@ std::vector<at::Tensor> detection_postprocess_cpu_typed(const at::Tensor& class_
     for (int64_t n = lo; n < hi; ++n) {
       const acc_t height = static_cast<acc_t>(image_sizes[2 * n]), width = static_cast<acc_t>(image_sizes[2 * n + 1]);
       Candidates<acc_t> c;
-      for (int64_t i = image_begin[n]; i < image_begin[n + 1]; ++i) {
+      for (int64_t i = image_begin[n]; i < image_end[n]; ++i) {
         // Softmax over the classes, max-subtracted as torch.softmax.
         const scalar_t* row = logits + i * classes;
         acc_t max_logit = static_cast<acc_t>(row[0]);
@@ -329,14 +329,76 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> detection_postprocess
     at::IntArrayRef boxes_per_image, at::IntArrayRef image_sizes, at::ArrayRef<double> weights, double score_thresh,
     double nms_thresh, int64_t detections_per_img, double min_size) {
   check_detection_inputs(class_logits, box_regression, proposals, boxes_per_image, image_sizes, weights);
+  std::vector<int64_t> image_begin, image_end;
+  int64_t row = 0;
+  for (int64_t n : boxes_per_image) {
+    image_begin.push_back(row);
+    image_end.push_back(row += n);
+  }
   std::vector<at::Tensor> out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, class_logits.scalar_type(), "detection_postprocess_cpu",
                                   [&] {
                                     out = detection_postprocess_cpu_typed<scalar_t>(
-                                        class_logits, box_regression, proposals, boxes_per_image, image_sizes,
-                                        weights, score_thresh, nms_thresh, detections_per_img, min_size);
+                                        class_logits, box_regression, proposals, image_begin, image_end,
+                                        image_sizes, weights, score_thresh, nms_thresh, detections_per_img,
+                                        min_size);
                                   });
   return {out[0], out[1], out[2], out[3]};
+}
+
+// values [sum(counts), ...] (image by image) as [N, limit, ...]: image i's rows first, zeros after.
+at::Tensor pad_per_image(const at::Tensor& values, const at::Tensor& counts, int64_t limit) {
+  std::vector<int64_t> shape{counts.size(0), limit};
+  for (int64_t d = 1; d < values.dim(); ++d) shape.push_back(values.size(d));
+  at::Tensor out = at::zeros(shape, values.options());
+  const int64_t* count = counts.data_ptr<int64_t>();
+  int64_t start = 0;
+  for (int64_t i = 0; i < counts.size(0); ++i) {
+    out.select(0, i).narrow(0, 0, count[i]).copy_(values.narrow(0, start, count[i]));
+    start += count[i];
+  }
+  return out;
+}
+
+// The padded ops on the CPU: the fused kernels, their results padded (the CPU has no graph to capture).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> rpn_proposals_padded_cpu(
+    const at::Tensor& objectness, const at::Tensor& deltas, const at::Tensor& anchors,
+    at::IntArrayRef num_anchors_per_level, at::IntArrayRef image_sizes, int64_t pre_nms_top_n, int64_t post_nms_top_n,
+    double nms_thresh, double score_thresh, double min_size) {
+  FRCNN_CHECK(post_nms_top_n >= 0, "rpn_proposals_padded: post_nms_top_n must be >= 0 (the padded size), got ",
+              post_nms_top_n);
+  const auto [boxes, scores, counts] = rpn_proposals_cpu(objectness, deltas, anchors, num_anchors_per_level,
+                                                         image_sizes, pre_nms_top_n, post_nms_top_n, nms_thresh,
+                                                         score_thresh, min_size);
+  return {pad_per_image(boxes, counts, post_nms_top_n), pad_per_image(scores, counts, post_nms_top_n), counts};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> detection_postprocess_padded_cpu(
+    const at::Tensor& class_logits, const at::Tensor& box_regression, const at::Tensor& proposals,
+    const at::Tensor& proposal_counts, at::IntArrayRef image_sizes, at::ArrayRef<double> weights, double score_thresh,
+    double nms_thresh, int64_t detections_per_img, double min_size) {
+  const int64_t per_image = check_detection_padded_inputs(class_logits, box_regression, proposals, proposal_counts,
+                                                          image_sizes, weights, detections_per_img);
+  const at::Tensor real = proposal_counts.contiguous();
+  std::vector<int64_t> image_begin, image_end;
+  for (int64_t i = 0; i < real.size(0); ++i) {
+    const int64_t count = real.data_ptr<int64_t>()[i];
+    FRCNN_CHECK(count >= 0 && count <= per_image, "detection_postprocess_padded: proposal_counts[", i, "] = ",
+                count, " is outside [0, ", per_image, "] (the proposal rows per image)");
+    image_begin.push_back(i * per_image);
+    image_end.push_back(i * per_image + count);
+  }
+  std::vector<at::Tensor> out;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, class_logits.scalar_type(),
+                                  "detection_postprocess_padded_cpu", [&] {
+                                    out = detection_postprocess_cpu_typed<scalar_t>(
+                                        class_logits, box_regression, proposals, image_begin, image_end,
+                                        image_sizes, weights, score_thresh, nms_thresh, detections_per_img,
+                                        min_size);
+                                  });
+  const at::Tensor& counts = out[3];
+  return {pad_per_image(out[0], counts, detections_per_img), pad_per_image(out[1], counts, detections_per_img),
+          pad_per_image(out[2], counts, detections_per_img), counts};
 }
 
 }  // namespace
@@ -345,4 +407,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> detection_postprocess
 TORCH_LIBRARY_IMPL(fasterrcnn_ext, CPU, m) {
   m.impl("rpn_proposals", &fasterrcnn_ext::rpn_proposals_cpu);
   m.impl("detection_postprocess", &fasterrcnn_ext::detection_postprocess_cpu);
+  m.impl("rpn_proposals_padded", &fasterrcnn_ext::rpn_proposals_padded_cpu);
+  m.impl("detection_postprocess_padded", &fasterrcnn_ext::detection_postprocess_padded_cpu);
 }

@@ -12,6 +12,7 @@ from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from ...files import load_checkpoint_state_dict
 from ._utils import BoxCoder
 from .anchor_utils import AnchorGenerator
+from .cuda_graph import CUDAGraphDetector
 from .faster_rcnn import (
     FasterRCNN,
     FastRCNNPredictor,
@@ -23,16 +24,18 @@ from .faster_rcnn import (
     fasterrcnn_resnet50_fpn,
     fasterrcnn_resnet50_fpn_v2,
     fasterrcnn_vgg16,
+    padded_detections_to_list,
 )
 from .roi_heads import RoIHeads
 from .rpn import RegionProposalNetwork, RPNHead
 from .tiny import TinyBackbone, fasterrcnn_tiny
 
 __all__ = [
-    "AnchorGenerator", "BoxCoder", "FasterRCNN", "FastRCNNPredictor", "GeneralizedRCNNTransform", "RPNHead",
-    "RegionProposalNetwork", "RoIHeads", "RoIPoolLevel", "TinyBackbone", "TwoMLPHead", "VGG16BoxHead",
+    "AnchorGenerator", "BoxCoder", "CUDAGraphDetector", "FasterRCNN", "FastRCNNPredictor", "GeneralizedRCNNTransform",
+    "RPNHead", "RegionProposalNetwork", "RoIHeads", "RoIPoolLevel", "TinyBackbone", "TwoMLPHead", "VGG16BoxHead",
     "fasterrcnn_mobilenet_v3_large_320_fpn", "fasterrcnn_mobilenet_v3_large_fpn", "fasterrcnn_resnet50_fpn",
     "fasterrcnn_resnet50_fpn_v2", "fasterrcnn_tiny", "fasterrcnn_vgg16", "load_checkpoint_state_dict",
+    "padded_detections_to_list",
     # torchvision's weights enums, which the builders take as they are: `from ... import` them from here too
     "FasterRCNN_ResNet50_FPN_Weights", "FasterRCNN_ResNet50_FPN_V2_Weights",
     "FasterRCNN_MobileNet_V3_Large_FPN_Weights", "FasterRCNN_MobileNet_V3_Large_320_FPN_Weights",

@@ -195,6 +195,51 @@ class FasterRCNN(tv_faster_rcnn.FasterRCNN):
             detection["boxes"] = transform.rescale_boxes(detection["boxes"], size, original_size)
         return detections
 
+    @torch.jit.unused
+    def detect_padded(self, images: list[Tensor]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """The eval forward's detections with every size fixed in advance by the number and sizes of the images.
+
+        Args:
+            images (list of Tensor[3, H_i, W_i]): as for forward.
+
+        Returns:
+            (boxes, scores, labels, counts): Tensor[N, D, 4] (original image coordinates), Tensor[N, D], Tensor[N, D]
+            (int64) and Tensor[N] (int64), D = roi_heads.detections_per_img. Image i's detections are its first
+            counts[i] rows, the values forward gives it; the other rows are zeros.
+            ``padded_detections_to_list`` turns them into forward's list of dicts (one read of counts).
+
+        After a first call on a device (which moves the normalisation constants and anchors there and builds the
+        inference copies), a call neither waits for the device nor copies from the host, and what it allocates
+        depends on the image sizes only, so a CUDA graph can capture it (CUDAGraphDetector). The RPN keeps
+        post_nms_top_n proposals per image whatever the image holds and the box head runs on all of them (padding
+        rows included): more head work than forward for images with fewer proposals. Eval mode only.
+        """
+        if self.training:
+            raise ValueError("detect_padded runs in eval mode: call model.eval() first")
+        _check_inputs(images, None, False)
+        original_sizes = [(int(image.shape[-2]), int(image.shape[-1])) for image in images]
+        constants = self.__dict__.setdefault("_normalize_constants", {})
+        with torch.no_grad():
+            image_list = transform.transform_images_static(self.transform, images, constants)
+            device_type = image_list.tensors.device.type
+            if self.fast_inference:
+                backbone = self._backbone_for_inference.get(self.backbone, self.inference_dtype)
+                rpn_head = self._rpn_head_for_inference.get(self.rpn.head, self.inference_dtype)
+                batch = image_list.tensors.contiguous(memory_format=torch.channels_last)
+            else:
+                backbone, rpn_head, batch = self.backbone, self.rpn.head, image_list.tensors
+            autocast = (torch.autocast(device_type, dtype=self.inference_dtype) if self.inference_dtype is not None
+                        else contextlib.nullcontext())
+            with autocast:
+                features = backbone(batch)
+                if isinstance(features, Tensor):
+                    features = OrderedDict([("0", features)])
+                proposals, proposal_counts = self.rpn.padded_proposals(rpn_head, image_list, features)
+                boxes, scores, labels, counts = self.roi_heads.padded_detections(
+                    features, proposals, proposal_counts, image_list.image_sizes)
+            boxes = transform.rescale_padded_boxes(boxes, image_list.image_sizes, original_sizes)
+        return boxes, scores, labels, counts
+
     def _scripted_forward(self, images: list[Tensor], targets: list[dict[str, Tensor]] | None
                           ) -> tuple[dict[str, Tensor], list[dict[str, Tensor]]]:
         """torchvision's GeneralizedRCNN.forward as TorchScript compiles it (TorchScript cannot call the base class's
@@ -245,6 +290,14 @@ class FasterRCNN(tv_faster_rcnn.FasterRCNN):
             proposals, _ = self.rpn.forward_with_head(rpn_head, image_list, features)
             detections, _ = self.roi_heads(features, proposals, image_list.image_sizes)
         return self.transform.postprocess(detections, image_list.image_sizes, original_image_sizes)
+
+
+def padded_detections_to_list(boxes: Tensor, scores: Tensor, labels: Tensor, counts: Tensor
+                              ) -> list[dict[str, Tensor]]:
+    """FasterRCNN.detect_padded's outputs as forward returns them: one dict per image with its first counts[i] boxes,
+    labels and scores. Reads counts on the host, once."""
+    return [{"boxes": b[:c], "labels": lab[:c], "scores": s[:c]}
+            for b, s, lab, c in zip(boxes, scores, labels, counts.tolist())]
 
 
 def _settle_pool_scales(pool: nn.Module, features: dict[str, Tensor], padded_size) -> None:

@@ -62,3 +62,17 @@ class RoIHeads(tv_roi_heads.RoIHeads):
             class_logits.to(dtype), box_regression.to(dtype), proposals, image_shapes, self.box_coder.weights,
             self.score_thresh, self.nms_thresh, self.detections_per_img)
         return list(boxes), list(scores), list(labels)
+
+    @torch.jit.unused
+    def padded_detections(self, features: dict[str, Tensor], proposals: Tensor, proposal_counts: Tensor,
+                          image_shapes: list[tuple[int, int]]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """The eval detections with static sizes (FasterRCNN.detect_padded), from padded proposals Tensor[N, P, 4]
+        of which image i's first proposal_counts[i] are real: boxes [N, D, 4], scores [N, D], labels [N, D] and
+        counts [N], D = detections_per_img, in the resized images' coordinates. The box head runs on all N * P rows
+        (rows do not interact in eval); the padding rows are ignored by the post-processing."""
+        box_features = self.box_roi_pool(features, list(proposals.unbind(0)), image_shapes)
+        class_logits, box_regression = self.box_predictor(self.box_head(box_features))
+        dtype = proposals.dtype  # boxes stay in float32 when the heads ran in half precision (autocast)
+        return ops.detection_postprocess_padded(
+            class_logits.to(dtype), box_regression.to(dtype), proposals, proposal_counts, image_shapes,
+            self.box_coder.weights, self.score_thresh, self.nms_thresh, self.detections_per_img)

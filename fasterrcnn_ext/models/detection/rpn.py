@@ -80,6 +80,24 @@ class RegionProposalNetwork(tv_rpn.RegionProposalNetwork):
         objectness, pred_bbox_deltas = head(feature_maps)
         return self._proposals(images, feature_maps, objectness, pred_bbox_deltas, None)
 
+    @torch.jit.unused
+    def padded_proposals(self, head: nn.Module, images: ImageList,
+                         features: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+        """The eval proposals with static sizes (FasterRCNN.detect_padded): Tensor[N, P, 4] with P =
+        post_nms_top_n, image i's first counts[i] rows holding what forward gives it, and counts Tensor[N]."""
+        feature_maps = list(features.values())
+        objectness, pred_bbox_deltas = head(feature_maps)
+        anchors = self.anchor_generator(images, feature_maps)
+        num_images = len(anchors)
+        num_anchors_per_level = [o.shape[1] * o.shape[2] * o.shape[3] for o in objectness]
+        objectness_flat, deltas_flat = concat_box_prediction_layers(objectness, pred_bbox_deltas)
+        boxes, _, counts = ops.rpn_proposals_padded(
+            objectness_flat.to(anchors[0].dtype).view(num_images, -1),
+            deltas_flat.to(anchors[0].dtype).view(num_images, -1, 4), anchors[0], num_anchors_per_level,
+            images.image_sizes, self.pre_nms_top_n(), self.post_nms_top_n(), self.nms_thresh, self.score_thresh,
+            self.min_size)
+        return boxes, counts
+
     def _proposals(self, images: ImageList, features: list[Tensor], objectness: list[Tensor],
                    pred_bbox_deltas: list[Tensor],
                    targets: list[dict[str, Tensor]] | None) -> tuple[list[Tensor], dict[str, Tensor]]:

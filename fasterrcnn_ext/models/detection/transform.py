@@ -68,6 +68,40 @@ def rescale_boxes(boxes: Tensor, from_size: tuple[int, int], to_size: tuple[int,
     return boxes * torch.stack([ratio_width, ratio_height, ratio_width, ratio_height])
 
 
+# ---- static sizes (FasterRCNN.detect_padded): no copy from the host once the constants are on the device ----
+
+def normalize_with(transform: GeneralizedRCNNTransform, image: Tensor, constants: dict) -> Tensor:
+    """``transform.normalize(image)`` with its mean and std moved to the image's device and dtype once and kept in
+    ``constants`` (torchvision copies them from the host at every call, which a CUDA graph cannot capture)."""
+    key = (image.device, image.dtype)
+    if key not in constants:
+        constants[key] = (torch.as_tensor(transform.image_mean, dtype=image.dtype, device=image.device)[:, None, None],
+                          torch.as_tensor(transform.image_std, dtype=image.dtype, device=image.device)[:, None, None])
+    mean, std = constants[key]
+    return (image - mean) / std
+
+
+def transform_images_static(transform: GeneralizedRCNNTransform, images: list[Tensor], constants: dict) -> ImageList:
+    """``transform(images)`` in eval mode with the normalisation constants kept on the device (normalize_with); the
+    resize and batching are the transform's own (their sizes are computed on the host from the image sizes)."""
+    resized = [transform.resize(normalize_with(transform, image, constants), None)[0] for image in images]
+    image_sizes = [(int(image.shape[-2]), int(image.shape[-1])) for image in resized]
+    return ImageList(transform.batch_images(resized, size_divisible=transform.size_divisible), image_sizes)
+
+
+def rescale_padded_boxes(boxes: Tensor, from_sizes: list[tuple[int, int]], to_sizes: list[tuple[int, int]]) -> Tensor:
+    """torchvision's resize_boxes for padded boxes [N, D, 4]: image i's boxes mapped from from_sizes[i] onto
+    to_sizes[i] with torchvision's float32 ratios, written on the device by fills (no copy from the host)."""
+    ratios = boxes.new_empty((boxes.size(0), 1, 4))
+    for i, (size, original) in enumerate(zip(from_sizes, to_sizes)):
+        # float32 division on the host, as torchvision divides two float32 tensors: the same ratio bits.
+        ratio_height = (torch.tensor(float(original[0])) / torch.tensor(float(size[0]))).item()
+        ratio_width = (torch.tensor(float(original[1])) / torch.tensor(float(size[1]))).item()
+        ratios[i, 0, 0::2].fill_(ratio_width)
+        ratios[i, 0, 1::2].fill_(ratio_height)
+    return boxes * ratios
+
+
 def _round_up(size, multiple: int):
     return (size + multiple - 1) // multiple * multiple
 
