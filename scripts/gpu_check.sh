@@ -11,6 +11,7 @@
 #   build      fasterrcnn_ext for sm_90 only (TORCH_CUDA_ARCH_LIST=9.0), in place, offline          ~90 s
 #   smoke      scripts/cuda_smoke.py: each CUDA op once against torchvision, with a watchdog        ~15 s
 #   tests      pytest tests/ops tests/models -k cuda, a per-test timeout when pytest-timeout is there ~60 s
+#              (tests/models/test_cuda_graph.py: the CUDA graph capture and replays of the detector)
 #   racecheck, synccheck, initcheck   compute-sanitizer on the smoke (the shared-memory kernels)  ~40 s each
 #   memcheck   compute-sanitizer memcheck on the property-based cases (HYPOTHESIS_PROFILE=short)  ~60 s
 #   audit      scripts/cuda_sync_audit.py: where each op and the eval forward wait for the device   ~20 s
