@@ -108,45 +108,50 @@ __device__ __forceinline__ Bin bin_of(int64_t idx, const Pool& pp) {
   return bin;
 }
 
-template <typename scalar_t, typename acc_t>
-__global__ void roi_align_backward_kernel(int64_t total, Levels<acc_t> gl, const scalar_t* __restrict__ rois,
-                                          Pool pp, const scalar_t* __restrict__ grad, int64_t gs0, int64_t gs1,
-                                          int64_t gs2, int64_t gs3) {
-  for (int64_t idx = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; idx < total;
-       idx += static_cast<int64_t>(blockDim.x) * gridDim.x) {
-    const Bin bin = bin_of(idx, pp);
-    const RoIAlignTask<acc_t> task = read_task<acc_t>(gl, pp, rois, bin.r);
-    CUDA_KERNEL_ASSERT(task.valid && "roi_align backward: a RoI's batch index is outside [0, N)");
-    if (!task.valid) continue;
-    const int64_t height = gl.height[task.level], width = gl.width[task.level];
-    acc_t* plane = gl.data[task.level] + (task.image * pp.channels + bin.c) * height * width;
-    roi_align_scatter_bin(task.g, height, width, bin.p, bin.q,
-                          static_cast<acc_t>(grad[bin.r * gs0 + bin.c * gs1 + bin.p * gs2 + bin.q * gs3]),
-                          [&](int64_t offset, acc_t term) { atomicAdd(plane + offset, term); });
-  }
-}
+// Where the backward's terms go. FloatAtomicTarget: float atomics into acc_t planes. FixedPointTarget: fixed-point
+// int64 sums and non-finite flags (common/fixed_point.h), its scale read from the device by bind(), once a thread.
+template <typename acc_t>
+struct FloatAtomicTarget {
+  Levels<acc_t> planes;
+  __device__ const Levels<acc_t>& levels() const { return planes; }
+  __device__ FloatAtomicTarget bind() const { return *this; }
+  __device__ void operator()(int level, int64_t i, acc_t term) const { atomicAdd(planes.data[level] + i, term); }
+};
 
-// Deterministic: the same threads, each term added in fixed point (sums) or as a non-finite flag (flags).
-template <typename scalar_t, typename acc_t>
-__global__ void roi_align_backward_fixed_point_kernel(int64_t total, Levels<int64_t> sums, Levels<int32_t> flags,
-                                                      const double* __restrict__ max_abs,
-                                                      const scalar_t* __restrict__ rois, Pool pp,
-                                                      const scalar_t* __restrict__ grad, int64_t gs0, int64_t gs1,
-                                                      int64_t gs2, int64_t gs3) {
-  const FixedPointScale s = fixed_point_scale(*max_abs, max(int64_t{1}, pp.num_rois * pp.pooled_h * pp.pooled_w));
+struct FixedPointTarget {
+  Levels<int64_t> sums;
+  Levels<int32_t> flags;
+  const double* max_abs;
+  int64_t terms;
+  FixedPointScale scale;
+  __device__ const Levels<int64_t>& levels() const { return sums; }
+  __device__ FixedPointTarget bind() const {
+    FixedPointTarget t = *this;
+    t.scale = fixed_point_scale(*max_abs, terms);
+    return t;
+  }
+  __device__ void operator()(int level, int64_t i, double term) const {
+    fixed_point_atomic_add(sums.data[level] + i, flags.data[level] + i, term, scale);
+  }
+};
+
+// One thread per output element: its gradient scattered to the samples of its bin.
+template <typename scalar_t, typename acc_t, typename Target>
+__global__ void roi_align_backward_kernel(int64_t total, Target target_in, const scalar_t* __restrict__ rois, Pool pp,
+                                          const scalar_t* __restrict__ grad, int64_t gs0, int64_t gs1, int64_t gs2,
+                                          int64_t gs3) {
+  const Target target = target_in.bind();
   for (int64_t idx = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; idx < total;
        idx += static_cast<int64_t>(blockDim.x) * gridDim.x) {
     const Bin bin = bin_of(idx, pp);
-    const RoIAlignTask<acc_t> task = read_task<acc_t>(sums, pp, rois, bin.r);
+    const RoIAlignTask<acc_t> task = read_task<acc_t>(target.levels(), pp, rois, bin.r);
     CUDA_KERNEL_ASSERT(task.valid && "roi_align backward: a RoI's batch index is outside [0, N)");
     if (!task.valid) continue;
-    const int64_t height = sums.height[task.level], width = sums.width[task.level];
+    const int64_t height = target.levels().height[task.level], width = target.levels().width[task.level];
     const int64_t plane = (task.image * pp.channels + bin.c) * height * width;
-    int64_t* sum = sums.data[task.level] + plane;
-    int32_t* flag = flags.data[task.level] + plane;
     roi_align_scatter_bin(task.g, height, width, bin.p, bin.q,
                           static_cast<acc_t>(grad[bin.r * gs0 + bin.c * gs1 + bin.p * gs2 + bin.q * gs3]),
-                          [&](int64_t offset, acc_t term) { fixed_point_atomic_add(sum + offset, flag + offset, term, s); });
+                          [&](int64_t offset, acc_t term) { target(task.level, plane + offset, term); });
   }
 }
 
@@ -221,10 +226,10 @@ std::vector<at::Tensor> backward_fixed_point_cuda(const at::Tensor& grad, const 
     const Levels<int64_t> sl = make_roi_align_levels(sums, heights, widths, scales, op);
     const Levels<int32_t> fl = make_roi_align_levels(flags, heights, widths, scales, op);
     if (total > 0) {
-      roi_align_backward_fixed_point_kernel<scalar_t, acc_t>
-          <<<blocks_for(total), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
-              total, sl, fl, max_abs.data_ptr<double>(), rois.data_ptr<scalar_t>(), pp, grad.data_ptr<scalar_t>(),
-              grad.stride(0), grad.stride(1), grad.stride(2), grad.stride(3));
+      const FixedPointTarget target{sl, fl, max_abs.data_ptr<double>(), terms, FixedPointScale{}};
+      roi_align_backward_kernel<scalar_t, acc_t><<<blocks_for(total), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+          total, target, rois.data_ptr<scalar_t>(), pp, grad.data_ptr<scalar_t>(), grad.stride(0), grad.stride(1),
+          grad.stride(2), grad.stride(3));
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
     for (const FixedPointSums& level : levels) result.push_back(fixed_point_values<scalar_t>(level, max_abs, terms));
@@ -256,8 +261,8 @@ std::vector<at::Tensor> backward_cuda(const at::Tensor& grad, const at::Tensor& 
     const int64_t total = grad.numel();
     if (total > 0) {
       roi_align_backward_kernel<scalar_t, acc_t><<<blocks_for(total), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
-          total, gl, rois.data_ptr<scalar_t>(), pp, grad.data_ptr<scalar_t>(), grad.stride(0), grad.stride(1),
-          grad.stride(2), grad.stride(3));
+          total, FloatAtomicTarget<acc_t>{gl}, rois.data_ptr<scalar_t>(), pp, grad.data_ptr<scalar_t>(),
+          grad.stride(0), grad.stride(1), grad.stride(2), grad.stride(3));
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
     for (const at::Tensor& a : acc) result.push_back(a.to(grad.scalar_type()));
@@ -292,6 +297,9 @@ at::Tensor multi_scale_roi_align_cuda(at::TensorList features, const at::Tensor&
   return forward_cuda(features.vec(), rois, scales, pp);
 }
 
+// _multi_scale_roi_align_backward (float atomics; fixed point under deterministic algorithms) and, kFixedPoint,
+// _roi_align_backward_fixed_point.
+template <bool kFixedPoint>
 std::vector<at::Tensor> multi_scale_roi_align_backward_cuda(const at::Tensor& grad, const at::Tensor& rois,
                                                             at::ArrayRef<double> scales, int64_t pooled_height,
                                                             int64_t pooled_width, int64_t sampling_ratio,
@@ -302,20 +310,8 @@ std::vector<at::Tensor> multi_scale_roi_align_backward_cuda(const at::Tensor& gr
   check_level_shapes(scales, heights, widths);
   const Pool pp{pooled_height, pooled_width, sampling_ratio, batch_size, channels, 0, aligned,
                 static_cast<float>(canonical_scale), static_cast<float>(canonical_level)};
-  return backward_cuda(grad, rois, scales, pp, heights, widths);
-}
-
-std::vector<at::Tensor> roi_align_backward_fixed_point_cuda(const at::Tensor& grad, const at::Tensor& rois,
-                                                            at::ArrayRef<double> scales, int64_t pooled_height,
-                                                            int64_t pooled_width, int64_t sampling_ratio,
-                                                            bool aligned, double canonical_scale,
-                                                            double canonical_level, int64_t batch_size,
-                                                            int64_t channels, at::IntArrayRef heights,
-                                                            at::IntArrayRef widths) {
-  check_level_shapes(scales, heights, widths);
-  const Pool pp{pooled_height, pooled_width, sampling_ratio, batch_size, channels, 0, aligned,
-                static_cast<float>(canonical_scale), static_cast<float>(canonical_level)};
-  return backward_fixed_point_cuda(grad, rois, scales, pp, heights, widths);
+  return kFixedPoint ? backward_fixed_point_cuda(grad, rois, scales, pp, heights, widths)
+                     : backward_cuda(grad, rois, scales, pp, heights, widths);
 }
 
 at::Tensor roi_align_per_element_cuda(at::TensorList features, const at::Tensor& rois, at::ArrayRef<double> scales,
@@ -335,7 +331,7 @@ TORCH_LIBRARY_IMPL(fasterrcnn_ext, CUDA, m) {
   m.impl("roi_align", &fasterrcnn_ext::roi_align_forward_cuda);
   m.impl("_roi_align_backward", &fasterrcnn_ext::roi_align_backward_cuda);
   m.impl("multi_scale_roi_align", &fasterrcnn_ext::multi_scale_roi_align_cuda);
-  m.impl("_multi_scale_roi_align_backward", &fasterrcnn_ext::multi_scale_roi_align_backward_cuda);
+  m.impl("_multi_scale_roi_align_backward", &fasterrcnn_ext::multi_scale_roi_align_backward_cuda<false>);
   m.impl("_roi_align_per_element", &fasterrcnn_ext::roi_align_per_element_cuda);
-  m.impl("_roi_align_backward_fixed_point", &fasterrcnn_ext::roi_align_backward_fixed_point_cuda);
+  m.impl("_roi_align_backward_fixed_point", &fasterrcnn_ext::multi_scale_roi_align_backward_cuda<true>);
 }

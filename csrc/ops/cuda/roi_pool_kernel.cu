@@ -78,11 +78,36 @@ __global__ void roi_pool_forward_kernel(int64_t total, const scalar_t* __restric
   }
 }
 
-template <typename scalar_t, typename acc_t>
+// Where the backward's terms go. FloatAtomicPlanes: float atomics into acc_t planes. FixedPointPlanes: fixed-point
+// int64 sums and non-finite flags (common/fixed_point.h), its scale read from the device by bind(), once a thread.
+template <typename acc_t>
+struct FloatAtomicPlanes {
+  acc_t* data;
+  __device__ FloatAtomicPlanes bind() const { return *this; }
+  __device__ void operator()(int64_t i, acc_t term) const { atomicAdd(data + i, term); }
+};
+
+struct FixedPointPlanes {
+  int64_t* sums;
+  int32_t* flags;
+  const double* max_abs;
+  int64_t terms;
+  FixedPointScale scale;
+  __device__ FixedPointPlanes bind() const {
+    FixedPointPlanes t = *this;
+    t.scale = fixed_point_scale(*max_abs, terms);
+    return t;
+  }
+  __device__ void operator()(int64_t i, double term) const { fixed_point_atomic_add(sums + i, flags + i, term, scale); }
+};
+
+// One thread per output element: its gradient added at its argmax.
+template <typename scalar_t, typename acc_t, typename Target>
 __global__ void roi_pool_backward_kernel(int64_t total, const scalar_t* __restrict__ grad,
                                          const int64_t* __restrict__ argmax, const scalar_t* __restrict__ rois,
                                          int64_t batch, int64_t channels, int64_t plane_size, int64_t bins,
-                                         acc_t* __restrict__ grad_input) {
+                                         Target target_in) {
+  const Target target = target_in.bind();
   for (int64_t idx = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; idx < total;
        idx += static_cast<int64_t>(blockDim.x) * gridDim.x) {
     const int64_t c = (idx / bins) % channels;
@@ -92,30 +117,7 @@ __global__ void roi_pool_backward_kernel(int64_t total, const scalar_t* __restri
     CUDA_KERNEL_ASSERT(batch_ok && "roi_pool backward: a RoI's batch index is outside [0, N)");
     const int64_t a = argmax[idx];
     if (!batch_ok || a < 0 || a >= plane_size) continue;
-    atomicAdd(grad_input + (static_cast<int64_t>(b) * channels + c) * plane_size + a, static_cast<acc_t>(grad[idx]));
-  }
-}
-
-// Deterministic: the same threads, each term added in fixed point (sums) or as a non-finite flag (flags).
-template <typename scalar_t, typename acc_t>
-__global__ void roi_pool_backward_fixed_point_kernel(int64_t total, const scalar_t* __restrict__ grad,
-                                                     const int64_t* __restrict__ argmax,
-                                                     const scalar_t* __restrict__ rois, const double* __restrict__ max_abs,
-                                                     int64_t terms, int64_t batch, int64_t channels,
-                                                     int64_t plane_size, int64_t bins, int64_t* __restrict__ sums,
-                                                     int32_t* __restrict__ flags) {
-  const FixedPointScale s = fixed_point_scale(*max_abs, terms);
-  for (int64_t idx = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; idx < total;
-       idx += static_cast<int64_t>(blockDim.x) * gridDim.x) {
-    const int64_t c = (idx / bins) % channels;
-    const int64_t r = idx / (bins * channels);
-    const acc_t b = static_cast<acc_t>(rois[5 * r]);
-    const bool batch_ok = b >= 0 && b < static_cast<acc_t>(batch);
-    CUDA_KERNEL_ASSERT(batch_ok && "roi_pool backward: a RoI's batch index is outside [0, N)");
-    const int64_t a = argmax[idx];
-    if (!batch_ok || a < 0 || a >= plane_size) continue;
-    const int64_t o = (static_cast<int64_t>(b) * channels + c) * plane_size + a;
-    fixed_point_atomic_add(sums + o, flags + o, static_cast<acc_t>(grad[idx]), s);
+    target((static_cast<int64_t>(b) * channels + c) * plane_size + a, static_cast<acc_t>(grad[idx]));
   }
 }
 
@@ -181,11 +183,11 @@ at::Tensor roi_pool_backward_fixed_point_cuda(const at::Tensor& grad_in, const a
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "roi_pool_backward_fixed_point_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     if (total > 0) {
-      roi_pool_backward_fixed_point_kernel<scalar_t, acc_t>
-          <<<blocks_for(total), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
-              total, grad.data_ptr<scalar_t>(), argmax.data_ptr<int64_t>(), rois.data_ptr<scalar_t>(),
-              max_abs.data_ptr<double>(), terms, batch_size, channels, height * width, bins,
-              planes.sums.data_ptr<int64_t>(), planes.flags.data_ptr<int32_t>());
+      const FixedPointPlanes target{planes.sums.data_ptr<int64_t>(), planes.flags.data_ptr<int32_t>(),
+                                    max_abs.data_ptr<double>(), terms, FixedPointScale{}};
+      roi_pool_backward_kernel<scalar_t, acc_t><<<blocks_for(total), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+          total, grad.data_ptr<scalar_t>(), argmax.data_ptr<int64_t>(), rois.data_ptr<scalar_t>(), batch_size,
+          channels, height * width, bins, target);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
     result = fixed_point_values<scalar_t>(planes, max_abs, terms);
@@ -214,7 +216,7 @@ at::Tensor roi_pool_backward_cuda(const at::Tensor& grad_in, const at::Tensor& r
     if (total > 0) {
       roi_pool_backward_kernel<scalar_t, acc_t><<<blocks_for(total), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
           total, grad.data_ptr<scalar_t>(), argmax.data_ptr<int64_t>(), rois.data_ptr<scalar_t>(), batch_size,
-          channels, plane, bins, acc.data_ptr<acc_t>());
+          channels, plane, bins, FloatAtomicPlanes<acc_t>{acc.data_ptr<acc_t>()});
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
     result = acc.to(grad.scalar_type());
