@@ -9,7 +9,8 @@ printed.
 Expected: none in the box ops, anchors, RoI ops, batched_nms_keep_mask and the padded post-processing
 (rpn_proposals_padded, detection_postprocess_padded, FasterRCNN.detect_padded); one in nms and batched_nms (their
 output's size); in rpn_proposals and detection_postprocess the final selection and the per-image split (see
-csrc/ops/composite/postprocess.cpp). Anything more is a hidden sync to remove.
+csrc/ops/composite/postprocess.cpp); one in the detector's eval forward (detect_padded's per-image counts, read to
+split the outputs). Anything more is a hidden sync to remove.
 Exits 2 without a CUDA device.
 """
 

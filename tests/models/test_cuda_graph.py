@@ -6,6 +6,8 @@ after a first call none copies from the host. That is what a CUDA graph capture 
 replays themselves.
 """
 
+import warnings
+
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -174,6 +176,27 @@ def test_cuda_detect_padded_does_not_synchronise():
         model.detect_padded(images)
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+@NEEDS_CUDA
+def test_cuda_eval_forward_is_detect_padded_with_one_host_read():
+    model = spread_heads(small_model("fasterrcnn_mobilenet_v3_large_320_fpn", box_score_thresh=0.01)).eval().cuda()
+    images = [image.cuda() for image in images_and_targets(2)[0]]
+    with torch.no_grad():
+        static = model(images)
+        model.static_cuda_forward = False
+        dynamic = model(images)
+        model.static_cuda_forward = True
+        assert_same_list(static, dynamic)
+        torch.cuda.synchronize()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                model(images)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+    assert len([w for w in caught if "synchroniz" in str(w.message).lower()]) == 1  # the counts, to split
 
 
 def test_cuda_graph_detector_refuses_what_it_cannot_capture():

@@ -86,8 +86,9 @@ class FasterRCNN(tv_faster_rcnn.FasterRCNN):
     copies (models/detection/_inference.py: batch norms folded, channels_last, and in float32 on CPU Winograd 3x3
     convolutions; rebuilt when the weights change; about 2.2 times the backbone's size in extra memory); their
     outputs equal the plain modules' up to float rounding (~1e-5 relative with Winograd). On CPU the forward reuses
-    its large activation blocks (``reuse_cpu_memory``, fasterrcnn_ext.memory). Set ``fast_inference = False`` to run
-    the modules as they are. ``inference_dtype = torch.bfloat16`` opts into bfloat16 autocast for the learned
+    its large activation blocks (``reuse_cpu_memory``, fasterrcnn_ext.memory); on CUDA it is ``detect_padded`` split
+    per image, whose only host read is the per-image counts (``static_cuda_forward``). Set ``fast_inference = False``
+    to run the modules as they are. ``inference_dtype = torch.bfloat16`` opts into bfloat16 autocast for the learned
     layers (for CPUs with AMX or AVX512-BF16: elsewhere bfloat16 is emulated, slower than float32, and the forward
     warns); boxes, anchors and post-processing stay in float32.
     """
@@ -97,6 +98,8 @@ class FasterRCNN(tv_faster_rcnn.FasterRCNN):
     fast_inference: bool = True
     # True: CPU inference reuses its large activation blocks from one call to the next (fasterrcnn_ext.memory).
     reuse_cpu_memory: bool = True
+    # True: CUDA inference is detect_padded split per image (one host read per call); False: the dynamic path.
+    static_cuda_forward: bool = True
 
     def __init__(self, backbone: nn.Module, num_classes: int | None = None, **kwargs):
         if kwargs.get("rpn_anchor_generator") is None:
@@ -267,6 +270,10 @@ class FasterRCNN(tv_faster_rcnn.FasterRCNN):
         return losses, detections
 
     def _inference_forward(self, images: list[Tensor]) -> list[dict[str, Tensor]]:
+        if self.static_cuda_forward and images and all(image.device.type == "cuda" for image in images):
+            # One host read, the counts that split the outputs, where the dynamic path reads every selection's size
+            # and copies the normalisation constants from the host at every call.
+            return padded_detections_to_list(*self.detect_padded(images))
         pool_cpu = (self.reuse_cpu_memory and all(image.device.type == "cpu" for image in images)
                     and cpu_capabilities().memory_pool)
         with memory.cpu_pool() if pool_cpu else contextlib.nullcontext():
