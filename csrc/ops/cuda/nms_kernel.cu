@@ -9,6 +9,9 @@
 //  - a class-aware variant: boxes sorted by (class, score) and only same-class pairs compared, skipping blocks
 //    whose class ranges cannot meet;
 //  - an early exit after max_keep kept boxes (the walk, and the mask of later chunks);
+//  - a bound read on the device: with valid flags (_batched_nms_keep_mask_valid), the invalid boxes are sorted last
+//    and neither the mask nor the walk goes past the valid count, so a static-size caller pays for valid boxes only;
+//  - the kept rows of a block ORed into later columns by warp shuffles;
 //  - one sort: 32-bit score keys, or for batched NMS one 64-bit (class, score) key;
 //  - the IoU is the shared box_math.h function in float32 (float64 for double), the same as the CPU kernel.
 #include <ATen/ATen.h>
