@@ -3,6 +3,7 @@
 `python scripts/cuda_smoke.py [--timeout S]`. Each step prints its name before it runs and its largest difference
 from torchvision after; a step that takes longer than S seconds (a hung kernel) dumps every thread's stack and
 exits with code 3, so the hanging op is the last name printed. Exits 1 if any step's result differs.
+`--device cpu` runs the same steps on the CPU kernels, to check the script itself (tests/test_gpu_scripts.py).
 """
 
 import argparse
@@ -27,19 +28,24 @@ def boxes_on(n, device, seed=0, size=200.0):
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--timeout", type=float, default=30.0)
+    p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     args = p.parse_args()
-    dev = "cuda"
+    dev = args.device
     failures = []
+
+    def sync():
+        if dev == "cuda":
+            torch.cuda.synchronize()
 
     def step(name, ours, theirs, atol=1e-4):
         print(f"{name:45s}", end=" ", flush=True)
         faulthandler.dump_traceback_later(args.timeout, exit=True)
         t0 = time.perf_counter()
         a = ours()
-        torch.cuda.synchronize()
+        sync()
         dt = time.perf_counter() - t0
         b = theirs()
-        torch.cuda.synchronize()
+        sync()
         faulthandler.cancel_dump_traceback_later()
         if a.dtype == torch.bool or a.dtype == torch.int64:
             ok = a.shape == b.shape and bool((a == b).all())
@@ -92,6 +98,40 @@ def main():
          grad_of(lambda t: torchvision.ops.roi_align(t, rois, 7, 0.25, 2, True)), atol=1e-3)
     step("roi_pool backward", grad_of(lambda t: ops.roi_pool(t, rois, 7, 0.25)),
          grad_of(lambda t: torchvision.ops.roi_pool(t, rois, 7, 0.25)), atol=1e-3)
+
+    def deterministic(run):
+        def wrapped():
+            torch.use_deterministic_algorithms(True)
+            try:
+                return run()
+            finally:
+                torch.use_deterministic_algorithms(False)
+        return wrapped
+
+    # Fixed-point integer atomics (common/fixed_point.h): the CPU twin's bits exactly.
+    step("roi_align backward, deterministic",
+         deterministic(grad_of(lambda t: ops.roi_align(t, rois, 7, 0.25, 2, True))),
+         grad_of(lambda t: torchvision.ops.roi_align(t, rois, 7, 0.25, 2, True)), atol=1e-3)
+    step("roi_pool backward, deterministic", deterministic(grad_of(lambda t: ops.roi_pool(t, rois, 7, 0.25))),
+         grad_of(lambda t: torchvision.ops.roi_pool(t, rois, 7, 0.25)), atol=1e-3)
+    gx = torch.randn(30, 8, 7, 7, device=dev)
+    step("roi_align fixed point vs its CPU twin",
+         lambda: torch.ops.fasterrcnn_ext._roi_align_backward_fixed_point(
+             gx, rois, [0.25], 7, 7, 2, True, 224.0, 4.0, 2, 8, [40], [50])[0].cpu(),
+         lambda: torch.ops.fasterrcnn_ext._roi_align_backward_fixed_point(
+             gx.cpu(), rois.cpu(), [0.25], 7, 7, 2, True, 224.0, 4.0, 2, 8, [40], [50])[0], atol=0.0)
+    # The NMS over valid boxes only: the invalid ones sorted last, the kernels bounded by the valid count.
+    bv, sv = boxes_on(3000, dev, 10), torch.rand(3000, device=dev)
+    cv, valid = torch.randint(0, 7, (3000,), device=dev), torch.rand(3000, device=dev) < 0.3
+
+    def valid_only():
+        rows = valid.nonzero().squeeze(1)
+        mask = torch.zeros(3000, dtype=torch.bool, device=dev)
+        mask[rows[torchvision.ops.batched_nms(bv[rows], sv[rows], cv[rows], 0.5)]] = True
+        return mask
+
+    step("batched NMS keep mask over valid boxes",
+         lambda: torch.ops.fasterrcnn_ext._batched_nms_keep_mask_valid(bv, sv, cv, valid, 0.5), valid_only)
     feats = {str(i): torch.randn(2, 8, 64 >> i, 80 >> i, device=dev) for i in range(4)}
     props = [boxes_on(20, dev, 4), boxes_on(15, dev, 5)]
     sizes = [(256, 320), (256, 320)]
@@ -123,6 +163,16 @@ def main():
         return torch.cat([v.sort(descending=True).values for v in scores]).cpu()
 
     step("detection_postprocess (CUDA vs the CPU op)", lambda: detections_on(dev), lambda: detections_on("cpu"))
+    padded_props = torch.cat([props[0][:150], props[1][:120], torch.zeros(30, 4)])  # 150 rows each, 30 padding
+
+    def padded_detections_on(device):
+        _, scores, _, counts = ops.detection_postprocess_padded(
+            logits.to(device), regression.to(device), padded_props.to(device), torch.tensor([150, 120], device=device),
+            [(250, 240), (230, 260)])
+        return torch.cat([s[:c].sort(descending=True).values for s, c in zip(scores.cpu(), counts.tolist())])
+
+    step("detection_postprocess_padded (CUDA vs the CPU op)", lambda: padded_detections_on(dev),
+         lambda: padded_detections_on("cpu"))
     if failures:
         print("FAILED:", ", ".join(failures))
         sys.exit(1)

@@ -1,5 +1,5 @@
 """The GPU machine's scripts stay runnable where no GPU is: scripts/gpu_check.sh parses and keeps to its time budget,
-scripts/cuda_sync_audit.py's cases run (on the CPU, without the audit)."""
+scripts/cuda_sync_audit.py's cases and scripts/cuda_smoke.py's steps run (on the CPU, without the audit)."""
 
 import os
 import subprocess
@@ -25,3 +25,11 @@ def test_sync_audit_cases_run_on_the_cpu():
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
     assert done.stdout.count(": ran") >= 12
+
+
+def test_smoke_steps_run_and_agree_on_the_cpu():
+    done = subprocess.run([sys.executable, "scripts/cuda_smoke.py", "--device", "cpu"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "all steps agree with torchvision" in done.stdout and "FAIL" not in done.stdout
+    assert "roi_align fixed point vs its CPU twin" in done.stdout
