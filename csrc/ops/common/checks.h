@@ -98,13 +98,13 @@ void check_nms_inputs(const at::Tensor& boxes, const at::Tensor& scores, const a
                       const char* op);
 
 // _nms_bitmask's chunk_rows: 0 (the memory budget decides) or a positive multiple of block_boxes.
+void check_nms_chunk_rows(int64_t chunk_rows, int64_t block_boxes, const char* op);
 // detection_postprocess_padded: N * P proposal rows (N = image_sizes / 2), proposal_counts int64 [N] on their device,
 // detections_per_img >= 0, and detection_postprocess's checks. Returns P.
 int64_t check_detection_padded_inputs(const at::Tensor& class_logits, const at::Tensor& box_regression,
                                       const at::Tensor& proposals, const at::Tensor& proposal_counts,
                                       at::IntArrayRef image_sizes, at::ArrayRef<double> weights,
                                       int64_t detections_per_img);
-void check_nms_chunk_rows(int64_t chunk_rows, int64_t block_boxes, const char* op);
 // The valid flags of a keep mask over only some boxes: bool [N], on the boxes' device.
 void check_nms_valid(const at::Tensor& valid, const at::Tensor& boxes, const char* op);
 

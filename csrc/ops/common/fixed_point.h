@@ -14,6 +14,8 @@
 // else the infinity).
 #pragma once
 
+#include <ATen/ATen.h>
+
 #include <cmath>
 #include <cstdint>
 
@@ -43,7 +45,8 @@ FRCNN_INLINE FixedPointScale fixed_point_scale(double max_abs, int64_t terms) {
     int t = 0;           // terms <= 2^t
     while (t < 63 && (int64_t{1} << t) < terms) ++t;
     k = kFixedPointSumBits - e - t;
-    k = k > kFixedPointMaxExponent ? kFixedPointMaxExponent : (k < -kFixedPointMaxExponent ? -kFixedPointMaxExponent : k);
+    if (k > kFixedPointMaxExponent) k = kFixedPointMaxExponent;
+    if (k < -kFixedPointMaxExponent) k = -kFixedPointMaxExponent;
   }
   return FixedPointScale{ldexp(1.0, k), ldexp(1.0, -k)};
 }
@@ -69,6 +72,13 @@ FRCNN_INLINE double fixed_point_value(int64_t sum, int32_t flags, const FixedPoi
     return NAN;
   }
   return (flags & kFixedPointPosInf) ? INFINITY : -INFINITY;
+}
+
+// Host: the largest finite |grad| as a float64 scalar on grad's device, the scale's input (no host read; 0 for an
+// empty grad).
+inline at::Tensor fixed_point_max_abs(const at::Tensor& grad) {
+  if (grad.numel() == 0) return at::zeros({}, grad.options().dtype(at::kDouble));
+  return at::nan_to_num(grad.abs(), 0.0, 0.0, 0.0).amax().to(at::kDouble);
 }
 
 }  // namespace fasterrcnn_ext

@@ -255,19 +255,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> detection_postprocess
   const int64_t per_image = check_detection_padded_inputs(class_logits, box_regression, proposals, proposal_counts,
                                                           image_sizes, weights, detections_per_img);
   const int64_t batch = static_cast<int64_t>(image_sizes.size()) / 2;
-  const auto long_opts = class_logits.options().dtype(at::kLong);
+  const auto options = class_logits.options(), long_opts = options.dtype(at::kLong);
   const int64_t classes = class_logits.size(1);
+  if (classes <= 1 || per_image == 0) {
+    return {at::zeros({batch, detections_per_img, 4}, options), at::zeros({batch, detections_per_img}, options),
+            at::zeros({batch, detections_per_img}, long_opts), at::zeros({batch}, long_opts)};
+  }
   const at::Tensor proposal_image = image_of_rows(batch, per_image, long_opts);
   // Proposal j of image i is real when j < proposal_counts[i] (rpn_proposals_padded's padding is not); counts are
   // not read on the host, so one outside [0, P] acts as clamped to it.
   const at::Tensor proposal_valid =
       at::arange(per_image, long_opts).repeat({batch}).lt(proposal_counts.index_select(0, proposal_image));
   const at::Tensor hw = device_values(image_sizes, long_opts).to(class_logits.scalar_type()).view({batch, 2});
-  const auto options = class_logits.options();
-  if (classes <= 1 || per_image == 0) {
-    return {at::zeros({batch, detections_per_img, 4}, options), at::zeros({batch, detections_per_img}, options),
-            at::zeros({batch, detections_per_img}, long_opts), at::zeros({batch}, long_opts)};
-  }
   const DetectionCandidates c = detection_candidates(class_logits, box_regression, proposals, proposal_image,
                                                      &proposal_valid, hw, weights, score_thresh, nms_thresh, min_size);
   const PaddedSelection s = first_per_image_padded(c.kept, c.scores, batch, per_image * (classes - 1),

@@ -44,11 +44,6 @@ struct FixedPointPlanes {
   }
 };
 
-// The largest finite |grad|, the scale's input on either device.
-double finite_abs_max(const at::Tensor& grad) {
-  return grad.numel() == 0 ? 0.0 : at::nan_to_num(grad.abs(), 0.0, 0.0, 0.0).amax().item<double>();
-}
-
 std::vector<at::Tensor> roi_align_backward_fixed_point_cpu(const at::Tensor& grad_in, const at::Tensor& rois_in,
                                                            at::ArrayRef<double> scales, int64_t pooled_height,
                                                            int64_t pooled_width, int64_t sampling_ratio, bool aligned,
@@ -62,7 +57,8 @@ std::vector<at::Tensor> roi_align_backward_fixed_point_cpu(const at::Tensor& gra
   const RoIAlignParams pp{pooled_height, pooled_width, sampling_ratio, batch_size, channels, rois.size(0), aligned,
                           static_cast<float>(canonical_scale), static_cast<float>(canonical_level)};
   const int64_t bins = pooled_height * pooled_width;
-  const FixedPointScale s = fixed_point_scale(finite_abs_max(grad), std::max<int64_t>(1, pp.num_rois * bins));
+  const FixedPointScale s =
+      fixed_point_scale(fixed_point_max_abs(grad).item<double>(), std::max<int64_t>(1, pp.num_rois * bins));
   std::vector<FixedPointPlanes> planes;
   std::vector<int64_t*> unused;
   for (size_t l = 0; l < heights.size(); ++l) {
@@ -106,7 +102,8 @@ at::Tensor roi_pool_backward_fixed_point_cpu(const at::Tensor& grad_in, const at
   const at::Tensor grad = grad_in.contiguous(), argmax = argmax_in.to(at::kLong).contiguous();
   const at::Tensor rois = rois_in.to(at::kDouble).contiguous();
   const int64_t bins = pooled_height * pooled_width, plane = height * width;
-  const FixedPointScale s = fixed_point_scale(finite_abs_max(grad), std::max<int64_t>(1, k * bins));
+  const FixedPointScale s =
+      fixed_point_scale(fixed_point_max_abs(grad).item<double>(), std::max<int64_t>(1, k * bins));
   FixedPointPlanes planes(batch_size, channels, height, width, grad.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "fixed_point_backward", [&] {
     using acc_t = at::opmath_type<scalar_t>;

@@ -12,18 +12,13 @@
 
 namespace fasterrcnn_ext {
 
-// The sums and flags of one gradient tensor of `sizes`, and the largest finite |term| they are scaled by.
+// The sums and flags of one gradient tensor of `sizes`.
 struct FixedPointSums {
   at::Tensor sums, flags;
 
   FixedPointSums(at::IntArrayRef sizes, const at::TensorOptions& options)
       : sums(at::zeros(sizes, options.dtype(at::kLong))), flags(at::zeros(sizes, options.dtype(at::kInt))) {}
 };
-
-// The largest finite |grad| as a float64 scalar on the device: the scale's input, computed without a host sync.
-inline at::Tensor finite_abs_max_on_device(const at::Tensor& grad) {
-  return at::nan_to_num(grad.abs(), 0.0, 0.0, 0.0).amax().to(at::kDouble);
-}
 
 // Adds one term to its sum: in fixed point by an integer atomic (two's complement: signed sums wrap correctly), or,
 // non-finite, as its flag.

@@ -218,9 +218,9 @@ std::vector<at::Tensor> backward_fixed_point_cuda(const at::Tensor& grad, const 
     flags.push_back(levels.back().flags.data_ptr<int32_t>());
   }
   const int64_t total = grad.numel(), terms = std::max<int64_t>(1, pp.num_rois * pp.pooled_h * pp.pooled_w);
-  const at::Tensor max_abs = total > 0 ? finite_abs_max_on_device(grad) : at::zeros({}, grad.options().dtype(at::kDouble));
+  const at::Tensor max_abs = fixed_point_max_abs(grad);
   std::vector<at::Tensor> result;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "roi_align_backward_fixed_point_cuda", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "roi_align_backward_fp_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const char* op = "multi_scale_roi_align backward (CUDA)";
     const Levels<int64_t> sl = make_roi_align_levels(sums, heights, widths, scales, op);

@@ -178,9 +178,9 @@ at::Tensor roi_pool_backward_fixed_point_cuda(const at::Tensor& grad_in, const a
   const FixedPointSums planes(at::IntArrayRef{batch_size, channels, height, width}, grad.options());
   const int64_t total = grad.numel(), bins = pooled_height * pooled_width;
   const int64_t terms = std::max<int64_t>(1, k * bins);  // each bin's gradient goes to one element
-  const at::Tensor max_abs = total > 0 ? finite_abs_max_on_device(grad) : at::zeros({}, grad.options().dtype(at::kDouble));
+  const at::Tensor max_abs = fixed_point_max_abs(grad);
   at::Tensor result;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "roi_pool_backward_fixed_point_cuda", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "roi_pool_backward_fp_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     if (total > 0) {
       const FixedPointPlanes target{planes.sums.data_ptr<int64_t>(), planes.flags.data_ptr<int32_t>(),
