@@ -231,9 +231,7 @@ class FasterRCNN(tv_faster_rcnn.FasterRCNN):
                 batch = image_list.tensors.contiguous(memory_format=torch.channels_last)
             else:
                 backbone, rpn_head, batch = self.backbone, self.rpn.head, image_list.tensors
-            autocast = (torch.autocast(device_type, dtype=self.inference_dtype) if self.inference_dtype is not None
-                        else contextlib.nullcontext())
-            with autocast:
+            with self._inference_autocast(device_type):
                 features = backbone(batch)
                 if isinstance(features, Tensor):
                     features = OrderedDict([("0", features)])
@@ -269,6 +267,14 @@ class FasterRCNN(tv_faster_rcnn.FasterRCNN):
             self._has_warned = True
         return losses, detections
 
+    def _inference_autocast(self, device_type: str):
+        """The learned layers' autocast in inference: to inference_dtype, or off, so that an outer autocast does not
+        reach them either; nothing on a device without autocast (meta tensors)."""
+        if not torch.amp.is_autocast_available(device_type):
+            return contextlib.nullcontext()
+        return torch.autocast(device_type, dtype=self.inference_dtype or torch.float32,
+                              enabled=self.inference_dtype is not None)
+
     def _inference_forward(self, images: list[Tensor]) -> list[dict[str, Tensor]]:
         if self.static_cuda_forward and images and all(image.device.type == "cuda" for image in images):
             # One host read, the counts that split the outputs, where the dynamic path reads every selection's size
@@ -288,8 +294,7 @@ class FasterRCNN(tv_faster_rcnn.FasterRCNN):
             warnings.warn("inference_dtype = torch.bfloat16 on a CPU without AVX512-BF16 or AMX: bfloat16 is "
                           "emulated there and the detector runs slower than in float32 (inference_dtype = None)",
                           RuntimeWarning, stacklevel=3)
-        with torch.autocast(device_type, dtype=self.inference_dtype or torch.float32,
-                            enabled=self.inference_dtype is not None):
+        with self._inference_autocast(device_type):
             features = backbone(image_list.tensors.contiguous(memory_format=torch.channels_last))
             if isinstance(features, Tensor):
                 features = OrderedDict([("0", features)])

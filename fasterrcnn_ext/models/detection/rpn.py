@@ -87,27 +87,33 @@ class RegionProposalNetwork(tv_rpn.RegionProposalNetwork):
         post_nms_top_n, image i's first counts[i] rows holding what forward gives it, and counts Tensor[N]."""
         feature_maps = list(features.values())
         objectness, pred_bbox_deltas = head(feature_maps)
-        anchors = self.anchor_generator(images, feature_maps)
+        anchors, objectness_flat, deltas_flat, num_anchors_per_level = self._flat_predictions(
+            images, feature_maps, objectness, pred_bbox_deltas)
         num_images = len(anchors)
-        num_anchors_per_level = [o.shape[1] * o.shape[2] * o.shape[3] for o in objectness]
-        objectness_flat, deltas_flat = concat_box_prediction_layers(objectness, pred_bbox_deltas)
         boxes, _, counts = ops.rpn_proposals_padded(
-            objectness_flat.to(anchors[0].dtype).view(num_images, -1),
-            deltas_flat.to(anchors[0].dtype).view(num_images, -1, 4), anchors[0], num_anchors_per_level,
-            images.image_sizes, self.pre_nms_top_n(), self.post_nms_top_n(), self.nms_thresh, self.score_thresh,
-            self.min_size)
+            objectness_flat.view(num_images, -1), deltas_flat.view(num_images, -1, 4), anchors[0],
+            num_anchors_per_level, images.image_sizes, self.pre_nms_top_n(), self.post_nms_top_n(), self.nms_thresh,
+            self.score_thresh, self.min_size)
         return boxes, counts
 
-    def _proposals(self, images: ImageList, features: list[Tensor], objectness: list[Tensor],
-                   pred_bbox_deltas: list[Tensor],
-                   targets: list[dict[str, Tensor]] | None) -> tuple[list[Tensor], dict[str, Tensor]]:
+    def _flat_predictions(self, images: ImageList, features: list[Tensor], objectness: list[Tensor],
+                          pred_bbox_deltas: list[Tensor]) -> tuple[list[Tensor], Tensor, Tensor, list[int]]:
+        """The batch's anchors, the head's outputs flattened as the proposal selection takes them ([N * A, 1] and
+        [N * A, 4], levels concatenated, in the anchors' dtype) and the anchors of each level."""
         anchors = self.anchor_generator(images, features)
-        num_images = len(anchors)
         num_anchors_per_level = [o.shape[1] * o.shape[2] * o.shape[3] for o in objectness]
         objectness_flat, deltas_flat = concat_box_prediction_layers(objectness, pred_bbox_deltas)
         if objectness_flat.dtype != anchors[0].dtype:  # half-precision heads (autocast): select in float32
             objectness_flat = objectness_flat.to(anchors[0].dtype)
             deltas_flat = deltas_flat.to(anchors[0].dtype)
+        return anchors, objectness_flat, deltas_flat, num_anchors_per_level
+
+    def _proposals(self, images: ImageList, features: list[Tensor], objectness: list[Tensor],
+                   pred_bbox_deltas: list[Tensor],
+                   targets: list[dict[str, Tensor]] | None) -> tuple[list[Tensor], dict[str, Tensor]]:
+        anchors, objectness_flat, deltas_flat, num_anchors_per_level = self._flat_predictions(
+            images, features, objectness, pred_bbox_deltas)
+        num_images = len(anchors)
         # Faster R-CNN does not backpropagate through the proposals: the selection sees detached tensors.
         boxes, _ = ops.rpn_proposals(
             objectness_flat.detach().view(num_images, -1), deltas_flat.detach().view(num_images, -1, 4), anchors[0],
