@@ -8,6 +8,8 @@ Environment:
   MAX_JOBS                parallel compile jobs for ninja.
   FRCNN_CPU_MAX_ISA=avx2  leave the AVX-512 clones of the CPU kernels out: an AVX-512 machine then runs (and
                           benchmarks) the code that AVX2-only CPUs run.
+  FRCNN_AVX512_TWIN=0      leave out the CPU twin of the hand-written AVX-512 kernel (built by default where the
+                          SIMDe headers are installed: the simde-py package, or SIMDE_INCLUDE=<folder holding simde/>).
   FRCNN_SANITIZE=address,undefined
                           build the C++ sources with AddressSanitizer and UndefinedBehaviorSanitizer (any
                           -fsanitize= list); Python must then preload libasan (scripts/sanitize.sh does it all).
@@ -109,7 +111,27 @@ def _missing_cuda_headers_dir():
     return out
 
 
-def _write_build_config(with_cuda, cuda_version, arch_list, cpu_max_isa):
+def _simde_include():
+    """The folder holding SIMDe's headers (simde/x86/avx512.h), or None.
+
+    SIMDe implements the x86 intrinsics in portable C; the AVX-512 kernel's CPU twin (roi_pool_avx512_twin.cpp) is
+    compiled with it so that CPUs without AVX-512 test that kernel's source.
+    """
+    candidates = [os.environ["SIMDE_INCLUDE"]] if os.environ.get("SIMDE_INCLUDE") else []
+    try:
+        import simde_py
+
+        candidates.append(simde_py.get_include())
+    except ImportError:
+        pass
+    candidates.append("/usr/include")  # Debian's libsimde-dev
+    for folder in candidates:
+        if os.path.exists(os.path.join(folder, "simde", "x86", "avx512.h")):
+            return folder
+    return None
+
+
+def _write_build_config(with_cuda, cuda_version, arch_list, cpu_max_isa, cpu_avx512_twin):
     """Record what this build was made against, readable before the library is loaded."""
     path = os.path.join(ROOT, "fasterrcnn_ext", "_build_config.py")
     text = (
@@ -120,6 +142,7 @@ def _write_build_config(with_cuda, cuda_version, arch_list, cpu_max_isa):
         f"CUDA_VERSION = {cuda_version!r}\n"
         f"CUDA_ARCH_LIST = {arch_list!r}\n"
         f"CPU_MAX_ISA = {cpu_max_isa!r}\n"
+        f"CPU_AVX512_TWIN = {cpu_avx512_twin!r}\n"
     )
     with open(path, "w") as f:
         f.write(text)
@@ -161,6 +184,16 @@ def _extensions():
         cxx_flags = [f for f in cxx_flags if f != "-O3"] + ["-O1"] + sanitizer_flags
         link_flags += sanitizer_flags
     include_dirs = [os.path.join(ROOT, "csrc")]
+    twin_source = os.path.join("csrc", "ops", "cpu", "roi_pool_avx512_twin.cpp")
+    simde_include = _simde_include() if os.environ.get("FRCNN_AVX512_TWIN", "") != "0" else None
+    if simde_include:
+        include_dirs.append(simde_include)
+    else:
+        sources.remove(twin_source)
+        if os.environ.get("FRCNN_AVX512_TWIN", "") != "0":
+            print("fasterrcnn_ext: SIMDe headers not found (pip install simde-py): building without the AVX-512 "
+                  "kernel's CPU twin", flush=True)
+    define_macros.append(("FRCNN_CPU_AVX512_TWIN", "1" if simde_include else "0"))
     cuda_version, arch_list = None, None
     if with_cuda:
         sources += sorted(glob.glob(os.path.join("csrc", "ops", "cuda", "*.cu")))
@@ -181,7 +214,7 @@ def _extensions():
     else:
         ext_cls = CppExtension
         extra = {"cxx": cxx_flags}
-    _write_build_config(with_cuda, cuda_version, arch_list, max_isa or "avx512")
+    _write_build_config(with_cuda, cuda_version, arch_list, max_isa or "avx512", simde_include is not None)
     print(f"fasterrcnn_ext: building with CUDA={with_cuda} (arch list {arch_list}, nvcc {cuda_version}), "
           f"torch {torch.__version__}", flush=True)
     return [ext_cls("fasterrcnn_ext._C", sources, include_dirs=include_dirs, define_macros=define_macros,

@@ -23,6 +23,11 @@ std::string build_info() {
 #else
   info += "cpu_max_isa=avx512\n";
 #endif
+#if FRCNN_CPU_AVX512_TWIN
+  info += "cpu_avx512_twin=1\n";  // roi_pool_avx512_twin.cpp is in (setup.py found SIMDe)
+#else
+  info += "cpu_avx512_twin=0\n";
+#endif
 #if AT_PARALLEL_OPENMP
   info += "parallel_backend=OpenMP\n";
 #else

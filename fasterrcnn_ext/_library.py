@@ -58,14 +58,16 @@ def build_info() -> dict:
     Returns a dict with ``version`` (package), ``torch_version`` (the torch it was built against), ``cuda``
     (whether CUDA kernels were compiled *and* registered), ``cuda_version`` and ``cuda_arch_list``,
     ``parallel_backend`` (the CPU threading backend), ``cpu_max_isa`` (``"avx512"``, or ``"avx2"`` for a build
-    without the AVX-512 clones of the CPU kernels), ``num_threads``, ``loaded`` and, when not loaded, ``error``.
+    without the AVX-512 clones of the CPU kernels), ``cpu_avx512_twin`` (whether the portable twin of the hand-written
+    AVX-512 kernel is built: it lets CPUs without AVX-512 test that kernel), ``num_threads``, ``loaded`` and, when not
+    loaded, ``error``.
     """
     from . import __version__
 
     info: dict = {"version": __version__, "loaded": LOADED, "num_threads": torch.get_num_threads()}
     if not LOADED:
         info.update(torch_version=None, cuda=False, cuda_version=None, cuda_arch_list=[], parallel_backend=None,
-                    cpu_max_isa=None, error=LOAD_ERROR)
+                    cpu_max_isa=None, cpu_avx512_twin=False, error=LOAD_ERROR)
         return info
     raw = dict(line.split("=", 1) for line in torch.ops.fasterrcnn_ext._build_info().splitlines() if line)
     compiled_cuda = raw.get("cuda") == "1"
@@ -79,5 +81,6 @@ def build_info() -> dict:
         cuda_arch_list=raw["cuda_arch_list"].replace(" ", ";").split(";") if "cuda_arch_list" in raw else [],
         parallel_backend=raw["parallel_backend"],
         cpu_max_isa=raw["cpu_max_isa"],
+        cpu_avx512_twin=raw.get("cpu_avx512_twin") == "1",
     )
     return info

@@ -26,6 +26,9 @@ capability                        on                                            
     with capabilities.forced(winograd=False):       # a fallback, for a test or a measurement
         ...
 
+``avx512_twin()`` is not a capability but a check: inside it the hand-written AVX-512 kernels are replaced by their
+CPU twins (the same source built on SIMDe's portable intrinsics), so that a CPU without AVX-512 tests their logic.
+
 Any capability can be forced off. Forcing one on where this machine lacks it raises ValueError (it would crash or
 fail), except ``native_bfloat16``, which only decides the warning and the benchmark's bfloat16 row.
 """
@@ -41,7 +44,7 @@ import torch
 
 from . import _library
 
-__all__ = ["CpuCapabilities", "cpu_capabilities", "detected", "forced"]
+__all__ = ["CpuCapabilities", "avx512_twin", "cpu_capabilities", "detected", "forced"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -132,3 +135,26 @@ def _apply_to_kernels() -> None:
     """The compiled kernels read their one switch (the AVX-512 loops) from the library itself."""
     if _library.LOADED:
         _library.ops()._cpu_set_avx512_kernels(cpu_capabilities().avx512_kernels)
+
+
+@contextlib.contextmanager
+def avx512_twin(enabled: bool = True) -> Iterator[None]:
+    """Runs the CPU twins of the hand-written AVX-512 kernels inside the block, on any x86-64 CPU (``enabled=False``:
+    turns them off; nests; restores the previous setting). They give the AVX-512 kernels' results, slowly: for tests,
+    not for speed. The environment variable FRCNN_CPU_AVX512_TWIN=1 turns them on for a whole process
+    (scripts/sanitize.sh).
+
+    Raises ValueError where the library was built without them (setup.py builds them where SIMDe is installed)."""
+    built = _library.LOADED and _library.build_info()["cpu_avx512_twin"]
+    if enabled and not built:
+        raise ValueError("avx512_twin: this build of fasterrcnn_ext has no AVX-512 CPU twins "
+                         "(install simde-py and rebuild)")
+    if not built:  # off already, and no switch to turn
+        yield
+        return
+    previous = _library.ops()._cpu_avx512_twin()
+    _library.ops()._cpu_set_avx512_twin(enabled)
+    try:
+        yield
+    finally:
+        _library.ops()._cpu_set_avx512_twin(previous)

@@ -25,15 +25,19 @@ print(" ".join(f"-I{p}" for p in include_paths() + [sysconfig.get_paths()["inclu
 EOF
 )
 VERSION=$(sed -n 's/^version *= *"\(.*\)"/\1/p' pyproject.toml)
+# SIMDe for the AVX-512 kernel's CPU twin, as setup.py finds it (on ARM SIMDe implements the x86 intrinsics with
+# NEON or plain C); without it the twin is left out, as setup.py does.
+SIMDE=$("$PYTHON" -c "import simde_py; print(simde_py.get_include())" 2>/dev/null || true)
+if [ -n "$SIMDE" ]; then TWIN_FLAGS=(-DFRCNN_CPU_AVX512_TWIN=1 "-I$SIMDE"); else TWIN_FLAGS=(-DFRCNN_CPU_AVX512_TWIN=0); fi
 # The flags setup.py gives the host compiler (the CPU sources only: no FRCNN_WITH_CUDA).
 FLAGS=(-std=c++20 -O2 -fPIC -fvisibility=hidden -fopenmp -ffp-contract=off -fno-trapping-math -Wall
        -DTORCH_API_INCLUDE_EXTENSION_H -DTORCH_EXTENSION_NAME=_C -DPy_LIMITED_API=0x030A0000
-       "-DFRCNN_VERSION=\"$VERSION\"" -Icsrc "${INCLUDES[@]}")
+       "-DFRCNN_VERSION=\"$VERSION\"" "${TWIN_FLAGS[@]}" -Icsrc "${INCLUDES[@]}")
 
 OUT=$(mktemp -d)
 trap 'rm -rf "$OUT"' EXIT
 mapfile -t SOURCES < <(ls csrc/*.cpp csrc/ops/*.cpp csrc/ops/common/*.cpp csrc/ops/cpu/*.cpp csrc/ops/composite/*.cpp \
-                          csrc/ops/autocast/*.cpp csrc/runtime/*.cpp)
+                          csrc/ops/autocast/*.cpp csrc/runtime/*.cpp | { [ -n "$SIMDE" ] && cat || grep -v _twin.cpp; })
 echo "compiling ${#SOURCES[@]} CPU sources with $($CXX --version | head -1) ($JOBS at a time)"
 export CXX OUT
 printf '%s\n' "${SOURCES[@]}" | xargs -P "$JOBS" -I{} bash -c '

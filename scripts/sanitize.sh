@@ -3,6 +3,9 @@
 #
 #   bash scripts/sanitize.sh                 # the default build: the AVX-512 code where this CPU has it, else AVX2
 #   ISA=avx2 bash scripts/sanitize.sh        # FRCNN_CPU_MAX_ISA=avx2: the AVX2 code, even on an AVX-512 CPU
+#   TWIN=1 bash scripts/sanitize.sh          # the hand-written AVX-512 kernels replaced by their CPU twins (SIMDe's
+#                                            # portable intrinsics, FRCNN_CPU_AVX512_TWIN=1): their source checked
+#                                            # on any CPU, AVX-512 or not
 #   bash scripts/sanitize.sh tests/ops -k roi_pool     # other pytest arguments (default: tests/ops tests/models)
 #
 # The build lives in its own copy of the tree (build/sanitize-<isa>/, rebuilt incrementally), so the .venv's
@@ -19,6 +22,8 @@ PY="$ROOT/.venv/bin/python"
 ISA=${ISA:-default}
 case "$ISA" in default) isa_env=() ;; avx2) isa_env=(FRCNN_CPU_MAX_ISA=avx2) ;;
   *) echo "ISA must be 'default' or 'avx2', got '$ISA'" >&2; exit 2 ;; esac
+TWIN=${TWIN:-0}
+case "$TWIN" in 0|1) ;; *) echo "TWIN must be 0 or 1, got '$TWIN'" >&2; exit 2 ;; esac
 DIR="$ROOT/build/sanitize-$ISA"
 SRC="$DIR/src"
 mkdir -p "$SRC"
@@ -36,10 +41,14 @@ LIBUBSAN=$(gcc -print-file-name=libubsan.so)
 rm -f "$DIR"/lsan.*
 args=("$@")
 [ ${#args[@]} -gt 0 ] || args=(tests/ops tests/models)
-echo "== pytest ${args[*]} under ASan + UBSan (CPU only)"
+if [ "$TWIN" = 1 ] && ! grep -q "CPU_AVX512_TWIN = True" "$SRC/fasterrcnn_ext/_build_config.py"; then
+  echo "TWIN=1 but the build has no AVX-512 CPU twins: install simde-py into .venv" >&2; exit 1
+fi
+label="$ISA build$([ "$TWIN" = 1 ] && echo ", AVX-512 CPU twins")"
+echo "== pytest ${args[*]} under ASan + UBSan (CPU only; $label)"
 cd "$SRC"
 set +e
-env CUDA_VISIBLE_DEVICES="" LD_PRELOAD="$LIBASAN $LIBUBSAN" \
+env CUDA_VISIBLE_DEVICES="" FRCNN_CPU_AVX512_TWIN="$TWIN" LD_PRELOAD="$LIBASAN $LIBUBSAN" \
   ASAN_OPTIONS="detect_leaks=1:halt_on_error=1:detect_stack_use_after_return=0:strict_init_order=1" \
   LSAN_OPTIONS="exitcode=0:log_path=$DIR/lsan" \
   UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1" \
@@ -56,5 +65,5 @@ if [ "$ours" -gt 0 ]; then
   awk -v RS= '/_C\.abi3\.so|csrc\//' "$DIR/leaks.txt" | head -80
   status=1
 fi
-[ $status -eq 0 ] && echo "== sanitizers ($ISA build): clean" || echo "== sanitizers ($ISA build): FAILED" >&2
+[ $status -eq 0 ] && echo "== sanitizers ($label): clean" || echo "== sanitizers ($label): FAILED" >&2
 exit $status

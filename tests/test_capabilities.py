@@ -4,11 +4,15 @@ runs on any CPU the suite lands on."""
 
 import copy
 import dataclasses
+import os
+import subprocess
+import sys
 import warnings
 
 import pytest
 import torch
 
+import fasterrcnn_ext
 from fasterrcnn_ext import capabilities, memory, ops
 from fasterrcnn_ext._library import ops as library_ops
 from fasterrcnn_ext.models.detection import fasterrcnn_tiny
@@ -16,6 +20,7 @@ from fasterrcnn_ext.models.detection._inference import FusedBottleneck, FusedCon
 from tests.models.test_faster_rcnn import assert_same_detections, images_and_targets, model_pair
 
 DETECTED = capabilities.detected()
+TWIN_BUILT = fasterrcnn_ext.build_info()["cpu_avx512_twin"]
 NAMES = [f.name for f in dataclasses.fields(DETECTED)]
 
 
@@ -88,19 +93,60 @@ def test_roi_pool_is_the_same_with_and_without_the_avx512_loops(dtype, requires_
     xy = torch.rand(300, 2, generator=g, dtype=dtype) * 500
     wh = torch.rand(300, 2, generator=g, dtype=dtype) * 150 + 1
     rois = torch.cat([torch.randint(0, 2, (300, 1), generator=g).to(dtype), xy, xy + wh], 1)
+    def run():
+        inp = x.clone().requires_grad_(requires_grad)
+        with torch.set_grad_enabled(requires_grad):
+            out = ops.roi_pool(inp, rois, (7, 5), 1 / 16)
+        return out.detach(), torch.autograd.grad(out.sum(), inp)[0] if requires_grad else None
+
     results = {}
     for setting in _settings("avx512_kernels"):
         with capabilities.forced(avx512_kernels=setting):
-            inp = x.clone().requires_grad_(requires_grad)
-            with torch.set_grad_enabled(requires_grad):
-                out = ops.roi_pool(inp, rois, (7, 5), 1 / 16)
-            grad = torch.autograd.grad(out.sum(), inp)[0] if requires_grad else None
-        results[setting] = (out.detach(), grad)
+            results[setting] = run()
+    if TWIN_BUILT:  # the AVX-512 loops' source on portable intrinsics: the same bits on any CPU
+        with capabilities.avx512_twin():
+            results["twin"] = run()
     reference = torch.ops.torchvision.roi_pool(x, rois, 1 / 16, 7, 5)[0]
     for out, grad in results.values():
         torch.testing.assert_close(out, reference, rtol=0, atol=0, equal_nan=True)
         if grad is not None:
             torch.testing.assert_close(grad, results[False][1], rtol=0, atol=0)
+
+
+@pytest.mark.skipif(not TWIN_BUILT, reason="built without the AVX-512 CPU twins (no SIMDe headers)")
+def test_avx512_twin_switch_nests_and_restores():
+    assert library_ops()._cpu_avx512_twin() is False
+    with capabilities.avx512_twin():
+        assert library_ops()._cpu_avx512_twin() is True
+        with capabilities.avx512_twin():
+            pass
+        assert library_ops()._cpu_avx512_twin() is True
+        with capabilities.forced(avx512_kernels=False):  # the twin is a check, independent of the capabilities
+            assert library_ops()._cpu_avx512_twin() is True
+        with capabilities.avx512_twin(False):
+            assert library_ops()._cpu_avx512_twin() is False
+        assert library_ops()._cpu_avx512_twin() is True
+    assert library_ops()._cpu_avx512_twin() is False
+
+
+@pytest.mark.skipif(not TWIN_BUILT, reason="built without the AVX-512 CPU twins (no SIMDe headers)")
+@pytest.mark.parametrize("value, expected", [("1", True), ("0", False), ("", False)])
+def test_avx512_twin_environment_variable(value, expected):
+    """FRCNN_CPU_AVX512_TWIN=1 at load turns the twins on for the whole process (scripts/sanitize.sh uses it)."""
+    code = "import fasterrcnn_ext, torch; print(torch.ops.fasterrcnn_ext._cpu_avx512_twin())"
+    env = dict(os.environ, FRCNN_CPU_AVX512_TWIN=value)
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == str(expected)
+
+
+def test_avx512_twin_refused_where_not_built(monkeypatch):
+    monkeypatch.setattr(capabilities._library, "build_info", lambda: {"cpu_avx512_twin": False})
+    with pytest.raises(ValueError, match="no AVX-512 CPU twins"):
+        with capabilities.avx512_twin():
+            pass
+    with capabilities.avx512_twin(False):  # off is always possible
+        pass
+    assert library_ops()._cpu_avx512_twin() is False
 
 
 def _detections(model, images):

@@ -20,6 +20,7 @@ def test_build_info_tells_the_truth():
     assert info["parallel_backend"].split()[0].lower() in torch.__config__.parallel_info().lower()
     from fasterrcnn_ext import _build_config
     assert info["cpu_max_isa"] == _build_config.CPU_MAX_ISA  # the binary and setup.py's record agree
+    assert info["cpu_avx512_twin"] == _build_config.CPU_AVX512_TWIN
 
 
 def test_ops_are_registered_under_torch_ops():

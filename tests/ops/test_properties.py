@@ -24,6 +24,7 @@ from torchvision.models.detection.image_list import ImageList
 import fasterrcnn_ext.ops as ops
 from fasterrcnn_ext.models.detection import AnchorGenerator
 from tests import reference
+from tests.ops.roi_inputs import CPU_POOL_KERNELS, cpu_pool_kernel
 
 FLOATS = [torch.float32, torch.float64]
 # The cases run on CUDA too when a GPU is visible (the results compared on the CPU).
@@ -195,14 +196,14 @@ def test_roi_align_matches_torchvision(batch, channels, height, width, k, seed, 
 
 
 @given(**roi_shapes, special=st.sampled_from(["none", "negative", "degenerate", "huge", "nan"]),
-       requires_grad=st.booleans(), device=devices)
+       requires_grad=st.booleans(), device=devices, cpu_kernel=st.sampled_from(CPU_POOL_KERNELS))
 def test_roi_pool_matches_torchvision(batch, channels, height, width, k, seed, dtype, kind, out, scale, special,
-                                      requires_grad, device):
+                                      requires_grad, device, cpu_kernel):
     x = feature_map(batch, channels, height, width, seed, dtype, kind).round(decimals=1)  # ties
     rois = rois_for(batch, k, seed, dtype, special, extent=max(height, width) / scale)
     finite = torch.isfinite(rois).all(1) & (rois[:, 1:].abs() < 1e6).all(1)
     inp = x.detach().clone().to(device).requires_grad_(requires_grad)
-    with torch.set_grad_enabled(requires_grad):
+    with torch.set_grad_enabled(requires_grad), cpu_pool_kernel(cpu_kernel):
         got = ops.roi_pool(inp, rois.to(device), out, scale)
     assert got.shape == (k, channels, *out)
     expected = torchvision.ops.roi_pool(x, rois[finite], out, scale)

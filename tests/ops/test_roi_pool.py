@@ -6,7 +6,15 @@ import torch
 import torchvision
 
 import fasterrcnn_ext.ops as ops
-from tests.ops.roi_inputs import random_rois
+from tests.ops.roi_inputs import CPU_POOL_KERNELS, cpu_pool_kernel, random_rois
+
+
+# Every test here runs once per CPU kernel of roi_pool this machine can run (roi_inputs.py), the AVX-512 kernel's
+# CPU twin included.
+@pytest.fixture(autouse=True, params=CPU_POOL_KERNELS)
+def cpu_kernel(request):
+    with cpu_pool_kernel(request.param):
+        yield request.param
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

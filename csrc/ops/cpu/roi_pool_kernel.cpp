@@ -1,8 +1,8 @@
 // CPU kernels of roi_pool, forward and backward.
 //
 // Forward: one task per (image, block of 16 channels), copied into a cache-resident channel-interleaved buffer
-// (roi_block.h), so each bin's max is a running max over each pixel's channel vectors (hand-written for AVX-512);
-// tasks run in parallel. The inference op _roi_pool_values is the same forward without writing the argmax.
+// (roi_block.h), so each bin's max is a running max over each pixel's channel vectors (hand-written for AVX-512 in
+// roi_pool_avx512.h); tasks run in parallel. The inference op _roi_pool_values is the same forward without writing the argmax.
 // Backward: a scatter of each output gradient to its argmax, parallel over channels (each thread owns its planes:
 // no races, deterministic).
 #include <ATen/ATen.h>
@@ -25,6 +25,19 @@
 
 #if FRCNN_CPU_AVX512_KERNELS
 #include <immintrin.h>
+#define FRCNN_AVX512_FN FRCNN_CPU_TARGET_AVX512F
+#include "ops/cpu/roi_pool_avx512.h"
+#undef FRCNN_AVX512_FN
+#endif
+
+#if FRCNN_CPU_AVX512_TWIN
+namespace fasterrcnn_ext {
+// roi_pool_avx512.h's kernel compiled with SIMDe's portable intrinsics (roi_pool_avx512_twin.cpp).
+void max_pool_bin_avx512_twin(const float* buf, int64_t width, int64_t h0, int64_t h1, int64_t w0, int64_t w1,
+                              float* best, int32_t* arg);
+void max_pool_bin_avx512_twin(const double* buf, int64_t width, int64_t h0, int64_t h1, int64_t w0, int64_t w1,
+                              double* best, int64_t* arg);
+}  // namespace fasterrcnn_ext
 #endif
 
 namespace fasterrcnn_ext {
@@ -94,106 +107,21 @@ FRCNN_CPU_MULTIVERSION_ARCH void max_pool_bin(const double* buf, int64_t width, 
   max_pool_bin_impl(buf, width, h0, h1, w0, w1, best, arg);
 }
 
-#if FRCNN_CPU_AVX512_KERNELS
-// max_pool_bin for AVX-512: a pixel's 64-byte channel block is one vector. The compare writes a mask register, the
-// value update is vmaxps (max(v, best) is "v > best ? v : best" bit for bit, NaN and signed zeros included: x86 max
-// returns its second operand unless the first is greater) and the index update is a masked move: single-uop
-// instructions where GCC's code for the portable vectors above blends through vector masks (3 uops a blend on
-// Intel cores), so this version is faster on Intel CPUs (docs/performance.md has the figures). Same two chains,
-// same merge.
-#define FRCNN_AVX512_HELPER FRCNN_CPU_TARGET_AVX512F __attribute__((always_inline)) static inline
-
-// The AVX-512 instructions the kernel needs, per element type: a 64-byte block is one vector V, with an index vector
-// (int32 lanes for float, int64 for double) and a mask M. select(m, a, b) is m ? b : a, lane by lane.
-template <typename acc_t>
-struct Avx512Block;
-template <>
-struct Avx512Block<float> {
-  using V = __m512;
-  using M = __mmask16;
-  static constexpr int64_t kLanes = 16;
-  FRCNN_AVX512_HELPER V load(const float* p) { return _mm512_loadu_ps(p); }
-  FRCNN_AVX512_HELPER V fill(float v) { return _mm512_set1_ps(v); }
-  FRCNN_AVX512_HELPER __m512i index(int64_t i) { return _mm512_set1_epi32(static_cast<int32_t>(i)); }
-  FRCNN_AVX512_HELPER M greater(V a, V b) { return _mm512_cmp_ps_mask(a, b, _CMP_GT_OQ); }
-  FRCNN_AVX512_HELPER M equal(V a, V b) { return _mm512_cmp_ps_mask(a, b, _CMP_EQ_OQ); }
-  FRCNN_AVX512_HELPER V max(V a, V b) { return _mm512_max_ps(a, b); }
-  FRCNN_AVX512_HELPER M index_less(__m512i a, __m512i b) { return _mm512_cmplt_epi32_mask(a, b); }
-  FRCNN_AVX512_HELPER V select(M m, V a, V b) { return _mm512_mask_blend_ps(m, a, b); }
-  FRCNN_AVX512_HELPER __m512i select(M m, __m512i a, __m512i b) { return _mm512_mask_blend_epi32(m, a, b); }
-  FRCNN_AVX512_HELPER void store(float* p, V v) { _mm512_storeu_ps(p, v); }
-};
-template <>
-struct Avx512Block<double> {
-  using V = __m512d;
-  using M = __mmask8;
-  static constexpr int64_t kLanes = 8;
-  FRCNN_AVX512_HELPER V load(const double* p) { return _mm512_loadu_pd(p); }
-  FRCNN_AVX512_HELPER V fill(double v) { return _mm512_set1_pd(v); }
-  FRCNN_AVX512_HELPER __m512i index(int64_t i) { return _mm512_set1_epi64(i); }
-  FRCNN_AVX512_HELPER M greater(V a, V b) { return _mm512_cmp_pd_mask(a, b, _CMP_GT_OQ); }
-  FRCNN_AVX512_HELPER M equal(V a, V b) { return _mm512_cmp_pd_mask(a, b, _CMP_EQ_OQ); }
-  FRCNN_AVX512_HELPER V max(V a, V b) { return _mm512_max_pd(a, b); }
-  FRCNN_AVX512_HELPER M index_less(__m512i a, __m512i b) { return _mm512_cmplt_epi64_mask(a, b); }
-  FRCNN_AVX512_HELPER V select(M m, V a, V b) { return _mm512_mask_blend_pd(m, a, b); }
-  FRCNN_AVX512_HELPER __m512i select(M m, __m512i a, __m512i b) { return _mm512_mask_blend_epi64(m, a, b); }
-  FRCNN_AVX512_HELPER void store(double* p, V v) { _mm512_storeu_pd(p, v); }
-};
-
-// One pixel into one chain: the max by vmaxps, the index where the pixel is strictly greater (a masked move).
-template <typename acc_t>
-FRCNN_AVX512_HELPER void update_chain(const acc_t* buf, int64_t flat, typename Avx512Block<acc_t>::V& best,
-                                      __m512i& arg) {
-  using X = Avx512Block<acc_t>;
-  const typename X::V v = X::load(buf + flat * X::kLanes);
-  const typename X::M greater = X::greater(v, best);
-  best = X::max(v, best);
-  arg = X::select(greater, arg, X::index(flat));
-}
-
-template <typename acc_t>
-FRCNN_CPU_TARGET_AVX512F void max_pool_bin_avx512_impl(const acc_t* buf, int64_t width, int64_t h0, int64_t h1,
-                                                       int64_t w0, int64_t w1, acc_t* best,
-                                                       block_index_t<acc_t>* arg) {
-  using X = Avx512Block<acc_t>;
-  const bool empty = h1 <= h0 || w1 <= w0;
-  typename X::V even_best = X::fill(empty ? acc_t(0) : static_cast<acc_t>(-FLT_MAX)), odd_best = even_best;
-  __m512i even_arg = X::index(-1), odd_arg = even_arg;
-  for (int64_t h = h0; h < h1; ++h) {
-    int64_t w = w0;
-    for (; w + 1 < w1; w += 2) {
-      update_chain(buf, h * width + w, even_best, even_arg);
-      update_chain(buf, h * width + w + 1, odd_best, odd_arg);
-    }
-    if (w < w1) update_chain(buf, h * width + w, even_best, even_arg);
-  }
-  const typename X::M odd_wins = X::greater(odd_best, even_best) |
-                                 (X::equal(odd_best, even_best) & X::index_less(odd_arg, even_arg));
-  X::store(best, X::select(odd_wins, even_best, odd_best));
-  _mm512_storeu_si512(arg, X::select(odd_wins, even_arg, odd_arg));
-}
-
-FRCNN_CPU_TARGET_AVX512F void max_pool_bin_avx512(const float* buf, int64_t width, int64_t h0, int64_t h1, int64_t w0,
-                                                  int64_t w1, float* best, int32_t* arg) {
-  max_pool_bin_avx512_impl(buf, width, h0, h1, w0, w1, best, arg);
-}
-FRCNN_CPU_TARGET_AVX512F void max_pool_bin_avx512(const double* buf, int64_t width, int64_t h0, int64_t h1,
-                                                  int64_t w0, int64_t w1, double* best, int64_t* arg) {
-  max_pool_bin_avx512_impl(buf, width, h0, h1, w0, w1, best, arg);
-}
-#undef FRCNN_AVX512_HELPER
-#endif
 
 template <typename acc_t>
 using MaxPoolBinFn = void (*)(const acc_t*, int64_t, int64_t, int64_t, int64_t, int64_t, acc_t*,
                               block_index_t<acc_t>*);
 
-// The AVX-512 version where it is built, the CPU has AVX512F and it is not turned off (runtime/cpu_features.h), else
-// the portable one (itself cloned per ISA).
+// The AVX-512 version's CPU twin when it is switched on (tests and sanitizer runs on CPUs without AVX-512), else the
+// AVX-512 version where it is built, the CPU has AVX512F and it is not turned off (runtime/cpu_features.h), else the
+// portable one (itself cloned per ISA).
 template <typename acc_t>
 MaxPoolBinFn<acc_t> pick_max_pool_bin() {
+#if FRCNN_CPU_AVX512_TWIN
+  if (cpu_avx512_twin_enabled()) return static_cast<MaxPoolBinFn<acc_t>>(&max_pool_bin_avx512_twin);
+#endif
 #if FRCNN_CPU_AVX512_KERNELS
-  if (cpu_avx512_kernels_enabled()) return static_cast<MaxPoolBinFn<acc_t>>(&max_pool_bin_avx512);
+  if (cpu_avx512_kernels_enabled()) return &roi_pool_avx512::max_pool_bin_avx512<acc_t>;
 #endif
   return static_cast<MaxPoolBinFn<acc_t>>(&max_pool_bin);
 }
