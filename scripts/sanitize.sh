@@ -38,7 +38,7 @@ echo "== building with FRCNN_SANITIZE=address,undefined ${isa_env[*]:-} in $SRC"
 
 LIBASAN=$(gcc -print-file-name=libasan.so)
 LIBUBSAN=$(gcc -print-file-name=libubsan.so)
-rm -f "$DIR"/lsan.*
+rm -f "$DIR"/lsan.* "$DIR/junit.xml"
 args=("$@")
 [ ${#args[@]} -gt 0 ] || args=(tests/ops tests/models)
 if [ "$TWIN" = 1 ] && ! grep -q "CPU_AVX512_TWIN = True" "$SRC/fasterrcnn_ext/_build_config.py"; then
@@ -52,9 +52,18 @@ env CUDA_VISIBLE_DEVICES="" FRCNN_CPU_AVX512_TWIN="$TWIN" LD_PRELOAD="$LIBASAN $
   ASAN_OPTIONS="detect_leaks=1:halt_on_error=1:detect_stack_use_after_return=0:strict_init_order=1" \
   LSAN_OPTIONS="exitcode=0:log_path=$DIR/lsan" \
   UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1" \
-  PYTHONPATH="$SRC" "$PY" -m pytest -q -p no:cacheprovider -x "${args[@]}"
+  PYTHONPATH="$SRC" "$PY" -m pytest -q -p no:cacheprovider -x --junit-xml="$DIR/junit.xml" "${args[@]}"
 status=$?
 set -e
+# The counts, from the JUnit report: pytest's own closing line can be lost at the instrumented interpreter's exit.
+"$PY" - "$DIR/junit.xml" <<'EOF' || true
+import sys
+import xml.etree.ElementTree as ET
+
+suite = ET.parse(sys.argv[1]).getroot().find("testsuite")
+tests, failed, skipped, errors = (int(suite.get(k)) for k in ("tests", "failures", "skipped", "errors"))
+print(f"== tests: {tests - failed - skipped - errors} passed, {failed} failed, {skipped} skipped, {errors} errors")
+EOF
 
 # Leak reports: keep the blocks (one per leak, up to a blank line) that have a frame in our library.
 cat "$DIR"/lsan.* > "$DIR/leaks.txt" 2>/dev/null || true
