@@ -8,8 +8,9 @@ Environment:
   MAX_JOBS                parallel compile jobs for ninja.
   FRCNN_CPU_MAX_ISA=avx2  leave the AVX-512 clones of the CPU kernels out: an AVX-512 machine then runs (and
                           benchmarks) the code that AVX2-only CPUs run.
-  FRCNN_AVX512_TWIN=0      leave out the CPU twin of the hand-written AVX-512 kernel (built by default where the
-                          SIMDe headers are installed: the simde-py package, or SIMDE_INCLUDE=<folder holding simde/>).
+  FRCNN_AVX512_TWIN=0     leave out the CPU twin of the hand-written AVX-512 kernel (built by default where the
+                          SIMDe headers are installed: the simde-py package, Debian's libsimde-dev, or
+                          SIMDE_INCLUDE=<folder holding simde/>).
   FRCNN_SANITIZE=address,undefined
                           build the C++ sources with AddressSanitizer and UndefinedBehaviorSanitizer (any
                           -fsanitize= list); Python must then preload libasan (scripts/sanitize.sh does it all).
@@ -185,14 +186,15 @@ def _extensions():
         link_flags += sanitizer_flags
     include_dirs = [os.path.join(ROOT, "csrc")]
     twin_source = os.path.join("csrc", "ops", "cpu", "roi_pool_avx512_twin.cpp")
-    simde_include = _simde_include() if os.environ.get("FRCNN_AVX512_TWIN", "") != "0" else None
-    if simde_include:
-        include_dirs.append(simde_include)
-    else:
+    want_twin = os.environ.get("FRCNN_AVX512_TWIN", "") != "0"
+    simde_include = _simde_include() if want_twin else None
+    if simde_include is None:
         sources.remove(twin_source)
-        if os.environ.get("FRCNN_AVX512_TWIN", "") != "0":
+        if want_twin:
             print("fasterrcnn_ext: SIMDe headers not found (pip install simde-py): building without the AVX-512 "
                   "kernel's CPU twin", flush=True)
+    elif simde_include != "/usr/include":  # never -I a system folder: it reorders #include_next
+        include_dirs.append(simde_include)
     define_macros.append(("FRCNN_CPU_AVX512_TWIN", "1" if simde_include else "0"))
     cuda_version, arch_list = None, None
     if with_cuda:

@@ -141,7 +141,7 @@ def _apply_to_kernels() -> None:
 def avx512_twin(enabled: bool = True) -> Iterator[None]:
     """Runs the CPU twins of the hand-written AVX-512 kernels inside the block, on any x86-64 CPU (``enabled=False``:
     turns them off; nests; restores the previous setting). They give the AVX-512 kernels' results, slowly: for tests,
-    not for speed. The environment variable FRCNN_CPU_AVX512_TWIN=1 turns them on for a whole process
+    not for speed. The environment variable FRCNN_USE_AVX512_TWIN=1 turns them on for a whole process
     (scripts/sanitize.sh).
 
     Raises ValueError where the library was built without them (setup.py builds them where SIMDe is installed)."""

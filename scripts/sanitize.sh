@@ -4,7 +4,7 @@
 #   bash scripts/sanitize.sh                 # the default build: the AVX-512 code where this CPU has it, else AVX2
 #   ISA=avx2 bash scripts/sanitize.sh        # FRCNN_CPU_MAX_ISA=avx2: the AVX2 code, even on an AVX-512 CPU
 #   TWIN=1 bash scripts/sanitize.sh          # the hand-written AVX-512 kernels replaced by their CPU twins (SIMDe's
-#                                            # portable intrinsics, FRCNN_CPU_AVX512_TWIN=1): their source checked
+#                                            # portable intrinsics, FRCNN_USE_AVX512_TWIN=1): their source checked
 #                                            # on any CPU, AVX-512 or not
 #   bash scripts/sanitize.sh tests/ops -k roi_pool     # other pytest arguments (default: tests/ops tests/models)
 #
@@ -48,7 +48,7 @@ label="$ISA build$([ "$TWIN" = 1 ] && echo ", AVX-512 CPU twins")"
 echo "== pytest ${args[*]} under ASan + UBSan (CPU only; $label)"
 cd "$SRC"
 set +e
-env CUDA_VISIBLE_DEVICES="" FRCNN_CPU_AVX512_TWIN="$TWIN" LD_PRELOAD="$LIBASAN $LIBUBSAN" \
+env CUDA_VISIBLE_DEVICES="" FRCNN_USE_AVX512_TWIN="$TWIN" LD_PRELOAD="$LIBASAN $LIBUBSAN" \
   ASAN_OPTIONS="detect_leaks=1:halt_on_error=1:detect_stack_use_after_return=0:strict_init_order=1" \
   LSAN_OPTIONS="exitcode=0:log_path=$DIR/lsan" \
   UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1" \

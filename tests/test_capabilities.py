@@ -132,9 +132,9 @@ def test_avx512_twin_switch_nests_and_restores():
 @pytest.mark.skipif(not TWIN_BUILT, reason="built without the AVX-512 CPU twins (no SIMDe headers)")
 @pytest.mark.parametrize("value, expected", [("1", True), ("0", False), ("", False)])
 def test_avx512_twin_environment_variable(value, expected):
-    """FRCNN_CPU_AVX512_TWIN=1 at load turns the twins on for the whole process (scripts/sanitize.sh uses it)."""
+    """FRCNN_USE_AVX512_TWIN=1 at load turns the twins on for the whole process (scripts/sanitize.sh uses it)."""
     code = "import fasterrcnn_ext, torch; print(torch.ops.fasterrcnn_ext._cpu_avx512_twin())"
-    env = dict(os.environ, FRCNN_CPU_AVX512_TWIN=value)
+    env = dict(os.environ, FRCNN_USE_AVX512_TWIN=value)
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == str(expected)
 

@@ -1,6 +1,6 @@
 // fasterrcnn_ext::_cpu_avx512_kernels / _cpu_set_avx512_kernels: what cpu_features.h's switch can be, and setting it
 // (fasterrcnn_ext/capabilities.py is the caller); _cpu_avx512_twin / _cpu_set_avx512_twin: the switch of the AVX-512
-// kernels' CPU twins (capabilities.avx512_twin(), for the tests; FRCNN_CPU_AVX512_TWIN=1 for scripts/sanitize.sh).
+// kernels' CPU twins (capabilities.avx512_twin(), for the tests; FRCNN_USE_AVX512_TWIN=1 for scripts/sanitize.sh).
 #include "runtime/cpu_features.h"
 
 #include <torch/library.h>
@@ -41,7 +41,7 @@ bool set_avx512_kernels(bool enabled) {
 
 std::atomic<bool>& avx512_twin_switch() {
   static std::atomic<bool> enabled{[] {
-    const char* env = std::getenv("FRCNN_CPU_AVX512_TWIN");
+    const char* env = std::getenv("FRCNN_USE_AVX512_TWIN");
     return FRCNN_CPU_AVX512_TWIN != 0 && env != nullptr && std::strcmp(env, "1") == 0;
   }()};
   return enabled;

@@ -9,7 +9,7 @@ namespace fasterrcnn_ext {
 bool cpu_avx512_kernels_enabled();
 
 // True when the build has the AVX-512 kernels' CPU twins (SIMDe's portable intrinsics: roi_pool_avx512_twin.cpp) and
-// they are switched on, by _cpu_set_avx512_twin or FRCNN_CPU_AVX512_TWIN=1 in the environment at load. They then
+// they are switched on, by _cpu_set_avx512_twin or FRCNN_USE_AVX512_TWIN=1 in the environment at load. They then
 // run in place of the AVX-512 and portable kernels, on any CPU: for tests and sanitizer runs, not for speed.
 bool cpu_avx512_twin_enabled();
 

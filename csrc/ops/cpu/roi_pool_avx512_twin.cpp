@@ -6,7 +6,7 @@
 // kernel.
 //
 // setup.py builds this file only where the SIMDe headers are installed (the simde-py package), with
-// FRCNN_CPU_AVX512_TWIN=1. Nothing else is included before SIMDe: <immintrin.h> must not be seen here.
+// the macro FRCNN_CPU_AVX512_TWIN=1. Nothing else is included before SIMDe: <immintrin.h> must not be seen here.
 #include <cstdint>
 
 // SIMDe's 64-byte vector types are passed by value between the always-inline helpers, which GCC warns changes the
