@@ -7,7 +7,7 @@
 //   machines without AVX-512 (setup.py builds the twin where the SIMDe headers are installed).
 //
 // The includer declares the _mm512_* intrinsics and their types first, and defines FRCNN_AVX512_FN (the attributes
-// of every function here). This header includes nothing else: the twin's translation unit must not see
+// of every function here). This header includes only <cfloat> and <cstdint>: the twin's translation unit must not see
 // <immintrin.h>, whose declarations SIMDe's aliases would rename.
 //
 // max_pool_bin_avx512(buf, width, h0, h1, w0, w1, best, arg): the max over a bin's window of buf ([H][W][block],
