@@ -12,15 +12,15 @@ import warnings
 import pytest
 import torch
 
-import fasterrcnn_ext
 from fasterrcnn_ext import capabilities, memory, ops
 from fasterrcnn_ext._library import ops as library_ops
 from fasterrcnn_ext.models.detection import fasterrcnn_tiny
 from fasterrcnn_ext.models.detection._inference import FusedBottleneck, FusedConv2d, WinogradConv2d
 from tests.models.test_faster_rcnn import assert_same_detections, images_and_targets, model_pair
+from tests.ops.roi_inputs import CPU_POOL_KERNELS, cpu_pool_kernel
 
 DETECTED = capabilities.detected()
-TWIN_BUILT = fasterrcnn_ext.build_info()["cpu_avx512_twin"]
+TWIN_BUILT = "avx512_twin" in CPU_POOL_KERNELS
 NAMES = [f.name for f in dataclasses.fields(DETECTED)]
 
 
@@ -93,6 +93,7 @@ def test_roi_pool_is_the_same_with_and_without_the_avx512_loops(dtype, requires_
     xy = torch.rand(300, 2, generator=g, dtype=dtype) * 500
     wh = torch.rand(300, 2, generator=g, dtype=dtype) * 150 + 1
     rois = torch.cat([torch.randint(0, 2, (300, 1), generator=g).to(dtype), xy, xy + wh], 1)
+
     def run():
         inp = x.clone().requires_grad_(requires_grad)
         with torch.set_grad_enabled(requires_grad):
@@ -100,17 +101,14 @@ def test_roi_pool_is_the_same_with_and_without_the_avx512_loops(dtype, requires_
         return out.detach(), torch.autograd.grad(out.sum(), inp)[0] if requires_grad else None
 
     results = {}
-    for setting in _settings("avx512_kernels"):
-        with capabilities.forced(avx512_kernels=setting):
-            results[setting] = run()
-    if TWIN_BUILT:  # the AVX-512 loops' source on portable intrinsics: the same bits on any CPU
-        with capabilities.avx512_twin():
-            results["twin"] = run()
+    for kernel in CPU_POOL_KERNELS:  # the AVX-512 loops where the CPU has them, and their CPU twin where built
+        with cpu_pool_kernel(kernel):
+            results[kernel] = run()
     reference = torch.ops.torchvision.roi_pool(x, rois, 1 / 16, 7, 5)[0]
     for out, grad in results.values():
         torch.testing.assert_close(out, reference, rtol=0, atol=0, equal_nan=True)
         if grad is not None:
-            torch.testing.assert_close(grad, results[False][1], rtol=0, atol=0)
+            torch.testing.assert_close(grad, results["portable"][1], rtol=0, atol=0)
 
 
 @pytest.mark.skipif(not TWIN_BUILT, reason="built without the AVX-512 CPU twins (no SIMDe headers)")

@@ -1,12 +1,12 @@
 // The CPU twin of roi_pool's AVX-512 kernel: roi_pool_avx512.h compiled with SIMDe's portable implementations of the
 // _mm512_* intrinsics (the same names, through SIMDe's native aliases), so the kernel's source runs on any x86-64 CPU.
-// The tests compare it with the portable kernel bit for bit, and scripts/sanitize.sh (ISA=avx512-twin) runs the op
-// tests through it under AddressSanitizer: its logic and its memory accesses are checked on CPUs without AVX-512.
+// The tests compare it with the portable kernel bit for bit, and scripts/sanitize.sh (TWIN=1) runs the op tests
+// through it under AddressSanitizer: its logic and its memory accesses are checked on CPUs without AVX-512.
 // What it cannot check is the compiled AVX-512 instructions themselves; AVX-512 CPUs run those tests on the real
 // kernel.
 //
-// setup.py builds this file only where the SIMDe headers are installed (the simde-py package), with
-// the macro FRCNN_CPU_AVX512_TWIN=1. Nothing else is included before SIMDe: <immintrin.h> must not be seen here.
+// setup.py builds this file only where the SIMDe headers are installed (simde-py, libsimde-dev or SIMDE_INCLUDE),
+// with the macro FRCNN_CPU_AVX512_TWIN=1. Nothing else is included before SIMDe: <immintrin.h> must not be seen here.
 #include <cstdint>
 
 // SIMDe's 64-byte vector types are passed by value between the always-inline helpers, which GCC warns changes the

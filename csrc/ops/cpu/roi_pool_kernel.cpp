@@ -2,7 +2,8 @@
 //
 // Forward: one task per (image, block of 16 channels), copied into a cache-resident channel-interleaved buffer
 // (roi_block.h), so each bin's max is a running max over each pixel's channel vectors (hand-written for AVX-512 in
-// roi_pool_avx512.h); tasks run in parallel. The inference op _roi_pool_values is the same forward without writing the argmax.
+// roi_pool_avx512.h); tasks run in parallel. The inference op _roi_pool_values is the same forward without writing
+// the argmax.
 // Backward: a scatter of each output gradient to its argmax, parallel over channels (each thread owns its planes:
 // no races, deterministic).
 #include <ATen/ATen.h>
@@ -106,7 +107,6 @@ FRCNN_CPU_MULTIVERSION_ARCH void max_pool_bin(const double* buf, int64_t width, 
                                               int64_t w1, double* best, int64_t* arg) {
   max_pool_bin_impl(buf, width, h0, h1, w0, w1, best, arg);
 }
-
 
 template <typename acc_t>
 using MaxPoolBinFn = void (*)(const acc_t*, int64_t, int64_t, int64_t, int64_t, int64_t, acc_t*,
