@@ -15,7 +15,7 @@ import torch
 import torchvision
 
 pytest.importorskip("hypothesis", reason="hypothesis is not installed (requirements-dev.txt)")
-from hypothesis import assume, given  # noqa: E402
+from hypothesis import assume, example, given  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 from torchvision.models.detection import _utils as tv_det_utils
 from torchvision.models.detection.anchor_utils import AnchorGenerator as TvAnchorGenerator
@@ -252,6 +252,7 @@ def test_anchor_grid_matches_torchvision(levels, anchors_per_level, seed, batch,
 
 @given(n=st.integers(1, 2), c=st.integers(1, 40), k=st.integers(1, 40), h=st.integers(1, 19), w=st.integers(1, 19),
        seed=seeds, bias=st.booleans(), relu=st.booleans(), kind=st.sampled_from(["contiguous", "channels_last"]))
+@example(n=2, c=15, k=1, h=1, w=10, seed=10, bias=True, relu=True, kind="contiguous")  # ReLU leaves a max of 3e-4
 def test_conv3x3_winograd_matches_a_float64_convolution(n, c, k, h, w, seed, bias, relu, kind):
     g = torch.Generator().manual_seed(seed)
     x = layout(torch.randn(n, c, h, w, generator=g), kind)
@@ -259,9 +260,10 @@ def test_conv3x3_winograd_matches_a_float64_convolution(n, c, k, h, w, seed, bia
     b = torch.randn(k, generator=g) if bias else None
     got = ops.conv3x3_winograd(x, ops.winograd_weight(weight), b, relu)
     expected = torch.nn.functional.conv2d(x.double(), weight.double(), None if b is None else b.double(), padding=1)
+    # The error scales with the convolution's magnitude before the ReLU, which may leave only tiny outputs.
+    scale = expected.abs().max().item() + 1e-6
     if relu:
         expected = expected.relu()
-    scale = expected.abs().max().item() + 1e-6
     assert (got.double() - expected).abs().max().item() <= 1e-4 * scale
 
 
