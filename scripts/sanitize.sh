@@ -7,6 +7,7 @@
 #                                            # portable intrinsics, FRCNN_USE_AVX512_TWIN=1): their source checked
 #                                            # on any CPU, AVX-512 or not
 #   bash scripts/sanitize.sh tests/ops -k roi_pool     # other pytest arguments (default: tests/ops tests/models)
+#   DRY_RUN=1 bash scripts/sanitize.sh       # say what would be built and run, and stop (tests/test_sanitize_script.py)
 #
 # The build lives in its own copy of the tree (build/sanitize-<isa>/, rebuilt incrementally), so the .venv's
 # editable install is untouched. libasan is preloaded into Python (the interpreter is not instrumented). The first
@@ -24,28 +25,36 @@ case "$ISA" in default) isa_env=() ;; avx2) isa_env=(FRCNN_CPU_MAX_ISA=avx2) ;;
   *) echo "ISA must be 'default' or 'avx2', got '$ISA'" >&2; exit 2 ;; esac
 TWIN=${TWIN:-0}
 case "$TWIN" in 0|1) ;; *) echo "TWIN must be 0 or 1, got '$TWIN'" >&2; exit 2 ;; esac
+DRY_RUN=${DRY_RUN:-0}
+case "$DRY_RUN" in 0|1) ;; *) echo "DRY_RUN must be 0 or 1, got '$DRY_RUN'" >&2; exit 2 ;; esac
 DIR="$ROOT/build/sanitize-$ISA"
 SRC="$DIR/src"
-mkdir -p "$SRC"
-
-# The working tree as git sees it (tracked and untracked-but-not-ignored files), mtimes kept: ninja rebuilds only
-# what changed since the last run.
-git ls-files -co --exclude-standard -z | tar --null -T - -cf - | tar -xf - -C "$SRC"
 
 echo "== building with FRCNN_SANITIZE=address,undefined ${isa_env[*]:-} in $SRC"
-(cd "$SRC" && env FORCE_CUDA=0 FRCNN_SANITIZE=address,undefined "${isa_env[@]}" MAX_JOBS="${MAX_JOBS:-$(nproc)}" \
-  "$PY" setup.py -q build_ext --inplace > "$DIR/build.log" 2>&1) || { tail -30 "$DIR/build.log"; exit 1; }
+if [ "$DRY_RUN" = 0 ]; then
+  mkdir -p "$SRC"
+  # The working tree as git sees it (tracked and untracked-but-not-ignored files), mtimes kept: ninja rebuilds only
+  # what changed since the last run.
+  git ls-files -co --exclude-standard -z | tar --null -T - -cf - | tar -xf - -C "$SRC"
+  (cd "$SRC" && env FORCE_CUDA=0 FRCNN_SANITIZE=address,undefined "${isa_env[@]}" MAX_JOBS="${MAX_JOBS:-$(nproc)}" \
+    "$PY" setup.py -q build_ext --inplace > "$DIR/build.log" 2>&1) || { tail -30 "$DIR/build.log"; exit 1; }
+fi
 
 LIBASAN=$(gcc -print-file-name=libasan.so)
 LIBUBSAN=$(gcc -print-file-name=libubsan.so)
-rm -f "$DIR"/lsan.* "$DIR/junit.xml"
 args=("$@")
 [ ${#args[@]} -gt 0 ] || args=(tests/ops tests/models)
-if [ "$TWIN" = 1 ] && ! grep -q "CPU_AVX512_TWIN = True" "$SRC/fasterrcnn_ext/_build_config.py"; then
+if [ "$TWIN" = 1 ] && [ "$DRY_RUN" = 0 ] && ! grep -q "CPU_AVX512_TWIN = True" "$SRC/fasterrcnn_ext/_build_config.py"; then
   echo "TWIN=1 but the build has no AVX-512 CPU twins: install simde-py into .venv" >&2; exit 1
 fi
-label="$ISA build$([ "$TWIN" = 1 ] && echo ", AVX-512 CPU twins")"
+label="$ISA build"
+[ "$TWIN" = 0 ] || label="$label, AVX-512 CPU twins"
 echo "== pytest ${args[*]} under ASan + UBSan (CPU only; $label)"
+if [ "$DRY_RUN" = 1 ]; then
+  echo "== dry run: nothing built or run"
+  exit 0
+fi
+rm -f "$DIR"/lsan.* "$DIR/junit.xml"
 cd "$SRC"
 set +e
 env CUDA_VISIBLE_DEVICES="" FRCNN_USE_AVX512_TWIN="$TWIN" LD_PRELOAD="$LIBASAN $LIBUBSAN" \
