@@ -221,6 +221,12 @@ def test_vgg16_train_step_and_eval():
         ([torch.rand(300, 400)], None, False, r"images\[0\] must be a \[C, H, W\] tensor, got \(300, 400\)"),
         ([torch.rand(3, 64, 64), torch.rand(64, 64)], None, False, r"images\[1\] must be a \[C, H, W\] tensor"),
         ([torch.rand(3, 64, 64)], None, True, r"targets are required in training mode"),
+        ([torch.rand(3, 64, 64), torch.rand(3, 0, 64)], None, False,
+         r"images\[1\] is empty: its shape is \(3, 0, 64\)"),
+        # min_size 320, max_size 640: 2x1281 would resize to 0x640 (torch's interpolate fails, naming no image).
+        ([torch.rand(3, 2, 1281)], None, False, r"images\[0\] of 2x1281 pixels is too thin: .* would make it 0x640"),
+        ([torch.rand(3, 1281, 2)], [{"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.long)}], True,
+         r"images\[0\] of 1281x2 pixels is too thin"),
         ([torch.rand(3, 64, 64)], [{"boxes": torch.tensor([[10.0, 10, 5, 20]]), "labels": torch.tensor([1])}], True,
          r"targets\[0\]\['boxes'\]\[0\] .* of image 0 has x2 <= x1 or y2 <= y1"),
         ([torch.rand(3, 64, 64)], [{"boxes": torch.tensor([[10.0, 10, 20, 10]]), "labels": torch.tensor([1])}], True,
@@ -232,6 +238,22 @@ def test_bad_input(images, targets, training, message):
     model.train(training)
     with pytest.raises(ValueError, match=message):
         model(images, targets)
+    if not training:
+        with pytest.raises(ValueError, match=message):
+            model.detect_padded(images)
+
+
+def test_the_thinnest_images_the_resize_allows_run():
+    """The thinness check refuses only what torchvision's resize cannot do: at exactly max_size to 1 it runs."""
+    model = small_model("fasterrcnn_mobilenet_v3_large_320_fpn", box_score_thresh=0.0).eval()
+    images = [torch.rand(3, 2, 1024), torch.rand(3, 512, 1)]  # max_size 512 (SMALL): resized to 1 pixel thick
+    with torch.no_grad():
+        detections = model(images)
+        padded = model.detect_padded(images)
+    assert sum(len(d["boxes"]) for d in detections) > 0
+    for d, (height, width) in zip(detections, [(2, 1024), (512, 1)]):
+        assert ((d["boxes"] >= 0) & (d["boxes"] <= torch.tensor([width, height, width, height]))).all()
+    assert torch.equal(padded[3], torch.tensor([len(d["boxes"]) for d in detections]))
 
 
 def test_local_checkpoint_weights(tmp_path):

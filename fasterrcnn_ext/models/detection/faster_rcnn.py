@@ -43,14 +43,19 @@ __all__ = [
 ]
 
 
-def _check_inputs(images, targets, training: bool) -> None:
-    """ValueErrors that name the image and the problem, before any work is done."""
+def _check_inputs(images, targets, training: bool, resize=None) -> None:
+    """ValueErrors that name the image and the problem, before any work is done. ``resize``: the model's transform
+    when it resizes by torchvision's min/max-size rule, to refuse images that rule would shrink to nothing."""
     if not isinstance(images, (list, tuple)):
         raise ValueError(f"images must be a list of [C, H, W] tensors, got {type(images).__name__}")
     for i, image in enumerate(images):
         if not isinstance(image, Tensor) or image.dim() != 3:
             shape = tuple(image.shape) if isinstance(image, Tensor) else type(image).__name__
             raise ValueError(f"images[{i}] must be a [C, H, W] tensor, got {shape}")
+        if image.shape[-2] == 0 or image.shape[-1] == 0:
+            raise ValueError(f"images[{i}] is empty: its shape is {tuple(image.shape)}")
+    if resize is not None and not torch.compiler.is_compiling():
+        _check_resizable(images, resize)
     if training and targets is None:
         raise ValueError("targets are required in training mode: one dict with 'boxes' and 'labels' per image")
     if targets is None:
@@ -69,6 +74,21 @@ def _check_inputs(images, targets, training: bool) -> None:
             k = int(degenerate.nonzero()[0, 0])
             raise ValueError(f"targets[{i}]['boxes'][{k}] = {boxes[k].tolist()} of image {i} has x2 <= x1 or y2 <= y1: "
                              "boxes need positive width and height")
+
+
+def _check_resizable(images, resize) -> None:
+    """torchvision's resize scales an image by min(min_size / short side, max_size / long side) and rounds down, so
+    an image more than max_size times as long as it is thick would become 0 pixels thick (torch's interpolate then
+    fails without saying which image). Not under torch.compile or torch.export: there the sizes are symbolic, and the
+    comparison would constrain them."""
+    min_size, max_size = float(min(resize.min_size)), float(resize.max_size)
+    for i, image in enumerate(images):
+        height, width = int(image.shape[-2]), int(image.shape[-1])
+        if min(height, width) * max_size < max(height, width):
+            scale = min(min_size / min(height, width), max_size / max(height, width))
+            raise ValueError(f"images[{i}] of {height}x{width} pixels is too thin: the model's resize (min_size "
+                             f"{resize.min_size}, max_size {resize.max_size}) would make it "
+                             f"{int(height * scale)}x{int(width * scale)}")
 
 
 class FasterRCNN(tv_faster_rcnn.FasterRCNN):
@@ -148,8 +168,14 @@ class FasterRCNN(tv_faster_rcnn.FasterRCNN):
         return self._scripted_forward(images, targets)
 
     @torch.jit.unused
+    def _min_max_resize(self):
+        """The transform, when it resizes by torchvision's min/max-size rule (a custom transform, or a fixed size,
+        is left to itself)."""
+        return self.transform if transform.resizes_symbolically(self.transform) else None
+
+    @torch.jit.unused
     def _eager_forward(self, images: list[Tensor], targets: list[dict[str, Tensor]] | None):
-        _check_inputs(images, targets, self.training)
+        _check_inputs(images, targets, self.training, self._min_max_resize())
         # Tracing, export and torch.compile run the modules as they are: the inference copies are built and looked up
         # in Python (parameter versions, data pointers), outside what a graph can hold.
         if torch.compiler.is_compiling() and not self.training:
@@ -219,7 +245,7 @@ class FasterRCNN(tv_faster_rcnn.FasterRCNN):
         """
         if self.training:
             raise ValueError("detect_padded runs in eval mode: call model.eval() first")
-        _check_inputs(images, None, False)
+        _check_inputs(images, None, False, self._min_max_resize())
         original_sizes = [(int(image.shape[-2]), int(image.shape[-1])) for image in images]
         constants = self.__dict__.setdefault("_normalize_constants", {})
         with torch.no_grad():
