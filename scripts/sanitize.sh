@@ -11,7 +11,12 @@
 #
 # The build lives in its own copy of the tree (build/sanitize-<isa>/, rebuilt incrementally), so the .venv's
 # editable install is untouched. libasan is preloaded into Python (the interpreter is not instrumented). The first
-# memory error or undefined behaviour stops the run with its report (exit status 1).
+# memory error or undefined behaviour stops the process that meets it.
+#
+# The verdict does not come from exit statuses: every sanitizer report (of pytest and of the Python processes the
+# tests start) goes to build/sanitize-<isa>/report.<pid>, and a process stopped by a sanitizer exits with status 0
+# (LeakSanitizer's exitcode=0, which ASan and UBSan share, so that leaks at exit do not fail a run). The run is clean
+# when pytest finished (its JUnit report exists) with no failure, and no report holds an error.
 #
 # Leaks: LeakSanitizer runs at exit and reports every block still allocated, most of them Python's and torch's own
 # (interned objects, caches freed by nobody at exit). Only leaks with a frame in our library count: the script
@@ -54,28 +59,40 @@ if [ "$DRY_RUN" = 1 ]; then
   echo "== dry run: nothing built or run"
   exit 0
 fi
-rm -f "$DIR"/lsan.* "$DIR/junit.xml"
+rm -f "$DIR"/lsan.* "$DIR"/report.* "$DIR/junit.xml"
 cd "$SRC"
-set +e
 env CUDA_VISIBLE_DEVICES="" FRCNN_USE_AVX512_TWIN="$TWIN" LD_PRELOAD="$LIBASAN $LIBUBSAN" \
   ASAN_OPTIONS="detect_leaks=1:halt_on_error=1:detect_stack_use_after_return=0:strict_init_order=1" \
-  LSAN_OPTIONS="exitcode=0:log_path=$DIR/lsan" \
+  LSAN_OPTIONS="exitcode=0:log_path=$DIR/report" \
   UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1" \
-  PYTHONPATH="$SRC" "$PY" -m pytest -q -p no:cacheprovider -x --junit-xml="$DIR/junit.xml" "${args[@]}"
-status=$?
-set -e
+  PYTHONPATH="$SRC" "$PY" -m pytest -q -p no:cacheprovider -x --junit-xml="$DIR/junit.xml" "${args[@]}" || true
+status=0
 # The counts, from the JUnit report: pytest's own closing line can be lost at the instrumented interpreter's exit.
-"$PY" - "$DIR/junit.xml" <<'EOF' || true
+# No JUnit report: pytest did not finish (a sanitizer stopped it: the error is in the reports below).
+"$PY" - "$DIR/junit.xml" <<'EOF' || status=1
+import os
 import sys
 import xml.etree.ElementTree as ET
 
+if not os.path.exists(sys.argv[1]):
+    sys.exit("== tests: pytest did not finish (no JUnit report)")
 suite = ET.parse(sys.argv[1]).getroot().find("testsuite")
 tests, failed, skipped, errors = (int(suite.get(k)) for k in ("tests", "failures", "skipped", "errors"))
 print(f"== tests: {tests - failed - skipped - errors} passed, {failed} failed, {skipped} skipped, {errors} errors")
+sys.exit(1 if failed or errors or tests == skipped else 0)  # nothing ran: not a clean run either
 EOF
 
+# Errors: every report but LeakSanitizer's at exit (a memory error, undefined behaviour, a refused dlopen, a crash).
+errors=$( (grep -L "ERROR: LeakSanitizer" "$DIR"/report.* 2>/dev/null || true
+           grep -l "ERROR: AddressSanitizer\|runtime error:\|DEADLYSIGNAL" "$DIR"/report.* 2>/dev/null || true) | sort -u)
+if [ -n "$errors" ]; then
+  echo "== sanitizer errors in $(echo "$errors" | wc -l) process(es):"
+  for f in $errors; do echo "-- $f"; head -60 "$f"; done
+  status=1
+fi
+
 # Leak reports: keep the blocks (one per leak, up to a blank line) that have a frame in our library.
-cat "$DIR"/lsan.* > "$DIR/leaks.txt" 2>/dev/null || true
+cat "$DIR"/report.* > "$DIR/leaks.txt" 2>/dev/null || true
 ours=$(awk -v RS= '/_C\.abi3\.so|csrc\//' "$DIR/leaks.txt" | grep -c "leak of" || true)
 all=$(grep -c "leak of" "$DIR/leaks.txt" || true)
 echo "== leaks: $all reported at exit, $ours with a frame in fasterrcnn_ext's library"

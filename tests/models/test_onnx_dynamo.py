@@ -14,7 +14,7 @@ from fasterrcnn_ext.ops._onnxscript import onnx_translations
 
 from .test_export import eager_detections, spread_tiny
 from .test_faster_rcnn import BUILDERS, assert_same_detections, small_model
-from .test_onnx import IMAGE_SIZES, Fn, assert_twins_across_runtimes, detections, op_types, run
+from .test_onnx import IMAGE_SIZES, Fn, assert_twins_across_runtimes, detections, import_openvino, op_types, run
 
 pytest.importorskip("onnxscript")
 ort = pytest.importorskip("onnxruntime")
@@ -155,7 +155,7 @@ def test_detector_gives_the_pytorch_detections():
 
 
 def test_openvino_runs_the_dynamo_export_like_onnxruntime():
-    openvino = pytest.importorskip("openvino")
+    openvino = import_openvino()
     model = spread_tiny()
     exported = export_detector(model, torch.rand(3, 192, 256), True)
     core = openvino.Core()
