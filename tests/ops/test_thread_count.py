@@ -153,9 +153,7 @@ def test_same_bits_with_any_thread_count(case):
     run = case(torch.Generator().manual_seed(0))
     kernels = CPU_POOL_KERNELS if case in (roi_pool, roi_backward) else ["default"]
     for kernel in kernels:
-        with contextlib.ExitStack() as stack:
-            if kernel != "default":
-                stack.enter_context(cpu_pool_kernel(kernel))
+        with contextlib.nullcontext() if kernel == "default" else cpu_pool_kernel(kernel):
             results = {}
             for n in THREAD_COUNTS:
                 with num_threads(n):

@@ -43,9 +43,10 @@ __all__ = [
 ]
 
 
-def _check_inputs(images, targets, training: bool, resize=None) -> None:
-    """ValueErrors that name the image and the problem, before any work is done. ``resize``: the model's transform
-    when it resizes by torchvision's min/max-size rule, to refuse images that rule would shrink to nothing."""
+def _check_inputs(images, targets, training: bool, image_transform=None) -> None:
+    """ValueErrors that name the image and the problem, before any work is done. ``image_transform``: the model's
+    transform; when it resizes by torchvision's min/max-size rule, images that rule would shrink to nothing are
+    refused."""
     if not isinstance(images, (list, tuple)):
         raise ValueError(f"images must be a list of [C, H, W] tensors, got {type(images).__name__}")
     for i, image in enumerate(images):
@@ -54,8 +55,8 @@ def _check_inputs(images, targets, training: bool, resize=None) -> None:
             raise ValueError(f"images[{i}] must be a [C, H, W] tensor, got {shape}")
         if image.shape[-2] == 0 or image.shape[-1] == 0:
             raise ValueError(f"images[{i}] is empty: its shape is {tuple(image.shape)}")
-    if resize is not None and not torch.compiler.is_compiling():
-        _check_resizable(images, resize)
+    if transform.resizes_symbolically(image_transform) and not torch.compiler.is_compiling():
+        _check_resizable(images, image_transform)
     if training and targets is None:
         raise ValueError("targets are required in training mode: one dict with 'boxes' and 'labels' per image")
     if targets is None:
@@ -168,14 +169,8 @@ class FasterRCNN(tv_faster_rcnn.FasterRCNN):
         return self._scripted_forward(images, targets)
 
     @torch.jit.unused
-    def _min_max_resize(self):
-        """The transform, when it resizes by torchvision's min/max-size rule (a custom transform, or a fixed size,
-        is left to itself)."""
-        return self.transform if transform.resizes_symbolically(self.transform) else None
-
-    @torch.jit.unused
     def _eager_forward(self, images: list[Tensor], targets: list[dict[str, Tensor]] | None):
-        _check_inputs(images, targets, self.training, self._min_max_resize())
+        _check_inputs(images, targets, self.training, self.transform)
         # Tracing, export and torch.compile run the modules as they are: the inference copies are built and looked up
         # in Python (parameter versions, data pointers), outside what a graph can hold.
         if torch.compiler.is_compiling() and not self.training:
@@ -245,7 +240,7 @@ class FasterRCNN(tv_faster_rcnn.FasterRCNN):
         """
         if self.training:
             raise ValueError("detect_padded runs in eval mode: call model.eval() first")
-        _check_inputs(images, None, False, self._min_max_resize())
+        _check_inputs(images, None, False, self.transform)
         original_sizes = [(int(image.shape[-2]), int(image.shape[-1])) for image in images]
         constants = self.__dict__.setdefault("_normalize_constants", {})
         with torch.no_grad():
