@@ -25,6 +25,13 @@ def boxes_on(n, device, seed=0, size=200.0):
     return torch.cat([xy, xy + wh], 1).to(device)
 
 
+def scores_on(n, device, seed=0):
+    """Distinct scores: with ties (likely among a few thousand torch.rand floats) the kept boxes are the same but
+    their order is not, since torchvision sorts the per-class results with an unstable sort."""
+    g = torch.Generator().manual_seed(seed)
+    return ((torch.randperm(n, generator=g).float() + 0.5) / n).to(device)
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--timeout", type=float, default=30.0)
@@ -32,6 +39,7 @@ def main():
     args = p.parse_args()
     dev = args.device
     failures = []
+    torch.manual_seed(0)  # every input the same from run to run
 
     def sync():
         if dev == "cuda":
@@ -66,7 +74,7 @@ def main():
          lambda: torchvision.ops.remove_small_boxes(b1, 20.0))
     for n in (10, 100, 1000, 5000):
         bx = boxes_on(n, dev, 2)
-        sc = torch.rand(n, device=dev)
+        sc = scores_on(n, dev, n)
         step(f"nms {n}", lambda: ops.nms(bx, sc, 0.5), lambda: torchvision.ops.nms(bx, sc, 0.5))
         cls = torch.randint(0, 5, (n,), device=dev)
         step(f"batched_nms {n}", lambda: ops.batched_nms(bx, sc, cls, 0.5),
@@ -121,7 +129,7 @@ def main():
          lambda: torch.ops.fasterrcnn_ext._roi_align_backward_fixed_point(
              gx.cpu(), rois.cpu(), [0.25], 7, 7, 2, True, 224.0, 4.0, 2, 8, [40], [50])[0], atol=0.0)
     # The NMS over valid boxes only: the invalid ones sorted last, the kernels bounded by the valid count.
-    bv, sv = boxes_on(3000, dev, 10), torch.rand(3000, device=dev)
+    bv, sv = boxes_on(3000, dev, 10), scores_on(3000, dev, 11)
     cv, valid = torch.randint(0, 7, (3000,), device=dev), torch.rand(3000, device=dev) < 0.3
 
     def valid_only():
