@@ -48,6 +48,8 @@ def _add_train(sub) -> None:
     p.add_argument("--synthetic-images", type=int, default=d.synthetic_images, help="size of --data synthetic")
     p.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when visible")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    p.add_argument("--no-reuse-cpu-memory", dest="reuse_cpu_memory", action="store_false",
+                   help="on the CPU, do not keep each step's large blocks for the next step (the CPU memory pool)")
     p.set_defaults(run=_run_train)
 
 

@@ -1,13 +1,23 @@
-"""Reuse of large CPU tensors across inference forwards (the compiled pool in csrc/runtime/cpu_memory_pool.cpp).
+"""Reuse of large CPU tensors across inference forwards and training steps (the compiled pool in
+csrc/runtime/cpu_memory_pool.cpp).
 
-glibc returns large blocks (an R50-FPN forward at 800 pixels allocates about a gigabyte of activations) to the
-system when they are freed, so each forward page-faults its activations in again; inside ``cpu_pool()`` blocks of
-1 MB or more are kept and reused instead. The detector's inference forward on CPU runs inside it by default
-(``FasterRCNN.reuse_cpu_memory``).
+glibc returns large blocks (an R50-FPN forward at 800 pixels allocates about a gigabyte of activations, a training
+step at batch 2 several) to the system when they are freed, so each forward page-faults its activations in again;
+inside ``cpu_pool()`` blocks of 1 MB or more are kept and reused instead. The detector's inference forward on CPU
+runs inside it by default (``FasterRCNN.reuse_cpu_memory``), and so does each step of ``fasterrcnn-ext train``
+on the CPU (forward, backward and optimizer update: autograd runs a CPU graph's backward on the calling thread).
 
     with fasterrcnn_ext.memory.cpu_pool():
         detections = model(images)
     fasterrcnn_ext.memory.empty_cpu_cache()     # give the kept blocks back to the system
+
+    with fasterrcnn_ext.memory.training_cache_limit():   # a training loop of your own
+        for images, targets in loader:
+            with fasterrcnn_ext.memory.cpu_pool():
+                loss = sum(model(images, targets).values())
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
 
 Only the calling thread's allocations are pooled, and only while inside the context; everything else goes to
 torch's allocator unchanged. Free blocks kept in the pool are capped by ``set_cpu_cache_limit`` (2 GiB by
@@ -17,6 +27,7 @@ default). Pooled blocks are not reported to torch.profiler's memory view.
 from __future__ import annotations
 
 import contextlib
+import os
 from dataclasses import dataclass
 
 from ._library import ops
@@ -40,6 +51,26 @@ def cpu_pool():
         yield
     finally:
         ops()._cpu_pool_set_enabled(previous)
+
+
+def training_cache_limit_bytes() -> int:
+    """The cap ``training_cache_limit`` sets: half the machine's physical memory."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
+
+
+@contextlib.contextmanager
+def training_cache_limit():
+    """Raises the cap on kept free blocks to half the machine's memory inside the block (the default cap, 2 GiB, is
+    sized for an inference forward; a training step of R50-FPN at 800 pixels, batch 2, keeps about 4.5 GB), then
+    empties the cache and restores the cap. What is kept levels off at about what one step holds at once, since
+    each step reuses the blocks of the one before (scripts/soak.py)."""
+    previous = cpu_cache_stats().limit_bytes
+    set_cpu_cache_limit(max(previous, training_cache_limit_bytes()))
+    try:
+        yield
+    finally:
+        empty_cpu_cache()
+        set_cpu_cache_limit(previous)
 
 
 def empty_cpu_cache() -> None:

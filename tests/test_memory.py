@@ -146,3 +146,63 @@ def test_detector_inference_is_the_same_with_and_without_the_pool():
             assert a.keys() == b.keys()
             for k in a:
                 torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
+
+
+def test_a_training_step_reuses_its_blocks_in_the_next_step():
+    """Forward, backward (autograd runs a CPU graph on the calling thread) and the optimizer's update: after the
+    first step, every large block a step asks for is one the previous step freed."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 32, 3, padding=1), torch.nn.ReLU(),
+                                torch.nn.Conv2d(32, 32, 3, padding=1))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    x = torch.rand(2, 3, 96, 96)
+
+    def pooled_so_far():
+        stats = memory.cpu_cache_stats()
+        return stats.hits + stats.misses
+
+    backward_pooled = []
+
+    def step():
+        with memory.cpu_pool():
+            loss = model(x).square().mean()
+            optimizer.zero_grad(set_to_none=True)
+            after_forward = pooled_so_far()
+            loss.backward()
+            backward_pooled.append(pooled_so_far() - after_forward)
+            optimizer.step()
+        return loss.detach()
+
+    start = pooled_so_far()
+    step()
+    assert backward_pooled[0] > 0  # the backward's gradient maps came from the pool too
+    first = memory.cpu_cache_stats()
+    first_step_allocations = pooled_so_far() - start
+    gc.collect()
+    step()
+    second = memory.cpu_cache_stats()
+    assert second.misses == first.misses  # no new block: every one of the second step's came from the pool
+    assert second.hits - first.hits == first_step_allocations > 0
+    # The same losses as the same steps outside the pool.
+    torch.manual_seed(0)
+    plain = torch.nn.Sequential(torch.nn.Conv2d(3, 32, 3, padding=1), torch.nn.ReLU(),
+                                torch.nn.Conv2d(32, 32, 3, padding=1))
+    plain_optimizer = torch.optim.SGD(plain.parameters(), lr=0.1, momentum=0.9)
+    for _ in range(2):
+        plain_loss = plain(x).square().mean()
+        plain_optimizer.zero_grad(set_to_none=True)
+        plain_loss.backward()
+        plain_optimizer.step()
+    torch.testing.assert_close(step(), plain(x).square().mean().detach())
+
+
+def test_training_cache_limit_raises_the_cap_then_empties_and_restores():
+    memory.set_cpu_cache_limit(BIG)
+    with memory.training_cache_limit():
+        assert memory.cpu_cache_stats().limit_bytes == memory.training_cache_limit_bytes() > 2 * BIG
+        with memory.cpu_pool():
+            blocks = [torch.empty(BIG, dtype=torch.uint8) for _ in range(3)]
+        del blocks
+        assert memory.cpu_cache_stats().cached_bytes >= 3 * BIG  # beyond the old cap: kept
+    after = memory.cpu_cache_stats()
+    assert after.limit_bytes == BIG and after.cached_bytes == 0

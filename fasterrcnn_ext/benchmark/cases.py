@@ -303,6 +303,64 @@ def _deployment_peers(model, image) -> list[Case]:
     return cases
 
 
+def training_step(model: torch.nn.Module, images: list[torch.Tensor], targets: list[dict[str, torch.Tensor]],
+                  seed: int = 0) -> Callable[[], torch.Tensor]:
+    """One training step of `model` (in train mode) without the optimizer's update: the forward with its losses and
+    the backward into the parameters' gradients. The samplers draw from torch's generator, seeded first, so two
+    models with the same weights train on the same anchors and proposals. Returns the four losses."""
+    def run() -> torch.Tensor:
+        with torch.enable_grad():
+            model.zero_grad(set_to_none=True)
+            torch.manual_seed(seed)
+            losses = model(images, targets)
+            sum(losses.values()).backward()
+        return torch.stack([losses[k].detach() for k in sorted(losses)])
+    return run
+
+
+def training_cases(device: str) -> list[Case]:
+    """A training step of fasterrcnn_resnet50_fpn (same random weights, same sampled anchors and proposals), batch
+    2, images resized to an 800-pixel short side, 6 boxes each: forward and backward, without the optimizer's update
+    (the same on both sides). Ours runs the anchors, proposal selection, matching IoU, box encoding and
+    MultiScaleRoIAlign's forward and backward in our kernels; the learned layers are torchvision's modules on both
+    sides, and their backward is most of the step."""
+    from torchvision.models.detection import faster_rcnn as tv
+
+    from fasterrcnn_ext.models import detection as ours
+
+    torch.manual_seed(0)
+    theirs = tv.fasterrcnn_resnet50_fpn(weights=None, weights_backbone=None).train().to(device)
+    mine = ours.fasterrcnn_resnet50_fpn(weights=None, weights_backbone=None).train().to(device)
+    mine.load_state_dict(theirs.state_dict())
+    g = torch.Generator().manual_seed(0)
+    images, targets = [], []
+    for h, w in ((600, 800), (640, 720)):
+        images.append(torch.rand(3, h, w, generator=g).to(device))
+        xy = torch.rand(6, 2, generator=g) * torch.tensor([w * 0.7, h * 0.7])
+        wh = torch.rand(6, 2, generator=g) * 200 + 16
+        targets.append({"boxes": torch.cat([xy, xy + wh], 1).to(device),
+                        "labels": torch.randint(1, 91, (6,), generator=g).to(device)})
+    cases = [Case("training step (fwd+bwd), R50-FPN, 800px, batch 2", training_step(mine, images, targets),
+                  training_step(theirs, images, targets), target=1.0)]
+    if device == "cpu":
+        # What `fasterrcnn-ext train` runs on the CPU: each step in the memory pool, which reuses the previous step's
+        # blocks instead of page-faulting them in again (a memory strategy, not a kernel: torchvision's side runs as
+        # its reference training script does).
+        from fasterrcnn_ext import memory
+
+        step = training_step(mine, images, targets)
+
+        def pooled_step():
+            # The training loop's cap, kept between the timed calls (the loop's context would empty the cache).
+            memory.set_cpu_cache_limit(max(memory.cpu_cache_stats().limit_bytes, memory.training_cache_limit_bytes()))
+            with memory.cpu_pool():
+                return step()
+
+        cases.append(Case("training step in the CPU memory pool (fasterrcnn-ext train)", pooled_step,
+                          training_step(theirs, images, targets), target=1.3))
+    return cases
+
+
 def conv_cases(device: str) -> list[Case]:
     """The inference copies' Winograd 3x3 convolution (CPU only) against the direct convolution torchvision's
     modules run (F.conv2d, channels_last as in our copies), on the detector's largest layers. No issue sets a
@@ -331,4 +389,5 @@ ALL_CASES: dict[str, Callable[[str], list[Case]]] = {
     "boxes": box_cases,
     "nms": nms_cases,
     "roi": roi_cases,
+    "training": training_cases,
 }

@@ -213,3 +213,19 @@ def test_a_failed_write_leaves_the_previous_file_whole(tmp_path):
         save_checkpoint(ckpt, {"iteration": 2, "bad": lambda: None})  # lambdas do not pickle
     assert torch.load(ckpt)["iteration"] == 1
     assert sorted(os.listdir(tmp_path)) == ["last.pt", "metrics.json"]  # no temporary files left behind
+
+
+def test_cpu_training_runs_in_the_memory_pool_and_restores_it(tmp_path):
+    from fasterrcnn_ext import memory
+
+    memory.empty_cpu_cache()
+    before = memory.cpu_cache_stats()
+    pooled = train(_cfg(tmp_path / "pooled"))
+    after = memory.cpu_cache_stats()
+    assert after.hits > before.hits  # later steps reused the blocks of earlier ones
+    assert after.cached_bytes == 0 and after.limit_bytes == before.limit_bytes  # emptied, limit restored
+    plain = train(_cfg(tmp_path / "plain", reuse_cpu_memory=False))
+    assert memory.cpu_cache_stats().hits == after.hits and memory.cpu_cache_stats().misses == after.misses
+    assert pooled["losses"].keys() == plain["losses"].keys()
+    for k in pooled["losses"]:
+        assert pooled["losses"][k] == pytest.approx(plain["losses"][k], rel=1e-4, abs=1e-6), k
