@@ -356,7 +356,7 @@ def training_cases(device: str) -> list[Case]:
             with memory.cpu_pool():
                 return step()
 
-        cases.append(Case("training step in the CPU memory pool (fasterrcnn-ext train)", pooled_step,
+        cases.append(Case("training step in the memory pool (our trainer)", pooled_step,
                           training_step(theirs, images, targets), target=1.3))
     return cases
 

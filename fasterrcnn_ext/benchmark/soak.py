@@ -1,14 +1,15 @@
 """Soak: the resident memory of many inference calls and training steps, which must level off.
 
-    python scripts/soak.py                    # 1,000 inference calls (pool on, then off); 150 + 200 training steps
+    python scripts/soak.py                    # 1,000 inference calls, 150 + 200 training steps (pool on, then off)
     python scripts/soak.py --calls 100 --train-warmup 20 --train-steps 20 --json soak.json
 
 Inference runs the detector in eval mode on images of varying sizes (so every call's activations have another
 shape), once with the CPU memory pool (``reuse_cpu_memory``) and once without; training runs SGD steps on random
-boxes. Resident memory (RSS, /proc/self/statm) is sampled after every call. A phase passes when its growth over its
-second half, the highest RSS of the last quarter minus the highest of the second quarter, is within the bound:
-whatever a run needs is allocated in its first half (the pool's cache, glibc's arenas, torch's caches), so a leak
-shows as growth after it.
+boxes, once with each step in the pool (as ``fasterrcnn-ext train`` runs them on the CPU) and once without.
+Resident memory (RSS, /proc/self/statm) is sampled after every call. A phase passes when its growth over its second
+half, the highest RSS of the last quarter minus the highest of the second quarter, is within the bound: whatever a
+run needs is allocated in its first half (the pool's cache, glibc's arenas, torch's caches), so a leak shows as
+growth after it.
 
 Training first runs unmeasured warm-up steps: its RSS climbs for about 150 steps (2.3 passes over the 64 image
 sizes) before it levels off, as torchvision's own model does in the same loop, because glibc keeps the freed blocks
@@ -18,6 +19,7 @@ of each shape's autograd graph in its arenas. The measured steps after the warm-
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import os
 import sys
@@ -74,7 +76,7 @@ def run(model_name: str = "fasterrcnn_mobilenet_v3_large_fpn", calls: int = 1000
         bound_mb: float = 32.0, min_size: int = 320, max_size: int = 640, train_warmup: int = 150,
         log=print) -> list[dict]:
     """The soak's phases (inference with the pool, without it, training); one dict of figures per phase."""
-    from ..memory import empty_cpu_cache
+    from ..memory import cpu_pool, empty_cpu_cache, training_cache_limit
     from ..models import detection
 
     torch.manual_seed(0)
@@ -103,17 +105,22 @@ def run(model_name: str = "fasterrcnn_mobilenet_v3_large_fpn", calls: int = 1000
     model.train()
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-3, momentum=0.9)
 
-    def train_step(i):
-        image = images[i % len(images)]
-        h, w = image.shape[-2:]
-        xy = torch.rand(3, 2, generator=g) * torch.tensor([w / 2, h / 2])
-        boxes = torch.cat([xy, xy + torch.rand(3, 2, generator=g) * 60 + 10], 1)
-        losses = model([image], [{"boxes": boxes, "labels": torch.randint(1, 5, (3,), generator=g)}])
-        optimizer.zero_grad(set_to_none=True)
-        sum(losses.values()).backward()
-        optimizer.step()
+    for pool in (True, False):  # on: as fasterrcnn-ext train runs each CPU step
 
-    results.append(_phase("training", train_steps, train_step, bound, log, warmup=train_warmup))
+        def train_step(i, pool=pool):
+            image = images[i % len(images)]
+            h, w = image.shape[-2:]
+            xy = torch.rand(3, 2, generator=g) * torch.tensor([w / 2, h / 2])
+            boxes = torch.cat([xy, xy + torch.rand(3, 2, generator=g) * 60 + 10], 1)
+            with cpu_pool() if pool else contextlib.nullcontext():
+                losses = model([image], [{"boxes": boxes, "labels": torch.randint(1, 5, (3,), generator=g)}])
+                optimizer.zero_grad(set_to_none=True)
+                sum(losses.values()).backward()
+                optimizer.step()
+
+        with training_cache_limit() if pool else contextlib.nullcontext():
+            results.append(_phase(f"training, pool {'on' if pool else 'off'}", train_steps, train_step, bound, log,
+                                  warmup=train_warmup))
     return results
 
 
