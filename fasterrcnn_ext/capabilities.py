@@ -17,8 +17,9 @@ capability                        on                                            
                                   AVX-NE-CONVERT)
 ``winograd``                      float32 3x3 stride-1 convolutions of the CPU       oneDNN's direct convolution
                                   inference copy by ops.conv3x3_winograd
-``memory_pool``                   the CPU inference forward reuses its large         torch's CPU allocator
-                                  activation blocks (fasterrcnn_ext.memory)
+``memory_pool``                   the CPU inference forward and each CPU training    torch's CPU allocator
+                                  step of engine.train reuse their large blocks
+                                  (fasterrcnn_ext.memory)
 ================================  =================================================  ===================================
 
     from fasterrcnn_ext import capabilities

@@ -32,6 +32,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from .. import memory
+from ..capabilities import cpu_capabilities
 from ..data import build_dataset, collate
 from .checkpoint import build_model, load_checkpoint, load_model_state, save_checkpoint
 
@@ -277,7 +278,7 @@ def _prepare(cfg: TrainConfig) -> _Run:
 
 
 def _pools_cpu_memory(run: _Run) -> bool:
-    return run.device.type == "cpu" and run.cfg.reuse_cpu_memory
+    return run.device.type == "cpu" and run.cfg.reuse_cpu_memory and cpu_capabilities().memory_pool
 
 
 def _step_memory(run: _Run):

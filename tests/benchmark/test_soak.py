@@ -1,6 +1,8 @@
 """The soak (fasterrcnn_ext/benchmark/soak.py): its growth measure catches a leak, and a short run of the detector
 (inference and training, each with the CPU memory pool on and off) stays flat. The full run is scripts/soak.py."""
 
+import mmap
+
 import pytest
 import torch
 
@@ -14,9 +16,17 @@ def test_growth_measure_sees_a_leak_and_not_a_warm_up():
     assert soak.second_half_growth(leaking) == 170 - 130
 
 
-def test_a_kept_tensor_per_call_is_caught():
+def _fresh_pages(nbytes: int) -> mmap.mmap:
+    """nbytes of new resident memory: an anonymous mapping, every page written (a tensor of this size could reuse
+    free heap that earlier tests left resident, and RSS would not grow)."""
+    block = mmap.mmap(-1, nbytes)
+    block.write(b"\1" * nbytes)
+    return block
+
+
+def test_a_kept_block_per_call_is_caught():
     kept = []
-    result = soak._phase("leak", 40, lambda i: kept.append(torch.ones(1 << 20)), bound_bytes=16 << 20, log=None)
+    result = soak._phase("leak", 40, lambda i: kept.append(_fresh_pages(4 << 20)), bound_bytes=16 << 20, log=None)
     assert not result["flat"] and result["second_half_growth_mb"] >= 30
 
 
