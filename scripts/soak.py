@@ -1,5 +1,5 @@
-"""Soak test of resident memory: 1,000 detector inference calls and 200 training steps, each with the CPU memory
-pool on, then off; exit status 1 if a phase's memory keeps growing. See fasterrcnn_ext/benchmark/soak.py.
+"""Soak test of resident memory: 1,000 detector inference calls (CPU memory pool on, then off) and 200 training
+steps (pool off, then on); exit status 1 if a phase's memory keeps growing. See fasterrcnn_ext/benchmark/soak.py.
 
     .venv/bin/python scripts/soak.py [--calls N] [--train-steps N] [--model NAME] [--json FILE]
 """

@@ -47,7 +47,7 @@ def test_warm_up_steps_are_run_but_not_measured():
 def test_short_soak_of_the_detector_is_flat():
     results = soak.run("fasterrcnn_tiny", calls=60, train_steps=24, bound_mb=32.0, train_warmup=8,
                        log=None)
-    assert [r["phase"] for r in results] == ["inference, pool on", "inference, pool off", "training, pool on",
-                                                 "training, pool off"]
+    assert [r["phase"] for r in results] == ["inference, pool on", "inference, pool off", "training, pool off",
+                                                 "training, pool on"]
     for r in results:
         assert r["flat"], r
