@@ -151,10 +151,13 @@ def test_detector_inference_is_the_same_with_and_without_the_pool():
 def test_a_training_step_reuses_its_blocks_in_the_next_step():
     """Forward, backward (autograd runs a CPU graph on the calling thread) and the optimizer's update: after the
     first step, every large block a step asks for is one the previous step freed."""
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Conv2d(3, 32, 3, padding=1), torch.nn.ReLU(),
-                                torch.nn.Conv2d(32, 32, 3, padding=1))
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    def seeded_model():
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Conv2d(3, 32, 3, padding=1), torch.nn.ReLU(),
+                                    torch.nn.Conv2d(32, 32, 3, padding=1))
+        return model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+
+    model, optimizer = seeded_model()
     x = torch.rand(2, 3, 96, 96)
 
     def pooled_so_far():
@@ -184,10 +187,7 @@ def test_a_training_step_reuses_its_blocks_in_the_next_step():
     assert second.misses == first.misses  # no new block: every one of the second step's came from the pool
     assert second.hits - first.hits == first_step_allocations > 0
     # The same losses as the same steps outside the pool.
-    torch.manual_seed(0)
-    plain = torch.nn.Sequential(torch.nn.Conv2d(3, 32, 3, padding=1), torch.nn.ReLU(),
-                                torch.nn.Conv2d(32, 32, 3, padding=1))
-    plain_optimizer = torch.optim.SGD(plain.parameters(), lr=0.1, momentum=0.9)
+    plain, plain_optimizer = seeded_model()
     for _ in range(2):
         plain_loss = plain(x).square().mean()
         plain_optimizer.zero_grad(set_to_none=True)
