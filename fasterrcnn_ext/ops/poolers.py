@@ -110,6 +110,28 @@ def _multi_scale_pool(features: list[Tensor], boxes: list[Tensor], image_shapes:
     if not torch.jit.is_scripting():
         _check_pool_arguments(features, boxes, image_shapes)
     rois = rois_from_boxes(boxes)
+    if _pools_half_features_in_float32(features, rois):
+        pooled = _pool_levels([f.float() for f in features], rois, output_size, sampling_ratio, scales, canonical_scale,
+                              canonical_level)
+        return pooled.to(features[0].dtype)
+    return _pool_levels(features, rois, output_size, sampling_ratio, scales, canonical_scale, canonical_level)
+
+
+def _pools_half_features_in_float32(features: list[Tensor], rois: Tensor) -> bool:
+    """Whether float16/bfloat16 maps meet float32 RoIs outside autocast: a detector converted with ``.half()`` or
+    ``.bfloat16()``, whose box coordinates stay float32 (box decoding in float32). The maps are pooled in float32
+    (the kernels' arithmetic for half types anyway) rather than the RoIs rounded: bfloat16 coordinates step by 4
+    pixels at 1000. Under autocast the ops' autocast kernels cast both to float32 themselves."""
+    half_maps = features[0].dtype == torch.float16 or features[0].dtype == torch.bfloat16
+    if not (half_maps and rois.dtype == torch.float32):
+        return False
+    if torch.jit.is_scripting():
+        return True
+    return not torch.is_autocast_enabled(features[0].device.type)
+
+
+def _pool_levels(features: list[Tensor], rois: Tensor, output_size: list[int], sampling_ratio: int,
+                 scales: list[float], canonical_scale: int, canonical_level: int) -> Tensor:
     if len(features) == 1:
         return roi_align(features[0], rois, output_size, scales[0], sampling_ratio)
     if not _levels_fit_the_maps(scales):
@@ -130,7 +152,9 @@ class MultiScaleRoIAlign(torchvision.ops.MultiScaleRoIAlign):
         canonical_level (int): k0 of the FPN level rule (4: a 224x224 RoI comes from P4).
 
     As in torchvision, the scales are inferred from the first batch's shapes and then kept. A subclass of
-    torchvision's, so torchvision's detection models accept it; it scripts (torch.jit.script) and is an FX leaf.
+    torchvision's, so torchvision's detection models accept it; it scripts (torch.jit.script) and is an FX leaf. Unlike
+    torchvision's, it takes float16/bfloat16 maps with float32 boxes (a detector converted with ``.half()``, whose
+    boxes stay float32): it pools the maps in float32 and returns their dtype.
     """
 
     def __init__(self, featmap_names: list[str], output_size: BroadcastingList2[int], sampling_ratio: int, *,

@@ -496,3 +496,28 @@ def test_adopted_model_gives_torchvision_detections():
         got, expected = adopted(images), theirs(images)
     assert sum(len(d["boxes"]) for d in expected) > 0
     assert_same_detections(got, expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_detector_converted_to_half_precision_runs_and_trains(dtype):
+    """model.half() / model.bfloat16(): the layers run in that dtype while anchors, proposals and boxes stay float32
+    (box decoding in float32), so the pooler meets half maps and float32 RoIs (tests/ops/test_poolers.py covers the
+    pooling). torchvision's converted model stops at its CPU NMS ("not implemented for 'Half'"); ours detects and
+    trains on the CPU."""
+    from fasterrcnn_ext.models.detection import fasterrcnn_tiny
+
+    torch.manual_seed(0)
+    mine = fasterrcnn_tiny(box_score_thresh=0.0).to(dtype)  # half convolutions are slow on a CPU: a small model
+    images, targets = images_and_targets(sizes=[(160, 192), (192, 176)])
+    images = [image.to(dtype) for image in images]
+    with torch.no_grad():
+        detections = mine.eval()(images)
+    for image, d in zip(images, detections):
+        assert len(d["boxes"]) > 0 and d["boxes"].dtype == torch.float32 and d["scores"].dtype == torch.float32
+        assert torch.isfinite(d["boxes"]).all() and torch.isfinite(d["scores"]).all()
+        assert (d["boxes"][:, 2:] <= torch.tensor(image.shape[:0:-1])).all()
+    losses = mine.train()(images, targets)
+    sum(losses.values()).backward()
+    assert all(torch.isfinite(v) for v in losses.values())
+    grad = next(mine.roi_heads.box_head.parameters()).grad
+    assert grad is not None and grad.dtype == dtype and grad.abs().sum() > 0

@@ -134,3 +134,29 @@ def test_maps_sharing_a_scale_take_the_fused_op_without_a_warning():
         got = ops.MultiScaleRoIAlign(["0", "1"], 2, 2)(feats, boxes, [(128, 160)])
     expected = torchvision.ops.MultiScaleRoIAlign(["0", "1"], 2, 2)(feats, boxes, [(128, 160)])
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("names", [["p0"], ["p0", "p1", "p2", "p3"], ["p1", "p3"]], ids=["one", "fused", "skipping"])
+def test_half_maps_with_float32_boxes_pool_in_float32(device, dtype, names):
+    """A detector converted with .half() or .bfloat16() keeps float32 boxes (box decoding in float32): its maps are
+    pooled in float32, not its RoIs rounded (bfloat16 coordinates step by 4 pixels at 1000), and the result takes the
+    maps' dtype. torchvision's module stops at the dtype mismatch; the functional op still asks for one dtype."""
+    import warnings
+
+    feats = OrderedDict((k, v.to(dtype)) for k, v in fpn_features(device=device).items() if k in names)
+    boxes = [boxes_of_all_sizes(30, device=device), boxes_of_all_sizes(20, device=device)]
+    boxes[0][0] = torch.tensor([100.25, 50.75, 126.5, 127.25])  # coordinates a bfloat16 cannot hold
+    pooler = ops.MultiScaleRoIAlign(names, 3, 2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the skipping maps' warning, tested above
+        got = pooler(feats, boxes, [(128, 160)] * 2)
+        expected = pooler(OrderedDict((k, v.float()) for k, v in feats.items()), boxes, [(128, 160)] * 2)
+        rounded = pooler(feats, [b.to(dtype) for b in boxes], [(128, 160)] * 2)
+    assert got.dtype == dtype
+    torch.testing.assert_close(got, expected.to(dtype), rtol=0, atol=0)
+    if dtype == torch.bfloat16:  # the rounded RoIs would have pooled elsewhere
+        assert not torch.equal(rounded[0], got[0])
+    with pytest.raises(RuntimeError, match="same dtype"):
+        ops.roi_align(feats[names[0]], [b for b in boxes], 3, 0.25)
+
