@@ -219,6 +219,8 @@ def test_vgg16_train_step_and_eval():
     "images, targets, training, message",
     [
         ([torch.rand(300, 400)], None, False, r"images\[0\] must be a \[C, H, W\] tensor, got \(300, 400\)"),
+        (torch.rand(3, 64, 64), None, False,
+         r"images must be a list of \[C, H, W\] tensors or one \[N, C, H, W\] tensor, got a tensor of shape \(3, 64"),
         ([torch.rand(3, 64, 64), torch.rand(64, 64)], None, False, r"images\[1\] must be a \[C, H, W\] tensor"),
         ([torch.rand(3, 64, 64)], None, True, r"targets are required in training mode"),
         ([torch.rand(3, 64, 64), torch.rand(3, 0, 64)], None, False,
@@ -241,6 +243,23 @@ def test_bad_input(images, targets, training, message):
     if not training:
         with pytest.raises(ValueError, match=message):
             model.detect_padded(images)
+
+
+def test_a_batch_tensor_gives_the_detections_of_its_images():
+    """torchvision's eager model iterates over what it is given, so users pass one Tensor[N, C, H, W]: ours takes it
+    too, in forward (eval and training) and in detect_padded, as the list of its images."""
+    model = small_model("fasterrcnn_mobilenet_v3_large_320_fpn", box_score_thresh=0.0).eval()
+    images, targets = images_and_targets()
+    batch = torch.stack(images)
+    with torch.no_grad():
+        assert_equal_detections(model(batch), model(images))
+        for got, expected in zip(model.detect_padded(batch), model.detect_padded(images)):
+            torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    torch.manual_seed(0)
+    losses = model.train()(batch, targets)
+    torch.manual_seed(0)
+    expected = model(images, targets)
+    assert losses.keys() == expected.keys() and all(torch.equal(losses[k], expected[k]) for k in expected)
 
 
 def test_the_thinnest_images_the_resize_allows_run():

@@ -48,7 +48,8 @@ def _check_inputs(images, targets, training: bool, image_transform=None) -> None
     transform; when it resizes by torchvision's min/max-size rule, images that rule would shrink to nothing are
     refused."""
     if not isinstance(images, (list, tuple)):
-        raise ValueError(f"images must be a list of [C, H, W] tensors, got {type(images).__name__}")
+        what = f"a tensor of shape {tuple(images.shape)}" if isinstance(images, Tensor) else type(images).__name__
+        raise ValueError(f"images must be a list of [C, H, W] tensors or one [N, C, H, W] tensor, got {what}")
     for i, image in enumerate(images):
         if not isinstance(image, Tensor) or image.dim() != 3:
             shape = tuple(image.shape) if isinstance(image, Tensor) else type(image).__name__
@@ -75,6 +76,14 @@ def _check_inputs(images, targets, training: bool, image_transform=None) -> None
             k = int(degenerate.nonzero()[0, 0])
             raise ValueError(f"targets[{i}]['boxes'][{k}] = {boxes[k].tolist()} of image {i} has x2 <= x1 or y2 <= y1: "
                              "boxes need positive width and height")
+
+
+def _images_as_list(images):
+    """A batch given as one Tensor[N, C, H, W] as the list of its N images: torchvision's eager model iterates over
+    what it is given, so such a batch works there too."""
+    if isinstance(images, Tensor) and images.dim() == 4:
+        return list(images.unbind(0))
+    return images
 
 
 def _check_resizable(images, resize) -> None:
@@ -170,6 +179,7 @@ class FasterRCNN(tv_faster_rcnn.FasterRCNN):
 
     @torch.jit.unused
     def _eager_forward(self, images: list[Tensor], targets: list[dict[str, Tensor]] | None):
+        images = _images_as_list(images)
         _check_inputs(images, targets, self.training, self.transform)
         # Tracing, export and torch.compile run the modules as they are: the inference copies are built and looked up
         # in Python (parameter versions, data pointers), outside what a graph can hold.
@@ -224,7 +234,7 @@ class FasterRCNN(tv_faster_rcnn.FasterRCNN):
         """The eval forward's detections with every size fixed in advance by the number and sizes of the images.
 
         Args:
-            images (list of Tensor[3, H_i, W_i]): as for forward.
+            images (list of Tensor[3, H_i, W_i], or Tensor[N, 3, H, W]): as for forward.
 
         Returns:
             (boxes, scores, labels, counts): Tensor[N, D, 4] (original image coordinates), Tensor[N, D], Tensor[N, D]
@@ -240,6 +250,7 @@ class FasterRCNN(tv_faster_rcnn.FasterRCNN):
         """
         if self.training:
             raise ValueError("detect_padded runs in eval mode: call model.eval() first")
+        images = _images_as_list(images)
         _check_inputs(images, None, False, self.transform)
         original_sizes = [(int(image.shape[-2]), int(image.shape[-1])) for image in images]
         constants = self.__dict__.setdefault("_normalize_constants", {})
