@@ -95,6 +95,30 @@ def test_eval_detections_equal_torchvision():
     assert_same_detections(a, b)
 
 
+@pytest.mark.parametrize("where", ["rpn", "roi_heads"])
+def test_a_box_coder_put_in_place_decodes_as_in_torchvision(where):
+    """torchvision's modules decode with whatever box_coder they hold. The fused ops fix the RPN's weights and the
+    exp clamp; a coder that differs sends ours to torchvision's steps (eager), and detect_padded refuses it."""
+    from torchvision.models.detection._utils import BoxCoder
+
+    mine, theirs = model_pair("fasterrcnn_resnet50_fpn", box_score_thresh=0.05, box_detections_per_img=1000)
+    mine.fast_inference = False
+    coder = (BoxCoder((2.0, 2.0, 1.0, 1.0)) if where == "rpn"
+             else BoxCoder((10.0, 10.0, 5.0, 5.0), bbox_xform_clip=1.0))
+    images, _ = images_and_targets()
+    with torch.no_grad():
+        before = mine.eval()(images)
+        for model in (mine, theirs):
+            getattr(model, where).box_coder = coder
+        a, b = mine.eval()(images), theirs.eval()(images)
+        with pytest.raises(ValueError, match=f"{where}.box_coder"):
+            mine.detect_padded(images)
+    assert sum(len(d["boxes"]) for d in b) > 0
+    assert_same_detections(a, b)
+    with pytest.raises(AssertionError):  # the coder changes the detections: the comparison above tells
+        assert_same_detections(before, b)
+
+
 @pytest.mark.parametrize("name", BUILDERS)
 def test_eval_downstream_of_backbone_equals_torchvision(name):
     """Every builder, on random features of the backbone's shapes: randomly initialised backbones can give flat

@@ -40,6 +40,16 @@ class BoxCoder:
         return ops.decode_boxes(rel_codes, boxes.to(rel_codes.dtype), self.weights, self.bbox_xform_clip)
 
 
+def fused_ops_decode_like(coder, weights: tuple[float, float, float, float] | None = None) -> bool:
+    """Whether the fused post-processing ops decode as ``coder`` does. They take the weights of the RoI heads' coder
+    but fix the rest: the exp clamp of log(1000/16) and, for the RPN's selection (``weights`` given), torchvision's
+    unit weights. A coder a user put in place of the default (any object with torchvision's BoxCoder attributes)
+    that differs sends the model to torchvision's steps, which decode with it."""
+    if float(coder.bbox_xform_clip) != BBOX_XFORM_CLIP:
+        return False
+    return weights is None or tuple(float(w) for w in coder.weights) == weights
+
+
 def rebind(cls: type, module: nn.Module):
     """An instance of ``cls`` (a subclass of ``module``'s class) over ``module``'s submodules, parameters, buffers and
     settings, which are shared, not copied. ``module`` itself stays as it was: the registries that hold its

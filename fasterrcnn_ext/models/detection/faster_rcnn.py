@@ -31,7 +31,7 @@ from ...ops._utils import pair
 from ...ops.poolers import power_of_2_scale
 from . import transform
 from ._inference import InferenceCopy
-from ._utils import rebind
+from ._utils import fused_ops_decode_like, rebind
 from .anchor_utils import AnchorGenerator
 from .roi_heads import RoIHeads
 from .rpn import RegionProposalNetwork, RPNHead
@@ -308,7 +308,8 @@ class FasterRCNN(tv_faster_rcnn.FasterRCNN):
                               enabled=self.inference_dtype is not None)
 
     def _inference_forward(self, images: list[Tensor]) -> list[dict[str, Tensor]]:
-        if self.static_cuda_forward and images and all(image.device.type == "cuda" for image in images):
+        if (self.static_cuda_forward and images and all(image.device.type == "cuda" for image in images)
+                and self.rpn.selects_with_fused_op() and fused_ops_decode_like(self.roi_heads.box_coder)):
             # One host read, the counts that split the outputs, where the dynamic path reads every selection's size
             # and copies the normalisation constants from the host at every call.
             return padded_detections_to_list(*self.detect_padded(images))

@@ -14,7 +14,7 @@ from torchvision.models.detection.rpn import RPNHead, concat_box_prediction_laye
 
 from ... import ops
 from ...ops._onnx import tracing_by_value
-from ._utils import BoxCoder, rebind
+from ._utils import BoxCoder, fused_ops_decode_like, rebind
 from .anchor_utils import AnchorGenerator
 
 __all__ = ["RegionProposalNetwork", "RPNHead"]
@@ -54,10 +54,18 @@ class RegionProposalNetwork(tv_rpn.RegionProposalNetwork):
         return ours
 
     @torch.jit.unused
+    def selects_with_fused_op(self) -> bool:
+        """Whether the fused selection decodes as self.box_coder does (torchvision's unit-weight RPN coder, the
+        default). A box coder put in its place that decodes otherwise is used through torchvision's steps in eager
+        mode; detect_padded, which has no such steps, refuses it."""
+        return fused_ops_decode_like(self.box_coder, (1.0, 1.0, 1.0, 1.0))
+
+    @torch.jit.unused
     def filter_proposals(self, proposals: Tensor, objectness: Tensor, image_shapes: list[tuple[int, int]],
                          num_anchors_per_level: list[int]) -> tuple[list[Tensor], list[Tensor]]:
         """torchvision's selection, in standard operations: used only under torch.jit.trace or the
-        TorchScript-based ONNX exporter (forward selects with the fused rpn_proposals op otherwise)."""
+        TorchScript-based ONNX exporter, or with a box coder the fused op does not reproduce (forward selects with
+        the fused rpn_proposals op otherwise)."""
         return super().filter_proposals(proposals, objectness, image_shapes, num_anchors_per_level)
 
     def forward(self, images: ImageList, features: dict[str, Tensor],
@@ -85,6 +93,10 @@ class RegionProposalNetwork(tv_rpn.RegionProposalNetwork):
                          features: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
         """The eval proposals with static sizes (FasterRCNN.detect_padded): Tensor[N, P, 4] with P =
         post_nms_top_n, image i's first counts[i] rows holding what forward gives it, and counts Tensor[N]."""
+        if not self.selects_with_fused_op():
+            raise ValueError("detect_padded: rpn.box_coder decodes otherwise than the fused proposal selection (unit "
+                             f"weights, exp clamp log(1000/16)): weights {tuple(self.box_coder.weights)}, clamp "
+                             f"{self.box_coder.bbox_xform_clip}; use forward, which decodes with it")
         feature_maps = list(features.values())
         objectness, pred_bbox_deltas = head(feature_maps)
         anchors, objectness_flat, deltas_flat, num_anchors_per_level = self._flat_predictions(
@@ -108,17 +120,26 @@ class RegionProposalNetwork(tv_rpn.RegionProposalNetwork):
             deltas_flat = deltas_flat.to(anchors[0].dtype)
         return anchors, objectness_flat, deltas_flat, num_anchors_per_level
 
+    def _select(self, images: ImageList, anchors: list[Tensor], objectness_flat: Tensor, deltas_flat: Tensor,
+                num_anchors_per_level: list[int]) -> list[Tensor]:
+        num_images = len(anchors)
+        if not torch.jit.is_scripting():
+            if not self.selects_with_fused_op():
+                decoded = self.box_coder.decode(deltas_flat, anchors).view(num_images, -1, 4)
+                return self.filter_proposals(decoded, objectness_flat, images.image_sizes, num_anchors_per_level)[0]
+        boxes, _ = ops.rpn_proposals(
+            objectness_flat.view(num_images, -1), deltas_flat.view(num_images, -1, 4), anchors[0],
+            num_anchors_per_level, images.image_sizes, self.pre_nms_top_n(), self.post_nms_top_n(), self.nms_thresh,
+            self.score_thresh, self.min_size)
+        return boxes
+
     def _proposals(self, images: ImageList, features: list[Tensor], objectness: list[Tensor],
                    pred_bbox_deltas: list[Tensor],
                    targets: list[dict[str, Tensor]] | None) -> tuple[list[Tensor], dict[str, Tensor]]:
         anchors, objectness_flat, deltas_flat, num_anchors_per_level = self._flat_predictions(
             images, features, objectness, pred_bbox_deltas)
-        num_images = len(anchors)
         # Faster R-CNN does not backpropagate through the proposals: the selection sees detached tensors.
-        boxes, _ = ops.rpn_proposals(
-            objectness_flat.detach().view(num_images, -1), deltas_flat.detach().view(num_images, -1, 4), anchors[0],
-            num_anchors_per_level, images.image_sizes, self.pre_nms_top_n(), self.post_nms_top_n(), self.nms_thresh,
-            self.score_thresh, self.min_size)
+        boxes = self._select(images, anchors, objectness_flat.detach(), deltas_flat.detach(), num_anchors_per_level)
         losses: dict[str, Tensor] = {}
         if self.training:
             if targets is None:
