@@ -133,14 +133,19 @@ def box_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
     """Intersection over union of every pair of boxes.
 
     Args:
-        boxes1 (Tensor[N, 4]), boxes2 (Tensor[M, 4]): boxes in (x1, y1, x2, y2) format, same dtype.
+        boxes1 (Tensor[N, 4]), boxes2 (Tensor[M, 4]): boxes in (x1, y1, x2, y2) format.
 
     Returns:
-        Tensor[N, M]: the IoU, in the boxes' dtype (float32 for float16/bfloat16 input, as torchvision). Integer
-        boxes are torchvision's arithmetic (integer areas, a float32 ratio), computed by torchvision.
+        Tensor[N, M]: the IoU, in the boxes' dtype (float32 for float16/bfloat16 input, as torchvision). Boxes of two
+        floating dtypes are promoted to a common one first, as torchvision's arithmetic does (float64 ground truth
+        against float32 anchors: float64). Integer boxes are torchvision's arithmetic (integer areas, a float32
+        ratio), computed by torchvision.
     """
     if not (boxes1.is_floating_point() and boxes2.is_floating_point()):
         return _torchvision_ops.box_iou(boxes1, boxes2)
+    if boxes1.dtype != boxes2.dtype:
+        common = torch.promote_types(boxes1.dtype, boxes2.dtype)
+        boxes1, boxes2 = boxes1.to(common), boxes2.to(common)
     if not torch.jit.is_scripting():
         if exporting():  # ONNX export and tracing: torchvision's, in standard operations
             return _torchvision_ops.box_iou(boxes1, boxes2)

@@ -143,6 +143,21 @@ def test_eval_downstream_of_backbone_equals_torchvision(name):
     assert_same_detections(a, b)
 
 
+def test_float64_ground_truth_trains_as_in_torchvision():
+    """Boxes loaded as float64 (numpy annotations) meet float32 anchors and proposals; torchvision promotes, and so
+    does ours: the same losses."""
+    mine, theirs = model_pair("fasterrcnn_mobilenet_v3_large_320_fpn")
+    images, targets = images_and_targets()
+    targets = [{**t, "boxes": t["boxes"].double()} for t in targets]
+    losses = []
+    for model in (mine, theirs):
+        torch.manual_seed(1)
+        losses.append(model.train()(images, targets))
+    assert losses[0].keys() == losses[1].keys()
+    for k in losses[1]:
+        torch.testing.assert_close(losses[0][k], losses[1][k], rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("name", ["fasterrcnn_resnet50_fpn", "fasterrcnn_mobilenet_v3_large_fpn"])
 def test_train_losses_equal_torchvision(name):
     """The RPN losses equal torchvision's. The box head's losses are compared on the same proposals: end to end they

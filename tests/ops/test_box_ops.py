@@ -34,6 +34,19 @@ def test_box_iou_half_types_in_float32(device, dtype):
     torch.testing.assert_close(out, torchvision.ops.box_iou(a.float(), b.float()), **EXACT)
 
 
+@pytest.mark.parametrize("dtypes", [(torch.float64, torch.float32), (torch.float32, torch.float64),
+                                    (torch.float16, torch.float32), (torch.bfloat16, torch.float16),
+                                    (torch.float16, torch.float64)], ids=str)
+def test_box_iou_promotes_mixed_floating_dtypes_as_torchvision(device, dtypes):
+    """torchvision's box_iou is tensor arithmetic, so two dtypes promote (a detector given float64 ground truth
+    compares it with float32 anchors): ours promotes them to the same dtype and gives torchvision's values."""
+    a = random_boxes(30, dtype=torch.float64, device=device).to(dtypes[0])
+    b = random_boxes(20, dtype=torch.float64, device=device).to(dtypes[1])
+    out, expected = ops.box_iou(a, b), torchvision.ops.box_iou(a, b)
+    assert out.dtype == expected.dtype
+    torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-6)
+
+
 def test_box_iou_empty_and_opcheck(device):
     assert ops.box_iou(torch.empty(0, 4, device=device), random_boxes(3, device=device)).shape == (0, 3)
     torch.library.opcheck(torch.ops.fasterrcnn_ext.box_iou.default,
