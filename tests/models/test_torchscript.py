@@ -92,3 +92,24 @@ def test_scripted_detector_saves_and_loads(tmp_path):
         _, got = run_scripted(loaded, images)
         _, expected = run_scripted(scripted, images)
     assert_equal_detections(got, expected)
+
+
+@pytest.mark.parametrize("setting, value", [("fast_inference", False), ("static_cuda_forward", False),
+                                            ("reuse_cpu_memory", False), ("inference_dtype", torch.bfloat16)])
+@pytest.mark.filterwarnings("ignore:inference_dtype = torch.bfloat16 on a CPU without")
+def test_a_model_with_an_eager_setting_changed_still_scripts(setting, value):
+    """The eager-only settings are class attributes; set on an instance, TorchScript would type them from their
+    annotations (strings it cannot read), and detect_padded's cache has keys it cannot type: all are left out of the
+    scripted model."""
+    model = ours.fasterrcnn_tiny(box_score_thresh=0.0).eval()
+    setattr(model, setting, value)
+    images = [torch.rand(3, 96, 112), torch.rand(3, 80, 96)]
+    model.detect_padded(images)
+    scripted = script(model)
+    model.fast_inference = False  # what the scripted model runs: the modules as they are, in float32
+    model.inference_dtype = None
+    with torch.no_grad():
+        _, got = run_scripted(scripted, images)
+        expected = model(images)
+    assert sum(len(d["boxes"]) for d in expected) > 0
+    assert_equal_detections(got, expected)

@@ -123,6 +123,10 @@ class FasterRCNN(tv_faster_rcnn.FasterRCNN):
     warns); boxes, anchors and post-processing stay in float32.
     """
 
+    # Eager-only settings. TorchScript would infer their types from the annotations below, which
+    # `from __future__ import annotations` makes strings it cannot read, once one is set on an instance.
+    __jit_ignored_attributes__ = ["inference_dtype", "fast_inference", "reuse_cpu_memory", "static_cuda_forward",
+                                  "_normalize_constants"]  # detect_padded's cache, keyed by (device, dtype)
     inference_dtype: torch.dtype | None = None
     # False: inference runs the backbone as trained (no folding, no channels_last), bit for bit as torchvision.
     fast_inference: bool = True
