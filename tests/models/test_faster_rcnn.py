@@ -117,6 +117,9 @@ def test_a_box_coder_put_in_place_decodes_as_in_torchvision(where):
     assert_same_detections(a, b)
     with pytest.raises(AssertionError):  # the coder changes the detections: the comparison above tells
         assert_same_detections(before, b)
+    scripted = torch.jit.script(mine)  # TorchScript has no torchvision steps: the scripted model refuses the coder
+    with pytest.raises(torch.jit.Error, match=f"{where}.box_coder"):
+        scripted(images)
 
 
 @pytest.mark.parametrize("name", BUILDERS)

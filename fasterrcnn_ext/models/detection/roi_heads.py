@@ -6,6 +6,8 @@ Shapes: N images, P_i proposals of image i, C classes (background included), D_i
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor, nn
 from torchvision.models.detection import roi_heads as tv_roi_heads
@@ -54,7 +56,11 @@ class RoIHeads(tv_roi_heads.RoIHeads):
         """Detections per image in one fused op (softmax, decode, clip, thresholds, per-class NMS, top-k); under
         torch.jit.trace or the TorchScript-based ONNX exporter (tracing_by_value()), torchvision's steps, whose every
         operation has an ONNX form; torchvision's steps too for a box coder whose exp clamp the op does not share."""
-        if not torch.jit.is_scripting():
+        if torch.jit.is_scripting():  # no torchvision steps in TorchScript: a clamp the op ignores is an error
+            if self.box_coder.bbox_xform_clip != math.log(1000.0 / 16):  # BBOX_XFORM_CLIP
+                raise RuntimeError("scripted RoIHeads: roi_heads.box_coder clamps exp otherwise than the fused "
+                                   "post-processing (log(1000/16)); run it in eager mode")
+        else:
             if tracing_by_value() or not fused_ops_decode_like(self.box_coder):
                 return super().postprocess_detections(class_logits, box_regression, proposals, image_shapes)
         dtype = proposals[0].dtype  # boxes stay in float32 when the heads ran in half precision (autocast)

@@ -6,6 +6,8 @@ Shapes: N images, L feature levels (H_l x W_l), A anchors per location, P propos
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor, nn
 from torchvision.models.detection import rpn as tv_rpn
@@ -123,7 +125,13 @@ class RegionProposalNetwork(tv_rpn.RegionProposalNetwork):
     def _select(self, images: ImageList, anchors: list[Tensor], objectness_flat: Tensor, deltas_flat: Tensor,
                 num_anchors_per_level: list[int]) -> list[Tensor]:
         num_images = len(anchors)
-        if not torch.jit.is_scripting():
+        if torch.jit.is_scripting():  # no torchvision steps in TorchScript: a coder the op ignores is an error
+            w = self.box_coder.weights
+            if (w[0] != 1.0 or w[1] != 1.0 or w[2] != 1.0 or w[3] != 1.0
+                    or self.box_coder.bbox_xform_clip != math.log(1000.0 / 16)):  # BBOX_XFORM_CLIP
+                raise RuntimeError("scripted RegionProposalNetwork: rpn.box_coder decodes otherwise than the fused "
+                                   "proposal selection (unit weights, exp clamp log(1000/16)); run it in eager mode")
+        else:
             if not self.selects_with_fused_op():
                 decoded = self.box_coder.decode(deltas_flat, anchors).view(num_images, -1, 4)
                 return self.filter_proposals(decoded, objectness_flat, images.image_sizes, num_anchors_per_level)[0]
