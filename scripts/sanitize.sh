@@ -91,13 +91,15 @@ if [ -n "$errors" ]; then
   status=1
 fi
 
-# Leak reports: keep the blocks (one per leak, up to a blank line) that have a frame in our library.
+# Leak reports: keep the blocks (one per leak, up to a blank line) with a symbolized frame in our library. A bare
+# address attributed to _C.abi3.so is not one: the fast unwinder, walking up from libtorch_python without frame
+# pointers, reads garbage words that fall in our mapping past its code (seen under test_memory.py, pybind11 strdup).
 cat "$DIR"/report.* > "$DIR/leaks.txt" 2>/dev/null || true
-ours=$(awk -v RS= '/_C\.abi3\.so|csrc\//' "$DIR/leaks.txt" | grep -c "leak of" || true)
+ours=$(awk -v RS= '/csrc\/|#[0-9]+ 0x[0-9a-f]+ in [^\n]*_C\.abi3\.so/' "$DIR/leaks.txt" | grep -c "leak of" || true)
 all=$(grep -c "leak of" "$DIR/leaks.txt" || true)
 echo "== leaks: $all reported at exit, $ours with a frame in fasterrcnn_ext's library"
 if [ "$ours" -gt 0 ]; then
-  awk -v RS= '/_C\.abi3\.so|csrc\//' "$DIR/leaks.txt" | head -80
+  awk -v RS= '/csrc\/|#[0-9]+ 0x[0-9a-f]+ in [^\n]*_C\.abi3\.so/' "$DIR/leaks.txt" | head -80
   status=1
 fi
 [ $status -eq 0 ] && echo "== sanitizers ($label): clean" || echo "== sanitizers ($label): FAILED" >&2
