@@ -95,11 +95,12 @@ fi
 # address attributed to _C.abi3.so is not one: the fast unwinder, walking up from libtorch_python without frame
 # pointers, reads garbage words that fall in our mapping past its code (seen under test_memory.py, pybind11 strdup).
 cat "$DIR"/report.* > "$DIR/leaks.txt" 2>/dev/null || true
-ours=$(awk -v RS= '/csrc\/|#[0-9]+ 0x[0-9a-f]+ in [^\n]*_C\.abi3\.so/' "$DIR/leaks.txt" | grep -c "leak of" || true)
+our_leaks=$(awk -v RS= '/csrc\/|#[0-9]+ 0x[0-9a-f]+ in [^\n]*_C\.abi3\.so/' "$DIR/leaks.txt")
+ours=$(grep -c "leak of" <<< "$our_leaks" || true)
 all=$(grep -c "leak of" "$DIR/leaks.txt" || true)
 echo "== leaks: $all reported at exit, $ours with a frame in fasterrcnn_ext's library"
 if [ "$ours" -gt 0 ]; then
-  awk -v RS= '/csrc\/|#[0-9]+ 0x[0-9a-f]+ in [^\n]*_C\.abi3\.so/' "$DIR/leaks.txt" | head -80
+  head -80 <<< "$our_leaks"
   status=1
 fi
 [ $status -eq 0 ] && echo "== sanitizers ($label): clean" || echo "== sanitizers ($label): FAILED" >&2
