@@ -14,7 +14,16 @@ from fasterrcnn_ext.ops._onnxscript import onnx_translations
 
 from .test_export import eager_detections, spread_tiny
 from .test_faster_rcnn import BUILDERS, assert_same_detections, small_model
-from .test_onnx import IMAGE_SIZES, Fn, assert_twins_across_runtimes, detections, import_openvino, op_types, run
+from .test_onnx import (
+    IMAGE_SIZES,
+    Fn,
+    assert_twins_across_runtimes,
+    detections,
+    import_openvino,
+    op_types,
+    openvino_compile,
+    run,
+)
 
 pytest.importorskip("onnxscript")
 ort = pytest.importorskip("onnxruntime")
@@ -158,8 +167,7 @@ def test_openvino_runs_the_dynamo_export_like_onnxruntime():
     openvino = import_openvino()
     model = spread_tiny()
     exported = export_detector(model, torch.rand(3, 192, 256), True)
-    core = openvino.Core()
-    compiled = core.compile_model(core.read_model(exported), "CPU")
+    compiled = openvino_compile(openvino, exported)
     g = torch.Generator().manual_seed(5)
     for size in [(200, 260), (300, 150)]:
         image = torch.rand(3, *size, generator=g)
