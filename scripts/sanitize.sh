@@ -91,11 +91,9 @@ if [ -n "$errors" ]; then
   status=1
 fi
 
-# Leak reports: keep the blocks (one per leak, up to a blank line) with a symbolized frame in our library. A bare
-# address attributed to _C.abi3.so is not one: the fast unwinder, walking up from libtorch_python without frame
-# pointers, reads garbage words that fall in our mapping past its code (seen under test_memory.py, pybind11 strdup).
+# Leak reports: keep those with a symbolized frame in our library (scripts/our_leaks.awk says what counts).
 cat "$DIR"/report.* > "$DIR/leaks.txt" 2>/dev/null || true
-our_leaks=$(awk -v RS= '/csrc\/|#[0-9]+ 0x[0-9a-f]+ in [^\n]*_C\.abi3\.so/' "$DIR/leaks.txt")
+our_leaks=$(awk -f "$ROOT/scripts/our_leaks.awk" "$DIR/leaks.txt")
 ours=$(grep -c "leak of" <<< "$our_leaks" || true)
 all=$(grep -c "leak of" "$DIR/leaks.txt" || true)
 echo "== leaks: $all reported at exit, $ours with a frame in fasterrcnn_ext's library"
