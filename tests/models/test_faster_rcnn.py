@@ -1,5 +1,7 @@
 """The detector against torchvision's: same state_dict, same detections in eval, same losses in training."""
 
+import math
+
 import pytest
 import torch
 import torchvision
@@ -120,6 +122,25 @@ def test_a_box_coder_put_in_place_decodes_as_in_torchvision(where):
     scripted = torch.jit.script(mine)  # TorchScript has no torchvision steps: the scripted model refuses the coder
     with pytest.raises(torch.jit.Error, match=f"{where}.box_coder"):
         scripted(images)
+
+
+@pytest.mark.parametrize("weights, clip, unit_weights, expected", [
+    ((1.0, 1.0, 1.0, 1.0), math.log(1000.0 / 16), True, True),
+    ((10.0, 10.0, 5.0, 5.0), math.log(1000.0 / 16), False, True),  # the RoI heads' op takes any weights
+    ((10.0, 10.0, 5.0, 5.0), math.log(1000.0 / 16), True, False),  # the RPN's selection only unit ones
+    ((1.0, 1.0, 1.0, 2.0), math.log(1000.0 / 16), True, False),
+    ((1.0, 1.0, 1.0, 1.0), 1.0, True, False),  # the clamp is fixed for both
+    ((10.0, 10.0, 5.0, 5.0), math.log(1000.0 / 16) + 1e-9, False, False)])
+def test_which_box_coders_the_fused_ops_reproduce(weights, clip, unit_weights, expected):
+    """One rule for the eager check (any coder object), its scripted twin and the Python function itself."""
+    from torchvision.models.detection._utils import BoxCoder
+
+    from fasterrcnn_ext.models.detection._utils import decodes_like_fused_ops, fused_ops_decode_like
+
+    assert decodes_like_fused_ops(weights, clip, unit_weights) is expected
+    assert torch.jit.script(decodes_like_fused_ops)(weights, clip, unit_weights) is expected
+    assert fused_ops_decode_like(BoxCoder(weights, bbox_xform_clip=clip), unit_weights) is expected
+    assert fused_ops_decode_like(BoxCoder(list(weights), bbox_xform_clip=clip), unit_weights) is expected
 
 
 @pytest.mark.parametrize("name", BUILDERS)

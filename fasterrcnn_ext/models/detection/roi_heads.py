@@ -6,15 +6,13 @@ Shapes: N images, P_i proposals of image i, C classes (background included), D_i
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor, nn
 from torchvision.models.detection import roi_heads as tv_roi_heads
 
 from ... import ops
 from ...ops._onnx import tracing_by_value
-from ._utils import BoxCoder, fused_ops_decode_like, rebind
+from ._utils import BoxCoder, decodes_like_fused_ops, fused_ops_decode_like, rebind
 
 __all__ = ["RoIHeads"]
 
@@ -57,7 +55,7 @@ class RoIHeads(tv_roi_heads.RoIHeads):
         torch.jit.trace or the TorchScript-based ONNX exporter (tracing_by_value()), torchvision's steps, whose every
         operation has an ONNX form; torchvision's steps too for a box coder whose exp clamp the op does not share."""
         if torch.jit.is_scripting():  # no torchvision steps in TorchScript: a clamp the op ignores is an error
-            if self.box_coder.bbox_xform_clip != math.log(1000.0 / 16):  # BBOX_XFORM_CLIP
+            if not decodes_like_fused_ops(self.box_coder.weights, self.box_coder.bbox_xform_clip, False):
                 raise RuntimeError("scripted RoIHeads: roi_heads.box_coder clamps exp otherwise than the fused "
                                    "post-processing (log(1000/16)); run it in eager mode")
         else:

@@ -6,8 +6,6 @@ Shapes: N images, L feature levels (H_l x W_l), A anchors per location, P propos
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor, nn
 from torchvision.models.detection import rpn as tv_rpn
@@ -16,7 +14,7 @@ from torchvision.models.detection.rpn import RPNHead, concat_box_prediction_laye
 
 from ... import ops
 from ...ops._onnx import tracing_by_value
-from ._utils import BoxCoder, fused_ops_decode_like, rebind
+from ._utils import BoxCoder, decodes_like_fused_ops, fused_ops_decode_like, rebind
 from .anchor_utils import AnchorGenerator
 
 __all__ = ["RegionProposalNetwork", "RPNHead"]
@@ -60,7 +58,7 @@ class RegionProposalNetwork(tv_rpn.RegionProposalNetwork):
         """Whether the fused selection decodes as self.box_coder does (torchvision's unit-weight RPN coder, the
         default). A box coder put in its place that decodes otherwise is used through torchvision's steps in eager
         mode; detect_padded, which has no such steps, refuses it."""
-        return fused_ops_decode_like(self.box_coder, (1.0, 1.0, 1.0, 1.0))
+        return fused_ops_decode_like(self.box_coder, unit_weights=True)
 
     @torch.jit.unused
     def filter_proposals(self, proposals: Tensor, objectness: Tensor, image_shapes: list[tuple[int, int]],
@@ -126,9 +124,7 @@ class RegionProposalNetwork(tv_rpn.RegionProposalNetwork):
                 num_anchors_per_level: list[int]) -> list[Tensor]:
         num_images = len(anchors)
         if torch.jit.is_scripting():  # no torchvision steps in TorchScript: a coder the op ignores is an error
-            w = self.box_coder.weights
-            if (w[0] != 1.0 or w[1] != 1.0 or w[2] != 1.0 or w[3] != 1.0
-                    or self.box_coder.bbox_xform_clip != math.log(1000.0 / 16)):  # BBOX_XFORM_CLIP
+            if not decodes_like_fused_ops(self.box_coder.weights, self.box_coder.bbox_xform_clip, True):
                 raise RuntimeError("scripted RegionProposalNetwork: rpn.box_coder decodes otherwise than the fused "
                                    "proposal selection (unit weights, exp clamp log(1000/16)); run it in eager mode")
         else:
