@@ -1,6 +1,7 @@
 """The detector against torchvision's: same state_dict, same detections in eval, same losses in training."""
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -138,7 +139,10 @@ def test_which_box_coders_the_fused_ops_reproduce(weights, clip, unit_weights, e
     from fasterrcnn_ext.models.detection._utils import decodes_like_fused_ops, fused_ops_decode_like
 
     assert decodes_like_fused_ops(weights, clip, unit_weights) is expected
-    assert torch.jit.script(decodes_like_fused_ops)(weights, clip, unit_weights) is expected
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit.script is deprecated in torch 2.x, still supported
+        scripted = torch.jit.script(decodes_like_fused_ops)
+    assert scripted(weights, clip, unit_weights) is expected
     assert fused_ops_decode_like(BoxCoder(weights, bbox_xform_clip=clip), unit_weights) is expected
     assert fused_ops_decode_like(BoxCoder(list(weights), bbox_xform_clip=clip), unit_weights) is expected
 
