@@ -44,8 +44,15 @@ def cases(device: str):
     feats = [torch.randn(2, 64, 50, 60, device=device), torch.randn(2, 64, 25, 30, device=device)]
     a = 2000
     anchors = _boxes(a, device, 3)
+    # Every input is on the device before the audited calls: a copy from pageable host memory (torch.tensor(...,
+    # device="cuda"), .cuda()) synchronises, and inside a case it would be counted against the op.
+    box_deltas = torch.randn(500, 4, device=device) * 0.1
+    objectness, deltas = torch.randn(2, a, device=device), torch.randn(2, a, 4, device=device) * 0.1
+    logits, regression = torch.randn(180, 5, device=device) * 3, torch.randn(180, 20, device=device) * 0.1
+    padded_logits, padded_regression = torch.randn(200, 5, device=device) * 3, torch.randn(200, 20, device=device) * 0.1
+    padded_boxes, proposal_counts = torch.cat([boxes[0], boxes[0]]), torch.tensor([100, 80], device=device)
     yield "box_iou", lambda: ops.box_iou(b, b)
-    yield "decode_boxes", lambda: ops.decode_boxes(torch.randn(500, 4, device=device) * 0.1, b, (1.0, 1.0, 1.0, 1.0))
+    yield "decode_boxes", lambda: ops.decode_boxes(box_deltas, b, (1.0, 1.0, 1.0, 1.0))
     yield "batched_nms_keep_mask", lambda: ops.batched_nms_keep_mask(b, s, idx, 0.5)
     yield "nms", lambda: ops.nms(b, s, 0.5)
     yield "batched_nms", lambda: ops.batched_nms(b, s, idx, 0.5)
@@ -54,17 +61,13 @@ def cases(device: str):
     yield "roi_pool", lambda: ops.roi_pool(x, rois, 7, 0.5)
     yield "multi_scale_roi_align", lambda: ops.multi_scale_roi_align(feats, rois, 7, [0.5, 0.25], 2)
     yield "rpn_proposals", lambda: ops.rpn_proposals(
-        torch.randn(2, a, device=device), torch.randn(2, a, 4, device=device) * 0.1, anchors, [1500, 500],
-        [(200, 220), (210, 200)], 300, 100, 0.7)
+        objectness, deltas, anchors, [1500, 500], [(200, 220), (210, 200)], 300, 100, 0.7)
     yield "detection_postprocess", lambda: ops.detection_postprocess(
-        torch.randn(180, 5, device=device) * 3, torch.randn(180, 20, device=device) * 0.1, boxes,
-        [(100, 120), (110, 100)])
+        logits, regression, boxes, [(100, 120), (110, 100)])
     yield "rpn_proposals_padded", lambda: ops.rpn_proposals_padded(
-        torch.randn(2, a, device=device), torch.randn(2, a, 4, device=device) * 0.1, anchors, [1500, 500],
-        [(200, 220), (210, 200)], 300, 100, 0.7)
+        objectness, deltas, anchors, [1500, 500], [(200, 220), (210, 200)], 300, 100, 0.7)
     yield "detection_postprocess_padded", lambda: ops.detection_postprocess_padded(
-        torch.randn(200, 5, device=device) * 3, torch.randn(200, 20, device=device) * 0.1,
-        torch.cat([boxes[0], boxes[0]]), torch.tensor([100, 80], device=device), [(100, 120), (110, 100)])
+        padded_logits, padded_regression, padded_boxes, proposal_counts, [(100, 120), (110, 100)])
     model = detection.fasterrcnn_mobilenet_v3_large_320_fpn(weights=None, weights_backbone=None,
                                                             num_classes=5).eval().to(device)
     images = [torch.rand(3, 320, 416, device=device)]

@@ -18,11 +18,16 @@ def _boxes(n, seed, size=100.0):
 
 
 def _sync_free_cases():
+    """Each case's inputs are on the device before its call: a copy from pageable host memory (`.cuda()`,
+    torch.tensor(..., device="cuda")) synchronises, and inside the call it would be counted against the op."""
     b, s, idx = _boxes(300, 0), torch.rand(300).cuda(), torch.randint(0, 4, (300,)).cuda()
     x = torch.randn(2, 16, 40, 48).cuda()
     boxes = [_boxes(40, 1), _boxes(30, 2)]
     rois = torch.cat([torch.cat([torch.full((len(v), 1), float(i), device="cuda"), v], 1) for i, v in enumerate(boxes)])
     feats = [torch.randn(2, 16, 40, 48).cuda(), torch.randn(2, 16, 20, 24).cuda()]
+    objectness, deltas, anchors = torch.randn(2, 2000).cuda(), torch.randn(2, 2000, 4).cuda() * 0.1, _boxes(2000, 3)
+    logits, regression = torch.randn(80, 5).cuda() * 3, torch.randn(80, 20).cuda() * 0.1
+    proposals, proposal_counts = torch.cat([boxes[0], boxes[0]]), torch.tensor([40, 25]).cuda()
     return {
         "box_iou": lambda: ops.box_iou(b, b),
         "clip_boxes_to_image": lambda: ops.clip_boxes_to_image(b, (80, 90)),
@@ -34,11 +39,9 @@ def _sync_free_cases():
         "roi_pool": lambda: ops.roi_pool(x, rois, 7, 0.5),
         "multi_scale_roi_align": lambda: ops.multi_scale_roi_align(feats, rois, 7, [0.5, 0.25], 2),
         "rpn_proposals_padded": lambda: ops.rpn_proposals_padded(
-            torch.randn(2, 2000).cuda(), torch.randn(2, 2000, 4).cuda() * 0.1, _boxes(2000, 3), [1500, 500],
-            [(200, 220), (210, 200)], 300, 100, 0.7),
+            objectness, deltas, anchors, [1500, 500], [(200, 220), (210, 200)], 300, 100, 0.7),
         "detection_postprocess_padded": lambda: ops.detection_postprocess_padded(
-            torch.randn(80, 5).cuda() * 3, torch.randn(80, 20).cuda() * 0.1, torch.cat([boxes[0], boxes[0]]),
-            torch.tensor([40, 25]).cuda(), [(100, 120), (110, 100)]),
+            logits, regression, proposals, proposal_counts, [(100, 120), (110, 100)]),
     }
 
 
