@@ -147,7 +147,7 @@ def main():
          lambda: torchvision.ops.MultiScaleRoIAlign(list(feats), 7, 2)(feats, props, sizes))
     # The CUDA RoIAlign forward splits channels into chunks: a partial last chunk (256 = 6 x 37 + 34), and more
     # chunks than the grid's y dimension holds (65,535), which the kernel loops over.
-    for channels, size, n in ((256, 7, 300), (70_000, 44, 1)):
+    for channels, size, n in ((256, 7, 300), (70_000, 46, 1)):
         xc = torch.randn(1, channels, 12, 10, device=dev)
         rc = torch.cat([torch.zeros(n, 1, device=dev), boxes_on(n, dev, 6, 30.0)], 1)
         step(f"roi_align, {channels} channels at {size}x{size}", lambda: ops.roi_align(xc, rc, size, 0.25, 2, True),

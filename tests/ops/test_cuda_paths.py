@@ -56,7 +56,9 @@ def test_detection_postprocess_cuda_matches_cpu_and_torchvision(score_thresh, de
 
 @pytest.mark.parametrize("channels, output_size, num_rois", [
     (256, 7, 300),  # 7 chunks of 37 channels, the last one 34: a partial chunk
-    (70_000, 44, 1),  # 70,000 / 37 channels a chunk > 65,535 chunks: the grid's y dimension wraps
+    # 46 x 46 = 2,116 bins > 2,048 elements a block: one channel a chunk, 70,000 chunks > 65,535 (the grid's y
+    # dimension), so blocks 0 to 4,464 of y loop to a second chunk
+    (70_000, 46, 1),
 ])
 def test_roi_align_cuda_channel_chunks(channels, output_size, num_rois):
     g = torch.Generator().manual_seed(0)

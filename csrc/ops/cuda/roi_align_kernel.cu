@@ -57,7 +57,8 @@ __global__ void __launch_bounds__(kThreads)
   using acc_t = at::opmath_type<scalar_t>;
   __shared__ alignas(16) unsigned char table_bytes[kTableBytes];
   __shared__ RoIAlignTask<acc_t> shared_task;
-  // The host checks bins < 2^31 and channels_per_block * bins <= max(kElementsPerBlock, bins).
+  // The host checks bins < 2^31; its chunking gives channels_per_block * bins < kElementsPerBlock + bins (one
+  // channel a block when bins >= kElementsPerBlock), so a chunk's element count fits in uint32.
   const uint32_t pooled_w = static_cast<uint32_t>(pp.pooled_w);
   const uint32_t bins = static_cast<uint32_t>(pp.pooled_h * pp.pooled_w);
   for (int64_t r = blockIdx.x; r < pp.num_rois; r += gridDim.x) {
