@@ -24,8 +24,9 @@ if settings is not None:
 CUDA_AVAILABLE = torch.cuda.is_available()
 _NO_CUDA = pytest.mark.skipif(not CUDA_AVAILABLE, reason="no CUDA GPU visible")
 
-# Tests that take `device` run on the CPU and, when a GPU is visible, on CUDA.
-DEVICES = ["cpu", pytest.param("cuda", marks=_NO_CUDA)]
+# Tests that take `device` run on the CPU and, when a GPU is visible, on CUDA. Every test that needs a GPU carries
+# the `cuda` marker (scripts/gpu_check.sh selects them with -m cuda; tests/test_gpu_check_plan.py checks both ways).
+DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, _NO_CUDA])]
 
 
 @pytest.fixture(params=DEVICES)

@@ -203,6 +203,7 @@ def test_demo_defaults_reach_the_target(tmp_path):
     assert metrics["held_out_images"] == 200 and metrics["iterations"] == 1500
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU visible")
 @needs_pycocotools
 def test_train_on_cuda_with_nccl_and_amp(tmp_path):

@@ -143,6 +143,7 @@ def test_detect_padded_never_reads_or_copies_device_data(name, monkeypatch):
         model(images)
 
 
+@pytest.mark.cuda
 @NEEDS_CUDA
 @pytest.mark.parametrize("name", ["fasterrcnn_mobilenet_v3_large_320_fpn", "fasterrcnn_vgg16"])
 def test_cuda_graph_replays_forward_detections(name):
@@ -165,6 +166,7 @@ def test_cuda_graph_replays_forward_detections(name):
         detector(images[:1])
 
 
+@pytest.mark.cuda
 @NEEDS_CUDA
 def test_cuda_detect_padded_does_not_synchronise():
     model = small_model("fasterrcnn_mobilenet_v3_large_320_fpn").eval().cuda()
@@ -178,6 +180,7 @@ def test_cuda_detect_padded_does_not_synchronise():
         torch.cuda.set_sync_debug_mode("default")
 
 
+@pytest.mark.cuda
 @NEEDS_CUDA
 def test_cuda_eval_forward_is_detect_padded_with_one_host_read():
     model = spread_heads(small_model("fasterrcnn_mobilenet_v3_large_320_fpn", box_score_thresh=0.01)).eval().cuda()

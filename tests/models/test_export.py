@@ -155,6 +155,7 @@ def test_aoti_of_the_dynamic_program(tmp_path):
     assert_close_detections(run([image]), eager_detections(model, [image]))
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU visible")
 def test_export_with_dynamic_size_on_cuda():
     """The dynamic-size program on CUDA (the resize's sizes are computed on the CPU, the rest on the device); cuDNN

@@ -136,6 +136,7 @@ def test_box_coder_opcheck(device):
                           (torch.randn(20, 8, device=device), p, [10.0, 10.0, 5.0, 5.0], math.log(1000 / 16)))
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU visible")
 def test_box_math_cpu_equals_cuda():
     """The shared box math, compiled for both, gives the same bits (encode: the same up to its log)."""

@@ -1,6 +1,6 @@
 """Code that only CUDA runs: the composite post-processing ops on CUDA (against the CPU op and torchvision) and the
 channel chunking of the CUDA RoIAlign forward (a partial last chunk; more chunks than the grid's y dimension
-holds). Skipped without a GPU; scripts/gpu_check.sh runs them (`-k cuda`)."""
+holds). Skipped without a GPU; scripts/gpu_check.sh runs them (marker `cuda`)."""
 
 import pytest
 import torch
@@ -18,7 +18,7 @@ from .test_postprocess import (
     torchvision_postprocess,
 )
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU visible")
+pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU visible")]
 
 
 def to_cpu(per_image):

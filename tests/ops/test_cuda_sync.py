@@ -8,7 +8,7 @@ import torch
 
 import fasterrcnn_ext.ops as ops
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU visible")
+pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU visible")]
 
 
 def _boxes(n, seed, size=100.0):

@@ -212,6 +212,7 @@ def test_bad_input_names_the_argument(device, boxes, scores, idxs, message):
             ops.batched_nms(boxes, scores, idxs, 0.5)
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU visible")
 def test_cpu_and_cuda_agree():
     boxes = rpn_like_boxes(20_000)

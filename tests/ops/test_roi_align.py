@@ -202,6 +202,7 @@ def test_opcheck(device):
         torch.library.opcheck(torch.ops.fasterrcnn_ext.roi_align.default, (x, rois, 0.5, 3, 2, 2, aligned))
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU visible")
 def test_cuda_deterministic_backward_equals_atomic_backward():
     x = torch.randn(2, 16, 30, 30, device="cuda", dtype=torch.float64, requires_grad=True)

@@ -181,6 +181,7 @@ def test_opcheck(device):
                           (grad, rois, argmax, 0.5, 2, 2, 2, 3, 10, 12))
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU visible")
 def test_cuda_deterministic_backward_is_the_cpu_twin_bit_for_bit():
     """Integer sums do not depend on the order the GPU threads add in: the CUDA result is the CPU twin's."""
