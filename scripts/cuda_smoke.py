@@ -1,13 +1,17 @@
-"""One small call of every CUDA op, each against torchvision, with a watchdog: the first thing to run on a GPU.
+"""One small call of every CUDA op, each against torchvision, and a CUDA graph capture of a tiny detector, with a
+watchdog: the first thing to run on a GPU.
 
-`python scripts/cuda_smoke.py [--timeout S]`. Each step prints its name before it runs and its largest difference
-from torchvision after; a step that takes longer than S seconds (a hung kernel) dumps every thread's stack and
-exits with code 3, so the hanging op is the last name printed. Exits 1 if any step's result differs.
-`--device cpu` runs the same steps on the CPU kernels, to check the script itself (tests/test_gpu_scripts.py).
+`python scripts/cuda_smoke.py [--timeout S] [--quick]`. Each step prints its name before it runs and its largest
+difference from torchvision after; a step that takes longer than S seconds (a hung kernel) dumps every thread's
+stack and exits with code 3, so the hanging op is the last name printed. A step that raises is a failure named by
+its step. Exits 1 if any step failed. `--quick` keeps every op and the capture but only small cases (what
+scripts/gpu_check.sh runs under compute-sanitizer). `--device cpu` runs the same steps on the CPU kernels, to check
+the script itself (tests/test_gpu_scripts.py); there detect_padded stands in for the capture.
 """
 
 import argparse
 import faulthandler
+import os
 import sys
 import time
 
@@ -36,6 +40,7 @@ def main():
     p = argparse.ArgumentParser()
     p.add_argument("--timeout", type=float, default=30.0)
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    p.add_argument("--quick", action="store_true", help="small cases only (for compute-sanitizer)")
     args = p.parse_args()
     dev = args.device
     failures = []
@@ -48,13 +53,19 @@ def main():
     def step(name, ours, theirs, atol=1e-4):
         print(f"{name:45s}", end=" ", flush=True)
         faulthandler.dump_traceback_later(args.timeout, exit=True)
-        t0 = time.perf_counter()
-        a = ours()
-        sync()
-        dt = time.perf_counter() - t0
-        b = theirs()
-        sync()
-        faulthandler.cancel_dump_traceback_later()
+        try:
+            t0 = time.perf_counter()
+            a = ours()
+            sync()
+            dt = time.perf_counter() - t0
+            b = theirs()
+            sync()
+        except Exception as e:  # named here; a CUDA error poisons the context, and the later steps fail too
+            print(f"FAIL raised {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}", flush=True)
+            failures.append(name)
+            return
+        finally:
+            faulthandler.cancel_dump_traceback_later()
         if a.dtype == torch.bool or a.dtype == torch.int64:
             ok = a.shape == b.shape and bool((a == b).all())
             diff = "equal" if ok else f"differ: {a.shape} vs {b.shape}"
@@ -72,7 +83,7 @@ def main():
          lambda: torchvision.ops.clip_boxes_to_image(b1 - 20, (100, 120)))
     step("remove_small_boxes", lambda: ops.remove_small_boxes(b1, 20.0),
          lambda: torchvision.ops.remove_small_boxes(b1, 20.0))
-    for n in (10, 100, 1000, 5000):
+    for n in (100, 1000) if args.quick else (10, 100, 1000, 5000):
         bx = boxes_on(n, dev, 2)
         sc = scores_on(n, dev, n)
         step(f"nms {n}", lambda: ops.nms(bx, sc, 0.5), lambda: torchvision.ops.nms(bx, sc, 0.5))
@@ -129,12 +140,13 @@ def main():
          lambda: torch.ops.fasterrcnn_ext._roi_align_backward_fixed_point(
              gx.cpu(), rois.cpu(), [0.25], 7, 7, 2, True, 224.0, 4.0, 2, 8, [40], [50])[0], atol=0.0)
     # The NMS over valid boxes only: the invalid ones sorted last, the kernels bounded by the valid count.
-    bv, sv = boxes_on(3000, dev, 10), scores_on(3000, dev, 11)
-    cv, valid = torch.randint(0, 7, (3000,), device=dev), torch.rand(3000, device=dev) < 0.3
+    nv = 500 if args.quick else 3000
+    bv, sv = boxes_on(nv, dev, 10), scores_on(nv, dev, 11)
+    cv, valid = torch.randint(0, 7, (nv,), device=dev), torch.rand(nv, device=dev) < 0.3
 
     def valid_only():
         rows = valid.nonzero().squeeze(1)
-        mask = torch.zeros(3000, dtype=torch.bool, device=dev)
+        mask = torch.zeros(nv, dtype=torch.bool, device=dev)
         mask[rows[torchvision.ops.batched_nms(bv[rows], sv[rows], cv[rows], 0.5)]] = True
         return mask
 
@@ -146,8 +158,8 @@ def main():
     step("MultiScaleRoIAlign", lambda: ops.MultiScaleRoIAlign(list(feats), 7, 2)(feats, props, sizes),
          lambda: torchvision.ops.MultiScaleRoIAlign(list(feats), 7, 2)(feats, props, sizes))
     # The CUDA RoIAlign forward splits channels into chunks: a partial last chunk (256 = 6 x 37 + 34), and more
-    # chunks than the grid's y dimension holds (65,535), which the kernel loops over.
-    for channels, size, n in ((256, 7, 300), (70_000, 46, 1)):
+    # chunks than the grid's y dimension holds (65,535), which the kernel loops over (a 592 MB output: not --quick).
+    for channels, size, n in ((256, 7, 300),) + (() if args.quick else ((70_000, 46, 1),)):
         xc = torch.randn(1, channels, 12, 10, device=dev)
         rc = torch.cat([torch.zeros(n, 1, device=dev), boxes_on(n, dev, 6, 30.0)], 1)
         step(f"roi_align, {channels} channels at {size}x{size}", lambda: ops.roi_align(xc, rc, size, 0.25, 2, True),
@@ -181,6 +193,51 @@ def main():
 
     step("detection_postprocess_padded (CUDA vs the CPU op)", lambda: padded_detections_on(dev),
          lambda: padded_detections_on("cpu"))
+
+    # fasterrcnn_tiny's eval forward captured in one CUDA graph (CUDAGraphDetector) and replayed, against its eager
+    # forward: the capture fails on any host sync or allocation outside torch's graph pool. PyTorch's uncached
+    # allocator (PYTORCH_NO_CUDA_MEMORY_CACHING, set for compute-sanitizer's memcheck and initcheck) cannot capture.
+    from fasterrcnn_ext.models.detection import CUDAGraphDetector, fasterrcnn_tiny
+
+    torch.manual_seed(0)
+    tiny = fasterrcnn_tiny().eval()
+    with torch.no_grad():  # scores spread apart (a random predictor's are tied), so detections have one order
+        for module in tiny.modules():
+            if isinstance(module, torch.nn.Conv2d):
+                module.weight.normal_(std=(2.0 / module.weight[0].numel()) ** 0.5)
+        tiny.roi_heads.box_predictor.cls_score.weight.normal_(std=0.3)
+        tiny.roi_heads.box_predictor.bbox_pred.weight.normal_(std=0.05)
+    tiny.to(dev)
+    tiny_images = torch.rand(2, 3, 192, 256, device=dev)
+    detections = tiny.roi_heads.detections_per_img
+
+    def table(boxes, scores, labels):
+        """Per image, rows (score, box, label) by descending score, padded with zeros to detections_per_img."""
+        out = torch.zeros(len(boxes), detections, 6)
+        for i, (b, s, lab) in enumerate(zip(boxes, scores, labels)):
+            rows = torch.cat([s[:, None], b, lab[:, None].to(s.dtype)], 1).cpu()
+            out[i, :len(rows)] = rows[s.cpu().argsort(descending=True)]
+        return out
+
+    def padded_table(boxes, scores, labels, counts):
+        return table(*([t[i, :c] for i, c in enumerate(counts.tolist())] for t in (boxes, scores, labels)))
+
+    def eager_table():
+        with torch.no_grad():
+            found = tiny(list(tiny_images))
+        return table(*([d[key] for d in found] for key in ("boxes", "scores", "labels")))
+
+    if dev == "cpu":
+        step("fasterrcnn_tiny detect_padded (no capture on the CPU)",
+             lambda: padded_table(*tiny.detect_padded(list(tiny_images))), eager_table, atol=1e-3)
+    elif os.environ.get("PYTORCH_NO_CUDA_MEMORY_CACHING"):
+        print(f"{'fasterrcnn_tiny CUDA graph capture':45s} skipped (PYTORCH_NO_CUDA_MEMORY_CACHING is set)", flush=True)
+    else:
+        def replay():
+            graph = CUDAGraphDetector(tiny, (192, 256), batch_size=2)
+            return padded_table(*graph(tiny_images, padded=True))
+
+        step("fasterrcnn_tiny CUDA graph capture and replay", replay, eager_table, atol=1e-3)
     if failures:
         print("FAILED:", ", ".join(failures))
         sys.exit(1)

@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -27,9 +29,12 @@ def test_sync_audit_cases_run_on_the_cpu():
     assert done.stdout.count(": ran") >= 12
 
 
-def test_smoke_steps_run_and_agree_on_the_cpu():
-    done = subprocess.run([sys.executable, "scripts/cuda_smoke.py", "--device", "cpu"], cwd=ROOT,
+@pytest.mark.parametrize("quick", [[], ["--quick"]], ids=["full", "quick"])
+def test_smoke_steps_run_and_agree_on_the_cpu(quick):
+    done = subprocess.run([sys.executable, "scripts/cuda_smoke.py", "--device", "cpu", *quick], cwd=ROOT,
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "all steps agree with torchvision" in done.stdout and "FAIL" not in done.stdout
     assert "roi_align fixed point vs its CPU twin" in done.stdout
+    assert "fasterrcnn_tiny detect_padded" in done.stdout  # the CUDA graph capture's step, on the CPU
+    assert ("70000 channels" in done.stdout) == (not quick)
