@@ -3,10 +3,13 @@
 The ops a Faster R-CNN spends its time in are ours; every other name of torchvision.ops (box_area, box_convert,
 generalized_box_iou, FrozenBatchNorm2d, FeaturePyramidNetwork, ...) is torchvision's own, reached through this module,
 so ``import fasterrcnn_ext.ops as ops`` can replace ``import torchvision.ops as ops`` in a detection code base.
+They are the objects fasterrcnn_ext found in torchvision.ops on import (fasterrcnn_ext._torchvision), whatever has been
+assigned to torchvision's names since.
 """
 
-import torchvision.ops as _torchvision_ops
+from torch import fx as _fx
 
+from .. import _torchvision
 from .._library import LOADED as _LOADED
 from . import _onnx
 from .boxes import (
@@ -35,16 +38,23 @@ __all__ = [
 ]
 
 
+# torch.fx leaves where user code calls them through this module (``ops.roi_align(...)``), as torchvision's are:
+# fx.wrap patches a name in the globals of the module that wraps it, so each defining module wraps its own name for
+# its own callers (RoIAlign.forward, ...) and this module wraps the names it re-exports.
+for _name in ("nms", "batched_nms", "roi_align", "roi_pool", "multi_scale_roi_align"):
+    _fx.wrap(_name)
+del _name
+
 if _LOADED:
     _onnx.register()  # the ONNX forms of roi_align, roi_pool, nms, batched_nms (torch.onnx.export, dynamo=False)
 
 
 def __getattr__(name: str):
     # Only what this module lacks gets here (PEP 562): torchvision's public ops, not accelerated here.
-    if name in _torchvision_ops.__all__:
-        return getattr(_torchvision_ops, name)
+    if name in _torchvision.OPS:
+        return _torchvision.OPS[name]
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def __dir__():
-    return sorted(set(globals()) | set(_torchvision_ops.__all__))
+    return sorted(set(globals()) | set(_torchvision.OPS))

@@ -8,10 +8,9 @@ C classes.
 from __future__ import annotations
 
 import torch
-import torchvision.ops as _torchvision_ops
 from torch import Tensor
-from torchvision.models.detection._utils import BoxCoder as _TorchvisionBoxCoder
 
+from .. import _torchvision
 from .._library import assert_loaded
 from ._onnx import exporting
 from ._registration import register_fake
@@ -129,11 +128,14 @@ def _nms_bitmask_fake(boxes, scores, idxs, iou_threshold, max_keep, chunk_rows, 
 
 
 
-def box_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
+def box_iou(boxes1: Tensor, boxes2: Tensor, fmt: str = "xyxy") -> Tensor:
     """Intersection over union of every pair of boxes.
 
     Args:
         boxes1 (Tensor[N, 4]), boxes2 (Tensor[M, 4]): boxes in (x1, y1, x2, y2) format.
+        fmt (str): "xyxy" (default). The other formats of torchvision's box_iou ("xywh", "cxcywh" and the rotated
+            ones, where the installed torchvision takes them) and boxes with leading batch dimensions are computed by
+            torchvision.
 
     Returns:
         Tensor[N, M]: the IoU, in the boxes' dtype (float32 for float16/bfloat16 input, as torchvision). Boxes of two
@@ -141,14 +143,15 @@ def box_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
         against float32 anchors: float64). Integer boxes are torchvision's arithmetic (integer areas, a float32
         ratio), computed by torchvision.
     """
-    if not (boxes1.is_floating_point() and boxes2.is_floating_point()):
-        return _torchvision_ops.box_iou(boxes1, boxes2)
+    if (fmt != "xyxy" or boxes1.dim() != 2 or boxes2.dim() != 2
+            or not (boxes1.is_floating_point() and boxes2.is_floating_point())):
+        return _torchvision.box_iou_any(boxes1, boxes2, fmt)
     if boxes1.dtype != boxes2.dtype:
         common = torch.promote_types(boxes1.dtype, boxes2.dtype)
         boxes1, boxes2 = boxes1.to(common), boxes2.to(common)
     if not torch.jit.is_scripting():
         if exporting():  # ONNX export and tracing: torchvision's, in standard operations
-            return _torchvision_ops.box_iou(boxes1, boxes2)
+            return _torchvision.box_iou(boxes1, boxes2)
         assert_loaded()
     return torch.ops.fasterrcnn_ext.box_iou(boxes1, boxes2)
 
@@ -157,10 +160,10 @@ def clip_boxes_to_image(boxes: Tensor, size: tuple[int, int]) -> Tensor:
     """Clips boxes (Tensor[..., 4]) to an image of ``size`` (height, width): x to [0, width], y to [0, height].
     NaN coordinates stay NaN, as with torch.clamp. Integer boxes stay integers (computed by torchvision)."""
     if not boxes.is_floating_point():
-        return _torchvision_ops.clip_boxes_to_image(boxes, size)
+        return _torchvision.clip_boxes_to_image(boxes, size)
     if not torch.jit.is_scripting():
         if exporting():
-            return _torchvision_ops.clip_boxes_to_image(boxes, size)
+            return _torchvision.clip_boxes_to_image(boxes, size)
         assert_loaded()
     return torch.ops.fasterrcnn_ext.clip_boxes_to_image(boxes, int(size[0]), int(size[1]))
 
@@ -169,10 +172,10 @@ def remove_small_boxes(boxes: Tensor, min_size: float) -> Tensor:
     """Indices (Tensor[K], int64) of the boxes (Tensor[N, 4]) whose width and height are both >= min_size.
     Boxes with NaN sides are removed. Integer boxes are compared by torchvision."""
     if not boxes.is_floating_point():
-        return _torchvision_ops.remove_small_boxes(boxes, min_size)
+        return _torchvision.remove_small_boxes(boxes, min_size)
     if not torch.jit.is_scripting():
         if exporting():
-            return _torchvision_ops.remove_small_boxes(boxes, min_size)
+            return _torchvision.remove_small_boxes(boxes, min_size)
         assert_loaded()
     return torch.ops.fasterrcnn_ext.remove_small_boxes(boxes, float(min_size))
 
@@ -189,7 +192,7 @@ def encode_boxes(reference_boxes: Tensor, proposals: Tensor, weights: tuple[floa
     Tensor[N, 4]); torchvision's BoxCoder.encode_single with ``weights`` (wx, wy, ww, wh)."""
     if not torch.jit.is_scripting():
         if exporting():
-            return _TorchvisionBoxCoder(weights).encode_single(reference_boxes, proposals)
+            return _torchvision.BoxCoder(weights).encode_single(reference_boxes, proposals)
     return torch.ops.fasterrcnn_ext.encode_boxes(reference_boxes, proposals, _four_floats(weights))
 
 
@@ -208,7 +211,7 @@ def decode_boxes(rel_codes: Tensor, boxes: Tensor, weights: tuple[float, float, 
     """
     if not torch.jit.is_scripting():
         if exporting():
-            return _TorchvisionBoxCoder(weights, bbox_xform_clip).decode_single(rel_codes, boxes)
+            return _torchvision.BoxCoder(weights, bbox_xform_clip).decode_single(rel_codes, boxes)
     return torch.ops.fasterrcnn_ext.decode_boxes(rel_codes, boxes, _four_floats(weights), float(bbox_xform_clip))
 
 

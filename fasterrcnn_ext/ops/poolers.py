@@ -9,11 +9,11 @@ import math
 import warnings
 
 import torch
-import torchvision
 from torch import Tensor
 from torch.jit.annotations import BroadcastingList2
 from torchvision.ops.poolers import initLevelMapper
 
+from .. import _torchvision
 from .._library import assert_loaded
 from ._onnx import tracing_by_value
 from ._registration import register_autograd, register_fake
@@ -141,7 +141,7 @@ def _pool_levels(features: list[Tensor], rois: Tensor, output_size: list[int], s
                                  float(canonical_level))
 
 
-class MultiScaleRoIAlign(torchvision.ops.MultiScaleRoIAlign):
+class MultiScaleRoIAlign(_torchvision.MultiScaleRoIAlign):
     """Multi-scale RoIAlign pooling for FPN detectors (torchvision.ops.MultiScaleRoIAlign), on a fused op.
 
     Args:

@@ -23,7 +23,7 @@ from torch.jit.annotations import BroadcastingList2
 from torchvision.models.detection import faster_rcnn as tv_faster_rcnn
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 
-from ... import memory, ops
+from ... import _torchvision, memory, ops
 from ...capabilities import cpu_capabilities
 from ...files import is_checkpoint_path, load_checkpoint_state_dict
 from ...ops._onnx import tracing_by_value
@@ -140,7 +140,7 @@ class FasterRCNN(tv_faster_rcnn.FasterRCNN):
             kwargs["rpn_anchor_generator"] = AnchorGenerator(((32,), (64,), (128,), (256,), (512,)),
                                                              ((0.5, 1.0, 2.0),) * 5)
         pool = kwargs.get("box_roi_pool")
-        custom_pool = pool is not None and not isinstance(pool, torchvision.ops.MultiScaleRoIAlign)
+        custom_pool = pool is not None and not isinstance(pool, _torchvision.MultiScaleRoIAlign)
         if pool is None or custom_pool:
             kwargs["box_roi_pool"] = ops.MultiScaleRoIAlign(["0", "1", "2", "3"], 7, 2)
         super().__init__(backbone, num_classes, **kwargs)
@@ -170,7 +170,7 @@ class FasterRCNN(tv_faster_rcnn.FasterRCNN):
             ours.rpn.anchor_generator = AnchorGenerator(gen.sizes, gen.aspect_ratios)
         ours.roi_heads = RoIHeads.adopt(model.roi_heads)
         pool = model.roi_heads.box_roi_pool
-        if isinstance(pool, torchvision.ops.MultiScaleRoIAlign) and not isinstance(pool, ops.MultiScaleRoIAlign):
+        if isinstance(pool, _torchvision.MultiScaleRoIAlign) and not isinstance(pool, ops.MultiScaleRoIAlign):
             ours.roi_heads.box_roi_pool = ops.MultiScaleRoIAlign(
                 pool.featmap_names, pool.output_size, pool.sampling_ratio, canonical_scale=pool.canonical_scale,
                 canonical_level=pool.canonical_level)
@@ -352,7 +352,7 @@ def padded_detections_to_list(boxes: Tensor, scores: Tensor, labels: Tensor, cou
 def _settle_pool_scales(pool: nn.Module, features: dict[str, Tensor], padded_size) -> None:
     """Sets an unset MultiScaleRoIAlign's scales from the padded batch size, a multiple of every feature stride
     under torch.export (where the resized image size is only known at run time)."""
-    if not isinstance(pool, torchvision.ops.MultiScaleRoIAlign) or pool.scales is not None:
+    if not isinstance(pool, _torchvision.MultiScaleRoIAlign) or pool.scales is not None:
         return
     scales = []
     for name in pool.featmap_names:
@@ -401,26 +401,26 @@ def fasterrcnn_resnet50_fpn(*, weights=None, progress: bool = True, num_classes:
                             **kwargs) -> FasterRCNN:
     """torchvision.models.detection.fasterrcnn_resnet50_fpn on our kernels. ``weights``: torchvision's weights enum or
     its name (downloaded by torchvision), or a local checkpoint path. Other arguments as torchvision's."""
-    return _build(tv_faster_rcnn.fasterrcnn_resnet50_fpn, weights, num_classes, dict(progress=progress, **kwargs))
+    return _build(_torchvision.fasterrcnn_resnet50_fpn, weights, num_classes, dict(progress=progress, **kwargs))
 
 
 def fasterrcnn_resnet50_fpn_v2(*, weights=None, progress: bool = True, num_classes: int | None = None,
                                **kwargs) -> FasterRCNN:
     """torchvision.models.detection.fasterrcnn_resnet50_fpn_v2 on our kernels (see fasterrcnn_resnet50_fpn)."""
-    return _build(tv_faster_rcnn.fasterrcnn_resnet50_fpn_v2, weights, num_classes, dict(progress=progress, **kwargs))
+    return _build(_torchvision.fasterrcnn_resnet50_fpn_v2, weights, num_classes, dict(progress=progress, **kwargs))
 
 
 def fasterrcnn_mobilenet_v3_large_fpn(*, weights=None, progress: bool = True, num_classes: int | None = None,
                                       **kwargs) -> FasterRCNN:
     """torchvision.models.detection.fasterrcnn_mobilenet_v3_large_fpn on our kernels."""
-    return _build(tv_faster_rcnn.fasterrcnn_mobilenet_v3_large_fpn, weights, num_classes,
+    return _build(_torchvision.fasterrcnn_mobilenet_v3_large_fpn, weights, num_classes,
                   dict(progress=progress, **kwargs))
 
 
 def fasterrcnn_mobilenet_v3_large_320_fpn(*, weights=None, progress: bool = True, num_classes: int | None = None,
                                           **kwargs) -> FasterRCNN:
     """torchvision.models.detection.fasterrcnn_mobilenet_v3_large_320_fpn on our kernels."""
-    return _build(tv_faster_rcnn.fasterrcnn_mobilenet_v3_large_320_fpn, weights, num_classes,
+    return _build(_torchvision.fasterrcnn_mobilenet_v3_large_320_fpn, weights, num_classes,
                   dict(progress=progress, **kwargs))
 
 
