@@ -3,12 +3,16 @@
     import fasterrcnn_ext.ops as ops            # instead of torchvision.ops
     keep = ops.nms(boxes, scores, 0.7)
 
-Every op is also reachable as ``torch.ops.fasterrcnn_ext.<name>``.
+Every op is also reachable as ``torch.ops.fasterrcnn_ext.<name>``. For code that calls torchvision itself:
+
+    fasterrcnn_ext.patch_torchvision()          # our ops and detector behind torchvision's names (see patch.py)
 """
 
 __version__ = "0.1.0"
 
 from . import ops  # noqa: E402
 from ._library import ExtensionNotBuiltError, build_info  # noqa: E402
+from .patch import TorchvisionPatch, patch_torchvision, patched, unpatch_torchvision  # noqa: E402
 
-__all__ = ["ops", "build_info", "ExtensionNotBuiltError", "__version__"]
+__all__ = ["ops", "build_info", "ExtensionNotBuiltError", "patch_torchvision", "unpatch_torchvision", "patched",
+           "TorchvisionPatch", "__version__"]

@@ -21,6 +21,25 @@ if settings is not None:
                               suppress_health_check=_SLOW_CASES)
     settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
+
+def pytest_addoption(parser):
+    parser.addoption("--patch-torchvision", action="store_true",
+                     help="run with fasterrcnn_ext.patch_torchvision() in place for the whole session (our ops and "
+                          "detector behind torchvision's names): every test must still pass")
+
+
+def pytest_configure(config):
+    if config.getoption("--patch-torchvision"):
+        import fasterrcnn_ext
+
+        fasterrcnn_ext.patch_torchvision()
+
+
+def pytest_report_header(config):
+    if config.getoption("--patch-torchvision"):
+        return "torchvision patched: fasterrcnn_ext.patch_torchvision() for the whole session"
+
+
 CUDA_AVAILABLE = torch.cuda.is_available()
 _NO_CUDA = pytest.mark.skipif(not CUDA_AVAILABLE, reason="no CUDA GPU visible")
 
