@@ -3,13 +3,19 @@
 Two kinds: the scriptable helpers (``rois_from_boxes``, ``flat_image_sizes``, ``per_image``), which TorchScript
 compiles into a scripted op or detector, and the eager checks (``check_*``, ``pair``), which the wrappers call under
 ``if not torch.jit.is_scripting():`` to turn bad arguments into ValueErrors that say what was wrong (a scripted op
-gets the kernels' own TORCH_CHECK errors instead).
+gets the kernels' own TORCH_CHECK errors instead). Where torchvision asserts on the same argument, the error is an
+ArgumentError, which ``except AssertionError`` catches too.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
+
+
+class ArgumentError(ValueError, AssertionError):
+    """A bad argument, where torchvision's counterpart fails an assertion (``torch._assert``) on it: code written
+    against torchvision that catches AssertionError catches it, as does code that catches ValueError."""
 
 
 def pair(size, name: str = "output_size") -> tuple[int, int]:
@@ -51,19 +57,20 @@ def check_boxes_fit_batch(boxes, batch_size: int, op: str) -> None:
 
 
 def check_boxes(boxes) -> None:
-    """ValueError unless ``boxes`` is a Tensor[K, 5] or a non-empty list of Tensor[L, 4]."""
+    """ArgumentError (where torchvision asserts) unless ``boxes`` is a Tensor[K, 5] or a list of Tensor[L, 4];
+    ValueError for an empty list (torchvision's torch.cat fails on it)."""
     if isinstance(boxes, Tensor):
         if boxes.dim() != 2 or boxes.size(1) != 5:
-            raise ValueError("boxes must be a Tensor[K, 5] of (batch index, x1, y1, x2, y2) or a list of Tensor[L, 4], "
-                             f"got a tensor of shape {tuple(boxes.shape)}")
+            raise ArgumentError("boxes must be a Tensor[K, 5] of (batch index, x1, y1, x2, y2) or a list of "
+                                f"Tensor[L, 4], got a tensor of shape {tuple(boxes.shape)}")
         return
     if not isinstance(boxes, (list, tuple)) or not all(isinstance(b, Tensor) for b in boxes):
-        raise ValueError(f"boxes must be a Tensor[K, 5] or a list of Tensor[L, 4], got {type(boxes).__name__}")
+        raise ArgumentError(f"boxes must be a Tensor[K, 5] or a list of Tensor[L, 4], got {type(boxes).__name__}")
     if len(boxes) == 0:
         raise ValueError("boxes is an empty list: give one Tensor[L, 4] per image (L may be 0)")
     for i, b in enumerate(boxes):
         if b.dim() != 2 or b.size(1) != 4:
-            raise ValueError(f"boxes[{i}] must be a Tensor[L, 4], got shape {tuple(b.shape)}")
+            raise ArgumentError(f"boxes[{i}] must be a Tensor[L, 4], got shape {tuple(b.shape)}")
 
 
 def rois_from_boxes(boxes: Tensor | list[Tensor]) -> Tensor:

@@ -8,6 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from ... import ops
+from ...ops._utils import ArgumentError
 from ...ops.constants import BBOX_XFORM_CLIP
 
 
@@ -32,6 +33,12 @@ class BoxCoder:
         return ops.encode_boxes(reference_boxes, proposals.to(reference_boxes.dtype), self.weights)
 
     def decode(self, rel_codes: Tensor, boxes: list[Tensor]) -> Tensor:
+        if not torch.jit.is_scripting():  # torchvision asserts both
+            if not isinstance(boxes, (list, tuple)):
+                raise ArgumentError(f"BoxCoder.decode: boxes must be a list of Tensor[K_i, 4], got "
+                                    f"{type(boxes).__name__}")
+            if not isinstance(rel_codes, Tensor):
+                raise ArgumentError(f"BoxCoder.decode: rel_codes must be a Tensor, got {type(rel_codes).__name__}")
         concat_boxes = torch.cat(boxes, dim=0)
         box_sum = concat_boxes.shape[0]
         pred_boxes = self.decode_single(rel_codes.reshape(box_sum, -1), concat_boxes)

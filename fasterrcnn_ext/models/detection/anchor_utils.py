@@ -13,6 +13,7 @@ from torchvision.models.detection.image_list import ImageList
 
 from ..._library import assert_loaded
 from ...ops._onnx import tracing_by_value
+from ...ops._utils import ArgumentError
 
 
 class AnchorGenerator(tv_anchor_utils.AnchorGenerator):
@@ -34,9 +35,9 @@ class AnchorGenerator(tv_anchor_utils.AnchorGenerator):
             sizes = tuple((s,) for s in sizes)
         if not isinstance(aspect_ratios[0], (list, tuple)):
             aspect_ratios = (aspect_ratios,) * len(sizes)
-        if len(sizes) != len(aspect_ratios):
-            raise ValueError(f"AnchorGenerator: sizes ({len(sizes)} levels) and aspect_ratios "
-                             f"({len(aspect_ratios)} levels) must have the same length")
+        if len(sizes) != len(aspect_ratios):  # torchvision's keeps the shorter's levels, and asserts at the call
+            raise ArgumentError(f"AnchorGenerator: sizes ({len(sizes)} levels) and aspect_ratios "
+                                f"({len(aspect_ratios)} levels) must have the same length")
         self.sizes = sizes
         self.aspect_ratios = aspect_ratios
         self.cell_anchors = [self.generate_anchors(size, ratio) for size, ratio in zip(sizes, aspect_ratios)]
@@ -74,9 +75,9 @@ class AnchorGenerator(tv_anchor_utils.AnchorGenerator):
 
     @torch.jit.unused
     def _check_levels(self, num_maps: int) -> None:
-        if num_maps != len(self.cell_anchors):
-            raise ValueError(f"AnchorGenerator: got {num_maps} feature maps but anchors for "
-                             f"{len(self.cell_anchors)} levels (sizes={self.sizes})")
+        if num_maps != len(self.cell_anchors):  # an AssertionError in torchvision
+            raise ArgumentError(f"AnchorGenerator: got {num_maps} feature maps but anchors for "
+                                f"{len(self.cell_anchors)} levels (sizes={self.sizes})")
 
     def grid_anchors(self, grid_sizes: list[tuple[int, int]], strides: list[tuple[int, int]]) -> list[Tensor]:
         """torchvision's per-level list of anchors."""

@@ -27,7 +27,7 @@ from ... import _torchvision, memory, ops
 from ...capabilities import cpu_capabilities
 from ...files import is_checkpoint_path, load_checkpoint_state_dict
 from ...ops._onnx import tracing_by_value
-from ...ops._utils import pair
+from ...ops._utils import ArgumentError, pair
 from ...ops.poolers import power_of_2_scale
 from . import transform
 from ._inference import InferenceCopy
@@ -44,22 +44,22 @@ __all__ = [
 
 
 def _check_inputs(images, targets, training: bool, image_transform=None) -> None:
-    """ValueErrors that name the image and the problem, before any work is done. ``image_transform``: the model's
-    transform; when it resizes by torchvision's min/max-size rule, images that rule would shrink to nothing are
-    refused."""
+    """ValueErrors that name the image and the problem, before any work is done; ArgumentErrors (also
+    AssertionErrors) where torchvision's GeneralizedRCNN asserts. ``image_transform``: the model's transform; when it
+    resizes by torchvision's min/max-size rule, images that rule would shrink to nothing are refused."""
     if not isinstance(images, (list, tuple)):
         what = f"a tensor of shape {tuple(images.shape)}" if isinstance(images, Tensor) else type(images).__name__
         raise ValueError(f"images must be a list of [C, H, W] tensors or one [N, C, H, W] tensor, got {what}")
     for i, image in enumerate(images):
         if not isinstance(image, Tensor) or image.dim() != 3:
             shape = tuple(image.shape) if isinstance(image, Tensor) else type(image).__name__
-            raise ValueError(f"images[{i}] must be a [C, H, W] tensor, got {shape}")
+            raise ArgumentError(f"images[{i}] must be a [C, H, W] tensor, got {shape}")
         if image.shape[-2] == 0 or image.shape[-1] == 0:
             raise ValueError(f"images[{i}] is empty: its shape is {tuple(image.shape)}")
     if transform.resizes_symbolically(image_transform) and not torch.compiler.is_compiling():
         _check_resizable(images, image_transform)
     if training and targets is None:
-        raise ValueError("targets are required in training mode: one dict with 'boxes' and 'labels' per image")
+        raise ArgumentError("targets are required in training mode: one dict with 'boxes' and 'labels' per image")
     if targets is None:
         return
     if len(targets) != len(images):
@@ -68,14 +68,14 @@ def _check_inputs(images, targets, training: bool, image_transform=None) -> None
         boxes = target.get("boxes") if isinstance(target, dict) else None
         if not isinstance(boxes, Tensor) or boxes.dim() != 2 or boxes.shape[-1] != 4:
             shape = tuple(boxes.shape) if isinstance(boxes, Tensor) else type(boxes).__name__
-            raise ValueError(f"targets[{i}]['boxes'] must be a [K, 4] tensor, got {shape}")
+            raise ArgumentError(f"targets[{i}]['boxes'] must be a [K, 4] tensor, got {shape}")
         if "labels" not in target:
             raise ValueError(f"targets[{i}] has no 'labels'")
         degenerate = (boxes[:, 2] <= boxes[:, 0]) | (boxes[:, 3] <= boxes[:, 1])
         if degenerate.any():
             k = int(degenerate.nonzero()[0, 0])
-            raise ValueError(f"targets[{i}]['boxes'][{k}] = {boxes[k].tolist()} of image {i} has x2 <= x1 or y2 <= y1: "
-                             "boxes need positive width and height")
+            raise ArgumentError(f"targets[{i}]['boxes'][{k}] = {boxes[k].tolist()} of image {i} has x2 <= x1 or "
+                                "y2 <= y1: boxes need positive width and height")
 
 
 def _images_as_list(images):
