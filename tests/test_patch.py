@@ -381,6 +381,21 @@ def test_patch_refuses_without_the_compiled_library(monkeypatch):
     assert fasterrcnn_ext.patched() == {}
 
 
+def test_the_benchmark_row_times_the_same_work_patched_and_not():
+    from fasterrcnn_ext.benchmark import cases
+
+    (case,) = cases.ALL_CASES["patch"]("cpu")
+    with torch.no_grad():
+        boxes, iou, pooled = case.ours()
+        assert torchvision.ops.nms is ops.nms  # the patched side runs patched
+        expected_boxes, expected_iou, expected_pooled = case.torchvision()
+    assert fasterrcnn_ext.patched() == {}  # and torchvision's side unpatched, which leaves torchvision as it was
+    assert [len(b) for b in boxes] == [len(b) for b in expected_boxes] and len(boxes[0]) > 0
+    for got, expected in zip(boxes + iou, expected_boxes + expected_iou):
+        torch.testing.assert_close(got, expected)
+    torch.testing.assert_close(pooled, expected_pooled, rtol=1e-5, atol=1e-5)
+
+
 def test_mask_rcnn_built_while_patched_trains_and_detects_as_torchvisions():
     """torchvision's Mask R-CNN subclasses its FasterRCNN, whose constructor then builds our RPN and RoI heads: the
     losses and detections (masks included) of the unpatched model with the same weights."""

@@ -137,6 +137,54 @@ def roi_cases(device: str) -> list[Case]:
     return cases
 
 
+def third_party_postprocess(detections, ground_truth, features, image_size):
+    """Detection post-processing as code that calls torchvision itself writes it (an evaluation tool, sliced
+    inference merging its slices' detections, a re-scoring head): every op looked up in torchvision.ops at the call,
+    so that fasterrcnn_ext.patch_torchvision() decides whose runs."""
+    kept_boxes, best_iou = [], []
+    for (boxes, scores, labels), gt in zip(detections, ground_truth):
+        boxes = torchvision.ops.clip_boxes_to_image(boxes, image_size)
+        keep = torchvision.ops.remove_small_boxes(boxes, 2.0)
+        boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
+        keep = torchvision.ops.batched_nms(boxes, scores, labels, 0.5)[:300]
+        kept_boxes.append(boxes[keep])
+        best_iou.append(torchvision.ops.box_iou(boxes[keep], gt).max(1).values)
+    pooled = torchvision.ops.roi_align(features, kept_boxes, 7, 1 / 8, 2, aligned=True)
+    return kept_boxes, best_iou, pooled
+
+
+def patch_cases(device: str) -> list[Case]:
+    """third_party_postprocess on detector-sized inputs (two 800x1344 images, each with the merged detections of four
+    slices: 6,000 boxes of 80 classes, 30 ground-truth boxes, 256-channel stride-8 features), with torchvision as it
+    is against torchvision patched by fasterrcnn_ext.patch_torchvision(). The patched side's first call puts the patch
+    in place and torchvision's first call undoes it (run.py times one side's calls, then the other's, and ends with
+    torchvision's), so the patch is out of either side's median and torchvision is left as it was."""
+    import fasterrcnn_ext
+
+    g = torch.Generator().manual_seed(0)
+    detections, ground_truth = [], []
+    for i in range(2):
+        boxes, scores = rpn_like_boxes(6000, num_clusters=60, device=device, seed=10 + i)
+        labels = torch.randint(0, 80, (6000,), generator=g).to(device)
+        detections.append((boxes, scores, labels))
+        ground_truth.append(rpn_like_boxes(30, num_clusters=30, device=device, seed=20 + i)[0])
+    features = torch.randn(2, 256, 100, 168, generator=g).to(device)
+    args = (detections, ground_truth, features, (800, 1344))
+
+    def patched():
+        if not fasterrcnn_ext.patched():
+            fasterrcnn_ext.patch_torchvision()
+        return third_party_postprocess(*args)
+
+    def unpatched():
+        if fasterrcnn_ext.patched():
+            fasterrcnn_ext.unpatch_torchvision()
+        return third_party_postprocess(*args)
+
+    return [Case("third-party code calling torchvision.ops, patched", patched, unpatched,
+                 target=2.0 if device == "cuda" else 3.0)]
+
+
 def box_cases(device: str) -> list[Case]:
     from torchvision.models.detection._utils import BoxCoder
     from torchvision.models.detection.anchor_utils import AnchorGenerator
@@ -389,4 +437,5 @@ ALL_CASES: dict[str, Callable[[str], list[Case]]] = {
     "nms": nms_cases,
     "roi": roi_cases,
     "training": training_cases,
+    "patch": patch_cases,
 }
