@@ -56,3 +56,15 @@ def device(request):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def demo_run(tmp_path_factory):
+    """The README's main job, run once per session with its defaults (about 4 minutes on 2 cores): the folder with
+    the trained fasterrcnn_tiny (model.pt) and its metrics. Tests whose results matter detect with this model on
+    held-out images, since random weights detect nothing or everything."""
+    from fasterrcnn_ext.engine import demo
+
+    out = tmp_path_factory.mktemp("demo") / "run"
+    demo(str(out), progress=False)
+    return out

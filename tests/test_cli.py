@@ -13,7 +13,7 @@ import torch
 
 from fasterrcnn_ext.cli import main
 from fasterrcnn_ext.data import SyntheticShapes
-from fasterrcnn_ext.engine import demo, load_checkpoint
+from fasterrcnn_ext.engine import load_checkpoint
 
 needs_pycocotools = pytest.mark.skipif(importlib.util.find_spec("pycocotools") is None,
                                        reason="pycocotools is not installed (COCO evaluation)")
@@ -196,9 +196,9 @@ def test_ctrl_c_saves_a_checkpoint(tmp_path):
 
 @needs_pycocotools
 @pytest.mark.slow
-def test_demo_defaults_reach_the_target(tmp_path):
+def test_demo_defaults_reach_the_target(demo_run):
     """The README's main job: with the defaults, mAP@0.5 >= 0.7 on the held-out images (about 4 minutes here)."""
-    metrics = demo(str(tmp_path / "demo"), progress=False)
+    metrics = json.loads((demo_run / "metrics.json").read_text())
     assert metrics["map_50"] >= 0.7, metrics
     assert metrics["held_out_images"] == 200 and metrics["iterations"] == 1500
 
@@ -280,3 +280,50 @@ def test_export_refuses_what_it_cannot_do_and_keeps_the_file(trained, tmp_path, 
     assert main(["export", "--weights", os.path.join(trained, "last.pt"), "--format", "onnx", "--out",
                  str(tmp_path)]) == 2
     assert "is a folder" in capsys.readouterr().err
+
+
+AOTI_FRESH_PROCESS = """
+import sys, torch
+from fasterrcnn_ext.engine.export import load_aoti
+run = load_aoti(sys.argv[1])
+results = []
+for image in torch.load(sys.argv[2]):
+    try:
+        results.append(run([image])[0])
+    except ValueError as e:
+        results.append(str(e))
+torch.save(results, sys.argv[3])
+"""
+
+
+@needs_pycocotools
+@pytest.mark.slow
+def test_export_aoti_gives_the_trained_models_detections_at_its_size(demo_run, tmp_path, capsys):
+    """The demo's trained model, exported by the CLI for 192x192 images (its example a random image, on which the
+    model detects nothing), run in a fresh process on held-out images: the eager detections at that size, whatever
+    the image's memory layout (the held-out images are channels-last views); a clear error at any other size."""
+    from fasterrcnn_ext.engine.detect import load_detector
+
+    out = tmp_path / "d.pt2"
+    assert main(["export", "--weights", str(demo_run / "model.pt"), "--format", "aoti", "--out", str(out),
+                 "--image-size", "192", "192"]) == 0
+    model, _, _ = load_detector(str(demo_run / "model.pt"))
+    model.eval()
+    held_out = SyntheticShapes(4, seed=1_000_003, image_size=192)
+    images = [held_out[i][0] for i in range(4)] + [torch.rand(3, 150, 260)]
+    assert not images[0].is_contiguous()
+    torch.save(images, tmp_path / "in.pt")
+    proc = subprocess.run([sys.executable, "-c", AOTI_FRESH_PROCESS, str(out), str(tmp_path / "in.pt"),
+                           str(tmp_path / "out.pt")], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = torch.load(tmp_path / "out.pt")
+    counts = []
+    for image, detections in zip(images[:4], got[:4]):
+        with torch.no_grad():
+            expected = model([image])[0]
+        counts.append(len(expected["boxes"]))
+        assert torch.equal(detections["labels"], expected["labels"])
+        torch.testing.assert_close(detections["scores"], expected["scores"], rtol=1e-3, atol=1e-4)
+        torch.testing.assert_close(detections["boxes"], expected["boxes"], rtol=1e-3, atol=1e-2)
+    assert min(counts) > 0 and len(set(counts)) > 1  # a model that detects, differently per image
+    assert isinstance(got[4], str) and "150x260" in got[4] and "compiled for 192x192" in got[4]

@@ -11,9 +11,12 @@ Formats:
 - ``pt2``: ``torch.export`` of the eval detector with a dynamic image height and width (32 to ``MAX_SIDE`` pixels),
   saved with ``torch.export.save``; ``torch.export.load(FILE).module()([image])`` gives the eager detections.
 - ``aoti``: that program compiled by AOTInductor for one image size (``--image-size``), a package that
-  ``torch._inductor.aoti_load_package(FILE)`` loads and runs without Python model code. One size, because torch
-  2.14's inductor computes wrong convolution outputs from the dynamic program's run-time (unbacked) resized size
-  (tests/models/test_export.py keeps that case as a strict xfail).
+  ``load_aoti(FILE)`` loads and runs without Python model code, checking that each image has that size (the
+  compiled code reads any tensor as one of that size and layout: ``torch._inductor.aoti_load_package`` alone
+  checks nothing unless AOTI_RUNTIME_CHECK_INPUTS=1 is set). One size, because torch 2.14's inductor computes
+  wrong convolution outputs from the dynamic program's run-time (unbacked) resized size (tests/models/test_export.py
+  keeps that case as a strict xfail). The package is compiled for this machine's CPU (AVX-512 code on an AVX-512
+  machine): compile it on the kind of CPU that runs it.
 Loading a pt2 or aoti file needs the fasterrcnn_ext library loaded first (``import fasterrcnn_ext``): the program
 calls its ops.
 
@@ -82,9 +85,75 @@ def export_program(model: torch.nn.Module, image: torch.Tensor, dynamic: bool = 
         return torch.export.export(model.eval(), ([image],), dynamic_shapes=shapes, strict=False)
 
 
+# The package metadata key that holds the one image size ("HxW") a package of a fixed-size program takes.
+AOTI_IMAGE_SIZE_KEY = "fasterrcnn_ext.image_size"
+
+
 def compile_aoti(program, f) -> None:
-    """AOTInductor: ``program`` (an ExportedProgram) compiled and packaged into ``f`` (a path or a binary file)."""
-    torch._inductor.aoti_compile_and_package(program, package_path=f)
+    """AOTInductor: ``program`` (an ExportedProgram) compiled and packaged into ``f`` (a path or a binary file).
+
+    The compiled code takes the example image's sizes and strides as given and does not check them at run time
+    (torch checks only with AOTI_RUNTIME_CHECK_INPUTS=1): load the package with ``load_aoti``, which checks each
+    image and passes it contiguous. Where the program's image size is fixed, the package records it in its
+    metadata (AOTI_IMAGE_SIZE_KEY) for that check; the example must be contiguous, as load_aoti passes images."""
+    metadata = {}
+    example = _example_image(program)
+    if example is not None and all(isinstance(side, int) for side in example.shape):
+        if not example.is_contiguous():
+            raise ValueError(f"compile_aoti: the program's example image (strides {tuple(example.stride())}) is not "
+                             "contiguous; export it with image.contiguous(), the layout load_aoti passes")
+        metadata[AOTI_IMAGE_SIZE_KEY] = f"{example.shape[-2]}x{example.shape[-1]}"
+    torch._inductor.aoti_compile_and_package(program, package_path=f,
+                                             inductor_configs={"aot_inductor.metadata": metadata})
+
+
+def _example_image(program):
+    """The program's one example image ([3, H, W]; a fake tensor with symbolic sizes for a dynamic program), or
+    None where the program does not take one image."""
+    args = (program.example_inputs or ((), {}))[0]
+    images = args[0] if len(args) == 1 and isinstance(args[0], (list, tuple)) else None
+    if images is None or len(images) != 1 or not isinstance(images[0], torch.Tensor):
+        return None
+    return images[0]
+
+
+class AotiDetector:
+    """An AOTInductor package of the detector (``fasterrcnn-ext export --format aoti``), loaded with the checks its
+    compiled code lacks: each call takes a list of [3, H, W] float images of the one size it was compiled for
+    (others raise a ValueError before anything runs), passed contiguous, and returns forward's list of
+    detection dicts. ``image_size`` is that (H, W), or None for a package without the record."""
+
+    def __init__(self, path):
+        self._run = torch._inductor.aoti_load_package(os.fspath(path))
+        size = self._run.get_metadata().get(AOTI_IMAGE_SIZE_KEY)
+        self.image_size = tuple(int(side) for side in size.split("x")) if size else None
+        self.path = os.fspath(path)
+
+    def __call__(self, images: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+        if isinstance(images, torch.Tensor):
+            raise ValueError(f"images: a list of [3, H, W] tensors, as for the eager model; got one tensor of shape "
+                             f"{tuple(images.shape)}")
+        if len(images) != 1:
+            raise ValueError(f"images: this AOTInductor package takes one image per call, got {len(images)}")
+        results = []
+        for i, image in enumerate(images):
+            if image.dim() != 3 or image.shape[0] != 3 or not image.is_floating_point():
+                raise ValueError(f"images[{i}]: a float [3, H, W] image, got {image.dtype} of shape "
+                                 f"{tuple(image.shape)}")
+            if self.image_size is not None and tuple(image.shape[-2:]) != self.image_size:
+                h, w = self.image_size
+                raise ValueError(f"images[{i}] is {image.shape[-2]}x{image.shape[-1]} pixels; the AOTInductor package "
+                                 f"{self.path} was compiled for {h}x{w} images only: resize the image to {h}x{w}, "
+                                 "or export a package for its size (--image-size), or the pt2 format (any size)")
+            results += self._run([image.contiguous()])
+        return results
+
+
+def load_aoti(path) -> AotiDetector:
+    """An AOTInductor package written by ``export_detector(..., "aoti", ...)`` or ``compile_aoti``, as a callable
+    that checks each image against the size it was compiled for (AotiDetector). Needs the fasterrcnn_ext library
+    loaded (this module imports it)."""
+    return AotiDetector(path)
 
 
 def export_detector(model: torch.nn.Module, fmt: str, out: str, image_size: tuple[int, int] = (480, 640),
@@ -106,6 +175,7 @@ def export_detector(model: torch.nn.Module, fmt: str, out: str, image_size: tupl
         with atomic_write(out, binary=True) as f:
             export_onnx(model, torch.rand(3, *image_size), f, opset, dynamo=dynamo)
     elif fmt in ("pt2", "aoti"):
+        # A random example: an aoti package takes its size and (contiguous) strides, and nothing from its values.
         program = export_program(model, torch.rand(3, *image_size), dynamic=fmt == "pt2")
         with atomic_write(out, binary=True) as f:
             if fmt == "pt2":
