@@ -8,15 +8,37 @@ import contextlib
 import json
 import os
 import tempfile
+import threading
+
+_UMASK_LOCK = threading.Lock()
+
+
+def current_umask() -> int:
+    """The process's umask, read without changing it where Linux reports it (/proc/self/status), else set and
+    restored under a lock (os.umask can only be read by setting it)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    with _UMASK_LOCK:
+        mask = os.umask(0o022)
+        os.umask(mask)
+    return mask
 
 
 @contextlib.contextmanager
 def atomic_write(path: str, binary: bool = False):
-    """Yields a file in ``path``'s folder; on a clean exit it is synced and renamed over ``path``, else removed."""
+    """Yields a file in ``path``'s folder; on a clean exit it is synced and renamed over ``path``, else removed.
+    The file gets the mode a plain ``open(path, "w")`` would give (0o666 less the umask), not the temporary file's
+    private 0o600, so a shared runs folder stays readable."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.splitext(path)[1], dir=folder)
     try:
+        os.fchmod(fd, 0o666 & ~current_umask())
         with os.fdopen(fd, "wb" if binary else "w") as f:
             yield f
             f.flush()
