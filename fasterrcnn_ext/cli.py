@@ -218,7 +218,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)
-    except (ValueError, FileNotFoundError, FileExistsError, FloatingPointError) as e:
+    except (ValueError, FileNotFoundError, FileExistsError, FloatingPointError, ConnectionError) as e:
         # Bad input: one line naming the problem, not a traceback.
         print(f"fasterrcnn-ext {args.command}: error: {e}", file=sys.stderr)
         return 2

@@ -25,7 +25,13 @@ from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHe
 
 from ... import _torchvision, memory, ops
 from ...capabilities import cpu_capabilities
-from ...files import is_checkpoint_path, load_checkpoint_state_dict
+from ...files import (
+    describe_checkpoint,
+    is_checkpoint_path,
+    load_checkpoint_state_dict,
+    named_weights_downloads,
+    read_checkpoint_file,
+)
 from ...ops._onnx import tracing_by_value
 from ...ops._utils import ArgumentError, pair
 from ...ops.poolers import power_of_2_scale
@@ -378,6 +384,23 @@ def cpu_has_native_bfloat16() -> bool:
 # Builders: torchvision's builders (same arguments and weights), then our kernels over the same modules.
 
 
+def load_state_strict(model: nn.Module, state: dict, path, builder: str) -> None:
+    """Strict load_state_dict, with an error that says what the checkpoint holds and how it differs from the model,
+    in one sentence instead of the key lists."""
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        own = model.state_dict()
+        missing = [k for k in own if k not in state]
+        unexpected = [k for k in state if k not in own]
+        reshaped = [k for k in own if k in state and tuple(own[k].shape) != tuple(state[k].shape)]
+        parts = [f"{len(keys)} {what} (first {keys[0]!r})" for keys, what in (
+            (missing, "of the model's tensors missing"), (unexpected, "tensors the model does not have"),
+            (reshaped, "of another shape")) if keys]
+        raise ValueError(f"checkpoint {path!s} holds {describe_checkpoint(read_checkpoint_file(path))}, which does "
+                         f"not fit {builder}: {'; '.join(parts) or str(e).splitlines()[0]}") from e
+
+
 def _build(tv_builder, weights, num_classes, kwargs) -> FasterRCNN:
     local = weights if is_checkpoint_path(weights) else None
     state = None
@@ -391,9 +414,11 @@ def _build(tv_builder, weights, num_classes, kwargs) -> FasterRCNN:
             num_classes = predictor.shape[0]
         weights = None
         kwargs.setdefault("weights_backbone", None)  # the checkpoint holds the backbone too: nothing to download
-    model = FasterRCNN._over(tv_builder(weights=weights, num_classes=num_classes, **kwargs))
+    what = f"{tv_builder.__name__}(weights={weights!s}, weights_backbone={kwargs.get('weights_backbone')!s})"
+    with named_weights_downloads(what):
+        model = FasterRCNN._over(tv_builder(weights=weights, num_classes=num_classes, **kwargs))
     if state is not None:
-        model.load_state_dict(state, strict=True)
+        load_state_strict(model, state, local, tv_builder.__name__)
     return model
 
 
@@ -479,7 +504,8 @@ def fasterrcnn_vgg16(*, weights=None, num_classes: int = 21, weights_backbone=No
             the classic setup).
         **kwargs: FasterRCNN arguments (min_size, rpn_* and box_* thresholds, ...).
     """
-    vgg = torchvision.models.vgg16(weights=weights_backbone, progress=progress)
+    with named_weights_downloads(f"fasterrcnn_vgg16(weights_backbone={weights_backbone!s})"):
+        vgg = torchvision.models.vgg16(weights=weights_backbone, progress=progress)
     backbone = vgg.features[:-1]  # conv1_1 .. relu5_3, without pool5
     backbone.out_channels = 512
     convs = [m for m in backbone if isinstance(m, nn.Conv2d)]
@@ -500,5 +526,5 @@ def fasterrcnn_vgg16(*, weights=None, num_classes: int = 21, weights_backbone=No
                        box_roi_pool=RoIPoolLevel(7, 1.0 / VGG16_STRIDE), box_head=box_head,
                        box_predictor=FastRCNNPredictor(4096, num_classes), **defaults)
     if weights is not None:
-        model.load_state_dict(load_checkpoint_state_dict(weights), strict=True)
+        load_state_strict(model, load_checkpoint_state_dict(weights), weights, "fasterrcnn_vgg16")
     return model

@@ -13,7 +13,7 @@ from torch import nn
 from ...files import load_checkpoint_state_dict
 from ...ops import MultiScaleRoIAlign
 from .anchor_utils import AnchorGenerator
-from .faster_rcnn import FasterRCNN, FastRCNNPredictor, TwoMLPHead
+from .faster_rcnn import FasterRCNN, FastRCNNPredictor, TwoMLPHead, load_state_strict
 from .rpn import RPNHead
 
 TINY_STRIDE = 8  # three stride-2 stages
@@ -61,5 +61,5 @@ def fasterrcnn_tiny(*, weights=None, num_classes: int = 5, min_size: int = 192, 
         box_head=TwoMLPHead(TINY_CHANNELS * 7 * 7, 256), box_predictor=FastRCNNPredictor(256, num_classes),
         **defaults)
     if weights is not None:
-        model.load_state_dict(load_checkpoint_state_dict(weights), strict=True)
+        load_state_strict(model, load_checkpoint_state_dict(weights), weights, "fasterrcnn_tiny")
     return model
