@@ -19,6 +19,13 @@ import os
 import sys
 
 
+def _add_state_dict_model(p) -> None:
+    from .engine.checkpoint import MODEL_BUILDERS
+
+    p.add_argument("--model", choices=list(MODEL_BUILDERS), help="the builder whose state_dict --weights holds, "
+                   "for a bare state_dict file (a torchvision-trained .pth)")
+
+
 def _add_train(sub) -> None:
     from .engine.checkpoint import MODEL_BUILDERS
     from .engine.train import TrainConfig
@@ -71,6 +78,7 @@ def _add_eval(sub) -> None:
     p = sub.add_parser("eval", help="COCO mAP of a checkpoint")
     p.add_argument("--data", required=True, help="'synthetic' (held-out images) or a COCO-format folder")
     p.add_argument("--weights", required=True, metavar="CKPT")
+    _add_state_dict_model(p)
     p.add_argument("--out", required=True, help="folder for metrics.json and detections.json")
     p.add_argument("--split", default="val", help="annotation split of --data DIR")
     p.add_argument("--synthetic-images", type=int, default=200, help="held-out images of --data synthetic")
@@ -85,16 +93,24 @@ def _add_eval(sub) -> None:
 def _run_eval(args) -> int:
     from .data import build_dataset
     from .engine.checkpoint import load_checkpoint, model_from_checkpoint
+    from .engine.detect import load_detector
     from .engine.evaluate import evaluate
 
-    checkpoint = load_checkpoint(args.weights)
     dataset = build_dataset(args.data, train=False, split=args.split, seed=args.seed,
                             synthetic_images=args.synthetic_images)
-    if list(checkpoint["class_names"]) != list(dataset.class_names):
-        raise ValueError(f"--weights {args.weights} detects {len(checkpoint['class_names'])} classes "
-                         f"({', '.join(checkpoint['class_names'])}); --data {args.data} has "
-                         f"{len(dataset.class_names)} ({', '.join(dataset.class_names)})")
-    model = model_from_checkpoint(checkpoint, args.weights)
+    if args.model is None:
+        checkpoint = load_checkpoint(args.weights)
+        if list(checkpoint["class_names"]) != list(dataset.class_names):
+            raise ValueError(f"--weights {args.weights} detects {len(checkpoint['class_names'])} classes "
+                             f"({', '.join(checkpoint['class_names'])}); --data {args.data} has "
+                             f"{len(dataset.class_names)} ({', '.join(dataset.class_names)})")
+        model = model_from_checkpoint(checkpoint, args.weights)
+    else:  # a state_dict file of --model: its labels are taken as the dataset's, which must be as many
+        model, _, _ = load_detector(args.weights, args.model)
+        classes = model.roi_heads.box_predictor.cls_score.out_features
+        if classes != dataset.num_classes:
+            raise ValueError(f"--weights {args.weights} detects {classes - 1} classes; --data {args.data} has "
+                             f"{dataset.num_classes - 1} ({', '.join(dataset.class_names)})")
     metrics = evaluate(model, dataset, batch_size=args.batch_size, device=args.device, workers=args.workers,
                        progress=args.progress, out=args.out)
     print(metrics.get("summary", ""), end="")
@@ -104,9 +120,10 @@ def _run_eval(args) -> int:
 
 def _add_detect(sub) -> None:
     p = sub.add_parser("detect", help="annotated pictures and COCO results for image files")
-    p.add_argument("images", nargs="+")
+    p.add_argument("images", nargs="+", help="image files, or folders searched recursively for images")
     p.add_argument("--weights", required=True, help="a checkpoint, or torchvision weights such as "
                    "FasterRCNN_ResNet50_FPN_Weights.DEFAULT")
+    _add_state_dict_model(p)
     p.add_argument("--out", required=True)
     p.add_argument("--score-thresh", type=float, default=0.5)
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
@@ -116,7 +133,8 @@ def _add_detect(sub) -> None:
 def _run_detect(args) -> int:
     from .engine.detect import detect
 
-    detect(args.images, args.weights, args.out, score_thresh=args.score_thresh, device=args.device)
+    detect(args.images, args.weights, args.out, score_thresh=args.score_thresh, device=args.device,
+           model_name=args.model)
     return 0
 
 
@@ -182,6 +200,7 @@ def _add_export(sub) -> None:
                        "serving")
     p.add_argument("--weights", required=True, help="a checkpoint, or torchvision weights such as "
                    "FasterRCNN_ResNet50_FPN_Weights.DEFAULT")
+    _add_state_dict_model(p)
     p.add_argument("--format", required=True, choices=FORMATS, help="onnx (onnxruntime, standard operators), "
                    "torchscript (LibTorch), pt2 (torch.export, any image size), aoti (AOTInductor, one image size)")
     p.add_argument("--out", required=True, help="the file to write")
@@ -198,7 +217,7 @@ def _run_export(args) -> int:
     from .engine.detect import load_detector
     from .engine.export import export_detector
 
-    model, _, _ = load_detector(args.weights)
+    model, _, _ = load_detector(args.weights, args.model)
     if args.dynamo and args.format != "onnx":
         raise ValueError(f"--dynamo chooses the ONNX exporter: it applies to --format onnx, not {args.format}")
     export_detector(model, args.format, args.out, tuple(args.image_size), args.opset, dynamo=args.dynamo)

@@ -118,16 +118,45 @@ class CocoDetection(torch.utils.data.Dataset):
         return image, target
 
 
+# PIL modes of one channel wider than 8 bits, and the value that maps to 1.0: PIL's convert("RGB") clips these at
+# 255 (a 16-bit greyscale PNG would decode as white), so they are scaled by their own range instead.
+_WIDE_GREY_MODES = {"I;16": 65535.0, "I;16L": 65535.0, "I;16B": 65535.0, "I;16N": 65535.0}
+
+
 def load_image(path: str) -> torch.Tensor:
-    """An image file as float RGB [3, H, W] in [0, 1]; FileNotFoundError or ValueError naming the file."""
+    """An image file as float RGB [3, H, W] in [0, 1]; FileNotFoundError or ValueError naming the file.
+
+    8-bit images of any mode (greyscale, palette, RGBA, CMYK) are converted by PIL; 16-bit greyscale (PIL's "I;16"
+    modes, and "I" holding 16-bit values, as PIL opens 16-bit PNGs) is scaled from [0, 65535]; 32-bit float ("F")
+    is taken as [0, 1] and clamped. Each greyscale image is repeated over the three channels."""
+    if os.path.isdir(path):
+        raise ValueError(f"image file {path} is a folder")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"image file {path} does not exist")
     try:
         with Image.open(path) as im:
+            im.load()
+            if im.mode in _WIDE_GREY_MODES or im.mode in ("I", "F"):
+                return _wide_greyscale(im, path)
             im = im.convert("RGB")
-    except (UnidentifiedImageError, OSError, SyntaxError) as e:
+    except (UnidentifiedImageError, OSError, SyntaxError, Image.DecompressionBombError) as e:
         raise ValueError(f"image file {path} could not be read: {e}") from e
     return pil_to_tensor(im).float().div_(255)
+
+
+def _wide_greyscale(im, path: str) -> torch.Tensor:
+    import numpy as np
+
+    values = torch.from_numpy(np.asarray(im).astype(np.float32))
+    if im.mode == "F":
+        grey = values.nan_to_num(0.0).clamp_(0, 1)
+    else:
+        # "I" is PIL's 32-bit integer mode; PNG and TIFF store at most 16 bits per greyscale sample in it.
+        if im.mode == "I" and values.numel() and (values.min() < 0 or values.max() > 65535):
+            raise ValueError(f"image file {path}: 32-bit integer samples outside [0, 65535] "
+                             f"({int(values.min())} to {int(values.max())}); no known bit depth to scale them")
+        grey = values.div_(_WIDE_GREY_MODES.get(im.mode, 65535.0))
+    return grey.reshape(1, *grey.shape[-2:]).expand(3, -1, -1).contiguous()
 
 
 def collate(batch):

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import sys
+import warnings
 
 import torch
 import torchvision
@@ -10,9 +12,15 @@ from PIL import Image
 from torchvision.utils import draw_bounding_boxes
 
 from ..data import load_image
-from ..files import is_checkpoint_path, write_json
+from ..files import (
+    describe_checkpoint,
+    is_checkpoint_path,
+    load_checkpoint_state_dict,
+    read_checkpoint_file,
+    write_json,
+)
 from ..models import detection
-from .checkpoint import load_checkpoint, model_from_checkpoint
+from .checkpoint import MODEL_BUILDERS, load_checkpoint, model_from_checkpoint
 from .evaluate import detections_to_coco
 
 # torchvision's weights enums -> our builder of the same model.
@@ -28,14 +36,25 @@ _PALETTE = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#
             "#17becf"]
 
 
-def load_detector(weights: str):
-    """(model, class_names, category_ids) from a fasterrcnn_ext checkpoint path or a torchvision weights name such
-    as ``FasterRCNN_ResNet50_FPN_Weights.DEFAULT`` (downloaded by torchvision). class_names[label - 1] names a
-    label; category_ids is None where labels are COCO category ids already (torchvision's weights)."""
+def load_detector(weights: str, model_name: str | None = None):
+    """(model, class_names, category_ids) from a fasterrcnn_ext checkpoint path, a bare state_dict file (a
+    torchvision-trained .pth; ``model_name`` says which builder's) or a torchvision weights name such as
+    ``FasterRCNN_ResNet50_FPN_Weights.DEFAULT`` (downloaded by torchvision). class_names[label - 1] names a label;
+    category_ids is None where labels are COCO category ids already (torchvision's weights, and bare state_dicts of
+    91 classes: COCO's)."""
     if is_checkpoint_path(weights):
-        checkpoint = load_checkpoint(weights)
-        model = model_from_checkpoint(checkpoint, weights)
-        return model, list(checkpoint["class_names"]), list(checkpoint["category_ids"])
+        checkpoint = read_checkpoint_file(weights)
+        if isinstance(checkpoint, dict) and "model_name" in checkpoint:
+            if model_name is not None and model_name != checkpoint["model_name"]:
+                raise ValueError(f"--weights {weights} holds {describe_checkpoint(checkpoint)}, not a "
+                                 f"--model {model_name}")
+            checkpoint = load_checkpoint(weights)
+            model = model_from_checkpoint(checkpoint, weights)
+            return model, list(checkpoint["class_names"]), list(checkpoint["category_ids"])
+        return _from_state_dict(weights, checkpoint, model_name)
+    if model_name is not None:
+        raise ValueError(f"--model {model_name} applies to a state_dict file; torchvision weights ({weights}) name "
+                         "their model")
     try:
         enum_value = torchvision.models.get_weight(weights)
     except (ValueError, KeyError, AttributeError) as e:
@@ -47,6 +66,30 @@ def load_detector(weights: str):
                          f"{', '.join(n + '.DEFAULT' for n in _TORCHVISION_BUILDERS)}")
     categories = enum_value.meta["categories"]  # index = label, 0 the background
     return builder(weights=enum_value), list(categories[1:]), None
+
+
+# torchvision's COCO category names, label = index (the background first, "N/A" where COCO left an id out).
+COCO_CATEGORIES = torchvision.models.detection.FasterRCNN_ResNet50_FPN_Weights.COCO_V1.meta["categories"]
+
+
+def _from_state_dict(path: str, checkpoint, model_name: str | None):
+    """A bare state_dict (or {"model": state_dict}) of the builder ``model_name``; a 91-class one is taken as COCO's
+    classes, as torchvision's weights are, else its labels are their own category ids."""
+    if model_name is None:
+        raise ValueError(f"--weights {path} holds {describe_checkpoint(checkpoint)}, not a fasterrcnn_ext "
+                         f"checkpoint: say which model it is with --model (one of {', '.join(MODEL_BUILDERS)})")
+    if model_name not in MODEL_BUILDERS:
+        raise ValueError(f"--model {model_name!r}: choose from {', '.join(MODEL_BUILDERS)}")
+    state = load_checkpoint_state_dict(path)
+    predictor = state.get("roi_heads.box_predictor.cls_score.weight")
+    if predictor is None:
+        raise ValueError(f"--weights {path} holds {describe_checkpoint(checkpoint)}: no Faster R-CNN box predictor "
+                         "(roi_heads.box_predictor.cls_score.weight)")
+    num_classes = int(predictor.shape[0])
+    model = MODEL_BUILDERS[model_name](weights=path, num_classes=num_classes)
+    if num_classes == len(COCO_CATEGORIES):
+        return model, list(COCO_CATEGORIES[1:]), None
+    return model, [f"class {label}" for label in range(1, num_classes)], list(range(1, num_classes))
 
 
 def draw_detections(image: torch.Tensor, detections: dict, class_names, score_thresh: float = 0.0,
@@ -73,42 +116,83 @@ def save_png(picture: torch.Tensor, path: str) -> None:
     Image.fromarray(picture.permute(1, 2, 0).contiguous().numpy()).save(path)
 
 
-def image_id_of(path: str, position: int) -> int:
-    """COCO-style ids: the file name's number where it is one (000000397133.jpg -> 397133), else the 1-based
-    position on the command line."""
-    stem = os.path.splitext(os.path.basename(path))[0]
-    return int(stem) if stem.isdigit() else position
+# The files a folder argument contributes (searched recursively), by extension, case-insensitive.
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm")
+
+
+def expand_image_paths(inputs: list[str]) -> list[str]:
+    """Image files and folders (each searched recursively for IMAGE_EXTENSIONS, in sorted order) to the list of
+    image files, in the order given. FileNotFoundError names every input that does not exist; ValueError names a
+    folder without images."""
+    missing = [p for p in inputs if not os.path.exists(p)]
+    if missing:
+        raise FileNotFoundError(f"image file(s) not found: {', '.join(missing)}")
+    paths: list[str] = []
+    for p in inputs:
+        if not os.path.isdir(p):
+            paths.append(p)
+            continue
+        found = sorted(os.path.join(folder, name) for folder, _, names in os.walk(p) for name in names
+                       if name.lower().endswith(IMAGE_EXTENSIONS))
+        if not found:
+            raise ValueError(f"folder {p} holds no image files ({', '.join(IMAGE_EXTENSIONS)})")
+        paths += found
+    return paths
+
+
+def image_ids(paths: list[str]) -> list[int]:
+    """COCO-style ids, unique: the file names' numbers (000000397133.jpg -> 397133) where every name is a number
+    and no two are equal, else the 1-based positions."""
+    stems = [os.path.splitext(os.path.basename(p))[0] for p in paths]
+    if all(stem.isdigit() for stem in stems):
+        numbers = [int(stem) for stem in stems]
+        if len(set(numbers)) == len(numbers):
+            return numbers
+    return list(range(1, len(paths) + 1))
 
 
 def detect(image_paths: list[str], weights: str, out: str, *, score_thresh: float = 0.5, device="cpu",
-           progress: bool = True) -> list[dict]:
-    """Writes ``out/<image stem>.png`` per image and ``out/detections.json`` (COCO results, with
-    ``out/images.json`` mapping image_id to file). Returns the results."""
+           progress: bool = True, model_name: str | None = None) -> list[dict]:
+    """Detects objects in image files (or the images of folders, recursively): writes ``out/<image stem>.png`` per
+    image, ``out/detections.json`` (COCO results) and ``out/images.json`` (image_id to file). An image that cannot
+    be read or detected is skipped with a warning naming it, and listed in ``out/failures.json`` (file, error);
+    the run stops with a ValueError, writing nothing, only where no image succeeded. Returns the results."""
     if not image_paths:
         raise ValueError("no images given")
-    missing = [p for p in image_paths if not os.path.isfile(p)]
-    if missing:
-        raise FileNotFoundError(f"image file(s) not found: {', '.join(missing)}")
-    model, class_names, category_ids = load_detector(weights)
+    paths = expand_image_paths(list(image_paths))
+    model, class_names, category_ids = load_detector(weights, model_name)
     model.eval().to(device)
-    os.makedirs(out, exist_ok=True)
-    results, images_info, used_names = [], [], set()
-    for position, path in enumerate(image_paths, start=1):
-        image = load_image(path)
-        with torch.inference_mode():
-            detections = {k: v.cpu() for k, v in model([image.to(device)])[0].items()}
+    results, images_info, failures, used_names = [], [], [], set()
+    for position, (path, image_id) in enumerate(zip(paths, image_ids(paths)), start=1):
+        try:
+            image = load_image(path)
+            with torch.inference_mode():
+                detections = {k: v.cpu() for k, v in model([image.to(device)])[0].items()}
+        except (ValueError, OSError) as e:
+            message = str(e) if path in str(e) else f"image file {path}: {e}"
+            warnings.warn(f"skipping image: {message}", stacklevel=2)
+            failures.append({"file_name": os.path.abspath(path), "error": message})
+            continue
         keep = detections["scores"] >= score_thresh
         detections = {k: v[keep] for k, v in detections.items()}
-        image_id = image_id_of(path, position)
         results += detections_to_coco(detections, image_id, category_ids)
         name = os.path.splitext(os.path.basename(path))[0] + ".png"
         if name in used_names:  # two inputs with one stem: keep both pictures
             name = f"{position:04d}_{name}"
         used_names.add(name)
+        os.makedirs(out, exist_ok=True)
         save_png(draw_detections(image, detections, class_names), os.path.join(out, name))
         images_info.append({"id": image_id, "file_name": os.path.abspath(path), "picture": name})
         if progress:
             print(f"{path}: {int(keep.sum())} detections -> {os.path.join(out, name)}", flush=True)
+    if not images_info:
+        raise ValueError(f"no image could be detected: {'; '.join(f['error'] for f in failures)}")
     write_json(os.path.join(out, "detections.json"), results)
     write_json(os.path.join(out, "images.json"), images_info)
+    failures_file = os.path.join(out, "failures.json")
+    if failures:
+        write_json(failures_file, failures)
+        print(f"{len(failures)} of {len(paths)} images skipped: {failures_file}", file=sys.stderr, flush=True)
+    elif os.path.exists(failures_file):  # an earlier run's list, which no longer describes this folder
+        os.remove(failures_file)
     return results
