@@ -594,10 +594,12 @@ def test_detector_converted_to_half_precision_runs_and_trains(dtype):
 
     torch.manual_seed(0)
     mine = fasterrcnn_tiny(box_score_thresh=0.0).to(dtype)  # half convolutions are slow on a CPU: a small model
-    images, targets = images_and_targets(sizes=[(160, 192), (192, 176)])
-    images = [image.to(dtype) for image in images]
+    float_images, targets = images_and_targets(sizes=[(160, 192), (192, 176)])
+    images = [image.to(dtype) for image in float_images]
     with torch.no_grad():
         detections = mine.eval()(images)
+        # float32 images, as a user's pipeline gives them: cast to the layers' dtype, the same detections.
+        assert_same_detections(mine(float_images), detections)
     for image, d in zip(images, detections):
         assert len(d["boxes"]) > 0 and d["boxes"].dtype == torch.float32 and d["scores"].dtype == torch.float32
         assert torch.isfinite(d["boxes"]).all() and torch.isfinite(d["scores"]).all()

@@ -84,12 +84,18 @@ def _check_inputs(images, targets, training: bool, image_transform=None) -> None
                                 "y2 <= y1: boxes need positive width and height")
 
 
-def _images_as_list(images):
+def _images_as_list(images, model: nn.Module):
     """A batch given as one Tensor[N, C, H, W] as the list of its N images: torchvision's eager model iterates over
-    what it is given, so such a batch works there too."""
+    what it is given, so such a batch works there too. Floating images of another dtype than the model's learned
+    layers (float32 images into ``model.half()``) are cast to it, where torchvision's convolutions would refuse them;
+    autocast leaves the layers in float32, so images then stay as they are."""
     if isinstance(images, Tensor) and images.dim() == 4:
-        return list(images.unbind(0))
-    return images
+        images = list(images.unbind(0))
+    weight = next(model.backbone.parameters(), None)
+    if not isinstance(images, (list, tuple)) or weight is None or not weight.is_floating_point():
+        return images
+    return [image.to(weight.dtype) if isinstance(image, Tensor) and image.is_floating_point()
+            and image.dtype != weight.dtype else image for image in images]
 
 
 def _check_resizable(images, resize) -> None:
@@ -189,7 +195,7 @@ class FasterRCNN(tv_faster_rcnn.FasterRCNN):
 
     @torch.jit.unused
     def _eager_forward(self, images: list[Tensor], targets: list[dict[str, Tensor]] | None):
-        images = _images_as_list(images)
+        images = _images_as_list(images, self)
         _check_inputs(images, targets, self.training, self.transform)
         # Tracing, export and torch.compile run the modules as they are: the inference copies are built and looked up
         # in Python (parameter versions, data pointers), outside what a graph can hold.
@@ -260,7 +266,7 @@ class FasterRCNN(tv_faster_rcnn.FasterRCNN):
         """
         if self.training:
             raise ValueError("detect_padded runs in eval mode: call model.eval() first")
-        images = _images_as_list(images)
+        images = _images_as_list(images, self)
         _check_inputs(images, None, False, self.transform)
         original_sizes = [(int(image.shape[-2]), int(image.shape[-1])) for image in images]
         constants = self.__dict__.setdefault("_normalize_constants", {})
