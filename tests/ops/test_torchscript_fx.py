@@ -174,3 +174,26 @@ def test_fx_feature_extraction_through_roi_modules():
     f = model.conv(args[0])
     assert_equal(out["aligned"], ops.roi_align(f, args[1], 5, 0.5, 2, True))
     assert out["multi"].shape == (len(args[1]), 4, 5, 5)
+
+
+class _FunctionalRoIOps(torch.nn.Module):
+    """Calls the functional ops through the ops module, as user code does (``ops.roi_align(...)``)."""
+
+    def forward(self, x, rois, boxes):
+        aligned = ops.roi_align(x, rois, 5, 0.5, 2, True)
+        pooled = ops.roi_pool(x, boxes, (3, 4), 0.5)
+        multi = ops.multi_scale_roi_align([x, torch.nn.functional.max_pool2d(x, 2)], boxes, 3, [0.5, 0.25], 2,
+                                          [(40, 48), (40, 48)])
+        keep = ops.nms(rois[:, 1:], rois[:, 0] + 0.5, 0.5)
+        keep_batched = ops.batched_nms(rois[:, 1:], rois[:, 0] + 0.5, rois[:, 0].long(), 0.5)
+        return aligned.sum(1), pooled.sum(1), multi.sum(1), keep, keep_batched
+
+
+def test_functional_roi_ops_are_fx_leaves_where_user_code_calls_them():
+    model = _FunctionalRoIOps()
+    traced = torch.fx.symbolic_trace(model)
+    targets = {n.target for n in traced.graph.nodes if n.op == "call_function"}
+    assert {ops.roi_align, ops.roi_pool, ops.multi_scale_roi_align, ops.nms, ops.batched_nms} <= targets
+    args = _detector_inputs()
+    for got, expected in zip(traced(*args), model(*args)):
+        assert_equal(got, expected)
