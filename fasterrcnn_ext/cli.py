@@ -6,7 +6,8 @@
         --epochs 12
     fasterrcnn-ext train ... --resume runs/a/last.pt          # continue (also after Ctrl-C)
     fasterrcnn-ext eval --data DIR --weights runs/b/last.pt --out runs/b/eval
-    fasterrcnn-ext detect img1.jpg img2.png --weights runs/a/last.pt --out runs/a/detect
+    fasterrcnn-ext detect img1.jpg imgs/ --weights runs/a/last.pt --out runs/a/detect --batch-size 4
+    torchrun --nproc_per_node 2 -m fasterrcnn_ext detect 'imgs/**/*.jpg' --weights W --out runs/d  # a rerun continues
     fasterrcnn-ext bench --quick
     fasterrcnn-ext export --weights runs/a/last.pt --format onnx --out detector.onnx   # or torchscript, pt2, aoti
 """
@@ -119,22 +120,45 @@ def _run_eval(args) -> int:
 
 
 def _add_detect(sub) -> None:
-    p = sub.add_parser("detect", help="annotated pictures and COCO results for image files")
-    p.add_argument("images", nargs="+", help="image files, or folders searched recursively for images")
+    p = sub.add_parser("detect", help="detections (JSON Lines, COCO results) and pictures for image collections; "
+                       "torchrun shards them, a rerun continues")
+    p.add_argument("images", nargs="*", help="image files, folders (searched recursively), globs ('imgs/**/*.jpg') "
+                   "or .txt/.lst files of image paths")
+    p.add_argument("--data", metavar="DIR", help="the images of a COCO-format folder instead (ids from its "
+                   "annotation file)")
+    p.add_argument("--split", default="val", help="annotation split of --data DIR")
     p.add_argument("--weights", required=True, help="a checkpoint, or torchvision weights such as "
                    "FasterRCNN_ResNet50_FPN_Weights.DEFAULT")
     _add_state_dict_model(p)
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", required=True, help="folder for detections.jsonl, detections.json, images.json and "
+                   "pictures; run again with the same folder to continue a stopped run")
     p.add_argument("--score-thresh", type=float, default=0.5)
+    p.add_argument("--batch-size", type=int, default=1, help="images per forward pass (batches hold images of one "
+                   "size)")
+    p.add_argument("--workers", type=int, default=2, help="image-decoding processes")
+    p.add_argument("--pictures", type=int, metavar="N", help="draw the first N images (default: all of up to 100 "
+                   "images, else none)")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--no-progress", dest="progress", action="store_false")
     p.set_defaults(run=_run_detect)
 
 
 def _run_detect(args) -> int:
+    import torch.distributed as dist
+
     from .engine.detect import detect
 
-    detect(args.images, args.weights, args.out, score_thresh=args.score_thresh, device=args.device,
-           model_name=args.model)
+    try:
+        detect(args.images, args.weights, args.out, score_thresh=args.score_thresh, device=args.device,
+               model_name=args.model, batch_size=args.batch_size, workers=args.workers, pictures=args.pictures,
+               coco=args.data, split=args.split, progress=args.progress)
+    except KeyboardInterrupt:
+        print(f"interrupted: the images done are in {args.out}/parts; run the same command to continue",
+              file=sys.stderr)
+        return 130
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
     return 0
 
 

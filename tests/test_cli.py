@@ -101,7 +101,8 @@ def test_detect_writes_pictures_and_coco_results(trained, tmp_path, capsys):
     out = tmp_path / "det"
     assert main(["detect", *images, "--weights", str(trained / "last.pt"), "--out", str(out),
                  "--score-thresh", "0.0"]) == 0
-    assert sorted(os.listdir(out)) == ["000001.png", "000002.png", "detections.json", "images.json"]
+    assert sorted(os.listdir(out)) == ["000001.png", "000002.png", "detections.json", "detections.jsonl", "images.json",
+                                       "run.json"]
     from PIL import Image
     with Image.open(out / "000001.png") as picture:
         assert picture.size == (96, 96)

@@ -1,27 +1,24 @@
-"""Detection on image files: annotated PNGs (torchvision.utils.draw_bounding_boxes) and COCO-format results."""
+"""Detection on image files: the detector from weights, annotated PNGs (torchvision.utils.draw_bounding_boxes);
+the run itself is engine/pipeline.py's."""
 
 from __future__ import annotations
 
 import os
-import sys
-import warnings
 
 import torch
 import torchvision
 from PIL import Image
 from torchvision.utils import draw_bounding_boxes
 
-from ..data import load_image
 from ..files import (
     describe_checkpoint,
     is_checkpoint_path,
     load_checkpoint_state_dict,
     read_checkpoint_file,
-    write_json,
 )
 from ..models import detection
 from .checkpoint import MODEL_BUILDERS, load_checkpoint, model_from_checkpoint
-from .evaluate import detections_to_coco
+from .pipeline import expand_inputs, run_detect
 
 # torchvision's weights enums -> our builder of the same model.
 _TORCHVISION_BUILDERS = {
@@ -112,8 +109,8 @@ def draw_detections(image: torch.Tensor, detections: dict, class_names, score_th
 
 
 def save_png(picture: torch.Tensor, path: str) -> None:
-    """uint8 [3, H, W] to a PNG file (PIL: torchvision's image I/O is deprecated)."""
-    Image.fromarray(picture.permute(1, 2, 0).contiguous().numpy()).save(path)
+    """uint8 [3, H, W] to a PNG file, a path or a binary file object (PIL: torchvision's image I/O is deprecated)."""
+    Image.fromarray(picture.permute(1, 2, 0).contiguous().numpy()).save(path, format="PNG")
 
 
 # The files a folder argument contributes (searched recursively), by extension, case-insensitive.
@@ -121,23 +118,10 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".
 
 
 def expand_image_paths(inputs: list[str]) -> list[str]:
-    """Image files and folders (each searched recursively for IMAGE_EXTENSIONS, in sorted order) to the list of
-    image files, in the order given. FileNotFoundError names every input that does not exist; ValueError names a
-    folder without images."""
-    missing = [p for p in inputs if not os.path.exists(p)]
-    if missing:
-        raise FileNotFoundError(f"image file(s) not found: {', '.join(missing)}")
-    paths: list[str] = []
-    for p in inputs:
-        if not os.path.isdir(p):
-            paths.append(p)
-            continue
-        found = sorted(os.path.join(folder, name) for folder, _, names in os.walk(p) for name in names
-                       if name.lower().endswith(IMAGE_EXTENSIONS))
-        if not found:
-            raise ValueError(f"folder {p} holds no image files ({', '.join(IMAGE_EXTENSIONS)})")
-        paths += found
-    return paths
+    """Image files, folders (each searched recursively for IMAGE_EXTENSIONS, in sorted order), globs and text files
+    of paths to the list of image files, in the order given. FileNotFoundError names every input that does not
+    exist; ValueError names a folder without images."""
+    return expand_inputs(list(inputs), IMAGE_EXTENSIONS)
 
 
 def image_ids(paths: list[str]) -> list[int]:
@@ -152,47 +136,34 @@ def image_ids(paths: list[str]) -> list[int]:
 
 
 def detect(image_paths: list[str], weights: str, out: str, *, score_thresh: float = 0.5, device="cpu",
-           progress: bool = True, model_name: str | None = None) -> list[dict]:
-    """Detects objects in image files (or the images of folders, recursively): writes ``out/<image stem>.png`` per
-    image, ``out/detections.json`` (COCO results) and ``out/images.json`` (image_id to file). An image that cannot
-    be read or detected is skipped with a warning naming it, and listed in ``out/failures.json`` (file, error);
-    the run stops with a ValueError, writing nothing, only where no image succeeded. Returns the results."""
-    if not image_paths:
+           progress: bool = True, model_name: str | None = None, batch_size: int = 1, workers: int = 2,
+           pictures: int | None = None, coco: str | None = None, split: str = "val") -> list[dict] | None:
+    """Detects objects in image files, folders (recursively), globs and text files of paths, or in the images of a
+    COCO-format dataset (``coco``, its ``split``; ids from its annotation file), with engine/pipeline.py: batched,
+    sharded under torchrun, resumable. Writes ``out/detections.jsonl`` (a line per image), ``out/detections.json``
+    (COCO results), ``out/images.json`` (image_id to file) and ``out/<image stem>.png`` for the first ``pictures``
+    images (default: all up to pipeline.DEFAULT_PICTURES_LIMIT images, else none). An image that cannot be read or
+    detected is skipped with a warning naming it, and listed in ``out/failures.json`` (file, error); the run stops
+    with a ValueError, leaving no folder it made, only where no image succeeded. Returns the results on rank 0."""
+    if coco is not None:
+        if image_paths:
+            raise ValueError("give images or --data, not both")
+        from ..data import CocoDetection
+
+        dataset = CocoDetection(coco, split)
+        paths = [os.path.join(dataset.image_dir, info["file_name"]) for info in dataset.images]
+        ids = [int(info["id"]) for info in dataset.images]
+    else:
+        if not image_paths:
+            raise ValueError("no images given")
+        paths = expand_image_paths(list(image_paths))
+        ids = image_ids(paths)
+    if not paths:
         raise ValueError("no images given")
-    paths = expand_image_paths(list(image_paths))
+    if batch_size < 1:
+        raise ValueError(f"--batch-size {batch_size}: at least 1")
     model, class_names, category_ids = load_detector(weights, model_name)
-    model.eval().to(device)
-    results, images_info, failures, used_names = [], [], [], set()
-    for position, (path, image_id) in enumerate(zip(paths, image_ids(paths)), start=1):
-        try:
-            image = load_image(path)
-            with torch.inference_mode():
-                detections = {k: v.cpu() for k, v in model([image.to(device)])[0].items()}
-        except (ValueError, OSError) as e:
-            message = str(e) if path in str(e) else f"image file {path}: {e}"
-            warnings.warn(f"skipping image: {message}", stacklevel=2)
-            failures.append({"file_name": os.path.abspath(path), "error": message})
-            continue
-        keep = detections["scores"] >= score_thresh
-        detections = {k: v[keep] for k, v in detections.items()}
-        results += detections_to_coco(detections, image_id, category_ids)
-        name = os.path.splitext(os.path.basename(path))[0] + ".png"
-        if name in used_names:  # two inputs with one stem: keep both pictures
-            name = f"{position:04d}_{name}"
-        used_names.add(name)
-        os.makedirs(out, exist_ok=True)
-        save_png(draw_detections(image, detections, class_names), os.path.join(out, name))
-        images_info.append({"id": image_id, "file_name": os.path.abspath(path), "picture": name})
-        if progress:
-            print(f"{path}: {int(keep.sum())} detections -> {os.path.join(out, name)}", flush=True)
-    if not images_info:
-        raise ValueError(f"no image could be detected: {'; '.join(f['error'] for f in failures)}")
-    write_json(os.path.join(out, "detections.json"), results)
-    write_json(os.path.join(out, "images.json"), images_info)
-    failures_file = os.path.join(out, "failures.json")
-    if failures:
-        write_json(failures_file, failures)
-        print(f"{len(failures)} of {len(paths)} images skipped: {failures_file}", file=sys.stderr, flush=True)
-    elif os.path.exists(failures_file):  # an earlier run's list, which no longer describes this folder
-        os.remove(failures_file)
-    return results
+    run = {"weights": os.path.abspath(weights) if is_checkpoint_path(weights) else weights, "model": model_name,
+           "score_thresh": score_thresh}
+    return run_detect(paths, ids, model, class_names, category_ids, out, run=run, score_thresh=score_thresh,
+                      device=device, batch_size=batch_size, workers=workers, pictures=pictures, progress=progress)

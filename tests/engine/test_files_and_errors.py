@@ -162,7 +162,8 @@ def test_detect_skips_a_bad_image_and_keeps_the_others(tiny_checkpoint, tmp_path
     assert [os.path.basename(f["file_name"]) for f in failures] == ["3.png", "5.png"]
     assert "3.png" in failures[0]["error"] and "2x3840" in failures[0]["error"]
     assert [i["id"] for i in json.loads((out / "images.json").read_text())] == [1, 2, 4]
-    assert sorted(os.listdir(out)) == ["1.png", "2.png", "4.png", "detections.json", "failures.json", "images.json"]
+    assert sorted(os.listdir(out)) == ["1.png", "2.png", "4.png", "detections.json", "detections.jsonl",
+                                       "failures.json", "images.json", "run.json"]
     # Nothing readable at all: an error, and nothing written.
     with pytest.warns(UserWarning, match="5.png"), pytest.raises(ValueError, match="no image could be detected"):
         detect([str(tmp_path / "in" / "5.png")], str(tiny_checkpoint), str(tmp_path / "none"))

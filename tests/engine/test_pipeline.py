@@ -1,0 +1,122 @@
+"""detect over collections (engine/pipeline.py): inputs, batching by size, JSON Lines, pictures, resuming after a
+killed run."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from fasterrcnn_ext.cli import main
+from fasterrcnn_ext.data import SyntheticShapes
+from fasterrcnn_ext.engine import build_model
+from fasterrcnn_ext.engine.checkpoint import save_checkpoint
+from fasterrcnn_ext.engine.pipeline import size_batches
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    path = tmp_path_factory.mktemp("ckpt") / "tiny.pt"
+    torch.manual_seed(0)
+    model = build_model("fasterrcnn_tiny", 5)
+    save_checkpoint(str(path), {"model": model.state_dict(), "model_name": "fasterrcnn_tiny", "num_classes": 5,
+                                "class_names": list(SyntheticShapes.class_names), "category_ids": [1, 2, 3, 4]})
+    return path
+
+
+def _images(folder, sizes):
+    """PNG files 1.png, 2.png, ... of the given (H, W), random content."""
+    os.makedirs(folder, exist_ok=True)
+    rng = np.random.default_rng(0)
+    paths = []
+    for i, (h, w) in enumerate(sizes, start=1):
+        path = os.path.join(folder, f"{i}.png")
+        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(path)
+        paths.append(path)
+    return paths
+
+
+def _lines(out):
+    return [json.loads(line) for line in (out / "detections.jsonl").read_text().splitlines()]
+
+
+def test_size_batches_hold_one_size_and_every_item_once():
+    items = [(i, torch.zeros(3, 8 + 8 * (i % 3), 8), None) for i in range(20)] + [(20, None, "bad")]
+    batches = list(size_batches(iter(items), batch_size=4, window=12))
+    assert sorted(i for b in batches for i, _, _ in b) == list(range(21))
+    assert all(len(b) <= 4 and len({tuple(x.shape) for _, x, _ in b if x is not None}) <= 1 for b in batches)
+    assert sum(len(b) == 4 for b in batches) >= 3  # grouped, not one image at a time
+
+
+def test_batches_give_batch_ones_detections_and_inputs_of_every_kind(tiny, tmp_path):
+    paths = _images(tmp_path / "in", [(64, 80), (48, 64), (64, 80), (48, 64), (64, 80)])
+    listing = tmp_path / "list.txt"
+    listing.write_text("in/1.png\n# a comment\n\nin/2.png\n")
+    one, four = tmp_path / "b1", tmp_path / "b4"
+    assert main(["detect", *paths, "--weights", str(tiny), "--out", str(one), "--score-thresh", "0",
+                 "--no-progress", "--workers", "0"]) == 0
+    assert main(["detect", str(tmp_path / "in" / "*.png"), "--weights", str(tiny), "--out", str(four),
+                 "--score-thresh", "0", "--batch-size", "4", "--pictures", "2", "--no-progress"]) == 0
+    a, b = _lines(one), _lines(four)
+    assert [r["file_name"] for r in a] == [r["file_name"] for r in b] == [os.path.abspath(p) for p in paths]
+    assert [(r["width"], r["height"]) for r in a] == [(80, 64), (64, 48), (80, 64), (64, 48), (80, 64)]
+    assert sum(len(r["scores"]) for r in a) > 0
+    for x, y in zip(a, b):
+        assert x["labels"] == y["labels"] and x["image_id"] == y["image_id"]
+        torch.testing.assert_close(torch.tensor(y["boxes"]).reshape(-1, 4), torch.tensor(x["boxes"]).reshape(-1, 4),
+                                   atol=0.05, rtol=1e-4)
+        torch.testing.assert_close(torch.tensor(y["scores"]), torch.tensor(x["scores"]), atol=1e-4, rtol=1e-3)
+    assert sorted(f for f in os.listdir(four) if f.endswith(".png")) == ["1.png", "2.png"]
+    assert len(json.loads((four / "detections.json").read_text())) == sum(len(r["scores"]) for r in a)
+    # A text file of paths, relative to its folder.
+    listed = tmp_path / "listed"
+    assert main(["detect", str(listing), "--weights", str(tiny), "--out", str(listed), "--no-progress"]) == 0
+    assert [os.path.basename(r["file_name"]) for r in _lines(listed)] == ["1.png", "2.png"]
+    # A COCO-format folder: its images, with its ids.
+    SyntheticShapes(2, seed=4, image_size=64).write_coco(str(tmp_path / "coco"), "val")
+    coco_out = tmp_path / "coco_out"
+    assert main(["detect", "--data", str(tmp_path / "coco"), "--weights", str(tiny), "--out", str(coco_out),
+                 "--no-progress"]) == 0
+    assert [r["image_id"] for r in _lines(coco_out)] == [1, 2]
+
+
+def _env():
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env.pop("CUDA_VISIBLE_DEVICES", None)
+    return env
+
+
+@pytest.mark.slow
+def test_a_killed_run_continues_and_holds_every_image_once(tiny, tmp_path):
+    paths = _images(tmp_path / "in", [(64, 64)] * 12)
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "fasterrcnn_ext", "detect", str(tmp_path / "in"), "--weights", str(tiny), "--out",
+           str(out), "--score-thresh", "0", "--workers", "0", "--no-progress"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
+    part = out / "parts" / "rank0.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and (not part.exists() or len(part.read_text().splitlines()) < 3):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=60)
+    done = len(part.read_text().splitlines())
+    assert 3 <= done < 12 and not (out / "detections.jsonl").exists()
+    with open(part, "a") as f:  # a line torn by the kill
+        f.write('{"file_name": "' + os.path.abspath(paths[-1]) + '", "image_id": 12, "box')
+    rerun = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=_env())
+    assert rerun.returncode == 0, rerun.stderr
+    lines = _lines(out)
+    assert [r["file_name"] for r in lines] == [os.path.abspath(p) for p in sorted(paths)]
+    assert len({r["image_id"] for r in lines}) == 12 and not (out / "parts").exists()
+    # A third run finds everything done and rewrites the same files.
+    before = (out / "detections.json").read_text()
+    assert main(cmd[3:]) == 0
+    assert (out / "detections.json").read_text() == before and len(_lines(out)) == 12
+    # Another threshold in the same folder would mix two runs: refused.
+    assert main([*cmd[3:-5], "--score-thresh", "0.5", "--no-progress"]) == 2
