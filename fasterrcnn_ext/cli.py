@@ -92,10 +92,21 @@ def _add_eval(sub) -> None:
 
 
 def _run_eval(args) -> int:
+    import torch.distributed as dist
+
+    try:
+        return _eval(args)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _eval(args) -> int:
     from .data import build_dataset
     from .engine.checkpoint import load_checkpoint, model_from_checkpoint
     from .engine.detect import load_detector
     from .engine.evaluate import evaluate
+    from .engine.pipeline import init_distributed
 
     dataset = build_dataset(args.data, train=False, split=args.split, seed=args.seed,
                             synthetic_images=args.synthetic_images)
@@ -112,8 +123,11 @@ def _run_eval(args) -> int:
         if classes != dataset.num_classes:
             raise ValueError(f"--weights {args.weights} detects {classes - 1} classes; --data {args.data} has "
                              f"{dataset.num_classes - 1} ({', '.join(dataset.class_names)})")
-    metrics = evaluate(model, dataset, batch_size=args.batch_size, device=args.device, workers=args.workers,
+    _, _, device = init_distributed(args.device)
+    metrics = evaluate(model, dataset, batch_size=args.batch_size, device=device, workers=args.workers,
                        progress=args.progress, out=args.out)
+    if metrics is None:  # a torchrun rank other than 0
+        return 0
     print(metrics.get("summary", ""), end="")
     print(json.dumps({k: metrics[k] for k in ("map", "map_50", "map_75")}))
     return 0

@@ -81,11 +81,24 @@ def coco_metrics(ground_truth: dict, results: list[dict]) -> dict:
 
 
 def evaluate(model, dataset, *, batch_size: int = 4, device="cpu", workers: int = 0, progress: bool = True,
-             out: str | None = None) -> dict:
+             out: str | None = None) -> dict | None:
     """COCO bbox metrics of ``model`` on ``dataset`` (which provides coco_ground_truth() and category_ids). With
-    ``out``, also writes out/detections.json (COCO results format) and out/metrics.json."""
-    results = predict(model, dataset, batch_size=batch_size, device=device, workers=workers, progress=progress,
-                      category_ids=dataset.category_ids)
+    ``out``, also writes out/detections.json (COCO results format) and out/metrics.json. Under torch.distributed,
+    rank r predicts images r, r + K, r + 2K, ... (each image once, none repeated to even the shards), rank 0
+    gathers the results and alone computes, writes and returns the metrics (the other ranks return None)."""
+    import torch.distributed as dist
+
+    world_size = dist.get_world_size() if dist.is_initialized() else 1
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    shard = dataset if world_size == 1 else torch.utils.data.Subset(dataset, range(rank, len(dataset), world_size))
+    results = predict(model, shard, batch_size=batch_size, device=device, workers=workers,
+                      progress=progress and rank == 0, category_ids=dataset.category_ids)
+    if world_size > 1:
+        gathered = [None] * world_size if rank == 0 else None
+        dist.gather_object(results, gathered, dst=0)
+        if rank != 0:
+            return None
+        results = [r for part in gathered for r in part]
     metrics = coco_metrics(dataset.coco_ground_truth(), results)
     if out is not None:
         write_json(os.path.join(out, "detections.json"), results)

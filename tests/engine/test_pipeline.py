@@ -1,5 +1,5 @@
 """detect over collections (engine/pipeline.py): inputs, batching by size, JSON Lines, pictures, resuming after a
-killed run."""
+killed run, and torchrun sharding of detect and eval with two gloo processes."""
 
 import json
 import os
@@ -120,3 +120,30 @@ def test_a_killed_run_continues_and_holds_every_image_once(tiny, tmp_path):
     assert (out / "detections.json").read_text() == before and len(_lines(out)) == 12
     # Another threshold in the same folder would mix two runs: refused.
     assert main([*cmd[3:-5], "--score-thresh", "0.5", "--no-progress"]) == 2
+
+
+@pytest.mark.slow
+def test_torchrun_shards_detect_and_eval_exactly(tiny, tmp_path):
+    paths = _images(tmp_path / "in", [(64, 64)] * 5)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                "-m", "fasterrcnn_ext"]
+    out = tmp_path / "det"
+    proc = subprocess.run([*torchrun, "detect", str(tmp_path / "in"), "--weights", str(tiny), "--out", str(out),
+                           "--score-thresh", "0", "--batch-size", "2", "--no-progress"],
+                          capture_output=True, text=True, timeout=300, env=_env())
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert [r["file_name"] for r in _lines(out)] == [os.path.abspath(p) for p in paths]
+    # eval: the 2 processes' metrics are one process's, on 5 images (uneven shards, none repeated).
+    SyntheticShapes(5, seed=4, image_size=64).write_coco(str(tmp_path / "coco"), "val")
+    args = ["eval", "--data", str(tmp_path / "coco"), "--weights", str(tiny), "--batch-size", "1", "--no-progress"]
+    proc = subprocess.run([*torchrun, *args, "--out", str(tmp_path / "e2")], capture_output=True, text=True,
+                          timeout=300, env=_env())
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert main([*args, "--out", str(tmp_path / "e1")]) == 0
+    two = json.loads((tmp_path / "e2" / "metrics.json").read_text())
+    one = json.loads((tmp_path / "e1" / "metrics.json").read_text())
+    assert two["num_detections"] == one["num_detections"] > 0
+    assert {k: two[k] for k in ("map", "map_50", "mar_100")} == pytest.approx({k: one[k] for k in
+                                                                               ("map", "map_50", "mar_100")})
+    assert sorted(r["image_id"] for r in json.loads((tmp_path / "e2" / "detections.json").read_text())) == sorted(
+        r["image_id"] for r in json.loads((tmp_path / "e1" / "detections.json").read_text()))
