@@ -11,7 +11,7 @@ from torch import fx as _fx
 
 from .. import _torchvision
 from .._library import LOADED as _LOADED
-from . import _onnx
+from . import _onnx, _onnxscript
 from .boxes import (
     BBOX_XFORM_CLIP,
     batched_nms,
@@ -47,6 +47,7 @@ del _name
 
 if _LOADED:
     _onnx.register()  # the ONNX forms of roi_align, roi_pool, nms, batched_nms (torch.onnx.export, dynamo=False)
+    _onnxscript.register_when_onnxscript_loads()  # every op's ONNX form for torch.onnx.export's default exporter
 
 
 def __getattr__(name: str):

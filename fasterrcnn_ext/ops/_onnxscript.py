@@ -1,5 +1,7 @@
 """ONNX forms of the ops for the torch.export-based exporter (``torch.onnx.export(..., dynamo=True)``), as onnxscript
-functions on standard ONNX operators (opset 18): ``onnx_translations()`` is the ``custom_translation_table``.
+functions on standard ONNX operators (opset 18): ``onnx_translations()`` is the ``custom_translation_table``, and
+importing fasterrcnn_ext registers them in onnxscript's default torch_lib registry (when onnxscript loads), so a plain
+``torch.onnx.export(model, args, path)`` uses them with no table passed.
 
 The exporter calls each function with the node's arguments (tensors as symbolic values, int/float/SymInt arguments
 as Python numbers or, for a size known only at run time, a symbolic int64 scalar) and records the ONNX operators it
@@ -20,7 +22,11 @@ kernels drop, are not filtered.
 
 from __future__ import annotations
 
+import importlib.abc
+import importlib.util
 import math
+import sys
+import warnings
 
 import torch
 
@@ -52,6 +58,62 @@ def onnx_translations() -> dict:
 
 
 op = None  # onnxscript.opset18, bound by onnx_translations()
+
+# The module whose import fills onnxscript's default torch_lib registry; torch.onnx.export imports it and then
+# reads that registry for every export, so our translations registered there are the default ones.
+_TORCHLIB_OPS = "onnxscript.function_libs.torch_lib.ops"
+_registered = False
+
+
+def register_default_translations() -> None:
+    """Adds ``onnx_translations()`` to onnxscript's default torch_lib registry, from which ``torch.onnx.export``
+    (dynamo=True, torch's default) builds its registry: a plain ``torch.onnx.export(model, args, path)`` then
+    translates our ops without a ``custom_translation_table``. Idempotent; imports onnxscript."""
+    global _registered
+    if _registered:
+        return
+    import onnxscript
+    from onnxscript.function_libs.torch_lib import _constants, registration
+
+    opset = onnxscript.values.Opset(domain=_constants.DOMAIN, version=1)
+    for target, function in onnx_translations().items():
+        registration.default_registry.register(onnxscript.values.TracedOnnxFunction(opset, function),
+                                               target.name())
+    _registered = True
+
+
+class _RegisterAfterImport(importlib.abc.MetaPathFinder):
+    """Registers the translations once onnxscript's torch_lib ops are imported (by torch.onnx.export), so that
+    importing fasterrcnn_ext does not import onnxscript (about a second)."""
+
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname != _TORCHLIB_OPS:
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(fullname)
+        if spec is None or spec.loader is None:
+            return spec
+        exec_module = spec.loader.exec_module
+
+        def exec_then_register(module):
+            exec_module(module)
+            try:
+                register_default_translations()
+            except Exception as e:  # never break onnxscript's import: the export then names the missing op
+                warnings.warn(f"fasterrcnn_ext: could not register the ops' ONNX translations with onnxscript: {e}",
+                              stacklevel=2)
+
+        spec.loader.exec_module = exec_then_register
+        return spec
+
+
+def register_when_onnxscript_loads() -> None:
+    """Registers the default translations now if onnxscript's torch_lib is imported, else when it is."""
+    if _TORCHLIB_OPS in sys.modules:
+        register_default_translations()
+    elif importlib.util.find_spec("onnxscript") is not None and not any(
+            isinstance(finder, _RegisterAfterImport) for finder in sys.meta_path):
+        sys.meta_path.insert(0, _RegisterAfterImport())
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -33,13 +33,25 @@ def roi_pool(input: Tensor, boxes: Tensor | list[Tensor], output_size: Broadcast
         output_size = pair(output_size)
         check_boxes_fit_batch(boxes, input.size(0) if input.dim() == 4 else len(boxes), "roi_pool")
     rois = rois_from_boxes(boxes)
-    if torch.is_grad_enabled() and input.requires_grad:
+    # Under ONNX export no backward follows, and the argmax has no ONNX form: the values alone.
+    if torch.is_grad_enabled() and input.requires_grad and not _in_onnx_export():
         output, _ = torch.ops.fasterrcnn_ext.roi_pool(input, rois, float(spatial_scale), output_size[0],
                                                       output_size[1])
         return output
     # No gradient wanted (inference): the op that does not write the argmax, only the backward's input.
     return torch.ops.fasterrcnn_ext._roi_pool_values(input, rois, float(spatial_scale), output_size[0],
                                                      output_size[1])
+
+
+@torch.jit.unused
+def _onnx_export_flag() -> bool:
+    return torch.onnx.is_in_onnx_export()
+
+
+def _in_onnx_export() -> bool:
+    if torch.jit.is_scripting():
+        return False
+    return _onnx_export_flag()
 
 
 class RoIPool(nn.Module):
