@@ -248,6 +248,9 @@ def _add_export(sub) -> None:
     p.add_argument("--opset", type=int, default=ONNX_OPSET)
     p.add_argument("--dynamo", action="store_true", help="onnx through the torch.export-based exporter (our ops "
                    "translated to standard ONNX operators) instead of the TorchScript-based one")
+    p.add_argument("--fixed-shape", action="store_true", help="one tensor images [N, 3, H, W] in; boxes [N, K, 4], "
+                   "scores [N, K], labels [N, K], counts [N] out (K detections per image, zero-padded)")
+    p.add_argument("--batch-size", type=int, default=1, help="N, the images per call of a --fixed-shape export")
     p.set_defaults(run=_run_export)
 
 
@@ -258,7 +261,10 @@ def _run_export(args) -> int:
     model, _, _ = load_detector(args.weights, args.model)
     if args.dynamo and args.format != "onnx":
         raise ValueError(f"--dynamo chooses the ONNX exporter: it applies to --format onnx, not {args.format}")
-    export_detector(model, args.format, args.out, tuple(args.image_size), args.opset, dynamo=args.dynamo)
+    if args.batch_size != 1 and not args.fixed_shape:
+        raise ValueError("--batch-size applies to --fixed-shape exports")
+    export_detector(model, args.format, args.out, tuple(args.image_size), args.opset, dynamo=args.dynamo,
+                    fixed_shape=args.fixed_shape, batch_size=args.batch_size)
     return 0
 
 

@@ -17,6 +17,10 @@ Formats:
   wrong convolution outputs from the dynamic program's run-time (unbacked) resized size (tests/models/test_export.py
   keeps that case as a strict xfail). The package is compiled for this machine's CPU (AVX-512 code on an AVX-512
   machine): compile it on the kind of CPU that runs it.
+With ``--fixed-shape`` every format holds ``FixedShapeDetector`` (models/detection/fixed_shape.py) instead: one
+tensor ``images`` [N, 3, H, W] in (N = ``--batch-size``; float 0-1 as exported, the TorchScript file also takes
+uint8), ``boxes`` [N, K, 4], ``scores`` [N, K], ``labels`` [N, K] and ``counts`` [N] out, K = the model's detections
+per image; onnx then takes the torch.export-based exporter.
 Loading a pt2 or aoti file needs the fasterrcnn_ext library loaded first (``import fasterrcnn_ext``): the program
 calls its ops.
 
@@ -76,6 +80,39 @@ def _dynamic_image_shapes():
     return ([{1: height, 2: width}],)
 
 
+FIXED_SHAPE_OUTPUTS = ("boxes", "scores", "labels", "counts")
+
+
+def _dynamic_batch_shapes():
+    height = torch.export.Dim("height", min=MIN_SIDE, max=MAX_SIDE)
+    width = torch.export.Dim("width", min=MIN_SIDE, max=MAX_SIDE)
+    return ({2: height, 3: width},)
+
+
+def export_fixed_shape_program(model: torch.nn.Module, images: torch.Tensor, dynamic: bool = True):
+    """``torch.export.export`` of ``model`` (a FixedShapeDetector) on ``images`` ([N, 3, H, W]); with ``dynamic``
+    any height and width from MIN_SIDE to MAX_SIDE, else only ``images``' size. N is fixed."""
+    with torch.no_grad():
+        shapes = _dynamic_batch_shapes() if dynamic else None
+        return torch.export.export(model.eval(), (images,), dynamic_shapes=shapes, strict=False)
+
+
+def export_fixed_shape_onnx(model: torch.nn.Module, images: torch.Tensor, f, opset: int = ONNX_OPSET) -> None:
+    """``model`` (a FixedShapeDetector) as ONNX through the torch.export-based exporter: ``images`` [N, 3, H, W] of
+    any height and width in, ``boxes``, ``scores``, ``labels``, ``counts`` out."""
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(model.eval(), (images,), dynamo=True, opset_version=max(opset, 18),
+                                    dynamic_shapes=_dynamic_batch_shapes(), input_names=["images"],
+                                    output_names=list(FIXED_SHAPE_OUTPUTS), verbose=False)
+    data = program.model_proto.SerializeToString()
+    if isinstance(f, (str, os.PathLike)):
+        with atomic_write(os.fspath(f), binary=True) as out:
+            out.write(data)
+    else:
+        f.write(data)
+
+
 def export_program(model: torch.nn.Module, image: torch.Tensor, dynamic: bool = True):
     """``torch.export.export`` of the eval ``model`` on one image ([3, H, W]); with ``dynamic`` the program takes
     any height and width from MIN_SIDE to MAX_SIDE (the transform's resize is computed in the program,
@@ -111,6 +148,8 @@ def _example_image(program):
     """The program's one example image ([3, H, W]; a fake tensor with symbolic sizes for a dynamic program), or
     None where the program does not take one image."""
     args = (program.example_inputs or ((), {}))[0]
+    if len(args) == 1 and isinstance(args[0], torch.Tensor) and args[0].dim() == 4:
+        return args[0]  # a FixedShapeDetector's batch [N, 3, H, W]
     images = args[0] if len(args) == 1 and isinstance(args[0], (list, tuple)) else None
     if images is None or len(images) != 1 or not isinstance(images[0], torch.Tensor):
         return None
@@ -157,10 +196,11 @@ def load_aoti(path) -> AotiDetector:
 
 
 def export_detector(model: torch.nn.Module, fmt: str, out: str, image_size: tuple[int, int] = (480, 640),
-                    opset: int = ONNX_OPSET, log=print, dynamo: bool = False) -> str:
+                    opset: int = ONNX_OPSET, log=print, dynamo: bool = False, fixed_shape: bool = False,
+                    batch_size: int = 1) -> str:
     """Exports ``model`` (put in eval mode) to ``out`` in format ``fmt``; returns ``out``. ``image_size`` (H, W) is
     the example image traced for onnx and pt2 (their programs take any size) and the one size an aoti package
-    takes."""
+    takes. ``fixed_shape``: the FixedShapeDetector of ``model`` for batches of ``batch_size`` images."""
     if fmt not in FORMATS:
         raise ValueError(f"--format {fmt!r}: choose from {', '.join(FORMATS)}")
     if len(image_size) != 2 or not all(MIN_SIDE <= side <= MAX_SIDE for side in image_size):
@@ -168,10 +208,14 @@ def export_detector(model: torch.nn.Module, fmt: str, out: str, image_size: tupl
                          f"got {list(image_size)}")
     if os.path.isdir(out):
         raise ValueError(f"--out {out} is a folder: give the file to write")
+    if batch_size < 1:
+        raise ValueError(f"--batch-size must be 1 or more, got {batch_size}")
     model = model.eval()
     start = time.perf_counter()
     log(f"exporting {type(model).__name__} to {fmt} ({out})...")
-    if fmt == "onnx":
+    if fixed_shape:
+        _export_fixed_shape(model, fmt, out, image_size, opset, batch_size, log)
+    elif fmt == "onnx":
         with atomic_write(out, binary=True) as f:
             export_onnx(model, torch.rand(3, *image_size), f, opset, dynamo=dynamo)
     elif fmt in ("pt2", "aoti"):
@@ -191,3 +235,25 @@ def export_detector(model: torch.nn.Module, fmt: str, out: str, image_size: tupl
             torch.jit.save(scripted, f)
     log(f"wrote {out} ({os.path.getsize(out) / 2**20:.1f} MB) in {time.perf_counter() - start:.1f} s")
     return out
+
+
+def _export_fixed_shape(model, fmt, out, image_size, opset, batch_size, log) -> None:
+    from ..models.detection.fixed_shape import FixedShapeDetector
+
+    wrapper = FixedShapeDetector(model)
+    # A random example: an aoti package takes its size and (contiguous) strides, and nothing from its values.
+    images = torch.rand(batch_size, 3, *image_size)
+    with atomic_write(out, binary=True) as f:
+        if fmt == "onnx":
+            export_fixed_shape_onnx(wrapper, images, f, opset)
+        elif fmt == "torchscript":
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # torch.jit.script's deprecation warning
+                torch.jit.save(torch.jit.script(wrapper), f)
+        else:
+            program = export_fixed_shape_program(wrapper, images, dynamic=fmt == "pt2")
+            if fmt == "pt2":
+                torch.export.save(program, f)
+            else:
+                log(f"compiling with AOTInductor for {image_size[0]}x{image_size[1]} images (minutes)...")
+                compile_aoti(program, f)

@@ -26,12 +26,14 @@ from .faster_rcnn import (
     fasterrcnn_vgg16,
     padded_detections_to_list,
 )
+from .fixed_shape import FixedShapeDetector
 from .roi_heads import RoIHeads
 from .rpn import RegionProposalNetwork, RPNHead
 from .tiny import TinyBackbone, fasterrcnn_tiny
 
 __all__ = [
-    "AnchorGenerator", "BoxCoder", "CUDAGraphDetector", "FasterRCNN", "FastRCNNPredictor", "GeneralizedRCNNTransform",
+    "AnchorGenerator", "BoxCoder", "CUDAGraphDetector", "FasterRCNN", "FixedShapeDetector", "FastRCNNPredictor",
+    "GeneralizedRCNNTransform",
     "RPNHead", "RegionProposalNetwork", "RoIHeads", "RoIPoolLevel", "TinyBackbone", "TwoMLPHead", "VGG16BoxHead",
     "fasterrcnn_mobilenet_v3_large_320_fpn", "fasterrcnn_mobilenet_v3_large_fpn", "fasterrcnn_resnet50_fpn",
     "fasterrcnn_resnet50_fpn_v2", "fasterrcnn_tiny", "fasterrcnn_vgg16", "load_checkpoint_state_dict",
