@@ -430,6 +430,13 @@ def conv_cases(device: str) -> list[Case]:
     return cases
 
 
+def pipeline_cases(device: str) -> list[Case]:
+    """detect's pipeline over a folder of images, per pass (benchmark/throughput.py)."""
+    from .throughput import pipeline_cases as cases
+
+    return cases(device)
+
+
 ALL_CASES: dict[str, Callable[[str], list[Case]]] = {
     "detector": detector_cases,
     "conv": conv_cases,
@@ -438,4 +445,5 @@ ALL_CASES: dict[str, Callable[[str], list[Case]]] = {
     "roi": roi_cases,
     "training": training_cases,
     "patch": patch_cases,
+    "pipeline": pipeline_cases,
 }

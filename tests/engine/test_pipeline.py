@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -147,3 +148,20 @@ def test_torchrun_shards_detect_and_eval_exactly(tiny, tmp_path):
                                                                                ("map", "map_50", "mar_100")})
     assert sorted(r["image_id"] for r in json.loads((tmp_path / "e2" / "detections.json").read_text())) == sorted(
         r["image_id"] for r in json.loads((tmp_path / "e1" / "detections.json").read_text()))
+
+
+def test_benchmark_passes_run_and_leave_no_folder(tiny, tmp_path, monkeypatch):
+    """The pipeline benchmark's two loops over images (fasterrcnn_tiny here; the group times MobileNet-320)."""
+    from fasterrcnn_ext.benchmark import cases, throughput
+    from fasterrcnn_ext.engine import load_detector
+
+    assert "pipeline" in cases.ALL_CASES
+    monkeypatch.setattr(throughput, "SIZES", ((48, 64), (64, 48)))
+    paths = throughput.write_images(str(tmp_path), count=3)
+    assert [Image.open(p).size for p in paths] == [(64, 48), (48, 64), (64, 48)]
+    model, _, _ = load_detector(str(tiny))
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    os.makedirs(tmp_path / "tmp")
+    throughput.pipeline_pass(model, paths, batch_size=2, device="cpu", workers=1)
+    throughput.naive_pass(model, paths, "cpu")
+    assert os.listdir(tmp_path / "tmp") == []
