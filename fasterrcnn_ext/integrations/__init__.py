@@ -1,0 +1,1 @@
+"""Adapters that run the detector on other engines (Ray Data: integrations/ray.py, an optional extra)."""
