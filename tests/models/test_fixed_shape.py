@@ -125,4 +125,5 @@ def test_aoti_package_gives_the_eager_outputs(tmp_path):
     assert runner.get_metadata()["fasterrcnn_ext.image_size"] == "192x256"
     for seed in (10, 11):
         images = batch(seed)
-        assert_equal_detections(per_image(runner(images)), eager_detections(model, list(images)))
+        # AOTInductor's fused kernels round differently (~1e-5), which may swap near-tied detections: each has a twin.
+        assert_same_detections(per_image(runner(images)), eager_detections(model, list(images)))
