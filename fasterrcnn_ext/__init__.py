@@ -11,9 +11,9 @@ Every op is also reachable as ``torch.ops.fasterrcnn_ext.<name>``. For code that
 __version__ = "0.1.0"
 
 from . import ops  # noqa: E402
-from ._library import ExtensionNotBuiltError, build_info  # noqa: E402
+from ._library import ExtensionNotBuiltError, build_info, library_path  # noqa: E402
 from .ops._utils import ArgumentError  # noqa: E402
 from .patch import TorchvisionPatch, patch_torchvision, patched, unpatch_torchvision  # noqa: E402
 
-__all__ = ["ops", "build_info", "ExtensionNotBuiltError", "ArgumentError", "patch_torchvision", "unpatch_torchvision",
-           "patched", "TorchvisionPatch", "__version__"]
+__all__ = ["ops", "build_info", "library_path", "ExtensionNotBuiltError", "ArgumentError", "patch_torchvision",
+           "unpatch_torchvision", "patched", "TorchvisionPatch", "__version__"]

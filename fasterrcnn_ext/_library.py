@@ -52,6 +52,17 @@ def ops():
     return torch.ops.fasterrcnn_ext
 
 
+def library_path() -> str:
+    """The path of the op library (fasterrcnn_ext/_C*.so): the Python extension module, which C++ programs load too
+    (LibTorch, AOTInductor runners, Triton's PyTorch backend: ``dlopen`` it, or LD_PRELOAD it, before loading a
+    model that calls the ops). It needs torch's libc10 and libtorch_cpu (libtorch_cuda for the CUDA kernels) and no
+    Python. Raises ExtensionNotBuiltError if the library is not usable here."""
+    assert_loaded()
+    from . import _C
+
+    return _C.__file__
+
+
 def build_info() -> dict:
     """What the compiled library was built with.
 

@@ -1,5 +1,7 @@
 """The package, the compiled library and its op registry."""
 
+import subprocess
+
 import pytest
 import torch
 
@@ -60,3 +62,15 @@ def test_import_without_compiled_library_still_works(tmp_path):
             "except fasterrcnn_ext.ExtensionNotBuiltError as e:\n    print(e)\n")
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, check=True)
     assert "not built" in out.stdout and "pip install --no-build-isolation -e ." in out.stdout
+
+
+def test_op_library_needs_no_python():
+    """Every Python symbol the library references is weak (resolved in a Python process, null elsewhere), and it
+    depends on no Python library, so dlopen(RTLD_NOW) succeeds in a program without Python."""
+    path = fasterrcnn_ext.library_path()
+    symbols = subprocess.run(["nm", "-D", "--undefined-only", path], capture_output=True, text=True,
+                             check=True).stdout.split("\n")
+    python = [line.split() for line in symbols if " Py" in line or " _Py" in line]
+    assert python and all(kind == "w" for kind, _ in python), python
+    needed = subprocess.run(["readelf", "-d", path], capture_output=True, text=True, check=True).stdout
+    assert "libpython" not in needed and "libtorch_python" not in needed
