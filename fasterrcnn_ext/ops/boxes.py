@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
+from torchvision.ops.boxes import _box_inter_union as _torchvision_box_inter_union
 
 from .. import _torchvision
 from .._library import assert_loaded
@@ -128,6 +129,11 @@ def _nms_bitmask_fake(boxes, scores, idxs, iou_threshold, max_keep, chunk_rows, 
 
 
 
+@torch.jit.unused
+def _torchvision_box_iou(boxes1: Tensor, boxes2: Tensor, fmt: str) -> Tensor:
+    return _torchvision.box_iou_any(boxes1, boxes2, fmt)
+
+
 def box_iou(boxes1: Tensor, boxes2: Tensor, fmt: str = "xyxy") -> Tensor:
     """Intersection over union of every pair of boxes.
 
@@ -145,7 +151,14 @@ def box_iou(boxes1: Tensor, boxes2: Tensor, fmt: str = "xyxy") -> Tensor:
     """
     if (fmt != "xyxy" or boxes1.dim() != 2 or boxes2.dim() != 2
             or not (boxes1.is_floating_point() and boxes2.is_floating_point())):
-        return _torchvision.box_iou_any(boxes1, boxes2, fmt)
+        if torch.jit.is_scripting():
+            # torchvision's box_iou as a whole would bring torchvision's op library (its rotated-box op) into the
+            # scripted graph, which LibTorch programs without Python cannot load: its xyxy arithmetic alone.
+            if fmt != "xyxy":
+                raise ValueError("box_iou: scripted, it takes fmt='xyxy' boxes only")
+            inter, union = _torchvision_box_inter_union(boxes1, boxes2)
+            return inter / union
+        return _torchvision_box_iou(boxes1, boxes2, fmt)
     if boxes1.dtype != boxes2.dtype:
         common = torch.promote_types(boxes1.dtype, boxes2.dtype)
         boxes1, boxes2 = boxes1.to(common), boxes2.to(common)

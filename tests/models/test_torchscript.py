@@ -14,6 +14,7 @@ from .test_faster_rcnn import (
     assert_same_detections,
     images_and_targets,
     model_pair,
+    small_model,
 )
 
 
@@ -113,3 +114,17 @@ def test_a_model_with_an_eager_setting_changed_still_scripts(setting, value):
         expected = model(images)
     assert sum(len(d["boxes"]) for d in expected) > 0
     assert_equal_detections(got, expected)
+
+
+@pytest.mark.parametrize("name", ["fasterrcnn_tiny", "fasterrcnn_vgg16", "fasterrcnn_mobilenet_v3_large_320_fpn"])
+def test_scripted_detector_calls_no_torchvision_op(name, tmp_path):
+    """torchvision's op library needs Python (libtorch_python), so a LibTorch program cannot load it: the saved
+    scripted detector (training paths included) calls our ops and aten's only."""
+    import zipfile
+
+    model = ours.fasterrcnn_tiny() if name == "fasterrcnn_tiny" else small_model(name)
+    torch.jit.save(script(model), tmp_path / "d.pt")
+    with zipfile.ZipFile(tmp_path / "d.pt") as archive:
+        code = "\n".join(archive.read(n).decode() for n in archive.namelist() if n.endswith(".py"))
+    assert "ops.fasterrcnn_ext." in code
+    assert "ops.torchvision." not in code

@@ -49,6 +49,34 @@ class RoIHeads(tv_roi_heads.RoIHeads):
         self.box_coder = BoxCoder(self.box_coder.weights)
         self.box_similarity = ops.box_iou
 
+    def assign_targets_to_proposals(self, proposals: list[Tensor], gt_boxes: list[Tensor], gt_labels: list[Tensor]
+                                    ) -> tuple[list[Tensor], list[Tensor]]:
+        """torchvision's; scripted, with our box_iou: torchvision's would bring torchvision's op library into the
+        scripted graph, which LibTorch programs without Python cannot load."""
+        if not torch.jit.is_scripting():
+            return self._torchvision_assign_targets_to_proposals(proposals, gt_boxes, gt_labels)
+        matched_idxs: list[Tensor] = []
+        labels: list[Tensor] = []
+        for proposals_in_image, gt_boxes_in_image, gt_labels_in_image in zip(proposals, gt_boxes, gt_labels):
+            if gt_boxes_in_image.numel() == 0:  # a background image
+                clamped = torch.zeros((proposals_in_image.shape[0],), dtype=torch.int64,
+                                      device=proposals_in_image.device)
+                labels_in_image = torch.zeros_like(clamped)
+            else:
+                matched = self.proposal_matcher(ops.box_iou(gt_boxes_in_image, proposals_in_image))
+                clamped = matched.clamp(min=0)
+                labels_in_image = gt_labels_in_image[clamped].to(dtype=torch.int64)
+                labels_in_image[matched == self.proposal_matcher.BELOW_LOW_THRESHOLD] = 0
+                labels_in_image[matched == self.proposal_matcher.BETWEEN_THRESHOLDS] = -1  # ignored by the sampler
+            matched_idxs.append(clamped)
+            labels.append(labels_in_image)
+        return matched_idxs, labels
+
+    @torch.jit.unused
+    def _torchvision_assign_targets_to_proposals(self, proposals: list[Tensor], gt_boxes: list[Tensor],
+                                                 gt_labels: list[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
+        return super().assign_targets_to_proposals(proposals, gt_boxes, gt_labels)
+
     def postprocess_detections(self, class_logits: Tensor, box_regression: Tensor, proposals: list[Tensor],
                                image_shapes: list[tuple[int, int]]) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
         """Detections per image in one fused op (softmax, decode, clip, thresholds, per-class NMS, top-k); under
