@@ -108,7 +108,7 @@ def _inputs(tmp_path) -> dict:
         x=torch.rand(1, 64, 20, 24, generator=g), conv=conv,
         module_with_roi_ops=ModuleWithRoIOps(), args=(features, rois),
         torchvision_model=torchvision_model, model=model, image=image,
-        images=[image, torch.rand(3, 200, 260, generator=g)],
+        images=[image, torch.rand(3, 200, 260, generator=g)], batch=torch.rand(2, 3, 240, 320, generator=g),
         run_someone_elses_code=lambda: calls.append(torchvision.ops.nms(boxes, torch.rand(3000), 0.5)),
         _calls=calls,
     )
@@ -127,6 +127,7 @@ BLOCKS = {
     "from fasterrcnn_ext.models.detection import fasterrcnn_resnet50_fpn": True,
     "from fasterrcnn_ext import capabilities": False,
     "import fasterrcnn_ext\n\nfasterrcnn_ext.patch_torchvision()": False,
+    "from fasterrcnn_ext import library_path": True,
 }
 
 
@@ -170,6 +171,11 @@ def _check_claims(first_line: str, ns: dict) -> None:
             assert detections["boxes"].dtype == torch.float32 and detections["scores"].dtype == torch.float32
         for name in ("detector.pt", "detector.onnx", "detector.pt2", "d.pt2"):
             assert os.path.getsize(name) > 0, name
+        assert ns["counts"].shape == (2,)
+    elif first_line.startswith("from fasterrcnn_ext import library_path"):
+        assert os.path.exists(ns["library_path"]()) and os.path.getsize("detector.onnx") > 0
+        k = ns["serving"].detections_per_img
+        assert ns["boxes"].shape == (2, k, 4) and ns["scores"].shape == ns["labels"].shape == (2, k)
         assert ns["counts"].shape == (2,)
     elif first_line.startswith("import fasterrcnn_ext\n"):
         assert ns["_calls"], "run_someone_elses_code ran"
