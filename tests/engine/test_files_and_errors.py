@@ -21,17 +21,6 @@ from fasterrcnn_ext.files import WeightsDownloadError, atomic_write, write_json
 from fasterrcnn_ext.models import detection
 
 
-@pytest.fixture(scope="module")
-def tiny_checkpoint(tmp_path_factory):
-    """A fasterrcnn_tiny checkpoint (random weights, low score threshold irrelevant: ids and files are tested)."""
-    path = tmp_path_factory.mktemp("ckpt") / "tiny.pt"
-    torch.manual_seed(0)
-    model = build_model("fasterrcnn_tiny", 5)
-    save_checkpoint(str(path), {"model": model.state_dict(), "model_name": "fasterrcnn_tiny", "num_classes": 5,
-                                "class_names": list(SyntheticShapes.class_names), "category_ids": [1, 2, 3, 4]})
-    return path
-
-
 def _mode(path) -> int:
     return stat.S_IMODE(os.stat(path).st_mode)
 

@@ -16,19 +16,7 @@ from PIL import Image
 
 from fasterrcnn_ext.cli import main
 from fasterrcnn_ext.data import SyntheticShapes
-from fasterrcnn_ext.engine import build_model
-from fasterrcnn_ext.engine.checkpoint import save_checkpoint
 from fasterrcnn_ext.engine.pipeline import size_batches
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    path = tmp_path_factory.mktemp("ckpt") / "tiny.pt"
-    torch.manual_seed(0)
-    model = build_model("fasterrcnn_tiny", 5)
-    save_checkpoint(str(path), {"model": model.state_dict(), "model_name": "fasterrcnn_tiny", "num_classes": 5,
-                                "class_names": list(SyntheticShapes.class_names), "category_ids": [1, 2, 3, 4]})
-    return path
 
 
 def _images(folder, sizes):
@@ -55,14 +43,14 @@ def test_size_batches_hold_one_size_and_every_item_once():
     assert sum(len(b) == 4 for b in batches) >= 3  # grouped, not one image at a time
 
 
-def test_batches_give_batch_ones_detections_and_inputs_of_every_kind(tiny, tmp_path):
+def test_batches_give_batch_ones_detections_and_inputs_of_every_kind(tiny_checkpoint, tmp_path):
     paths = _images(tmp_path / "in", [(64, 80), (48, 64), (64, 80), (48, 64), (64, 80)])
     listing = tmp_path / "list.txt"
     listing.write_text("in/1.png\n# a comment\n\nin/2.png\n")
     one, four = tmp_path / "b1", tmp_path / "b4"
-    assert main(["detect", *paths, "--weights", str(tiny), "--out", str(one), "--score-thresh", "0",
+    assert main(["detect", *paths, "--weights", str(tiny_checkpoint), "--out", str(one), "--score-thresh", "0",
                  "--no-progress", "--workers", "0"]) == 0
-    assert main(["detect", str(tmp_path / "in" / "*.png"), "--weights", str(tiny), "--out", str(four),
+    assert main(["detect", str(tmp_path / "in" / "*.png"), "--weights", str(tiny_checkpoint), "--out", str(four),
                  "--score-thresh", "0", "--batch-size", "4", "--pictures", "2", "--no-progress"]) == 0
     a, b = _lines(one), _lines(four)
     assert [r["file_name"] for r in a] == [r["file_name"] for r in b] == [os.path.abspath(p) for p in paths]
@@ -78,12 +66,12 @@ def test_batches_give_batch_ones_detections_and_inputs_of_every_kind(tiny, tmp_p
     assert len(json.loads((four / "detections.json").read_text())) == sum(len(r["scores"]) for r in a)
     # A text file of paths, relative to its folder.
     listed = tmp_path / "listed"
-    assert main(["detect", str(listing), "--weights", str(tiny), "--out", str(listed), "--no-progress"]) == 0
+    assert main(["detect", str(listing), "--weights", str(tiny_checkpoint), "--out", str(listed), "--no-progress"]) == 0
     assert [os.path.basename(r["file_name"]) for r in _lines(listed)] == ["1.png", "2.png"]
     # A COCO-format folder: its images, with its ids.
     SyntheticShapes(2, seed=4, image_size=64).write_coco(str(tmp_path / "coco"), "val")
     coco_out = tmp_path / "coco_out"
-    assert main(["detect", "--data", str(tmp_path / "coco"), "--weights", str(tiny), "--out", str(coco_out),
+    assert main(["detect", "--data", str(tmp_path / "coco"), "--weights", str(tiny_checkpoint), "--out", str(coco_out),
                  "--no-progress"]) == 0
     assert [r["image_id"] for r in _lines(coco_out)] == [1, 2]
 
@@ -103,11 +91,11 @@ def _env():
 
 
 @pytest.mark.slow
-def test_a_killed_run_continues_and_holds_every_image_once(tiny, tmp_path):
+def test_a_killed_run_continues_and_holds_every_image_once(tiny_checkpoint, tmp_path):
     paths = _images(tmp_path / "in", [(64, 64)] * 12)
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "fasterrcnn_ext", "detect", str(tmp_path / "in"), "--weights", str(tiny), "--out",
-           str(out), "--score-thresh", "0", "--workers", "0", "--no-progress"]
+    cmd = [sys.executable, "-m", "fasterrcnn_ext", "detect", str(tmp_path / "in"), "--weights",
+           str(tiny_checkpoint), "--out", str(out), "--score-thresh", "0", "--workers", "0", "--no-progress"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
     part = out / "parts" / "rank0.jsonl"
     deadline = time.time() + 120
@@ -133,19 +121,20 @@ def test_a_killed_run_continues_and_holds_every_image_once(tiny, tmp_path):
 
 
 @pytest.mark.slow
-def test_torchrun_shards_detect_and_eval_exactly(tiny, tmp_path):
+def test_torchrun_shards_detect_and_eval_exactly(tiny_checkpoint, tmp_path):
     paths = _images(tmp_path / "in", [(64, 64)] * 5)
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                 "-m", "fasterrcnn_ext"]
     out = tmp_path / "det"
-    proc = subprocess.run([*torchrun, "detect", str(tmp_path / "in"), "--weights", str(tiny), "--out", str(out),
-                           "--score-thresh", "0", "--batch-size", "2", "--no-progress"],
+    proc = subprocess.run([*torchrun, "detect", str(tmp_path / "in"), "--weights", str(tiny_checkpoint), "--out",
+                           str(out), "--score-thresh", "0", "--batch-size", "2", "--no-progress"],
                           capture_output=True, text=True, timeout=300, env=_env())
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert [r["file_name"] for r in _lines(out)] == [os.path.abspath(p) for p in paths]
     # eval: the 2 processes' metrics are one process's, on 5 images (uneven shards, none repeated).
     SyntheticShapes(5, seed=4, image_size=64).write_coco(str(tmp_path / "coco"), "val")
-    args = ["eval", "--data", str(tmp_path / "coco"), "--weights", str(tiny), "--batch-size", "1", "--no-progress"]
+    args = ["eval", "--data", str(tmp_path / "coco"), "--weights", str(tiny_checkpoint), "--batch-size", "1",
+            "--no-progress"]
     proc = subprocess.run([*torchrun, *args, "--out", str(tmp_path / "e2")], capture_output=True, text=True,
                           timeout=300, env=_env())
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -159,7 +148,7 @@ def test_torchrun_shards_detect_and_eval_exactly(tiny, tmp_path):
         r["image_id"] for r in json.loads((tmp_path / "e1" / "detections.json").read_text()))
 
 
-def test_benchmark_passes_run_and_leave_no_folder(tiny, tmp_path, monkeypatch):
+def test_benchmark_passes_run_and_leave_no_folder(tiny_checkpoint, tmp_path, monkeypatch):
     """The pipeline benchmark's two loops over images (fasterrcnn_tiny here; the group times MobileNet-320)."""
     from fasterrcnn_ext.benchmark import cases, throughput
     from fasterrcnn_ext.engine import load_detector
@@ -168,7 +157,7 @@ def test_benchmark_passes_run_and_leave_no_folder(tiny, tmp_path, monkeypatch):
     monkeypatch.setattr(throughput, "SIZES", ((48, 64), (64, 48)))
     paths = throughput.write_images(str(tmp_path), count=3)
     assert [Image.open(p).size for p in paths] == [(64, 48), (48, 64), (64, 48)]
-    model, _, _ = load_detector(str(tiny))
+    model, _, _ = load_detector(str(tiny_checkpoint))
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
     os.makedirs(tmp_path / "tmp")
     throughput.pipeline_pass(model, paths, batch_size=2, device="cpu", workers=1)
