@@ -140,9 +140,14 @@ def describe_checkpoint(checkpoint) -> str:
 
 def load_checkpoint_state_dict(path) -> dict:
     """The model state_dict of a checkpoint file: a bare state_dict, or a training checkpoint with a "model" entry."""
+    return state_dict_of(read_checkpoint_file(path), path)
+
+
+def state_dict_of(checkpoint, path) -> dict:
+    """The model state_dict in a checkpoint already read from ``path``: the checkpoint itself, or its "model"
+    entry; ValueError naming the file where there is none."""
     import torch
 
-    checkpoint = read_checkpoint_file(path)
     state = checkpoint.get("model", checkpoint) if isinstance(checkpoint, dict) else None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError(f"checkpoint {path!s} holds no model state_dict")

@@ -43,7 +43,12 @@ def save_checkpoint(path: str, checkpoint: dict) -> None:
 
 def load_checkpoint(path: str) -> dict:
     """A checkpoint written by save_checkpoint (training or model-only); ValueError naming the file otherwise."""
-    checkpoint = read_checkpoint_file(path)
+    return checked_checkpoint(read_checkpoint_file(path), path)
+
+
+def checked_checkpoint(checkpoint, path: str) -> dict:
+    """``checkpoint``, read from ``path``, if it is one that save_checkpoint writes; ValueError naming the file
+    otherwise."""
     missing = [k for k in ("model", "model_name", "num_classes")
                if not isinstance(checkpoint, dict) or k not in checkpoint]
     if missing:

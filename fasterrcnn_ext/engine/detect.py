@@ -13,11 +13,11 @@ from torchvision.utils import draw_bounding_boxes
 from ..files import (
     describe_checkpoint,
     is_checkpoint_path,
-    load_checkpoint_state_dict,
     read_checkpoint_file,
+    state_dict_of,
 )
 from ..models import detection
-from .checkpoint import MODEL_BUILDERS, load_checkpoint, model_from_checkpoint
+from .checkpoint import MODEL_BUILDERS, checked_checkpoint, model_from_checkpoint
 from .pipeline import expand_inputs, run_detect
 
 # torchvision's weights enums -> our builder of the same model.
@@ -45,7 +45,7 @@ def load_detector(weights: str, model_name: str | None = None):
             if model_name is not None and model_name != checkpoint["model_name"]:
                 raise ValueError(f"--weights {weights} holds {describe_checkpoint(checkpoint)}, not a "
                                  f"--model {model_name}")
-            checkpoint = load_checkpoint(weights)
+            checkpoint = checked_checkpoint(checkpoint, weights)
             model = model_from_checkpoint(checkpoint, weights)
             return model, list(checkpoint["class_names"]), list(checkpoint["category_ids"])
         return _from_state_dict(weights, checkpoint, model_name)
@@ -77,7 +77,7 @@ def _from_state_dict(path: str, checkpoint, model_name: str | None):
                          f"checkpoint: say which model it is with --model (one of {', '.join(MODEL_BUILDERS)})")
     if model_name not in MODEL_BUILDERS:
         raise ValueError(f"--model {model_name!r}: choose from {', '.join(MODEL_BUILDERS)}")
-    state = load_checkpoint_state_dict(path)
+    state = state_dict_of(checkpoint, path)
     predictor = state.get("roi_heads.box_predictor.cls_score.weight")
     if predictor is None:
         raise ValueError(f"--weights {path} holds {describe_checkpoint(checkpoint)}: no Faster R-CNN box predictor "
