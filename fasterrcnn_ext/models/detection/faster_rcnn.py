@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import warnings
 from collections import OrderedDict
 
@@ -37,6 +38,7 @@ from ...ops._utils import ArgumentError, pair
 from ...ops.poolers import power_of_2_scale
 from . import transform
 from ._inference import InferenceCopy
+from ._routing import PRECISIONS, ForwardState, InferenceOptions, Route, choose_route, precision_of_dtype
 from ._utils import fused_ops_decode_like, rebind
 from .anchor_utils import AnchorGenerator
 from .roi_heads import RoIHeads
@@ -135,17 +137,46 @@ class FasterRCNN(tv_faster_rcnn.FasterRCNN):
     warns); boxes, anchors and post-processing stay in float32.
     """
 
-    # Eager-only settings. TorchScript would infer their types from the annotations below, which
-    # `from __future__ import annotations` makes strings it cannot read, once one is set on an instance.
-    __jit_ignored_attributes__ = ["inference_dtype", "fast_inference", "reuse_cpu_memory", "static_cuda_forward",
-                                  "_normalize_constants"]  # detect_padded's cache, keyed by (device, dtype)
-    inference_dtype: torch.dtype | None = None
-    # False: inference runs the backbone as trained (no folding, no channels_last), bit for bit as torchvision.
-    fast_inference: bool = True
-    # True: CPU inference reuses its large activation blocks from one call to the next (fasterrcnn_ext.memory).
-    reuse_cpu_memory: bool = True
-    # True: CUDA inference is detect_padded split per image (one host read per call); False: the dynamic path.
-    static_cuda_forward: bool = True
+    # Eager-only settings: TorchScript compiles neither the options object nor the properties over it.
+    __jit_ignored_attributes__ = ["inference_options", "_normalize_constants"]  # detect_padded's cache
+    __jit_unused_properties__ = ["inference_dtype", "fast_inference", "reuse_cpu_memory", "static_cuda_forward"]
+    inference_options: InferenceOptions = InferenceOptions()
+
+    @property
+    def inference_dtype(self) -> torch.dtype | None:
+        """The learned layers' autocast dtype in inference (torch.bfloat16: opt-in), None for float32."""
+        return PRECISIONS[self.inference_options.precision].autocast_dtype
+
+    @inference_dtype.setter
+    def inference_dtype(self, dtype: torch.dtype | None) -> None:
+        self.inference_options = dataclasses.replace(self.inference_options, precision=precision_of_dtype(dtype))
+
+    @property
+    def fast_inference(self) -> bool:
+        """False: inference runs the modules as trained (no folding, no channels_last), bit for bit as torchvision."""
+        return self.inference_options.fast
+
+    @fast_inference.setter
+    def fast_inference(self, value: bool) -> None:
+        self.inference_options = dataclasses.replace(self.inference_options, fast=value)
+
+    @property
+    def reuse_cpu_memory(self) -> bool:
+        """True: CPU inference reuses its large activation blocks from one call to the next (fasterrcnn_ext.memory)."""
+        return self.inference_options.reuse_cpu_memory
+
+    @reuse_cpu_memory.setter
+    def reuse_cpu_memory(self, value: bool) -> None:
+        self.inference_options = dataclasses.replace(self.inference_options, reuse_cpu_memory=value)
+
+    @property
+    def static_cuda_forward(self) -> bool:
+        """True: CUDA inference is detect_padded split per image (one host read per call); False: the dynamic path."""
+        return self.inference_options.static_cuda_forward
+
+    @static_cuda_forward.setter
+    def static_cuda_forward(self, value: bool) -> None:
+        self.inference_options = dataclasses.replace(self.inference_options, static_cuda_forward=value)
 
     def __init__(self, backbone: nn.Module, num_classes: int | None = None, **kwargs):
         if kwargs.get("rpn_anchor_generator") is None:
@@ -197,13 +228,33 @@ class FasterRCNN(tv_faster_rcnn.FasterRCNN):
     def _eager_forward(self, images: list[Tensor], targets: list[dict[str, Tensor]] | None):
         images = _images_as_list(images, self)
         _check_inputs(images, targets, self.training, self.transform)
-        # Tracing, export and torch.compile run the modules as they are: the inference copies are built and looked up
-        # in Python (parameter versions, data pointers), outside what a graph can hold.
-        if torch.compiler.is_compiling() and not self.training:
+        state = ForwardState(
+            training=self.training, grad_enabled=torch.is_grad_enabled(), compiling=torch.compiler.is_compiling(),
+            tracing=tracing_by_value(), cuda_images=bool(images) and all(i.device.type == "cuda" for i in images),
+            fused_decoding=self.rpn.selects_with_fused_op() and fused_ops_decode_like(self.roi_heads.box_coder))
+        route = choose_route(state, self.inference_options)
+        if route is Route.COMPILED_EVAL:
             return self._compiled_eval_forward(images)
-        if self.training or torch.is_grad_enabled() or not self.fast_inference or tracing_by_value():
+        if route is Route.TORCHVISION:
             return super().forward(images, targets)
-        return self._inference_forward(images)
+        if route is Route.PADDED_CUDA:
+            # One host read, the counts that split the outputs, where the dynamic path reads every selection's size
+            # and copies the normalisation constants from the host at every call.
+            return padded_detections_to_list(*self.detect_padded(images))
+        pool_cpu = (self.reuse_cpu_memory and all(image.device.type == "cpu" for image in images)
+                    and cpu_capabilities().memory_pool)
+        with memory.cpu_pool() if pool_cpu else contextlib.nullcontext():
+            return self._inference_forward(images)
+
+    def _learned_layers(self) -> tuple[nn.Module, nn.Module]:
+        """The backbone and RPN head every eval path runs: the inference copies (models/detection/_inference.py) for
+        the precisions that use them, else the modules themselves (``fast_inference = False``; an int8 model, whose
+        modules quantize() already folded and converted)."""
+        precision = PRECISIONS[self.inference_options.precision]
+        if not (self.inference_options.fast and precision.inference_copy):
+            return self.backbone, self.rpn.head
+        return (self._backbone_for_inference.get(self.backbone, precision.autocast_dtype),
+                self._rpn_head_for_inference.get(self.rpn.head, precision.autocast_dtype))
 
     @torch.jit.unused
     def _compiled_eval_forward(self, images: list[Tensor]) -> list[dict[str, Tensor]]:
@@ -225,9 +276,7 @@ class FasterRCNN(tv_faster_rcnn.FasterRCNN):
             image_list = transform.transform_images(self.transform, images)
         else:
             image_list, _ = self.transform(images)
-        features = self.backbone(image_list.tensors)
-        if isinstance(features, Tensor):
-            features = OrderedDict([("0", features)])
+        features = _feature_dict(self.backbone(image_list.tensors))
         proposals, _ = self.rpn(image_list, features)
         heads = self.roi_heads
         if torch.compiler.is_exporting():
@@ -273,16 +322,12 @@ class FasterRCNN(tv_faster_rcnn.FasterRCNN):
         with torch.no_grad():
             image_list = transform.transform_images_static(self.transform, images, constants)
             device_type = image_list.tensors.device.type
+            backbone, rpn_head = self._learned_layers()
+            batch = image_list.tensors
             if self.fast_inference:
-                backbone = self._backbone_for_inference.get(self.backbone, self.inference_dtype)
-                rpn_head = self._rpn_head_for_inference.get(self.rpn.head, self.inference_dtype)
-                batch = image_list.tensors.contiguous(memory_format=torch.channels_last)
-            else:
-                backbone, rpn_head, batch = self.backbone, self.rpn.head, image_list.tensors
+                batch = batch.contiguous(memory_format=torch.channels_last)
             with self._inference_autocast(device_type):
-                features = backbone(batch)
-                if isinstance(features, Tensor):
-                    features = OrderedDict([("0", features)])
+                features = _feature_dict(backbone(batch))
                 proposals, proposal_counts = self.rpn.padded_proposals(rpn_head, image_list, features)
                 boxes, scores, labels, counts = self.roi_heads.padded_detections(
                     features, proposals, proposal_counts, image_list.image_sizes)
@@ -316,41 +361,32 @@ class FasterRCNN(tv_faster_rcnn.FasterRCNN):
         return losses, detections
 
     def _inference_autocast(self, device_type: str):
-        """The learned layers' autocast in inference: to inference_dtype, or off, so that an outer autocast does not
-        reach them either; nothing on a device without autocast (meta tensors)."""
+        """The learned layers' autocast in inference: to the precision's dtype, or off, so that an outer autocast does
+        not reach them either; nothing on a device without autocast (meta tensors)."""
         if not torch.amp.is_autocast_available(device_type):
             return contextlib.nullcontext()
-        return torch.autocast(device_type, dtype=self.inference_dtype or torch.float32,
-                              enabled=self.inference_dtype is not None)
+        dtype = PRECISIONS[self.inference_options.precision].autocast_dtype
+        return torch.autocast(device_type, dtype=dtype or torch.float32, enabled=dtype is not None)
 
     def _inference_forward(self, images: list[Tensor]) -> list[dict[str, Tensor]]:
-        if (self.static_cuda_forward and images and all(image.device.type == "cuda" for image in images)
-                and self.rpn.selects_with_fused_op() and fused_ops_decode_like(self.roi_heads.box_coder)):
-            # One host read, the counts that split the outputs, where the dynamic path reads every selection's size
-            # and copies the normalisation constants from the host at every call.
-            return padded_detections_to_list(*self.detect_padded(images))
-        pool_cpu = (self.reuse_cpu_memory and all(image.device.type == "cpu" for image in images)
-                    and cpu_capabilities().memory_pool)
-        with memory.cpu_pool() if pool_cpu else contextlib.nullcontext():
-            return self._inference_forward_impl(images)
-
-    def _inference_forward_impl(self, images: list[Tensor]) -> list[dict[str, Tensor]]:
         original_image_sizes = [(int(img.shape[-2]), int(img.shape[-1])) for img in images]
         image_list, _ = self.transform(images)
-        backbone = self._backbone_for_inference.get(self.backbone, self.inference_dtype)
+        backbone, rpn_head = self._learned_layers()
         device_type = image_list.tensors.device.type
         if self.inference_dtype == torch.bfloat16 and device_type == "cpu" and not cpu_has_native_bfloat16():
             warnings.warn("inference_dtype = torch.bfloat16 on a CPU without AVX512-BF16 or AMX: bfloat16 is "
                           "emulated there and the detector runs slower than in float32 (inference_dtype = None)",
                           RuntimeWarning, stacklevel=3)
         with self._inference_autocast(device_type):
-            features = backbone(image_list.tensors.contiguous(memory_format=torch.channels_last))
-            if isinstance(features, Tensor):
-                features = OrderedDict([("0", features)])
-            rpn_head = self._rpn_head_for_inference.get(self.rpn.head, self.inference_dtype)
+            features = _feature_dict(backbone(image_list.tensors.contiguous(memory_format=torch.channels_last)))
             proposals, _ = self.rpn.forward_with_head(rpn_head, image_list, features)
             detections, _ = self.roi_heads(features, proposals, image_list.image_sizes)
         return self.transform.postprocess(detections, image_list.image_sizes, original_image_sizes)
+
+
+def _feature_dict(features: Tensor | dict[str, Tensor]) -> dict[str, Tensor]:
+    """A backbone's output as the dict the RPN and the RoI heads take: a single map is level "0" (torchvision)."""
+    return OrderedDict([("0", features)]) if isinstance(features, Tensor) else features
 
 
 def padded_detections_to_list(boxes: Tensor, scores: Tensor, labels: Tensor, counts: Tensor
