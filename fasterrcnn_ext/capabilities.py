@@ -11,6 +11,9 @@ capability                        on                                            
                                                                                      the loader)
 ``native_bfloat16``               AVX512-BF16 or AMX: bfloat16 inference pays        bfloat16 inference runs emulated,
                                                                                      slower than float32, and warns
+``native_int8``                   int8 dot products in hardware (AVX512-VNNI,        int8 inference (quantization.py)
+                                  AVX-VNNI or AMX): int8 inference pays              uses 7-bit activations (AVX2's
+                                                                                     16-bit sums saturate), warns
 ``fused_bfloat16_convolutions``   in the bfloat16 inference copy, each convolution   torch's convolutions under autocast
                                   with its ReLU and residual add as one oneDNN call  (separate ReLU and add)
                                   (needs oneDNN's bfloat16 path: AVX512BW/VL/DQ or
@@ -31,7 +34,8 @@ capability                        on                                            
 CPU twins (the same source built on SIMDe's portable intrinsics), so that a CPU without AVX-512 tests their logic.
 
 Any capability can be forced off. Forcing one on where this machine lacks it raises ValueError (it would crash or
-fail), except ``native_bfloat16``, which only decides the warning and the benchmark's bfloat16 row.
+fail), except ``native_bfloat16`` and ``native_int8``, which decide warnings, int8's activation range and the
+benchmark's rows.
 """
 
 from __future__ import annotations
@@ -52,6 +56,7 @@ __all__ = ["CpuCapabilities", "avx512_twin", "cpu_capabilities", "detected", "fo
 class CpuCapabilities:
     avx512_kernels: bool
     native_bfloat16: bool
+    native_int8: bool
     fused_bfloat16_convolutions: bool
     winograd: bool
     memory_pool: bool
@@ -92,6 +97,7 @@ def detected() -> CpuCapabilities:
     return CpuCapabilities(
         avx512_kernels=_avx512_kernels_available(),
         native_bfloat16=_torch_cpu_check("_is_avx512_bf16_supported") or _torch_cpu_check("_is_amx_tile_supported"),
+        native_int8=_torch_cpu_check("_is_vnni_supported") or _torch_cpu_check("_is_amx_tile_supported"),
         fused_bfloat16_convolutions=_onednn_bfloat16_convolutions(),
         winograd=_library.LOADED,
         memory_pool=_library.LOADED,
@@ -119,7 +125,7 @@ def forced(**flags: bool) -> Iterator[CpuCapabilities]:
             raise ValueError(f"forced: unknown capability {name!r}; the capabilities are {sorted(names)}")
         if not isinstance(value, bool):
             raise ValueError(f"forced: {name} must be True or False, got {value!r}")
-        if value and name != "native_bfloat16" and not getattr(detected(), name):
+        if value and name not in ("native_bfloat16", "native_int8") and not getattr(detected(), name):
             raise ValueError(f"forced: this machine lacks {name}, so it cannot be forced on")
     previous = dict(_forced)
     _forced.update(flags)

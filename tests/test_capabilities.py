@@ -33,6 +33,14 @@ def test_detection_follows_the_cpu_and_torch_build():
     caps = capabilities.detected()
     native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
     assert caps.native_bfloat16 == native
+    flags = set()
+    if os.path.exists("/proc/cpuinfo"):  # the kernel's own list, independent of torch's probe
+        with open("/proc/cpuinfo") as f:
+            flags = {w for line in f if line.startswith("flags") for w in line.split(":", 1)[1].split()}
+        if flags & {"avx512_vnni", "amx_int8"}:
+            assert caps.native_int8
+        if caps.native_int8:
+            assert flags & {"avx512_vnni", "avx_vnni", "amx_int8"}
     assert caps.avx512_kernels == (torch.cpu._is_avx512_supported()
                                    and library_ops()._cpu_avx512_kernels()[0])
     if caps.fused_bfloat16_convolutions:
@@ -54,7 +62,7 @@ def test_every_capability_can_be_forced_off_and_is_restored(name):
     assert library_ops()._cpu_avx512_kernels()[2] == before.avx512_kernels
 
 
-@pytest.mark.parametrize("name", [n for n in NAMES if n != "native_bfloat16"])
+@pytest.mark.parametrize("name", [n for n in NAMES if n not in ("native_bfloat16", "native_int8")])
 def test_a_capability_the_machine_lacks_cannot_be_forced_on(name, monkeypatch):
     lacking = dataclasses.replace(DETECTED, **{name: False})
     monkeypatch.setattr(capabilities, "detected", lambda: lacking)
