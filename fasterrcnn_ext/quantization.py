@@ -409,6 +409,17 @@ def _is_resnet_body(body: nn.Module) -> bool:
             and isinstance(getattr(body, "bn1", None), nn.Identity))
 
 
+def _chain_rpn_head(head: nn.Module) -> None:
+    """torchvision's RPNHead reads its shared convolutions' output twice (objectness and box deltas): the last shared
+    convolution writes it once in uint8, in the scale both 1x1 convolutions take (they observed the same tensor)."""
+    shared = [m for m in getattr(head, "conv", nn.Sequential()).modules() if isinstance(m, QuantizedConv2d)]
+    cls_logits, bbox_pred = getattr(head, "cls_logits", None), getattr(head, "bbox_pred", None)
+    if not shared or not isinstance(cls_logits, QuantizedConv2d) or not isinstance(bbox_pred, QuantizedConv2d):
+        return
+    bbox_pred.input_qparams = cls_logits.input_qparams
+    shared[-1].output_qparams = cls_logits.input_qparams
+
+
 def _check_calibration_images(images) -> list[Tensor]:
     if isinstance(images, Tensor) and images.dim() == 4:
         images = list(images.unbind(0))
@@ -510,6 +521,7 @@ def quantize(model: nn.Module, calibration_images, *, inplace: bool = False) -> 
                 conv.input_qparams = converter.body_outputs[layer_name]
     converter.skip = ()
     converter.generic(model.rpn.head, "rpn.head")
+    _chain_rpn_head(model.rpn.head)
     if isinstance(box_head, TwoMLPHead) or isinstance(box_head, frcnn.VGG16BoxHead):
         fc6 = converter.linear(box_head.fc6, "roi_heads.box_head.fc6", "relu")
         fc7 = converter.linear(box_head.fc7, "roi_heads.box_head.fc7", "relu")
