@@ -9,7 +9,6 @@ import os
 import torch
 from tqdm import tqdm
 
-from ..data import collate
 from ..files import write_json
 
 COCO_STAT_NAMES = ("map", "map_50", "map_75", "map_small", "map_medium", "map_large", "mar_1", "mar_10", "mar_100",
@@ -32,15 +31,23 @@ def detections_to_coco(detections: dict, image_id: int, category_ids=None) -> li
 @torch.inference_mode()
 def predict(model, dataset, *, batch_size: int = 4, device="cpu", workers: int = 0, progress: bool = True,
             category_ids=None) -> list[dict]:
-    """The model's detections on every image of ``dataset``, in the COCO results format."""
+    """The model's detections on every image of ``dataset``, in the COCO results format. Batches hold images of one
+    size only (pipeline.size_batches), so no image is padded for another and each image's detections are what it
+    gets alone, whatever the batch size or the sharding over processes (results come in dataset order)."""
+    from .pipeline import size_batches
+
     model.eval().to(device)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, collate_fn=collate, num_workers=workers)
-    results = []
-    for images, targets in tqdm(loader, desc="eval", disable=not progress, dynamic_ncols=True):
-        outputs = model([im.to(device) for im in images])
-        for target, output in zip(targets, outputs):
-            results += detections_to_coco(output, target["image_id"], category_ids)
-    return results
+    # batch_size=None: the loader decodes item by item; size_batches groups them.
+    loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=workers)
+    items = ((index, image, target) for index, (image, target) in enumerate(loader))
+    by_index = {}
+    with tqdm(total=len(dataset), desc="eval", disable=not progress, dynamic_ncols=True) as bar:
+        for batch in size_batches(items, batch_size, window=4 * batch_size):
+            outputs = model([image.to(device) for _, image, _ in batch])
+            for (index, _, target), output in zip(batch, outputs):
+                by_index[index] = detections_to_coco(output, target["image_id"], category_ids)
+            bar.update(len(batch))
+    return [r for index in sorted(by_index) for r in by_index[index]]
 
 
 def coco_metrics(ground_truth: dict, results: list[dict]) -> dict:

@@ -163,3 +163,53 @@ def test_benchmark_passes_run_and_leave_no_folder(tiny_checkpoint, tmp_path, mon
     throughput.pipeline_pass(model, paths, batch_size=2, device="cpu", workers=1)
     throughput.naive_pass(model, paths, "cpu")
     assert os.listdir(tmp_path / "tmp") == []
+
+
+class _MixedSizes(torch.utils.data.Dataset):
+    """Images of three sizes, interleaved, with COCO-style targets."""
+
+    def __init__(self, n):
+        generator = torch.Generator().manual_seed(5)
+        sizes = [(64, 64), (80, 48), (56, 72)]
+        self.images = [torch.rand(3, *sizes[i % 3], generator=generator) for i in range(n)]
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, index):
+        return self.images[index], {"image_id": 100 + index}
+
+
+def test_eval_predictions_do_not_depend_on_batch_size_with_mixed_sizes():
+    """predict batches only images of one size: no image is padded for another, so each image's detections are
+    what it gets alone, and 2-process eval (another batch composition per shard) gives one process's results."""
+    from fasterrcnn_ext.engine.evaluate import predict
+    from fasterrcnn_ext.models.detection import fasterrcnn_tiny
+
+    torch.manual_seed(0)
+    model = fasterrcnn_tiny(weights=None, box_score_thresh=0.0).eval()
+    dataset = _MixedSizes(7)
+    with torch.no_grad():
+        one = predict(model, dataset, batch_size=1, progress=False)
+        three = predict(model, dataset, batch_size=3, progress=False)
+        shards = [predict(model, torch.utils.data.Subset(dataset, range(r, 7, 2)), batch_size=2, progress=False)
+                  for r in range(2)]
+    assert one and [r["image_id"] for r in one] == sorted(r["image_id"] for r in one)  # dataset order
+    for other in (three, sorted(shards[0] + shards[1], key=lambda r: r["image_id"])):
+        assert [(r["image_id"], r["category_id"]) for r in other] == [(r["image_id"], r["category_id"]) for r in one]
+        np.testing.assert_allclose([r["bbox"] for r in other], [r["bbox"] for r in one], rtol=1e-4, atol=1e-3)
+        np.testing.assert_allclose([r["score"] for r in other], [r["score"] for r in one], rtol=1e-4, atol=1e-5)
+
+
+def test_default_workers_follow_the_cores_the_model_leaves_and_the_collection(monkeypatch):
+    from fasterrcnn_ext.engine import pipeline
+
+    monkeypatch.setattr(pipeline.os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 8)
+    assert pipeline.default_workers(1000, "cpu") == 0  # the model's threads take every core
+    assert pipeline.default_workers(1000, "cuda") == pipeline.MAX_DEFAULT_WORKERS
+    assert pipeline.default_workers(pipeline.MIN_IMAGES_FOR_WORKERS - 1, "cuda") == 0
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 6)
+    assert pipeline.default_workers(1000, "cpu") == 2
+    monkeypatch.setattr(pipeline.os, "sched_getaffinity", lambda pid: {0}, raising=False)
+    assert pipeline.default_workers(1000, "cuda:0") == 0
