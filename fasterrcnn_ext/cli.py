@@ -149,7 +149,8 @@ def _add_detect(sub) -> None:
     p.add_argument("--score-thresh", type=float, default=0.5)
     p.add_argument("--batch-size", type=int, default=1, help="images per forward pass (batches hold images of one "
                    "size)")
-    p.add_argument("--workers", type=int, default=2, help="image-decoding processes")
+    p.add_argument("--workers", type=int, default=None,
+                   help="image-decoding processes (default: the cores the model leaves free, none below 32 images)")
     p.add_argument("--pictures", type=int, metavar="N", help="draw the first N images (default: all of up to 100 "
                    "images, else none)")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")

@@ -29,7 +29,7 @@ def write_images(folder: str, count: int = IMAGES) -> list[str]:
     return paths
 
 
-def pipeline_pass(model, paths: list[str], batch_size: int, device: str, workers: int = 2) -> None:
+def pipeline_pass(model, paths: list[str], batch_size: int, device: str, workers: int | None = None) -> None:
     """One run of detect's pipeline over ``paths`` into a fresh folder (a reused one would be resumed: nothing to
     do), no pictures."""
     from fasterrcnn_ext.engine.pipeline import run_detect

@@ -136,7 +136,7 @@ def image_ids(paths: list[str]) -> list[int]:
 
 
 def detect(image_paths: list[str], weights: str, out: str, *, score_thresh: float = 0.5, device="cpu",
-           progress: bool = True, model_name: str | None = None, batch_size: int = 1, workers: int = 2,
+           progress: bool = True, model_name: str | None = None, batch_size: int = 1, workers: int | None = None,
            pictures: int | None = None, coco: str | None = None, split: str = "val") -> list[dict] | None:
     """Detects objects in image files, folders (recursively), globs and text files of paths, or in the images of a
     COCO-format dataset (``coco``, its ``split``; ids from its annotation file), with engine/pipeline.py: batched,
