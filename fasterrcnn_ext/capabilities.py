@@ -70,6 +70,16 @@ def _torch_cpu_check(name: str) -> bool:
         return False
 
 
+def _linux_cpu_flags() -> set[str]:
+    # torch probes AVX512-VNNI but not AVX-VNNI (its 256-bit form, which oneDNN's int8 kernels also use): the
+    # kernel's flag list says. Empty elsewhere.
+    try:
+        with open("/proc/cpuinfo") as f:
+            return {w for line in f if line.startswith("flags") for w in line.split(":", 1)[1].split()}
+    except OSError:
+        return set()
+
+
 def _avx512_kernels_available() -> bool:
     if not _library.LOADED:
         return False
@@ -97,7 +107,8 @@ def detected() -> CpuCapabilities:
     return CpuCapabilities(
         avx512_kernels=_avx512_kernels_available(),
         native_bfloat16=_torch_cpu_check("_is_avx512_bf16_supported") or _torch_cpu_check("_is_amx_tile_supported"),
-        native_int8=_torch_cpu_check("_is_vnni_supported") or _torch_cpu_check("_is_amx_tile_supported"),
+        native_int8=(_torch_cpu_check("_is_vnni_supported") or _torch_cpu_check("_is_amx_tile_supported")
+                     or "avx_vnni" in _linux_cpu_flags()),
         fused_bfloat16_convolutions=_onednn_bfloat16_convolutions(),
         winograd=_library.LOADED,
         memory_pool=_library.LOADED,

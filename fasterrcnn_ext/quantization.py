@@ -27,6 +27,7 @@ import dataclasses
 import warnings
 
 import torch
+import torchvision
 from torch import Tensor, nn
 from torchvision.models.detection.faster_rcnn import FasterRCNN as TorchvisionFasterRCNN
 from torchvision.models.detection.faster_rcnn import TwoMLPHead
@@ -377,8 +378,10 @@ class _Converter:
                 full = f"{parent_name}.{child_name}" if parent_name else child_name
                 make = self.conv if isinstance(child, nn.Conv2d) else self.linear
                 parent._modules[child_name] = make(child, full, activation)
+        # Chained after every layer is converted: a Sequential's neighbours may be Sequentials converted after it.
+        for _, parent in list(root.named_modules()):
             if isinstance(parent, nn.Sequential):
-                self._chain(parent, names)
+                self._chain(parent, list(parent._modules))
 
     @staticmethod
     def _chain(parent: nn.Sequential, names: list[str]) -> None:
@@ -386,14 +389,35 @@ class _Converter:
             if isinstance(parent._modules[child_name], nn.MaxPool2d):
                 parent._modules[child_name] = QuantizedMaxPool2d(parent._modules[child_name])
         for i, child_name in enumerate(names):
-            child = parent._modules[child_name]
-            if not isinstance(child, QuantizedConv2d):
+            producer = _edge_layer(parent._modules[child_name], last=True)
+            if producer is None:
                 continue
-            _, follower = _next_sibling(parent, names, i, (nn.Identity, QuantizedMaxPool2d))
-            if isinstance(follower, QuantizedConv2d):
-                child.output_qparams = follower.input_qparams
+            _, follower = _next_sibling(parent, names, i, _PASS_UINT8)
+            consumer = _edge_layer(follower, last=False) if follower is not None else None
+            if consumer is not None:
+                producer.output_qparams = consumer.input_qparams
 
     skip: tuple[str, ...] = ()
+
+
+# Modules that pass uint8 through unchanged in meaning (max commutes with the monotonic quantization; the others
+# move no value).
+_PASS_UINT8 = (nn.Identity, QuantizedMaxPool2d, nn.Flatten)
+
+
+def _edge_layer(module: nn.Module, last: bool) -> QuantizedConv2d | QuantizedLinear | None:
+    """The quantized layer that writes a module's output (``last``) or reads its input: the module itself, or for a
+    Sequential (a Conv2dNormActivation, a conv stack) its last or first layer past uint8 pass-throughs, recursively;
+    None where that is anything else (an activation a layer could not fuse, a squeeze-excitation, a block)."""
+    if isinstance(module, (QuantizedConv2d, QuantizedLinear)):
+        return module
+    if type(module) is not nn.Sequential and not isinstance(module, torchvision.ops.misc.Conv2dNormActivation):
+        return None
+    children = list(module.children())
+    for child in reversed(children) if last else children:
+        if not isinstance(child, _PASS_UINT8):
+            return _edge_layer(child, last)
+    return None
 
 
 def _inside(name: str, prefixes: tuple[str, ...]) -> bool:

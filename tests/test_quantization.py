@@ -243,3 +243,32 @@ def test_int8_and_bf16_keep_the_demo_models_held_out_map(demo_run):
     assert fp32 > 0.5  # a model that detects
     assert fp32 - int8 <= 0.01, (fp32, int8)
     assert fp32 - bf16 <= 0.005, (fp32, bf16)
+
+
+def test_nested_sequentials_chain_in_uint8_and_match_float():
+    """Conv2dNormActivation stacks (the v2 RPN and box heads) pass uint8 from one block's convolution to the next
+    and through Flatten into a linear layer; the result still follows the float stack."""
+    from torchvision.ops.misc import Conv2dNormActivation
+
+    torch.manual_seed(4)
+    stack = nn.Sequential(Conv2dNormActivation(8, 16, 3), Conv2dNormActivation(16, 16, 3), nn.Flatten(),
+                          nn.Linear(16 * 6 * 6, 32), nn.ReLU()).eval()
+    for m in stack.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.1, 0.1)
+            m.running_var.uniform_(0.5, 1.5)
+    fold_batch_norms(stack)
+    x = torch.randn(4, 8, 6, 6)
+    with torch.no_grad():
+        expected = stack(x)
+        ranges = quantization._Ranges()
+        handles = quantization._observe(stack, "s", ranges)
+        stack(x)
+        for h in handles:
+            h.remove()
+        quantization._Converter(ranges, 255).generic(stack, "s")
+        got = stack(x)
+    first, second, linear = stack[0][0], stack[1][0], stack[3]
+    assert isinstance(first, QuantizedConv2d) and first.output_qparams == second.input_qparams
+    assert second.output_qparams == linear.input_qparams and linear.activation == "relu"
+    assert _relative_error(got, expected) < 0.05
