@@ -32,6 +32,9 @@ def roi_pool(input: Tensor, boxes: Tensor | list[Tensor], output_size: Broadcast
     """
     if not torch.jit.is_scripting():
         assert_loaded()
+        if input.is_quantized:  # torchvision has no quantized RoIPool either (only RoIAlign and NMS)
+            raise NotImplementedError(f"roi_pool: quantized input ({input.dtype}) is not supported; dequantize it "
+                                      "first (torchvision's roi_pool takes no quantized tensors either)")
         output_size = pair(output_size)
         check_boxes_fit_batch(boxes, input.size(0) if input.dim() == 4 else len(boxes), "roi_pool")
     rois = rois_from_boxes(boxes)
