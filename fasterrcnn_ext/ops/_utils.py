@@ -73,6 +73,12 @@ def check_boxes(boxes) -> None:
             raise ArgumentError(f"boxes[{i}] must be a Tensor[L, 4], got shape {tuple(b.shape)}")
 
 
+def roi_dtypes_match(map_dtype: torch.dtype, rois_dtype: torch.dtype) -> bool:
+    """Whether the RoI ops take rois of ``rois_dtype`` with a feature map of ``map_dtype``: the same dtype, or float32
+    rois with a float16/bfloat16 map (read in its dtype, pooled in float32; box coordinates stay float32)."""
+    return rois_dtype == map_dtype or (rois_dtype == torch.float32 and map_dtype in (torch.float16, torch.bfloat16))
+
+
 def rois_from_boxes(boxes: Tensor | list[Tensor]) -> Tensor:
     """``Tensor[K, 5]`` rois (batch index, x1, y1, x2, y2) from either rois or a list of per-image ``Tensor[L, 4]``.
 

@@ -17,7 +17,7 @@ from .. import _torchvision
 from .._library import assert_loaded
 from ._onnx import tracing_by_value
 from ._registration import register_autograd, register_fake
-from ._utils import check_boxes_fit_batch, pair, rois_from_boxes
+from ._utils import check_boxes_fit_batch, pair, roi_dtypes_match, rois_from_boxes
 from .constants import CANONICAL_LEVEL, CANONICAL_SCALE
 from .roi_align import roi_align
 
@@ -110,24 +110,10 @@ def _multi_scale_pool(features: list[Tensor], boxes: list[Tensor], image_shapes:
     if not torch.jit.is_scripting():
         _check_pool_arguments(features, boxes, image_shapes)
     rois = rois_from_boxes(boxes)
-    if _pools_half_features_in_float32(features, rois):
-        pooled = _pool_levels([f.float() for f in features], rois, output_size, sampling_ratio, scales, canonical_scale,
-                              canonical_level)
-        return pooled.to(features[0].dtype)
+    # float16/bfloat16 maps (a detector converted with .half() or .bfloat16(), or under autocast) with float32 boxes
+    # go to the ops as they are: the kernels read the maps in their dtype and accumulate in float32, and the boxes
+    # keep their float32 coordinates (bfloat16 ones step by 4 pixels at 1000).
     return _pool_levels(features, rois, output_size, sampling_ratio, scales, canonical_scale, canonical_level)
-
-
-def _pools_half_features_in_float32(features: list[Tensor], rois: Tensor) -> bool:
-    """Whether float16/bfloat16 maps meet float32 RoIs outside autocast: a detector converted with ``.half()`` or
-    ``.bfloat16()``, whose box coordinates stay float32 (box decoding in float32). The maps are pooled in float32
-    (the kernels' arithmetic for half types anyway) rather than the RoIs rounded: bfloat16 coordinates step by 4
-    pixels at 1000. Under autocast the ops' autocast kernels cast both to float32 themselves."""
-    half_maps = features[0].dtype == torch.float16 or features[0].dtype == torch.bfloat16
-    if not (half_maps and rois.dtype == torch.float32):
-        return False
-    if torch.jit.is_scripting():
-        return True
-    return not torch.is_autocast_enabled(features[0].device.type)
 
 
 def _pool_levels(features: list[Tensor], rois: Tensor, output_size: list[int], sampling_ratio: int,
@@ -154,7 +140,7 @@ class MultiScaleRoIAlign(_torchvision.MultiScaleRoIAlign):
     As in torchvision, the scales are inferred from the first batch's shapes and then kept. A subclass of
     torchvision's, so torchvision's detection models accept it; it scripts (torch.jit.script) and is an FX leaf. Unlike
     torchvision's, it takes float16/bfloat16 maps with float32 boxes (a detector converted with ``.half()``, whose
-    boxes stay float32): it pools the maps in float32 and returns their dtype.
+    boxes stay float32): it reads the maps in their dtype, accumulates in float32 and returns their dtype.
     """
 
     def __init__(self, featmap_names: list[str], output_size: BroadcastingList2[int], sampling_ratio: int, *,
@@ -235,6 +221,9 @@ def _multi_scale_roi_align_fake(features, rois, scales, pooled_height, pooled_wi
                                 canonical_scale=CANONICAL_SCALE, canonical_level=CANONICAL_LEVEL):
     torch._check(len(features) == len(scales), lambda: "multi_scale_roi_align: one scale per feature map")
     torch._check(rois.dim() == 2 and rois.size(1) == 5, lambda: "multi_scale_roi_align: rois must be [K, 5]")
+    torch._check(all(roi_dtypes_match(f.dtype, rois.dtype) for f in features),
+                 lambda: "multi_scale_roi_align: rois must have the features' dtype, or be float32 for "
+                         "float16/bfloat16 features")
     return features[0].new_empty((rois.size(0), features[0].size(1), pooled_height, pooled_width))
 
 

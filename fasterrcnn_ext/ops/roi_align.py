@@ -11,7 +11,7 @@ from torch.jit.annotations import BroadcastingList2
 
 from .._library import assert_loaded
 from ._registration import register_autograd, register_fake
-from ._utils import check_boxes_fit_batch, pair, rois_from_boxes
+from ._utils import check_boxes_fit_batch, pair, roi_dtypes_match, rois_from_boxes
 
 
 @torch.fx.wrap
@@ -20,10 +20,13 @@ def roi_align(input: Tensor, boxes: Tensor | list[Tensor], output_size: Broadcas
     """Pools each RoI to a fixed ``output_size`` by bilinear sampling (RoIAlign, Mask R-CNN).
 
     Args:
-        input (Tensor[N, C, H, W]): feature map; float16, bfloat16, float32 or float64 (half types accumulate in
-            float32). NCHW or channels_last.
+        input (Tensor[N, C, H, W]): feature map; float16, bfloat16, float32 or float64 (half types are read as they
+            are and accumulate in float32). NCHW or channels_last. Quantized (quint8, qint8, qint32; CPU) as
+            torchvision: one image (N = 1), pooled from the integer values and requantized with the input's scale
+            and zero point.
         boxes (Tensor[K, 5] or list of Tensor[L, 4]): RoIs in (x1, y1, x2, y2) image coordinates; the [K, 5] form has
-            the batch index first. Same dtype as ``input``.
+            the batch index first. Same dtype as ``input``, or float32 for float16/bfloat16 ``input`` (coordinates
+            keep float32 precision). Quantized ``input``: quantized rois of its dtype.
         output_size (int or (int, int)): (PH, PW).
         spatial_scale (float): feature-map size / image size, e.g. 1/16 for stride 16.
         sampling_ratio (int): samples per bin side; <= 0 uses ceil(bin size) (capped at 2 * max(H, W) + 2, so NaN or
@@ -68,7 +71,9 @@ class RoIAlign(nn.Module):
 @register_fake("fasterrcnn_ext::roi_align")
 def _roi_align_fake(input, rois, spatial_scale, pooled_height, pooled_width, sampling_ratio, aligned):
     torch._check(rois.dim() == 2 and rois.size(1) == 5, lambda: f"roi_align: rois must be [K, 5], got {rois.shape}")
-    torch._check(input.dtype == rois.dtype, lambda: "roi_align: input and rois must have the same dtype")
+    torch._check(roi_dtypes_match(input.dtype, rois.dtype),
+                 lambda: f"roi_align: rois must have input's dtype, or be float32 for float16/bfloat16 input, got "
+                         f"{input.dtype} and {rois.dtype}")
     return input.new_empty((rois.size(0), input.size(1), pooled_height, pooled_width))
 
 

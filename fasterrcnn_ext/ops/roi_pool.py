@@ -11,7 +11,7 @@ from torch.jit.annotations import BroadcastingList2
 
 from .._library import assert_loaded
 from ._registration import register_autograd, register_fake
-from ._utils import check_boxes_fit_batch, pair, rois_from_boxes
+from ._utils import check_boxes_fit_batch, pair, roi_dtypes_match, rois_from_boxes
 
 
 @torch.fx.wrap
@@ -20,8 +20,10 @@ def roi_pool(input: Tensor, boxes: Tensor | list[Tensor], output_size: Broadcast
     """Max-pools each RoI into a fixed ``output_size`` grid of bins (RoIPool, Fast R-CNN).
 
     Args:
-        input (Tensor[N, C, H, W]): feature map (NCHW or channels_last), any floating dtype.
-        boxes (Tensor[K, 5] or list of Tensor[L, 4]): RoIs in image coordinates, same dtype as ``input``.
+        input (Tensor[N, C, H, W]): feature map (NCHW or channels_last), any floating dtype (float16/bfloat16 are
+            read as they are and compared in float32).
+        boxes (Tensor[K, 5] or list of Tensor[L, 4]): RoIs in image coordinates, same dtype as ``input``, or float32
+            for float16/bfloat16 ``input``.
         output_size (int or (int, int)): (PH, PW).
         spatial_scale (float): feature-map size / image size.
 
@@ -30,6 +32,9 @@ def roi_pool(input: Tensor, boxes: Tensor | list[Tensor], output_size: Broadcast
     """
     if not torch.jit.is_scripting():
         assert_loaded()
+        if input.is_quantized:  # torchvision has no quantized RoIPool either (only RoIAlign and NMS)
+            raise NotImplementedError(f"roi_pool: quantized input ({input.dtype}) is not supported; dequantize it "
+                                      "first (torchvision's roi_pool takes no quantized tensors either)")
         output_size = pair(output_size)
         check_boxes_fit_batch(boxes, input.size(0) if input.dim() == 4 else len(boxes), "roi_pool")
     rois = rois_from_boxes(boxes)
@@ -72,7 +77,9 @@ class RoIPool(nn.Module):
 @register_fake("fasterrcnn_ext::roi_pool")
 def _roi_pool_fake(input, rois, spatial_scale, pooled_height, pooled_width):
     torch._check(rois.dim() == 2 and rois.size(1) == 5, lambda: f"roi_pool: rois must be [K, 5], got {rois.shape}")
-    torch._check(input.dtype == rois.dtype, lambda: "roi_pool: input and rois must have the same dtype")
+    torch._check(roi_dtypes_match(input.dtype, rois.dtype),
+                 lambda: f"roi_pool: rois must have input's dtype, or be float32 for float16/bfloat16 input, got "
+                         f"{input.dtype} and {rois.dtype}")
     shape = (rois.size(0), input.size(1), pooled_height, pooled_width)
     return input.new_empty(shape), input.new_empty(shape, dtype=torch.long)
 

@@ -3,6 +3,7 @@ from collections import OrderedDict
 import pytest
 import torch
 import torchvision
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import fasterrcnn_ext.ops as ops
 
@@ -138,10 +139,11 @@ def test_maps_sharing_a_scale_take_the_fused_op_without_a_warning():
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("names", [["p0"], ["p0", "p1", "p2", "p3"], ["p1", "p3"]], ids=["one", "fused", "skipping"])
-def test_half_maps_with_float32_boxes_pool_in_float32(device, dtype, names):
-    """A detector converted with .half() or .bfloat16() keeps float32 boxes (box decoding in float32): its maps are
-    pooled in float32, not its RoIs rounded (bfloat16 coordinates step by 4 pixels at 1000), and the result takes the
-    maps' dtype. torchvision's module stops at the dtype mismatch; the functional op still asks for one dtype."""
+def test_half_maps_with_float32_boxes_are_pooled_as_they_are(device, dtype, names):
+    """A detector converted with .half() or .bfloat16() keeps float32 boxes (box decoding in float32): its maps go to
+    the kernels as they are (read in their dtype, pooled in float32), not its RoIs rounded (bfloat16 coordinates step
+    by 4 pixels at 1000), and the result takes the maps' dtype: the float32 maps' result, rounded once. torchvision's
+    module stops at the dtype mismatch. No float32 copy of a map is made."""
     import warnings
 
     feats = OrderedDict((k, v.to(dtype)) for k, v in fpn_features(device=device).items() if k in names)
@@ -150,13 +152,48 @@ def test_half_maps_with_float32_boxes_pool_in_float32(device, dtype, names):
     pooler = ops.MultiScaleRoIAlign(names, 3, 2)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the skipping maps' warning, tested above
-        got = pooler(feats, boxes, [(128, 160)] * 2)
+        with _MapCopies() as copies:
+            got = pooler(feats, boxes, [(128, 160)] * 2)
         expected = pooler(OrderedDict((k, v.float()) for k, v in feats.items()), boxes, [(128, 160)] * 2)
         rounded = pooler(feats, [b.to(dtype) for b in boxes], [(128, 160)] * 2)
     assert got.dtype == dtype
+    assert copies.shapes == [], f"float32 copies of the maps: {copies.shapes}"
     torch.testing.assert_close(got, expected.to(dtype), rtol=0, atol=0)
     if dtype == torch.bfloat16:  # the rounded RoIs would have pooled elsewhere
         assert not torch.equal(rounded[0], got[0])
-    with pytest.raises(RuntimeError, match="same dtype"):
-        ops.roi_align(feats[names[0]], [b for b in boxes], 3, 0.25)
+    # The functional op takes the pair too; float64 boxes with a half map are still refused.
+    one = feats[names[0]]
+    torch.testing.assert_close(ops.roi_align(one, boxes, 3, 0.25), ops.roi_align(one.float(), boxes, 3, 0.25).to(dtype),
+                               rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match="rois must be float32 or have the dtype of input"):
+        ops.roi_align(one, [b.double() for b in boxes], 3, 0.25)
+
+
+class _MapCopies(TorchDispatchMode):
+    """Records the shapes of the 4-D tensors (feature maps) that are copied to another dtype or device by the ops
+    called inside it (not by the kernels themselves)."""
+
+    def __init__(self):
+        super().__init__()
+        self.shapes = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._to_copy.default and args[0].dim() == 4:
+            self.shapes.append(tuple(args[0].shape))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_pooler_under_autocast_reads_the_half_maps_as_they_are(device, dtype):
+    """Under autocast the pooler's maps are half and its boxes float32: the autocast kernels pass them on without a
+    float32 copy of the maps, and the result is the one without autocast."""
+    feats = OrderedDict((k, v.to(dtype)) for k, v in fpn_features(device=device).items())
+    boxes = [boxes_of_all_sizes(30, device=device), boxes_of_all_sizes(20, device=device)]
+    pooler = ops.MultiScaleRoIAlign(list(feats), 7, 2)
+    plain = pooler(feats, boxes, [(128, 160)] * 2)
+    with torch.autocast(device_type=device, dtype=dtype), _MapCopies() as copies:
+        got = pooler(feats, boxes, [(128, 160)] * 2)
+    assert copies.shapes == [], f"float32 copies of the maps: {copies.shapes}"
+    assert got.dtype == dtype
+    assert torch.equal(got, plain)
 

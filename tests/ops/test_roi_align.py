@@ -230,3 +230,91 @@ def test_opcheck_backward_ops(device):
     _, argmax = torch.ops.fasterrcnn_ext.roi_pool(x, rois, 0.5, 2, 2)
     torch.library.opcheck(torch.ops.fasterrcnn_ext._roi_pool_backward.default,
                           (grad, rois, argmax, 0.5, 2, 2, 2, 3, 10, 12))
+
+
+def _half_map(dtype, layout, device):
+    """A [2, 8, 24, 30] map of the half type in the given layout."""
+    if layout == "non_contiguous":
+        x = torch.randn(2, 16, 24, 60, device=device).to(dtype)[:, ::2, :, ::2]
+        assert not x.is_contiguous()
+        return x
+    x = torch.randn(2, 8, 24, 30, device=device).to(dtype)
+    return x.contiguous(memory_format=torch.channels_last) if layout == "channels_last" else x
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "non_contiguous"])
+@pytest.mark.parametrize("aligned", [False, True])
+def test_half_map_with_float32_rois_reads_the_map_as_it_is(device, dtype, layout, aligned):
+    """A float16/bfloat16 map with float32 RoIs (a .bfloat16() detector; autocast): the map is read in its dtype and
+    pooled in float32, so the result is the float32 path's on the same map upcast, rounded once to the map's dtype;
+    the gradient likewise. The RoIs keep float32 coordinates (bfloat16 ones would step by 0.25 pixels here)."""
+    x = _half_map(dtype, layout, device)
+    rois = random_rois(40, 2, image_hw=(96, 120), device=device)
+    rois[0, 1:] = torch.tensor([10.3, 20.7, 70.1, 80.9])  # not representable in bfloat16
+    kw = dict(output_size=(5, 4), spatial_scale=0.25, sampling_ratio=-1, aligned=aligned)
+    grad = torch.randn(40, 8, 5, 4, device=device).to(dtype)
+    out, g = _forward_backward_with(ops.roi_align, x, rois, grad, **kw)
+    ref, g_ref = _forward_backward_with(ops.roi_align, x.float(), rois, grad.float(), **kw)
+    assert out.dtype == g.dtype == dtype
+    exact = dict(rtol=0, atol=0) if device == "cpu" else dict(rtol=float(torch.finfo(dtype).eps), atol=1e-5)
+    torch.testing.assert_close(out, ref.to(dtype), **exact)
+    torch.testing.assert_close(g, g_ref.to(dtype), **exact)
+    theirs = torchvision.ops.roi_align(x.float(), rois, **kw)
+    torch.testing.assert_close(out.float(), theirs, rtol=float(torch.finfo(dtype).eps), atol=2e-5)
+    torch.library.opcheck(torch.ops.fasterrcnn_ext.roi_align.default, (x, rois, 0.25, 5, 4, -1, aligned))
+
+
+def _forward_backward_with(fn, x, rois, grad, **kw):
+    x = x.detach().clone().requires_grad_()
+    out = fn(x, rois, **kw)
+    out.backward(grad)
+    return out.detach(), x.grad
+
+
+@pytest.mark.parametrize(
+    "map_dtype, rois_dtype",
+    [(torch.bfloat16, torch.float64), (torch.float16, torch.bfloat16), (torch.float32, torch.bfloat16),
+     (torch.float64, torch.float32)],
+)
+def test_mixed_dtypes_still_refused(map_dtype, rois_dtype):
+    """Only float32 RoIs join a map of another dtype (float16/bfloat16); every other mix is an error naming both."""
+    x = torch.rand(1, 3, 8, 8).to(map_dtype)
+    rois = torch.tensor([[0.0, 0, 0, 4, 4]]).to(rois_dtype)
+    names = {torch.bfloat16: "BFloat16", torch.float16: "Half", torch.float32: "Float", torch.float64: "Double"}
+    message = f"{names[map_dtype]}.*{names[rois_dtype]}"
+    for op in (lambda: ops.roi_align(x, rois, 2), lambda: ops.roi_pool(x, rois, 2),
+               lambda: ops.multi_scale_roi_align([x], rois, 2, [1.0])):
+        with pytest.raises(RuntimeError, match=message):
+            op()
+
+
+def test_multi_scale_half_pyramid_with_float32_rois(device):
+    """The fused multi-level op and its per-element twin (the CUDA forward's steps) on a bfloat16 pyramid with
+    float32 RoIs: the float32 path's result on the upcast pyramid, rounded once; a pyramid of mixed dtypes is
+    refused."""
+    feats = [torch.randn(2, 6, 32 // 2 ** i, 40 // 2 ** i, device=device).to(torch.bfloat16) for i in range(3)]
+    feats[1] = feats[1].contiguous(memory_format=torch.channels_last)
+    rois = random_rois(50, 2, image_hw=(128, 160), max_size=120.0, device=device)
+    scales = [0.25, 0.125, 0.0625]
+    x = [f.detach().requires_grad_() for f in feats]
+    out = ops.multi_scale_roi_align(x, rois, 3, scales, 2, True)
+    xf = [f.detach().float().requires_grad_() for f in feats]
+    ref = ops.multi_scale_roi_align(xf, rois, 3, scales, 2, True)
+    exact = dict(rtol=0, atol=0) if device == "cpu" else dict(rtol=2 ** -7, atol=1e-5)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out, ref.to(torch.bfloat16), **exact)
+    grad = torch.randn_like(ref).to(torch.bfloat16)
+    out.backward(grad)
+    ref.backward(grad.float())
+    for a, b in zip(x, xf):
+        assert a.grad.dtype == torch.bfloat16
+        torch.testing.assert_close(a.grad, b.grad.to(torch.bfloat16), **exact)
+    twin = torch.ops.fasterrcnn_ext._roi_align_per_element(feats, rois, scales, 3, 3, 2, True, 224.0, 4.0, 1 << 20)
+    torch.testing.assert_close(twin.float(), out.float(), rtol=2 ** -7, atol=1e-5)
+    torch.library.opcheck(torch.ops.fasterrcnn_ext.multi_scale_roi_align.default,
+                          (feats, rois, scales, 3, 3, 2, True, 224.0, 4.0))
+    torch.library.opcheck(torch.ops.fasterrcnn_ext._roi_align_per_element.default,
+                          (feats, rois, scales, 3, 3, 2, True, 224.0, 4.0, 0))
+    with pytest.raises(RuntimeError, match=r"features\[1\] is Float"):
+        ops.multi_scale_roi_align([feats[0], feats[1].float(), feats[2]], rois, 3, scales, 2, True)

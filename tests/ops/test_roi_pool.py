@@ -136,3 +136,34 @@ def test_module_and_opcheck(device):
     rois = random_rois(6, 2, image_hw=(20, 24), device=device)
     torch.testing.assert_close(m(x, rois), t(x, rois))
     torch.library.opcheck(torch.ops.fasterrcnn_ext.roi_pool.default, (x, rois, 0.5, 3, 2))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "non_contiguous"])
+def test_half_map_with_float32_rois_reads_the_map_as_it_is(device, dtype, layout):
+    """A float16/bfloat16 map with float32 RoIs: torchvision's float32 result on the upcast map (a max is exact in
+    any dtype), the same argmax, and the gradient the float32 path gives, in the map's dtype."""
+    if layout == "non_contiguous":
+        x = torch.randn(2, 16, 19, 46, device=device).to(dtype)[:, ::2, :, ::2]
+        assert not x.is_contiguous()
+    else:
+        x = torch.randn(2, 8, 19, 23, device=device).to(dtype)
+        if layout == "channels_last":
+            x = x.contiguous(memory_format=torch.channels_last)
+    rois = random_rois(30, 2, image_hw=(38, 46), device=device)
+    rois[0, 1:] = torch.tensor([10.3, 20.7, 30.1, 35.9])  # not representable in bfloat16
+    out, argmax = torch.ops.fasterrcnn_ext.roi_pool(x, rois, 0.5, 3, 2)
+    ref, ref_argmax = torch.ops.fasterrcnn_ext.roi_pool(x.float(), rois, 0.5, 3, 2)
+    assert out.dtype == dtype
+    assert torch.equal(out.float(), ref) and torch.equal(argmax, ref_argmax)
+    assert torch.equal(out.float(), torchvision.ops.roi_pool(x.float(), rois, (3, 2), 0.5))
+    assert torch.equal(torch.ops.fasterrcnn_ext._roi_pool_values(x, rois, 0.5, 3, 2), out)
+    xg = x.detach().requires_grad_()
+    xf = x.detach().float().requires_grad_()
+    grad = torch.randn(30, 8, 3, 2, device=device).to(dtype)
+    ops.roi_pool(xg, rois, (3, 2), 0.5).backward(grad)
+    ops.roi_pool(xf, rois, (3, 2), 0.5).backward(grad.float())
+    assert xg.grad.dtype == dtype
+    torch.testing.assert_close(xg.grad, xf.grad.to(dtype), rtol=0, atol=0)
+    torch.library.opcheck(torch.ops.fasterrcnn_ext.roi_pool.default, (x, rois, 0.5, 3, 2))
+    torch.library.opcheck(torch.ops.fasterrcnn_ext._roi_pool_values.default, (x, rois, 0.5, 3, 2))

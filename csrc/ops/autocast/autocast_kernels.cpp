@@ -1,7 +1,8 @@
 // Autocast for the ops whose inputs must agree in dtype: under torch.autocast a float16/bfloat16 feature map meets
-// float32 boxes. As torchvision does, such calls run in float32 and the result comes back in the input's dtype
-// (our kernels accumulate half types in float32 anyway; the cast makes mixed dtypes legal and keeps box coordinates
-// in float32). Registered for AutocastCPU and AutocastCUDA.
+// float32 boxes. The RoI ops take that pair as it is (the kernels read the map in its dtype, accumulate in float32
+// and return the map's dtype; box coordinates stay float32): only the RoIs are cast to float32, and a map that is
+// not float16/bfloat16 (float32, or a pyramid of mixed dtypes) too, as torchvision runs them. NMS runs in float32.
+// Registered for AutocastCPU and AutocastCUDA.
 #include <ATen/ATen.h>
 #include <ATen/autocast_mode.h>
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -9,6 +10,16 @@
 
 namespace fasterrcnn_ext {
 namespace {
+
+bool is_half_type(const at::Tensor& t) {
+  return t.scalar_type() == at::kHalf || t.scalar_type() == at::kBFloat16;
+}
+
+// A feature map as the RoI ops take it under autocast: a float16/bfloat16 map as it is, else cast to float32.
+template <c10::DeviceType device>
+at::Tensor autocast_map(const at::Tensor& input) {
+  return is_half_type(input) ? input : at::autocast::cached_cast(at::kFloat, input, device);
+}
 
 template <c10::DispatchKey key, c10::DeviceType device>
 at::Tensor roi_align_autocast(const at::Tensor& input, const at::Tensor& rois, double spatial_scale,
@@ -20,8 +31,8 @@ at::Tensor roi_align_autocast(const at::Tensor& input, const at::Tensor& rois, d
                        .typed<at::Tensor(const at::Tensor&, const at::Tensor&, double, c10::SymInt, c10::SymInt,
                                          int64_t, bool)>();
   return op
-      .call(at::autocast::cached_cast(at::kFloat, input, device), at::autocast::cached_cast(at::kFloat, rois, device),
-            spatial_scale, pooled_height, pooled_width, sampling_ratio, aligned)
+      .call(autocast_map<device>(input), at::autocast::cached_cast(at::kFloat, rois, device), spatial_scale,
+            pooled_height, pooled_width, sampling_ratio, aligned)
       .to(input.scalar_type());
 }
 
@@ -35,9 +46,8 @@ std::tuple<at::Tensor, at::Tensor> roi_pool_autocast(const at::Tensor& input, co
           .findSchemaOrThrow("fasterrcnn_ext::roi_pool", "")
           .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, double, c10::SymInt,
                                                     c10::SymInt)>();
-  auto [out, argmax] = op.call(at::autocast::cached_cast(at::kFloat, input, device),
-                               at::autocast::cached_cast(at::kFloat, rois, device), spatial_scale, pooled_height,
-                               pooled_width);
+  auto [out, argmax] = op.call(autocast_map<device>(input), at::autocast::cached_cast(at::kFloat, rois, device),
+                               spatial_scale, pooled_height, pooled_width);
   return {out.to(input.scalar_type()), argmax};
 }
 
@@ -49,8 +59,8 @@ at::Tensor roi_pool_values_autocast(const at::Tensor& input, const at::Tensor& r
                        .findSchemaOrThrow("fasterrcnn_ext::_roi_pool_values", "")
                        .typed<at::Tensor(const at::Tensor&, const at::Tensor&, double, c10::SymInt, c10::SymInt)>();
   return op
-      .call(at::autocast::cached_cast(at::kFloat, input, device), at::autocast::cached_cast(at::kFloat, rois, device),
-            spatial_scale, pooled_height, pooled_width)
+      .call(autocast_map<device>(input), at::autocast::cached_cast(at::kFloat, rois, device), spatial_scale,
+            pooled_height, pooled_width)
       .to(input.scalar_type());
 }
 
@@ -63,12 +73,16 @@ at::Tensor multi_scale_roi_align_autocast(at::TensorList features, const at::Ten
                        .findSchemaOrThrow("fasterrcnn_ext::multi_scale_roi_align", "")
                        .typed<at::Tensor(at::TensorList, const at::Tensor&, at::ArrayRef<double>, c10::SymInt,
                                          c10::SymInt, int64_t, bool, double, double)>();
-  std::vector<at::Tensor> cast;
-  for (const at::Tensor& f : features) cast.push_back(at::autocast::cached_cast(at::kFloat, f, device));
-  return op
-      .call(cast, at::autocast::cached_cast(at::kFloat, rois, device), scales, pooled_height, pooled_width,
-            sampling_ratio, aligned, canonical_scale, canonical_level)
-      .to(features[0].scalar_type());
+  // A pyramid of one float16/bfloat16 dtype is pooled as it is; any other goes to float32 whole.
+  bool one_half_type = !features.empty() && is_half_type(features[0]);
+  for (const at::Tensor& f : features) one_half_type = one_half_type && f.scalar_type() == features[0].scalar_type();
+  std::vector<at::Tensor> maps;
+  for (const at::Tensor& f : features) {
+    maps.push_back(one_half_type ? f : at::autocast::cached_cast(at::kFloat, f, device));
+  }
+  at::Tensor out = op.call(maps, at::autocast::cached_cast(at::kFloat, rois, device), scales, pooled_height,
+                           pooled_width, sampling_ratio, aligned, canonical_scale, canonical_level);
+  return features.empty() ? out : out.to(features[0].scalar_type());
 }
 
 template <c10::DispatchKey key, c10::DeviceType device>

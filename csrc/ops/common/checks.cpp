@@ -82,6 +82,18 @@ int64_t check_detection_padded_inputs(const at::Tensor& class_logits, const at::
   return per_image;
 }
 
+void check_roi_dtypes(const at::Tensor& input, const at::Tensor& rois, const char* op) {
+  const c10::ScalarType map = input.scalar_type(), coords = rois.scalar_type();
+  const bool half_map = map == at::kHalf || map == at::kBFloat16;
+  if (half_map) {
+    FRCNN_CHECK(coords == map || coords == at::kFloat, op, ": rois must be float32 or have the dtype of input (",
+                map, "), got ", coords);
+  } else {
+    FRCNN_CHECK(coords == map, op, ": input and rois must have the same dtype, got ", map, " and ", coords,
+                " (float32 rois go with float32, float16 or bfloat16 input)");
+  }
+}
+
 void check_roi_inputs(const at::Tensor& input, const at::Tensor& rois, double spatial_scale,
                       int64_t pooled_height, int64_t pooled_width, const char* op) {
   FRCNN_CHECK(input.dim() == 4, op, ": input must be a [N, C, H, W] tensor, got shape ", input.sizes());
@@ -89,7 +101,7 @@ void check_roi_inputs(const at::Tensor& input, const at::Tensor& rois, double sp
               input.scalar_type());
   FRCNN_CHECK(rois.dim() == 2 && rois.size(1) == 5, op,
               ": rois must be a [K, 5] tensor of (batch index, x1, y1, x2, y2), got shape ", rois.sizes());
-  check_same_dtype(input, "input", rois, "rois", op);
+  check_roi_dtypes(input, rois, op);
   check_same_device(input, "input", rois, "rois", op);
   FRCNN_CHECK(pooled_height > 0 && pooled_width > 0, op, ": output_size must be positive, got (", pooled_height,
               ", ", pooled_width, ")");
@@ -103,6 +115,9 @@ void check_multi_scale_inputs(at::TensorList features, const at::Tensor& rois, a
               " feature maps but ", scales.size(), " scales");
   for (size_t l = 0; l < features.size(); ++l) {
     check_roi_inputs(features[l], rois, scales[l], pooled_height, pooled_width, "multi_scale_roi_align");
+    FRCNN_CHECK(features[l].scalar_type() == features[0].scalar_type(),
+                "multi_scale_roi_align: every feature map must have the dtype of features[0] (",
+                features[0].scalar_type(), "), but features[", l, "] is ", features[l].scalar_type());
     const double k = -std::log2(scales[l]);
     FRCNN_CHECK(k == std::round(k), "multi_scale_roi_align: scales must be powers of 2, got ", scales);
     FRCNN_CHECK(features[l].size(0) == features[0].size(0) && features[l].size(1) == features[0].size(1),

@@ -112,7 +112,13 @@ void check_nms_valid(const at::Tensor& valid, const at::Tensor& boxes, const cha
 
 namespace fasterrcnn_ext {
 
-// RoI pooling arguments: input [N, C, H, W] floating point, rois [K, 5] of the same dtype and device.
+// The dtypes RoI pooling takes: rois of input's dtype, or float32 rois with a float16/bfloat16 map (the kernels
+// read the map in its dtype and accumulate in float32; box coordinates stay float32, as bfloat16 ones step by 4
+// pixels at 1000).
+void check_roi_dtypes(const at::Tensor& input, const at::Tensor& rois, const char* op);
+
+// RoI pooling arguments: input [N, C, H, W] floating point, rois [K, 5] of a dtype check_roi_dtypes takes, on the
+// same device.
 void check_roi_inputs(const at::Tensor& input, const at::Tensor& rois, double spatial_scale,
                       int64_t pooled_height, int64_t pooled_width, const char* op);
 

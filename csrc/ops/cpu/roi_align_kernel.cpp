@@ -6,6 +6,8 @@
 // weights are computed once per RoI and axis, and each bilinear tap is one vector FMA over the block. Tasks run in
 // parallel; the backward scatters into the task's own buffer (no races, RoI order: deterministic) and writes it
 // back to the NCHW gradient. roi_align is the one-level case of the multi-level kernel.
+// float16/bfloat16 maps are read in their dtype (with RoIs of that dtype or float32, read in float32), pooled in
+// float32 and written in their dtype: no float32 copy of the map.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -174,17 +176,17 @@ struct RoIList {
   const acc_t* roi(int64_t r) const { return data.data() + 5 * r; }
 };
 
-template <typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
+// The RoIs are read in acc_t whatever their dtype (float32 RoIs with a float16/bfloat16 map: as they are).
+template <typename acc_t>
 RoIList<acc_t> read_rois(const at::Tensor& rois_in, int64_t batch_size, const std::vector<LevelShape>& levels,
                          double canonical_scale, double canonical_level, const char* op) {
-  const at::Tensor rois = rois_in.contiguous();
-  const scalar_t* p = rois.data_ptr<scalar_t>();
+  const at::Tensor rois = rois_in.to(c10::CppTypeToScalarType<acc_t>::value).contiguous();
+  const acc_t* p = rois.data_ptr<acc_t>();
   RoIList<acc_t> list;
   const int64_t k = rois.size(0);
-  list.data.resize(5 * k);
+  list.data.assign(p, p + 5 * k);
   list.batch.resize(k);
   list.level.assign(k, 0);
-  for (int64_t i = 0; i < 5 * k; ++i) list.data[i] = static_cast<acc_t>(p[i]);
   for (int64_t r = 0; r < k; ++r) {
     const acc_t b = list.data[5 * r];
     check_roi_batch_index(b, r, batch_size, op);
@@ -246,7 +248,7 @@ at::Tensor roi_align_forward_cpu_typed(const std::vector<at::Tensor>& features, 
   using acc_t = at::opmath_type<scalar_t>;
   constexpr int64_t B = kBlock<acc_t>;
   const int64_t batch = features[0].size(0), channels = features[0].size(1);
-  const RoIList<acc_t> list = read_rois<scalar_t>(rois, batch, levels, canonical_scale, canonical_level, op);
+  const RoIList<acc_t> list = read_rois<acc_t>(rois, batch, levels, canonical_scale, canonical_level, op);
   const int64_t k = list.size(), ph = pp.pooled_h, pw = pp.pooled_w, bins = ph * pw;
   at::Tensor output = empty_large({k, channels, ph, pw}, features[0].options());
   if (k == 0 || channels == 0) return output;
@@ -292,7 +294,7 @@ std::vector<at::Tensor> roi_align_backward_cpu_typed(const at::Tensor& grad_in, 
                                                      double canonical_level, const char* op) {
   using acc_t = at::opmath_type<scalar_t>;
   constexpr int64_t B = kBlock<acc_t>;
-  const RoIList<acc_t> list = read_rois<scalar_t>(rois, batch, levels, canonical_scale, canonical_level, op);
+  const RoIList<acc_t> list = read_rois<acc_t>(rois, batch, levels, canonical_scale, canonical_level, op);
   const int64_t k = list.size(), ph = pp.pooled_h, pw = pp.pooled_w, bins = ph * pw;
   std::vector<at::Tensor> grads;
   if (k == 0 || channels == 0) {
@@ -362,7 +364,7 @@ at::Tensor multi_scale_roi_align_cpu(at::TensorList features, const at::Tensor& 
   for (size_t l = 0; l < features.size(); ++l) levels.push_back({features[l].size(2), features[l].size(3), scales[l]});
   const PoolParams pp{pooled_height, pooled_width, sampling_ratio, aligned};
   at::Tensor out;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, rois.scalar_type(), "multi_scale_roi_align_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, features[0].scalar_type(), "multi_scale_roi_align_cpu", [&] {
     out = roi_align_forward_cpu_typed<scalar_t>(features.vec(), levels, rois, pp, canonical_scale, canonical_level,
                                                 "multi_scale_roi_align");
   });

@@ -28,14 +28,15 @@ void pool_per_element(const std::vector<at::Tensor>& features, at::ArrayRef<doub
   }
   const RoIAlignLevels<const scalar_t> lv =
       make_roi_align_levels(data, heights, widths, scales, "_roi_align_per_element");
-  const scalar_t* roi_data = rois.data_ptr<scalar_t>();
+  const at::Tensor rois_acc = rois.to(c10::CppTypeToScalarType<acc_t>::value);  // float32 RoIs of a half map: as is
+  const acc_t* roi_data = rois_acc.data_ptr<acc_t>();
   scalar_t* o = out.data_ptr<scalar_t>();
   const int64_t bins = pp.pooled_h * pp.pooled_w;
   at::parallel_for(0, pp.num_rois, 1, [&](int64_t lo, int64_t hi) {
     std::vector<int64_t> table_storage;  // int64 words: the table's 8-byte alignment
     for (int64_t r = lo; r < hi; ++r) {
       acc_t roi[5];
-      for (int i = 0; i < 5; ++i) roi[i] = static_cast<acc_t>(roi_data[5 * r + i]);
+      for (int i = 0; i < 5; ++i) roi[i] = roi_data[5 * r + i];
       const RoIAlignTask<acc_t> task = roi_align_task(lv, pp, roi);
       if (!task.valid) check_roi_batch_index(roi[0], r, pp.batch, "_roi_align_per_element");
       const int64_t height = lv.height[task.level], width = lv.width[task.level];
@@ -74,7 +75,7 @@ at::Tensor roi_align_per_element_cpu(at::TensorList features_in, const at::Tenso
                           static_cast<float>(canonical_level)};
   at::Tensor out = at::empty({pp.num_rois, pp.channels, pooled_height, pooled_width}, features[0].options());
   if (out.numel() == 0) return out;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, rois.scalar_type(), "_roi_align_per_element", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, features[0].scalar_type(), "_roi_align_per_element", [&] {
     pool_per_element<scalar_t>(features, scales, rois, pp, table_bytes, out);
   });
   return out;

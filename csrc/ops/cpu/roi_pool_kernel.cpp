@@ -3,9 +3,10 @@
 // Forward: one task per (image, block of 16 channels), copied into a cache-resident channel-interleaved buffer
 // (roi_block.h), so each bin's max is a running max over each pixel's channel vectors (hand-written for AVX-512 in
 // roi_pool_avx512.h); tasks run in parallel. The inference op _roi_pool_values is the same forward without writing
-// the argmax.
+// the argmax. A float16/bfloat16 map is read in its dtype (with float32 RoIs, or RoIs of its dtype) and compared in
+// float32: no float32 copy of the map.
 // Backward: a scatter of each output gradient to its argmax, parallel over channels (each thread owns its planes:
-// no races, deterministic).
+// no races, deterministic), summed in float32 for float16/bfloat16 gradients.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -258,8 +259,10 @@ at::Tensor roi_pool_backward_cpu(const at::Tensor& grad, const at::Tensor& rois,
   const int64_t k = rois.size(0);
   check_pool_grad(grad, k, channels, pooled_height, pooled_width, "roi_pool backward");
   check_same_shape(grad, "grad", argmax, "argmax", "roi_pool backward");
-  at::Tensor grad_input = at::zeros({batch_size, channels, height, width}, grad.options());
-  if (k == 0 || channels == 0) return grad_input;
+  // Summed in the accumulation type (float32 for float16/bfloat16 gradients), rounded to grad's dtype once.
+  at::Tensor grad_input =
+      at::zeros({batch_size, channels, height, width}, grad.options().dtype(at::toOpMathType(grad.scalar_type())));
+  if (k == 0 || channels == 0) return grad_input.to(grad.scalar_type());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "roi_pool_backward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const at::Tensor g_t = grad.contiguous();
@@ -268,24 +271,24 @@ at::Tensor roi_pool_backward_cpu(const at::Tensor& grad, const at::Tensor& rois,
     const scalar_t* g = g_t.data_ptr<scalar_t>();
     const int64_t* a = a_t.data_ptr<int64_t>();
     const acc_t* roi = rois_t.data_ptr<acc_t>();
-    scalar_t* gin = grad_input.data_ptr<scalar_t>();
+    acc_t* gin = grad_input.data_ptr<acc_t>();
     const int64_t plane = height * width, bins = pooled_height * pooled_width;
     for (int64_t r = 0; r < k; ++r) check_roi_batch_index(roi[5 * r], r, batch_size, "roi_pool backward");
     at::parallel_for(0, channels, 1, [&](int64_t c0, int64_t c1) {
       for (int64_t c = c0; c < c1; ++c) {
         for (int64_t r = 0; r < k; ++r) {
-          scalar_t* dst = gin + (static_cast<int64_t>(roi[5 * r]) * channels + c) * plane;
+          acc_t* dst = gin + (static_cast<int64_t>(roi[5 * r]) * channels + c) * plane;
           const int64_t o = (r * channels + c) * bins;
           for (int64_t i = 0; i < bins; ++i) {
             const int64_t idx = a[o + i];
             // An empty bin has argmax -1 and no gradient; an index outside the plane is bad input, not a write.
-            if (idx >= 0 && idx < plane) dst[idx] = static_cast<scalar_t>(static_cast<acc_t>(dst[idx]) + static_cast<acc_t>(g[o + i]));
+            if (idx >= 0 && idx < plane) dst[idx] += static_cast<acc_t>(g[o + i]);
           }
         }
       }
     });
   });
-  return grad_input;
+  return grad_input.to(grad.scalar_type());
 }
 
 }  // namespace

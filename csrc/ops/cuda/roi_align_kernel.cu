@@ -5,7 +5,9 @@
 // memory, and its threads pool the (channel, bin) output elements from it; the steps are the HOST_DEVICE functions
 // of common/roi_align_per_element.h, which the CPU twin `_roi_align_per_element` runs in the tests. roi_align is
 // the one-level case of the multi-level kernel, which picks each RoI's level on the device (no host sync, no
-// per-level launches). float16/bfloat16 accumulate in float32; addresses are int64. A RoI whose batch index is
+// per-level launches). float16/bfloat16 maps are read in their dtype, accumulate in float32 and are written in their
+// dtype; the RoIs reach the kernels in the accumulation type (float32 RoIs of a half map as they are); addresses
+// are int64. A RoI whose batch index is
 // outside [0, N) trips a device-side assert and is never read.
 // Backward: one thread per output element, atomics into a float32 (float64 for double) buffer; under
 // torch.use_deterministic_algorithms(True), the same threads add fixed-point int64 terms instead
@@ -52,7 +54,7 @@ __device__ __forceinline__ RoIAlignTask<acc_t> read_task(const Levels<P>& lv, co
 
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads)
-    roi_align_forward_kernel(Levels<const scalar_t> lv, const scalar_t* __restrict__ rois, Pool pp,
+    roi_align_forward_kernel(Levels<const scalar_t> lv, const at::opmath_type<scalar_t>* __restrict__ rois, Pool pp,
                              int64_t channels_per_block, int64_t table_limit, scalar_t* __restrict__ out) {
   using acc_t = at::opmath_type<scalar_t>;
   __shared__ alignas(16) unsigned char table_bytes[kTableBytes];
@@ -138,7 +140,7 @@ struct FixedPointTarget {
 
 // One thread per output element: its gradient scattered to the samples of its bin.
 template <typename scalar_t, typename acc_t, typename Target>
-__global__ void roi_align_backward_kernel(int64_t total, Target target_in, const scalar_t* __restrict__ rois, Pool pp,
+__global__ void roi_align_backward_kernel(int64_t total, Target target_in, const acc_t* __restrict__ rois, Pool pp,
                                           const scalar_t* __restrict__ grad, int64_t gs0, int64_t gs1, int64_t gs2,
                                           int64_t gs3) {
   const Target target = target_in.bind();
@@ -172,7 +174,7 @@ at::Tensor forward_cuda(const std::vector<at::Tensor>& features_in, const at::Te
     heights.push_back(f.size(2));
     widths.push_back(f.size(3));
   }
-  const at::Tensor rois = rois_in.contiguous();
+  const at::Tensor rois = rois_in.to(at::toOpMathType(features[0].scalar_type())).contiguous();
   Pool pp = pool_in;
   pp.batch = features[0].size(0);
   pp.channels = features[0].size(1);
@@ -194,7 +196,7 @@ at::Tensor forward_cuda(const std::vector<at::Tensor>& features_in, const at::Te
     for (const at::Tensor& f : features) data.push_back(f.data_ptr<scalar_t>());
     const Levels<const scalar_t> lv = make_roi_align_levels(data, heights, widths, scales, "multi_scale_roi_align (CUDA)");
     roi_align_forward_kernel<scalar_t><<<grid, kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
-        lv, rois.data_ptr<scalar_t>(), pp, channels_per_block, std::min<int64_t>(table_bytes, kTableBytes),
+        lv, rois.data_ptr<at::opmath_type<scalar_t>>(), pp, channels_per_block, std::min<int64_t>(table_bytes, kTableBytes),
         out.data_ptr<scalar_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
@@ -206,7 +208,7 @@ std::vector<at::Tensor> backward_fixed_point_cuda(const at::Tensor& grad, const 
                                                   at::ArrayRef<double> scales, const Pool& pool_in,
                                                   at::IntArrayRef heights, at::IntArrayRef widths) {
   const c10::cuda::CUDAGuard guard(grad.device());
-  const at::Tensor rois = rois_in.contiguous();
+  const at::Tensor rois = rois_in.to(at::toOpMathType(grad.scalar_type())).contiguous();
   Pool pp = pool_in;
   pp.num_rois = rois.size(0);
   check_pool_grad(grad, pp.num_rois, pp.channels, pp.pooled_h, pp.pooled_w, "roi_align backward");
@@ -229,7 +231,7 @@ std::vector<at::Tensor> backward_fixed_point_cuda(const at::Tensor& grad, const 
     if (total > 0) {
       const FixedPointTarget target{sl, fl, max_abs.data_ptr<double>(), terms, FixedPointScale{}};
       roi_align_backward_kernel<scalar_t, acc_t><<<blocks_for(total), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
-          total, target, rois.data_ptr<scalar_t>(), pp, grad.data_ptr<scalar_t>(), grad.stride(0), grad.stride(1),
+          total, target, rois.data_ptr<acc_t>(), pp, grad.data_ptr<scalar_t>(), grad.stride(0), grad.stride(1),
           grad.stride(2), grad.stride(3));
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
@@ -244,7 +246,7 @@ std::vector<at::Tensor> backward_cuda(const at::Tensor& grad, const at::Tensor& 
     return backward_fixed_point_cuda(grad, rois_in, scales, pool_in, heights, widths);
   }
   const c10::cuda::CUDAGuard guard(grad.device());
-  const at::Tensor rois = rois_in.contiguous();
+  const at::Tensor rois = rois_in.to(at::toOpMathType(grad.scalar_type())).contiguous();
   Pool pp = pool_in;
   pp.num_rois = rois.size(0);
   check_pool_grad(grad, pp.num_rois, pp.channels, pp.pooled_h, pp.pooled_w, "roi_align backward");
@@ -262,7 +264,7 @@ std::vector<at::Tensor> backward_cuda(const at::Tensor& grad, const at::Tensor& 
     const int64_t total = grad.numel();
     if (total > 0) {
       roi_align_backward_kernel<scalar_t, acc_t><<<blocks_for(total), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
-          total, FloatAtomicTarget<acc_t>{gl}, rois.data_ptr<scalar_t>(), pp, grad.data_ptr<scalar_t>(),
+          total, FloatAtomicTarget<acc_t>{gl}, rois.data_ptr<acc_t>(), pp, grad.data_ptr<scalar_t>(),
           grad.stride(0), grad.stride(1), grad.stride(2), grad.stride(3));
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }

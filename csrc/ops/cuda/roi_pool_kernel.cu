@@ -1,7 +1,8 @@
 // CUDA kernels of roi_pool, forward and backward.
 //
 // One thread per output element (RoI, channel, bin), NCHW input, int64 indices; the bin geometry is the shared
-// roi_math.h code of the CPU kernel. A RoI whose batch index is outside [0, N) trips a device-side assert and is
+// roi_math.h code of the CPU kernel. float16/bfloat16 maps are read and written in their dtype, compared in float32;
+// the RoIs reach the kernels in float32 (float64 for a float64 map), so float32 RoIs of a half map go as they are. A RoI whose batch index is outside [0, N) trips a device-side assert and is
 // never read. Backward: atomics into a float32 (float64 for double) buffer, or under
 // torch.use_deterministic_algorithms(True) fixed-point int64 atomics (common/fixed_point.h: the sum does not depend
 // on the order of the adds), which the private op _roi_pool_backward_fixed_point exposes and its CPU twin checks.
@@ -31,7 +32,8 @@ int64_t blocks_for(int64_t total) {
 // does not write it at all (for the R50-FPN benchmark's 1,000 RoIs that is 100 MB of int64 not written).
 template <typename scalar_t, bool kWriteArgmax>
 __global__ void roi_pool_forward_kernel(int64_t total, const scalar_t* __restrict__ input,
-                                        const scalar_t* __restrict__ rois, int64_t batch, int64_t channels,
+                                        const at::opmath_type<scalar_t>* __restrict__ rois, int64_t batch,
+                                        int64_t channels,
                                         int64_t height, int64_t width, int64_t ph, int64_t pw,
                                         at::opmath_type<scalar_t> scale, scalar_t* __restrict__ out,
                                         int64_t* __restrict__ argmax) {
@@ -43,7 +45,7 @@ __global__ void roi_pool_forward_kernel(int64_t total, const scalar_t* __restric
     const int64_t c = (idx / (pw * ph)) % channels;
     const int64_t r = idx / (pw * ph * channels);
     acc_t roi[5];
-    for (int i = 0; i < 5; ++i) roi[i] = static_cast<acc_t>(rois[5 * r + i]);
+    for (int i = 0; i < 5; ++i) roi[i] = rois[5 * r + i];
     const bool batch_ok = roi[0] >= 0 && roi[0] < static_cast<acc_t>(batch);
     CUDA_KERNEL_ASSERT(batch_ok && "roi_pool: a RoI's batch index is outside [0, N)");
     bool ok = batch_ok;
@@ -104,7 +106,7 @@ struct FixedPointPlanes {
 // One thread per output element: its gradient added at its argmax.
 template <typename scalar_t, typename acc_t, typename Target>
 __global__ void roi_pool_backward_kernel(int64_t total, const scalar_t* __restrict__ grad,
-                                         const int64_t* __restrict__ argmax, const scalar_t* __restrict__ rois,
+                                         const int64_t* __restrict__ argmax, const acc_t* __restrict__ rois,
                                          int64_t batch, int64_t channels, int64_t plane_size, int64_t bins,
                                          Target target_in) {
   const Target target = target_in.bind();
@@ -112,7 +114,7 @@ __global__ void roi_pool_backward_kernel(int64_t total, const scalar_t* __restri
        idx += static_cast<int64_t>(blockDim.x) * gridDim.x) {
     const int64_t c = (idx / bins) % channels;
     const int64_t r = idx / (bins * channels);
-    const acc_t b = static_cast<acc_t>(rois[5 * r]);
+    const acc_t b = rois[5 * r];
     const bool batch_ok = b >= 0 && b < static_cast<acc_t>(batch);
     CUDA_KERNEL_ASSERT(batch_ok && "roi_pool backward: a RoI's batch index is outside [0, N)");
     const int64_t a = argmax[idx];
@@ -127,7 +129,8 @@ std::tuple<at::Tensor, at::Tensor> roi_pool_forward_impl(const at::Tensor& input
                                                          int64_t pooled_width, bool write_argmax) {
   check_roi_inputs(input_in, rois_in, spatial_scale, pooled_height, pooled_width, "roi_pool");
   const c10::cuda::CUDAGuard guard(input_in.device());
-  const at::Tensor input = input_in.contiguous(), rois = rois_in.contiguous();
+  const at::Tensor input = input_in.contiguous();
+  const at::Tensor rois = rois_in.to(at::toOpMathType(input.scalar_type())).contiguous();
   const int64_t k = rois.size(0), channels = input.size(1);
   at::Tensor out = at::empty({k, channels, pooled_height, pooled_width}, input.options());
   at::Tensor argmax = write_argmax ? at::empty({k, channels, pooled_height, pooled_width},
@@ -138,7 +141,8 @@ std::tuple<at::Tensor, at::Tensor> roi_pool_forward_impl(const at::Tensor& input
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "roi_pool_forward_cuda", [&] {
     const auto launch = [&](auto kernel) {
       kernel<<<blocks_for(total), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
-          total, input.data_ptr<scalar_t>(), rois.data_ptr<scalar_t>(), input.size(0), channels, input.size(2),
+          total, input.data_ptr<scalar_t>(), rois.data_ptr<at::opmath_type<scalar_t>>(), input.size(0), channels,
+          input.size(2),
           input.size(3), pooled_height, pooled_width, static_cast<at::opmath_type<scalar_t>>(spatial_scale),
           out.data_ptr<scalar_t>(), write_argmax ? argmax.data_ptr<int64_t>() : nullptr);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -174,7 +178,8 @@ at::Tensor roi_pool_backward_fixed_point_cuda(const at::Tensor& grad_in, const a
   check_pool_grad(grad_in, k, channels, pooled_height, pooled_width, "roi_pool backward");
   check_same_shape(grad_in, "grad", argmax_in, "argmax", "roi_pool backward");
   const c10::cuda::CUDAGuard guard(grad_in.device());
-  const at::Tensor grad = grad_in.contiguous(), rois = rois_in.contiguous(), argmax = argmax_in.to(at::kLong).contiguous();
+  const at::Tensor grad = grad_in.contiguous(), argmax = argmax_in.to(at::kLong).contiguous();
+  const at::Tensor rois = rois_in.to(at::toOpMathType(grad.scalar_type())).contiguous();
   const FixedPointSums planes(at::IntArrayRef{batch_size, channels, height, width}, grad.options());
   const int64_t total = grad.numel(), bins = pooled_height * pooled_width;
   const int64_t terms = std::max<int64_t>(1, k * bins);  // each bin's gradient goes to one element
@@ -186,7 +191,7 @@ at::Tensor roi_pool_backward_fixed_point_cuda(const at::Tensor& grad_in, const a
       const FixedPointPlanes target{planes.sums.data_ptr<int64_t>(), planes.flags.data_ptr<int32_t>(),
                                     max_abs.data_ptr<double>(), terms, FixedPointScale{}};
       roi_pool_backward_kernel<scalar_t, acc_t><<<blocks_for(total), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
-          total, grad.data_ptr<scalar_t>(), argmax.data_ptr<int64_t>(), rois.data_ptr<scalar_t>(), batch_size,
+          total, grad.data_ptr<scalar_t>(), argmax.data_ptr<int64_t>(), rois.data_ptr<acc_t>(), batch_size,
           channels, height * width, bins, target);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
@@ -206,7 +211,8 @@ at::Tensor roi_pool_backward_cuda(const at::Tensor& grad_in, const at::Tensor& r
   check_pool_grad(grad_in, k, channels, pooled_height, pooled_width, "roi_pool backward");
   check_same_shape(grad_in, "grad", argmax_in, "argmax", "roi_pool backward");
   const c10::cuda::CUDAGuard guard(grad_in.device());
-  const at::Tensor grad = grad_in.contiguous(), rois = rois_in.contiguous(), argmax = argmax_in.to(at::kLong).contiguous();
+  const at::Tensor grad = grad_in.contiguous(), argmax = argmax_in.to(at::kLong).contiguous();
+  const at::Tensor rois = rois_in.to(at::toOpMathType(grad.scalar_type())).contiguous();
   at::Tensor result;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "roi_pool_backward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -215,7 +221,7 @@ at::Tensor roi_pool_backward_cuda(const at::Tensor& grad_in, const at::Tensor& r
     const int64_t total = grad.numel(), bins = pooled_height * pooled_width, plane = height * width;
     if (total > 0) {
       roi_pool_backward_kernel<scalar_t, acc_t><<<blocks_for(total), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
-          total, grad.data_ptr<scalar_t>(), argmax.data_ptr<int64_t>(), rois.data_ptr<scalar_t>(), batch_size,
+          total, grad.data_ptr<scalar_t>(), argmax.data_ptr<int64_t>(), rois.data_ptr<acc_t>(), batch_size,
           channels, plane, bins, FloatAtomicPlanes<acc_t>{acc.data_ptr<acc_t>()});
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
