@@ -522,6 +522,8 @@ def _int8_cases(make_model, reference, image, caps, bf16_model, bf16_reason, onn
 def _openvino_int8(openvino, nncf, onnx_data: bytes, calibration, threads: int):
     """The ONNX export quantized by NNCF (nncf.quantize: int8 weights and activations, calibrated on
     ``calibration``), compiled for the CPU at OpenVINO's default precision for what stays unquantized."""
+    import contextlib
+    import io
     import logging
     import os
     import tempfile
@@ -534,9 +536,15 @@ def _openvino_int8(openvino, nncf, onnx_data: bytes, calibration, threads: int):
         path = os.path.join(folder, "detector.xml")
         openvino.save_model(core.read_model(onnx_data), path, compress_to_fp16=False)
         model = core.read_model(path)
-    nncf.set_log_level(logging.ERROR)  # its per-step progress
     dataset = nncf.Dataset([im.numpy() for im in calibration], lambda image: {"image": image})
-    quantized = nncf.quantize(model, dataset, subset_size=len(calibration))
+    # Its log and progress bars would interleave with the table: the level is restored after, the bars discarded.
+    level = nncf.nncf_logger.level
+    nncf.set_log_level(logging.ERROR)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            quantized = nncf.quantize(model, dataset, subset_size=len(calibration))
+    finally:
+        nncf.set_log_level(level)
     return core.compile_model(quantized, "CPU", {"INFERENCE_NUM_THREADS": str(threads)})
 
 
