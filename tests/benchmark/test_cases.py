@@ -73,14 +73,15 @@ def _tiny_pair():
     (random weights) and ours with its weights."""
     from torchvision.models.detection import faster_rcnn as tv
 
+    # Images resized to 96 pixels (the builder's 320 would cost every quantizer's calibration and every row 11x).
+    options = dict(weights=None, weights_backbone=None, num_classes=3, box_score_thresh=0.0, min_size=96,
+                   max_size=128)
     torch.manual_seed(0)
-    reference = tv.fasterrcnn_mobilenet_v3_large_320_fpn(weights=None, weights_backbone=None, num_classes=3,
-                                                         box_score_thresh=0.0).eval()
+    reference = tv.fasterrcnn_mobilenet_v3_large_320_fpn(**options).eval()
     built = []
 
     def make_model():
-        model = detection.fasterrcnn_mobilenet_v3_large_320_fpn(weights=None, weights_backbone=None, num_classes=3,
-                                                               box_score_thresh=0.0).eval()
+        model = detection.fasterrcnn_mobilenet_v3_large_320_fpn(**options).eval()
         model.load_state_dict(reference.state_dict())
         built.append(model)
         return model
@@ -181,13 +182,22 @@ def test_an_unknown_bench_precision_is_refused():
         cases.detector_cases("cpu", precisions=("fp16",))
 
 
-def test_precision_rows_run_the_same_model_at_a_tiny_size(fake_quantize, monkeypatch):
-    """Every bf16 and int8 row built and run once: ours, OpenVINO bf16, NNCF's int8 OpenVINO model and onnxruntime's
-    QDQ model, on one ONNX export, the int8 ones calibrated on the same images."""
+def test_precision_rows_run_the_same_model_at_a_tiny_size(monkeypatch):
+    """Every bf16 and int8 row built and run once: ours (quantization.quantize's int8 model), OpenVINO bf16, NNCF's
+    int8 OpenVINO model and onnxruntime's QDQ model, on one ONNX export, every int8 side calibrated on the same
+    images."""
+    import warnings
+
+    from fasterrcnn_ext import quantization
+
     pytest.importorskip("onnxruntime")
     pytest.importorskip("openvino")
     pytest.importorskip("nncf")
     calibrated = []
+    real_quantize = quantization.quantize
+    monkeypatch.setattr(quantization, "quantize", lambda model, images: calibrated.append(images) or
+                        real_quantize(model, images))
+    monkeypatch.setattr(quantization, "int8_available", lambda: (True, ""))
     for name in ("_openvino_int8", "_onnxruntime_int8"):
         real = getattr(cases, name)
         monkeypatch.setattr(cases, name, lambda *args, real=real: calibrated.append(args[-2]) or real(*args))
@@ -195,9 +205,10 @@ def test_precision_rows_run_the_same_model_at_a_tiny_size(fake_quantize, monkeyp
     image = torch.rand(3, 96, 128)
     calibration = [torch.rand(3, 96, 128, generator=torch.Generator().manual_seed(k)) for k in range(2)]
     native_bf16 = capabilities.cpu_capabilities().native_bfloat16
-    with capabilities.forced(native_int8=True):
+    with capabilities.forced(native_int8=True), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "quantize: ", RuntimeWarning)  # int8 on a CPU without VNNI: slower only
         rows = cases.low_precision_cases(make_model, reference, image, "cpu", ["bf16", "int8"], calibration)
-    assert fake_quantize == [calibration] and calibrated == [calibration, calibration]
+    assert calibrated == [calibration] * 3
     expected = (cases.BF16_ROWS if native_bf16 else ()) + cases.INT8_ROWS
     ran = [r for r in rows if isinstance(r, cases.Case)]
     assert len(ran) == len(expected) and all(r.target == t for r, (_, t) in zip(ran, expected))
@@ -215,3 +226,19 @@ def test_precision_rows_run_the_same_model_at_a_tiny_size(fake_quantize, monkeyp
         else:  # a peer's outputs: boxes first
             boxes = theirs[0] if isinstance(theirs, list) else next(iter(theirs.values()))
         assert boxes.shape[1] == 4 and len(boxes) > 0
+
+
+def test_detector_group_runs_the_precisions_asked_for(monkeypatch):
+    """detector_cases at bf16 and int8 only: no float32 row, the low-precision rows in order (skipped here: the
+    capabilities are forced off, so no detector is timed or exported)."""
+    from torchvision.models.detection import faster_rcnn as tv
+
+    from fasterrcnn_ext.models import detection as ours
+
+    make_model, reference, built = _tiny_pair()
+    monkeypatch.setattr(tv, "fasterrcnn_resnet50_fpn", lambda **kwargs: reference)
+    monkeypatch.setattr(ours, "fasterrcnn_resnet50_fpn", lambda **kwargs: make_model())
+    with capabilities.forced(native_bfloat16=False, native_int8=False):
+        rows = cases.detector_cases("cpu", precisions=("int8", "bf16"))
+    assert [r.name for r in rows] == _names(cases.BF16_ROWS + cases.INT8_ROWS)
+    assert all(isinstance(r, cases.Skipped) for r in rows) and not built  # no float32 detector built either

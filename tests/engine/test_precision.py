@@ -210,3 +210,20 @@ def test_evaluate_records_the_precision():
     metrics = evaluate_module.evaluate(model, dataset, batch_size=2, progress=False, precision="bf16")
     assert metrics["precision"] == "bf16" and "map" in metrics
     assert "precision" not in evaluate_module.evaluate(model, dataset, batch_size=2, progress=False)
+
+
+def test_detect_int8_runs_the_quantized_model(tiny_checkpoint, tmp_path, models_run):
+    """The real quantize (its arithmetic: tests/test_quantization.py) through detect, calibrated on the run's first
+    image."""
+    import warnings
+
+    paths = _images(tmp_path / "in", [(60, 80), (64, 64)])
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "quantize: ", RuntimeWarning)  # int8 on a CPU without VNNI: slower only
+        assert main(["detect", *paths, "--weights", str(tiny_checkpoint), "--out", str(tmp_path / "int8"),
+                     "--workers", "0", "--no-progress", "--precision", "int8", "--calibration-images", "1"]) == 0
+    model, run = models_run[-1]
+    assert any(isinstance(m, quantization.QuantizedConv2d) for m in model.modules())
+    assert run["precision"] == "int8" and run["calibration"] == {"images": "the run's first", "count": 1}
+    lines = [json.loads(line) for line in (tmp_path / "int8" / "detections.jsonl").read_text().splitlines()]
+    assert [line["file_name"] for line in lines] == [os.path.abspath(p) for p in paths]
