@@ -7,6 +7,7 @@
     fasterrcnn-ext train ... --resume runs/a/last.pt          # continue (also after Ctrl-C)
     fasterrcnn-ext eval --data DIR --weights runs/b/last.pt --out runs/b/eval
     fasterrcnn-ext detect img1.jpg imgs/ --weights runs/a/last.pt --out runs/a/detect --batch-size 4
+    fasterrcnn-ext detect imgs/ --weights W --out runs/q --precision int8        # or bf16: README, Precision
     torchrun --nproc_per_node 2 -m fasterrcnn_ext detect 'imgs/**/*.jpg' --weights W --out runs/d  # a rerun continues
     fasterrcnn-ext bench --quick
     fasterrcnn-ext export --weights runs/a/last.pt --format onnx --out detector.onnx   # or torchscript, pt2, aoti
@@ -25,6 +26,18 @@ def _add_state_dict_model(p) -> None:
 
     p.add_argument("--model", choices=list(MODEL_BUILDERS), help="the builder whose state_dict --weights holds, "
                    "for a bare state_dict file (a torchvision-trained .pth)")
+
+
+def _add_precision(p, source: str) -> None:
+    from .engine.precision import CALIBRATION_IMAGES, PRECISIONS
+
+    p.add_argument("--precision", choices=PRECISIONS, default="fp32", help="fp32 (as trained), bf16 (the bfloat16 "
+                   "inference mode: for CPUs with AMX or AVX512-BF16) or int8 (post-training quantization, "
+                   "calibrated on a few images: for CPUs with AMX or VNNI); README: Precision")
+    p.add_argument("--calibration", metavar="DIR", help=f"int8: calibrate on these images (a folder, glob or list "
+                   f"file, read as detect reads images) instead of {source}")
+    p.add_argument("--calibration-images", type=int, default=CALIBRATION_IMAGES, metavar="N",
+                   help=f"int8: the number of images it calibrates on (default {CALIBRATION_IMAGES})")
 
 
 def _add_train(sub) -> None:
@@ -88,6 +101,7 @@ def _add_eval(sub) -> None:
     p.add_argument("--workers", type=int, default=0)
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--no-progress", dest="progress", action="store_false")
+    _add_precision(p, "the first images evaluated (for an unbiased mAP, calibrate on other images)")
     p.set_defaults(run=_run_eval)
 
 
@@ -123,14 +137,33 @@ def _eval(args) -> int:
         if classes != dataset.num_classes:
             raise ValueError(f"--weights {args.weights} detects {classes - 1} classes; --data {args.data} has "
                              f"{dataset.num_classes - 1} ({', '.join(dataset.class_names)})")
+    model = _eval_precision(model, dataset, args)
     _, _, device = init_distributed(args.device)
     metrics = evaluate(model, dataset, batch_size=args.batch_size, device=device, workers=args.workers,
-                       progress=args.progress, out=args.out)
+                       progress=args.progress, out=args.out, precision=args.precision)
     if metrics is None:  # a torchrun rank other than 0
         return 0
     print(metrics.get("summary", ""), end="")
     print(json.dumps({k: metrics[k] for k in ("map", "map_50", "map_75")}))
     return 0
+
+
+def _eval_precision(model, dataset, args):
+    """The model at eval's --precision; int8 calibrates on --calibration, else on the dataset's first images."""
+    from .engine.precision import calibration_paths, check_precision, load_calibration_images, with_precision
+
+    check_precision(args.precision, args.device)
+    if args.calibration is not None and args.precision != "int8":
+        raise ValueError(f"--calibration applies to --precision int8, not {args.precision}")
+    images = None
+    if args.precision == "int8":
+        if args.calibration is not None:
+            images = load_calibration_images(calibration_paths(args.calibration), args.calibration_images)
+        else:
+            if args.calibration_images < 1:
+                raise ValueError(f"--calibration-images {args.calibration_images}: at least 1")
+            images = [dataset[i][0] for i in range(min(args.calibration_images, len(dataset)))]
+    return with_precision(model, args.precision, images, args.device)
 
 
 def _add_detect(sub) -> None:
@@ -155,6 +188,7 @@ def _add_detect(sub) -> None:
                    "images, else none)")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--no-progress", dest="progress", action="store_false")
+    _add_precision(p, "the run's first images")
     p.set_defaults(run=_run_detect)
 
 
@@ -166,7 +200,8 @@ def _run_detect(args) -> int:
     try:
         detect(args.images, args.weights, args.out, score_thresh=args.score_thresh, device=args.device,
                model_name=args.model, batch_size=args.batch_size, workers=args.workers, pictures=args.pictures,
-               coco=args.data, split=args.split, progress=args.progress)
+               coco=args.data, split=args.split, progress=args.progress, precision=args.precision,
+               calibration=args.calibration, calibration_images=args.calibration_images)
     except KeyboardInterrupt:
         print(f"interrupted: the images done are in {args.out}/parts; run the same command to continue",
               file=sys.stderr)

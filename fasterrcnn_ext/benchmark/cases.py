@@ -13,6 +13,7 @@ import torch
 import torchvision
 
 import fasterrcnn_ext.ops as ops
+from fasterrcnn_ext.engine.precision import PRECISIONS
 
 
 @dataclass
@@ -21,6 +22,15 @@ class Case:
     ours: Callable[[], object]
     torchvision: Callable[[], object]
     target: float  # the speed-up we aim for (torchvision time / ours) on this device
+
+
+@dataclass
+class Skipped:
+    """A case that cannot run here, and why: the CPU lacks the instructions its precision pays with
+    (fasterrcnn_ext.capabilities), or a peer's package is not installed. run.py prints and records it."""
+    name: str
+    reason: str
+    target: float
 
 
 def rpn_like_boxes(n: int, num_clusters: int = 100, image_size=(800, 1344), device="cpu", seed=0):
@@ -240,30 +250,45 @@ def box_cases(device: str) -> list[Case]:
     return cases
 
 
-def detector_cases(device: str) -> list[Case]:
-    """fasterrcnn_resnet50_fpn end to end (same random weights; no download), batch 1, an 800-pixel image; and the
-    part outside the learned layers (transform, anchors, proposal selection, RoI pooling, post-processing) alone."""
+def detector_cases(device: str, precisions=("fp32",)) -> list[Case | Skipped]:
+    """fasterrcnn_resnet50_fpn end to end (same random weights; no download), batch 1, an 800-pixel image, at each of
+    ``precisions`` (bench --precision): fp32, ours against torchvision, the part outside the learned layers
+    (transform, anchors, proposal selection, RoI pooling, post-processing) alone, and the deployment peers; bf16 and
+    int8, low_precision_cases."""
     from torchvision.models.detection import faster_rcnn as tv
+
+    from fasterrcnn_ext.models import detection as ours
+
+    unknown = [p for p in precisions if p not in PRECISIONS]
+    if unknown:
+        raise ValueError(f"--precision {unknown[0]!r}: choose from {', '.join(PRECISIONS)}")
+    torch.manual_seed(0)
+    theirs = tv.fasterrcnn_resnet50_fpn(weights=None, weights_backbone=None).eval().to(device)
+
+    def make_ours():
+        model = ours.fasterrcnn_resnet50_fpn(weights=None, weights_backbone=None).eval().to(device)
+        model.load_state_dict(theirs.state_dict())
+        return model
+
+    image = torch.rand(3, 800, 1067, generator=torch.Generator().manual_seed(0)).to(device)
+    cases: list[Case | Skipped] = []
+    if "fp32" in precisions:
+        cases += _fp32_detector_cases(make_ours(), theirs, image, device)
+    low = [p for p in PRECISIONS if p != "fp32" and p in precisions]
+    if low:
+        cases += low_precision_cases(make_ours, theirs, image, device, low)
+    return cases
+
+
+def _fp32_detector_cases(mine, theirs, image, device: str) -> list[Case]:
+    """detector_cases' float32 rows: ours (``mine``) against torchvision (``theirs``) on ``image`` [3, H, W]."""
     from torchvision.models.detection.rpn import concat_box_prediction_layers
 
     from fasterrcnn_ext.models import detection as ours
-    from fasterrcnn_ext.models.detection.faster_rcnn import cpu_has_native_bfloat16
 
-    torch.manual_seed(0)
-    theirs = tv.fasterrcnn_resnet50_fpn(weights=None, weights_backbone=None).eval().to(device)
-    mine = ours.fasterrcnn_resnet50_fpn(weights=None, weights_backbone=None).eval().to(device)
-    mine.load_state_dict(theirs.state_dict())
-    image = [torch.rand(3, 800, 1067, generator=torch.Generator().manual_seed(0)).to(device)]
+    image = [image]
     cases = [Case("detector fp32, R50-FPN, 800px, batch 1", lambda: mine(image), lambda: theirs(image),
                   target=1.3 if device == "cuda" else 1.5)]
-    # The bfloat16 mode is for CPUs that compute bfloat16 in hardware; elsewhere it is emulated, slower than float32,
-    # and the model warns.
-    if device == "cpu" and cpu_has_native_bfloat16():
-        mine_bf16 = ours.fasterrcnn_resnet50_fpn(weights=None, weights_backbone=None).eval()
-        mine_bf16.load_state_dict(theirs.state_dict())
-        mine_bf16.inference_dtype = torch.bfloat16
-        cases.append(Case("detector bf16 (ours) vs fp32 (torchvision)", lambda: mine_bf16(image), lambda: theirs(image),
-                          target=3.0))
 
     # The non-learned part, given the learned layers' outputs.
     with torch.no_grad():
@@ -352,6 +377,210 @@ def _deployment_peers(model, image) -> list[Case]:
     return cases
 
 
+# The images the int8 rows calibrate on, the same for ours, NNCF and onnxruntime's quantize_static: a few set the
+# activations' ranges (the timing does not depend on which), and each costs every quantizer a forward.
+BENCH_CALIBRATION_IMAGES = 4
+
+# The rows of each low precision: (name, target). Ours first; "right column" rows time a peer (or ours at another
+# precision) in the torchvision column. Targets: bf16 at least 1.3x OpenVINO's bf16 and int8 1.6x our bf16 (issue
+# 39), int8 ahead of the int8 peers, and against torchvision's float32 the bf16 row's target times that 1.6.
+BF16_ROWS = (("detector bf16 (ours) vs fp32 (torchvision)", 3.0),
+             ("detector bf16 vs OpenVINO bf16 (right column)", 1.3))
+INT8_ROWS = (("detector int8 (ours) vs fp32 (torchvision)", 4.8),
+             ("detector int8 vs bf16 (ours; right column)", 1.6),
+             ("detector int8 vs OpenVINO int8, NNCF (right column)", 1.0),
+             ("detector int8 vs onnxruntime int8, static QDQ (right column)", 1.0))
+
+
+def _versioned(name: str, peer: str, version: str) -> str:
+    """A row's name with the version of the peer it names."""
+    return name.replace(peer, f"{peer} {version.split('-')[0]}", 1)
+
+
+def low_precision_cases(make_model: Callable[[], torch.nn.Module], reference: torch.nn.Module, image: torch.Tensor,
+                        device: str, precisions, calibration: list[torch.Tensor] | None = None
+                        ) -> list[Case | Skipped]:
+    """Our detector in bfloat16 (its inference_dtype) and in int8 (fasterrcnn_ext.quantization.quantize) on ``image``
+    [3, H, W], against ``reference`` (torchvision's detector, float32), our int8 against our bf16, and each against
+    the deployment peers at its precision, on the ONNX export their float32 rows run (engine.export.export_onnx):
+    OpenVINO in bfloat16, OpenVINO in int8 (NNCF's post-training quantization, nncf.quantize) and onnxruntime in int8
+    (its static QDQ quantization, quantize_static), with as many threads. Every int8 side calibrates on the same
+    ``calibration`` images (default: BENCH_CALIBRATION_IMAGES random images of the image's size). ``make_model()``
+    builds a fresh eval copy of ours with the reference's weights.
+
+    A row that cannot run here is Skipped with its reason: the CPU lacks the instructions the precision pays with
+    (capabilities: native_bfloat16, native_int8; quantization.int8_available()), or a peer is not installed."""
+    from ..capabilities import cpu_capabilities
+
+    wanted = [p for p in precisions if p != "fp32"]
+    rows = (BF16_ROWS if "bf16" in wanted else ()) + (INT8_ROWS if "int8" in wanted else ())
+    if device != "cpu":
+        reason = "a CPU row: the bf16 and int8 modes here are CPU inference modes, and the peers CPU runtimes"
+        return [Skipped(name, reason, target) for name, target in rows]
+    caps = cpu_capabilities()
+    threads = torch.get_num_threads()
+    feed = {"image": image.numpy()}
+    onnx_data: list[bytes] = []
+
+    def onnx_export() -> bytes:
+        if not onnx_data:
+            import io
+
+            from ..engine.export import export_onnx
+
+            buffer = io.BytesIO()
+            export_onnx(make_model(), image, buffer)
+            onnx_data.append(buffer.getvalue())
+        return onnx_data[0]
+
+    bf16_reason = None if caps.native_bfloat16 else ("this CPU has neither AVX512-BF16 nor AMX: bfloat16 runs "
+                                                     "emulated there, slower than float32")
+    bf16_models: list[torch.nn.Module] = []
+
+    def bf16_model() -> torch.nn.Module | None:
+        """Ours in bfloat16, built once on first use; None where bfloat16 does not pay here."""
+        if bf16_reason is None and not bf16_models:
+            bf16_models.append(make_model())
+            bf16_models[0].inference_dtype = torch.bfloat16
+        return bf16_models[0] if bf16_models else None
+
+    cases: list[Case | Skipped] = []
+    if "bf16" in wanted:
+        (tv_name, tv_target), (ov_name, ov_target) = BF16_ROWS
+        if bf16_reason is not None:
+            cases += [Skipped(name, bf16_reason, target) for name, target in BF16_ROWS]
+        else:
+            bf16 = bf16_model()
+            cases.append(Case(tv_name, lambda: bf16([image]), lambda: reference([image]), tv_target))
+            openvino = _peer("openvino")
+            if isinstance(openvino, str):
+                cases.append(Skipped(ov_name, openvino, ov_target))
+            else:
+                core = openvino.Core()
+                compiled = core.compile_model(core.read_model(onnx_export()), "CPU", {
+                    "INFERENCE_NUM_THREADS": str(threads), "INFERENCE_PRECISION_HINT": "bf16"})
+                cases.append(Case(_versioned(ov_name, "OpenVINO", openvino.__version__),
+                                  lambda: bf16([image]), lambda: compiled(feed), ov_target))
+    if "int8" in wanted:
+        cases += _int8_cases(make_model, reference, image, caps, bf16_model, bf16_reason, onnx_export, feed, threads,
+                             calibration)
+    return cases
+
+
+def _peer(name: str):
+    """The deployment peer's module, or why it cannot run: not installed."""
+    import importlib
+    import importlib.util
+
+    if importlib.util.find_spec(name) is None:
+        return f"{name} is not installed (an optional peer: requirements-dev.txt)"
+    return importlib.import_module(name)
+
+
+def _int8_cases(make_model, reference, image, caps, bf16_model, bf16_reason, onnx_export, feed, threads,
+                calibration) -> list[Case | Skipped]:
+    """low_precision_cases' int8 rows."""
+    reason = None
+    if not caps.native_int8:
+        reason = "this CPU has neither VNNI nor AMX: int8 runs slower there than float32"
+    else:
+        from .. import quantization
+
+        available, why = quantization.int8_available()
+        if not available:
+            reason = f"int8 does not pay here: {why}"
+    if reason is not None:
+        return [Skipped(name, reason, target) for name, target in INT8_ROWS]
+    if calibration is None:
+        calibration = [torch.rand(image.shape, generator=torch.Generator().manual_seed(100 + k))
+                       for k in range(BENCH_CALIBRATION_IMAGES)]
+    int8_model = quantization.quantize(make_model(), calibration)
+    (tv_name, tv_target), (bf_name, bf_target), (ov_name, ov_target), (ort_name, ort_target) = INT8_ROWS
+    cases: list[Case | Skipped] = [Case(tv_name, lambda: int8_model([image]), lambda: reference([image]), tv_target)]
+    bf16 = bf16_model()
+    if bf16 is None:
+        cases.append(Skipped(bf_name, bf16_reason, bf_target))
+    else:
+        cases.append(Case(bf_name, lambda: int8_model([image]), lambda: bf16([image]), bf_target))
+    openvino, nncf = _peer("openvino"), _peer("nncf")
+    if isinstance(openvino, str) or isinstance(nncf, str):
+        cases.append(Skipped(ov_name, openvino if isinstance(openvino, str) else nncf, ov_target))
+    else:
+        ov_name = _versioned(_versioned(ov_name, "OpenVINO", openvino.__version__), "NNCF", nncf.__version__)
+        compiled = _openvino_int8(openvino, nncf, onnx_export(), calibration, threads)
+        cases.append(Case(ov_name, lambda: int8_model([image]), lambda: compiled(feed), ov_target))
+    onnxruntime = _peer("onnxruntime")
+    if isinstance(onnxruntime, str):
+        cases.append(Skipped(ort_name, onnxruntime, ort_target))
+    else:
+        ort_name = _versioned(ort_name, "onnxruntime", onnxruntime.__version__)
+        session = _onnxruntime_int8(onnxruntime, onnx_export(), calibration, threads)
+        cases.append(Case(ort_name, lambda: int8_model([image]), lambda: session.run(None, feed), ort_target))
+    return cases
+
+
+def _openvino_int8(openvino, nncf, onnx_data: bytes, calibration, threads: int):
+    """The ONNX export quantized by NNCF (nncf.quantize: int8 weights and activations, calibrated on
+    ``calibration``), compiled for the CPU at OpenVINO's default precision for what stays unquantized."""
+    import contextlib
+    import io
+    import logging
+    import os
+    import tempfile
+
+    core = openvino.Core()
+    # nncf builds its graph from every consumer of each node's outputs, also consumers the model no longer reaches,
+    # which the ONNX frontend leaves in place ("Could not find a node ... in NNCFGraph"); writing the model out and
+    # reading it back drops them.
+    with tempfile.TemporaryDirectory() as folder:
+        path = os.path.join(folder, "detector.xml")
+        openvino.save_model(core.read_model(onnx_data), path, compress_to_fp16=False)
+        model = core.read_model(path)
+    dataset = nncf.Dataset([im.numpy() for im in calibration], lambda image: {"image": image})
+    # Its log and progress bars would interleave with the table: the level is restored after, the bars discarded.
+    level = nncf.nncf_logger.level
+    nncf.set_log_level(logging.ERROR)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            quantized = nncf.quantize(model, dataset, subset_size=len(calibration))
+    finally:
+        nncf.set_log_level(level)
+    return core.compile_model(quantized, "CPU", {"INFERENCE_NUM_THREADS": str(threads)})
+
+
+def _onnxruntime_int8(onnxruntime, onnx_data: bytes, calibration, threads: int):
+    """The ONNX export quantized by onnxruntime's static quantization (QDQ format: per-channel int8 weights, uint8
+    activations calibrated on ``calibration``), after its pre-processing (shape inference and graph optimization,
+    which it recommends before quantizing), as a CPU session with ``threads`` threads."""
+    import os
+    import tempfile
+
+    from onnxruntime import quantization
+
+    class Images(quantization.CalibrationDataReader):
+        def __init__(self):
+            self.images = iter(calibration)
+
+        def get_next(self):
+            image = next(self.images, None)
+            return None if image is None else {"image": image.numpy()}
+
+    with tempfile.TemporaryDirectory() as folder:
+        source, prepared, quantized = (os.path.join(folder, f"{n}.onnx") for n in ("source", "prepared", "int8"))
+        with open(source, "wb") as f:
+            f.write(onnx_data)
+        quantization.quant_pre_process(source, prepared, skip_symbolic_shape=True)
+        quantization.quantize_static(prepared, quantized, Images(), quant_format=quantization.QuantFormat.QDQ,
+                                     per_channel=True, activation_type=quantization.QuantType.QUInt8,
+                                     weight_type=quantization.QuantType.QInt8)
+        with open(quantized, "rb") as f:
+            data = f.read()
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    return onnxruntime.InferenceSession(data, options, providers=["CPUExecutionProvider"])
+
+
 def training_step(model: torch.nn.Module, images: list[torch.Tensor], targets: list[dict[str, torch.Tensor]],
                   seed: int = 0) -> Callable[[], torch.Tensor]:
     """One training step of `model` (in train mode) without the optimizer's update: the forward with its losses and
@@ -437,7 +666,10 @@ def pipeline_cases(device: str) -> list[Case]:
     return cases(device)
 
 
-ALL_CASES: dict[str, Callable[[str], list[Case]]] = {
+# The groups that take bench's --precision (the others time float32 only).
+PRECISION_GROUPS = ("detector",)
+
+ALL_CASES: dict[str, Callable[..., list[Case | Skipped]]] = {
     "detector": detector_cases,
     "conv": conv_cases,
     "boxes": box_cases,

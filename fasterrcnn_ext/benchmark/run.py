@@ -5,6 +5,7 @@
     fasterrcnn-ext bench --quick --only nms --json out.json
     fasterrcnn-ext bench --device cuda --quick --profile   # also where each side's time goes, per case
     fasterrcnn-ext bench --markdown bench.md  # also the table for BENCHMARKS.md, with device, date and commit
+    fasterrcnn-ext bench --only detector --precision fp32 bf16 int8   # also ours and the peers in bf16 and int8
 
 Times are medians from torch.utils.benchmark with a fixed number of CPU threads (default 2, this project's
 machines). The speed targets live here, never in the unit tests.
@@ -23,8 +24,9 @@ import torch
 
 import fasterrcnn_ext
 
+from ..engine.precision import PRECISIONS
 from ..files import atomic_write, write_json
-from .cases import ALL_CASES
+from .cases import ALL_CASES, PRECISION_GROUPS, Skipped
 
 
 def _median_seconds(fn, min_run_time: float) -> float:
@@ -97,6 +99,9 @@ def markdown_table(result: dict) -> str:
     lines = [f"{result['device_name']}; torch {result['torch']}; {result['date']}; commit {result['commit']}", "",
              "| case | ours ms | torchvision ms | speed-up | target |", "| --- | ---: | ---: | ---: | ---: |"]
     for r in result["results"]:
+        if "skipped" in r:
+            lines.append(f"| {r['case']} | - | - | skipped: {r['skipped']} | {r['target']:.1f}x |")
+            continue
         below = "" if r["speedup"] >= r["target"] else " (below)"
         lines.append(f"| {r['case']} | {_ms(r['ours_ms'])} | {_ms(r['torchvision_ms'])} | {r['speedup']:.1f}x | "
                      f"{r['target']:.1f}x{below} |")
@@ -104,7 +109,10 @@ def markdown_table(result: dict) -> str:
 
 
 def run(device: str = "cpu", quick: bool = False, only: list[str] | None = None, threads: int = 2,
-        json_path: str | None = None, out=None, profile: bool = False, markdown_path: str | None = None) -> dict:
+        json_path: str | None = None, out=None, profile: bool = False, markdown_path: str | None = None,
+        precisions=("fp32",)) -> dict:
+    """Times the cases of ``only`` (default: every group) and prints them; the groups of PRECISION_GROUPS at each of
+    ``precisions`` (a row that cannot run here is printed and recorded as skipped, with the reason)."""
     out = out or sys.stdout
     if device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA GPU is visible")
@@ -119,6 +127,9 @@ def run(device: str = "cpu", quick: bool = False, only: list[str] | None = None,
     unknown = [g for g in groups if g not in ALL_CASES]
     if unknown:
         raise SystemExit(f"unknown benchmark group(s) {unknown}; choose from {list(ALL_CASES)}")
+    bad = [p for p in precisions if p not in PRECISIONS]
+    if bad or not precisions:
+        raise SystemExit(f"--precision {bad[0] if bad else ''!r}: choose from {', '.join(PRECISIONS)}")
     rows = []
     header = f"{'case':<52} {'ours ms':>10} {'torchvision ms':>15} {'speed-up':>9} {'target':>7}"
     print(f"fasterrcnn_ext benchmark on {device} ({_device_name(device)})", file=out)
@@ -126,7 +137,12 @@ def run(device: str = "cpu", quick: bool = False, only: list[str] | None = None,
     print("-" * len(header), file=out)
     with torch.no_grad():  # (not inference_mode: the backward cases re-enable grad)
         for group in groups:
-            for case in ALL_CASES[group](device):
+            make = ALL_CASES[group]
+            for case in make(device, precisions=tuple(precisions)) if group in PRECISION_GROUPS else make(device):
+                if isinstance(case, Skipped):
+                    print(f"{case.name:<52} skipped: {case.reason}", file=out, flush=True)
+                    rows.append({"group": group, "case": case.name, "skipped": case.reason, "target": case.target})
+                    continue
                 case.ours()
                 case.torchvision()  # warm-up (and lazy initialisation) outside the timing
                 ours = _median_seconds(case.ours, min_run_time)
@@ -151,6 +167,7 @@ def run(device: str = "cpu", quick: bool = False, only: list[str] | None = None,
         "torch": torch.__version__,
         "build_info": fasterrcnn_ext.build_info(),
         "threads": threads,
+        "precisions": list(precisions),
         "results": rows,
     }
     if json_path:
@@ -170,6 +187,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=2, help="CPU threads (default 2)")
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     p.add_argument("--markdown", metavar="PATH", help="also write the results as a Markdown table for BENCHMARKS.md")
+    p.add_argument("--precision", nargs="+", choices=PRECISIONS, default=["fp32"], metavar="PRECISION",
+                   help=f"the precisions of the detector group ({', '.join(PRECISIONS)}; default fp32): bf16 and int8 "
+                   "add ours in that precision against torchvision's float32 and against OpenVINO and onnxruntime "
+                   "in it, each skipped with its reason where this CPU or the peer's package lacks it")
     p.add_argument("--profile", action="store_true",
                    help="after each case, where each side's time goes (kernels per call and the largest on CUDA)")
 
@@ -177,7 +198,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run_from_args(args: argparse.Namespace) -> dict:
     """run() with the arguments of add_arguments (the bench command and this script)."""
     return run(args.device, args.quick, args.only, args.threads, args.json, profile=args.profile,
-               markdown_path=args.markdown)
+               markdown_path=args.markdown, precisions=args.precision)
 
 
 def main(argv=None):

@@ -19,6 +19,13 @@ from ..files import (
 from ..models import detection
 from .checkpoint import MODEL_BUILDERS, checked_checkpoint, model_from_checkpoint
 from .pipeline import expand_inputs, run_detect
+from .precision import (
+    CALIBRATION_IMAGES,
+    calibration_paths,
+    check_precision,
+    load_calibration_images,
+    with_precision,
+)
 
 # torchvision's weights enums -> our builder of the same model.
 _TORCHVISION_BUILDERS = {
@@ -137,14 +144,20 @@ def image_ids(paths: list[str]) -> list[int]:
 
 def detect(image_paths: list[str], weights: str, out: str, *, score_thresh: float = 0.5, device="cpu",
            progress: bool = True, model_name: str | None = None, batch_size: int = 1, workers: int | None = None,
-           pictures: int | None = None, coco: str | None = None, split: str = "val") -> list[dict] | None:
+           pictures: int | None = None, coco: str | None = None, split: str = "val", precision: str = "fp32",
+           calibration: str | None = None, calibration_images: int = CALIBRATION_IMAGES) -> list[dict] | None:
     """Detects objects in image files, folders (recursively), globs and text files of paths, or in the images of a
     COCO-format dataset (``coco``, its ``split``; ids from its annotation file), with engine/pipeline.py: batched,
     sharded under torchrun, resumable. Writes ``out/detections.jsonl`` (a line per image), ``out/detections.json``
     (COCO results), ``out/images.json`` (image_id to file) and ``out/<image stem>.png`` for the first ``pictures``
     images (default: all up to pipeline.DEFAULT_PICTURES_LIMIT images, else none). An image that cannot be read or
     detected is skipped with a warning naming it, and listed in ``out/failures.json`` (file, error); the run stops
-    with a ValueError, leaving no folder it made, only where no image succeeded. Returns the results on rank 0."""
+    with a ValueError, leaving no folder it made, only where no image succeeded. Returns the results on rank 0.
+
+    ``precision`` (engine/precision.py): fp32, bf16 or int8; int8 calibrates on the first ``calibration_images``
+    readable images of the run (every process on the same ones, so a rerun or another rank quantizes alike), or of
+    ``calibration`` (a folder, glob or list file of images). A folder's run.json records a precision other than
+    fp32, so that a rerun at another precision is refused."""
     if coco is not None:
         if image_paths:
             raise ValueError("give images or --data, not both")
@@ -162,8 +175,20 @@ def detect(image_paths: list[str], weights: str, out: str, *, score_thresh: floa
         raise ValueError("no images given")
     if batch_size < 1:
         raise ValueError(f"--batch-size {batch_size}: at least 1")
+    check_precision(precision, device)
+    if calibration is not None and precision != "int8":
+        raise ValueError(f"--calibration applies to --precision int8, not {precision}")
     model, class_names, category_ids = load_detector(weights, model_name)
     run = {"weights": os.path.abspath(weights) if is_checkpoint_path(weights) else weights, "model": model_name,
            "score_thresh": score_thresh}
+    if precision != "fp32":  # the default, left out: a run.json without a precision is an fp32 run
+        run["precision"] = precision
+    calibration_set = None
+    if precision == "int8":
+        source = calibration_paths(calibration) if calibration is not None else paths
+        calibration_set = load_calibration_images(source, calibration_images)
+        run["calibration"] = {"images": os.path.abspath(calibration) if calibration is not None else "the run's first",
+                              "count": len(calibration_set)}
+    model = with_precision(model, precision, calibration_set, device)
     return run_detect(paths, ids, model, class_names, category_ids, out, run=run, score_thresh=score_thresh,
                       device=device, batch_size=batch_size, workers=workers, pictures=pictures, progress=progress)

@@ -88,11 +88,12 @@ def coco_metrics(ground_truth: dict, results: list[dict]) -> dict:
 
 
 def evaluate(model, dataset, *, batch_size: int = 4, device="cpu", workers: int = 0, progress: bool = True,
-             out: str | None = None) -> dict | None:
+             out: str | None = None, precision: str | None = None) -> dict | None:
     """COCO bbox metrics of ``model`` on ``dataset`` (which provides coco_ground_truth() and category_ids). With
     ``out``, also writes out/detections.json (COCO results format) and out/metrics.json. Under torch.distributed,
     rank r predicts images r, r + K, r + 2K, ... (each image once, none repeated to even the shards), rank 0
-    gathers the results and alone computes, writes and returns the metrics (the other ranks return None)."""
+    gathers the results and alone computes, writes and returns the metrics (the other ranks return None).
+    ``precision`` (the --precision the model runs at; engine/precision.py) is recorded in the metrics when given."""
     import torch.distributed as dist
 
     world_size = dist.get_world_size() if dist.is_initialized() else 1
@@ -107,6 +108,8 @@ def evaluate(model, dataset, *, batch_size: int = 4, device="cpu", workers: int 
             return None
         results = [r for part in gathered for r in part]
     metrics = coco_metrics(dataset.coco_ground_truth(), results)
+    if precision is not None:
+        metrics["precision"] = precision
     if out is not None:
         write_json(os.path.join(out, "detections.json"), results)
         write_json(os.path.join(out, "metrics.json"), metrics)

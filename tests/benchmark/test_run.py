@@ -52,3 +52,41 @@ def test_run_writes_json_and_the_markdown_table(tmp_path, monkeypatch):
     assert table[4].startswith("| nms 200 boxes | ") and table[4].endswith("x | 0.0x |")
     assert table[5].startswith("| an unreachable target | ") and table[5].endswith("x (below) |")
     assert len(table) == 6
+
+
+def test_run_passes_precisions_to_the_detector_group_and_records_skipped_rows(tmp_path, monkeypatch):
+    import io
+    import json
+
+    from fasterrcnn_ext.benchmark import run as bench
+    from fasterrcnn_ext.benchmark.cases import Case, Skipped
+
+    boxes = torch.rand(100, 4) * 100
+    boxes[:, 2:] += boxes[:, :2]
+    scores = torch.rand(100)
+    asked = []
+
+    def detector(device, precisions=("fp32",)):
+        asked.append(precisions)
+        return [Skipped("detector bf16 vs a peer", "the peer is not installed", 1.3),
+                Case("detector int8 row", lambda: ops.nms(boxes, scores, 0.5), lambda: ops.nms(boxes, scores, 0.5),
+                     1e-6)]
+
+    monkeypatch.setitem(bench.ALL_CASES, "detector", detector)
+    monkeypatch.setitem(bench.ALL_CASES, "toy", lambda device: [])  # a group without precisions: called as before
+    args = build_parser().parse_args(["bench", "--quick", "--only", "toy", "detector", "--precision", "bf16", "int8",
+                                      "--json", str(tmp_path / "b.json"), "--markdown", str(tmp_path / "b.md")])
+    printed = io.StringIO()
+    monkeypatch.setattr("sys.stdout", printed)
+    result = bench.run_from_args(args)
+    assert asked == [("bf16", "int8")] and result["precisions"] == ["bf16", "int8"]
+    skipped, timed = json.loads((tmp_path / "b.json").read_text())["results"]
+    assert skipped == {"group": "detector", "case": "detector bf16 vs a peer", "skipped": "the peer is not installed",
+                       "target": 1.3}
+    assert timed["case"] == "detector int8 row" and timed["ours_ms"] > 0
+    line = next(line for line in printed.getvalue().splitlines() if line.startswith("detector bf16 vs a peer"))
+    assert line.endswith("skipped: the peer is not installed")
+    table = (tmp_path / "b.md").read_text().splitlines()
+    assert table[4] == "| detector bf16 vs a peer | - | - | skipped: the peer is not installed | 1.3x |"
+    assert table[5].startswith("| detector int8 row | ")
+    assert build_parser().parse_args(["bench"]).precision == ["fp32"]

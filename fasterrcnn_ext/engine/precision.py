@@ -1,0 +1,69 @@
+"""The ``--precision`` of detect, eval and bench: the detector as trained (fp32), its bfloat16 inference mode (bf16),
+or the int8 model fasterrcnn_ext.quantization.quantize makes from it, calibrated on a few images (int8).
+
+Which precision pays on which CPU is fasterrcnn_ext.capabilities' decision (README: "Precision"); where one runs
+slower than float32, the model or the quantizer warns, not this module.
+"""
+
+from __future__ import annotations
+
+import torch
+
+PRECISIONS = ("fp32", "bf16", "int8")
+# The images int8 calibrates on unless told: the first of the run. A few images of the kind being detected set the
+# activations' ranges; each more costs a float32 forward before the run starts.
+CALIBRATION_IMAGES = 8
+
+
+def check_precision(precision: str, device: str = "cpu") -> None:
+    """ValueError unless ``precision`` is one of PRECISIONS and runs on ``device``."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"--precision {precision!r}: choose from {', '.join(PRECISIONS)}")
+    if precision == "int8" and torch.device(device).type != "cpu":
+        raise ValueError(f"--precision int8 runs on the CPU (oneDNN's int8 kernels), not --device {device}")
+
+
+def with_precision(model: torch.nn.Module, precision: str, calibration_images: list[torch.Tensor] | None = None,
+                   device: str = "cpu") -> torch.nn.Module:
+    """The eval detector ``model`` at ``precision``: fp32, the model itself; bf16, the model itself with
+    ``inference_dtype = torch.bfloat16``; int8, a new model, ``quantization.quantize(model, calibration_images)``
+    (``model`` untouched). calibration_images: [3, H, W] float images in [0, 1], required for int8 only."""
+    check_precision(precision, device)
+    if precision == "fp32":
+        return model
+    if precision == "bf16":
+        model.inference_dtype = torch.bfloat16
+        return model
+    if not calibration_images:
+        raise ValueError("--precision int8 needs calibration images: none could be read")
+    from .. import quantization
+
+    return quantization.quantize(model.eval(), list(calibration_images))
+
+
+def load_calibration_images(paths: list[str], count: int = CALIBRATION_IMAGES) -> list[torch.Tensor]:
+    """The first ``count`` images of ``paths`` that can be read, loaded as detect loads them (data.load_image); an
+    unreadable one is passed over (detect reports it in its run). ValueError where none can be read."""
+    from ..data import load_image
+
+    if count < 1:
+        raise ValueError(f"--calibration-images {count}: at least 1")
+    images, errors = [], []
+    for path in paths:
+        if len(images) == count:
+            break
+        try:
+            images.append(load_image(path))
+        except (ValueError, OSError) as e:
+            errors.append(str(e))
+    if not images:
+        raise ValueError(f"no calibration image could be read ({'; '.join(errors) or 'no images given'})")
+    return images
+
+
+def calibration_paths(calibration: str) -> list[str]:
+    """The image files of ``--calibration``: a folder (searched recursively), a glob or a list file, as detect's
+    inputs are."""
+    from .detect import expand_image_paths
+
+    return expand_image_paths([calibration])
