@@ -21,12 +21,17 @@ on the CPU (forward, backward and optimizer update: autograd runs a CPU graph's 
 
 Only the calling thread's allocations are pooled, and only while inside the context; everything else goes to
 torch's allocator unchanged. Free blocks kept in the pool are capped by ``set_cpu_cache_limit`` (2 GiB by
-default). Pooled blocks are not reported to torch.profiler's memory view.
+default). Pooled blocks are not reported to torch.profiler's memory view. Long-lived tensors made inside a pooled
+forward (the detector's inference copies) are made in ``cpu_pool(enabled=False)``: a pooled block is meant for a
+tensor that the next forward allocates again.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
+import functools
 import os
 from dataclasses import dataclass
 
@@ -44,9 +49,12 @@ class CpuCacheStats:
 
 
 @contextlib.contextmanager
-def cpu_pool():
-    """Pools the calling thread's large CPU allocations inside the block (nests; restores the previous setting)."""
-    previous = ops()._cpu_pool_set_enabled(True)
+def cpu_pool(enabled: bool = True):
+    """Pools the calling thread's large CPU allocations inside the block, or with ``enabled=False`` pauses an
+    enclosing pool's (nests; restores the previous setting)."""
+    if not isinstance(enabled, bool):
+        raise ValueError(f"cpu_pool: enabled must be a bool, got {enabled!r}")
+    previous = ops()._cpu_pool_set_enabled(enabled)
     try:
         yield
     finally:
@@ -88,3 +96,26 @@ def set_cpu_cache_limit(limit_bytes: int) -> None:
 def cpu_cache_stats() -> CpuCacheStats:
     cached, in_use, hits, misses, limit, active = ops()._cpu_pool_stats()
     return CpuCacheStats(cached, in_use, hits, misses, limit, bool(active))
+
+
+@functools.cache
+def _malloc_trim():
+    """glibc's malloc_trim, or None where the C library has none (musl, macOS)."""
+    name = ctypes.util.find_library("c")
+    try:
+        return ctypes.CDLL(name).malloc_trim if name else None
+    except (OSError, AttributeError):
+        return None
+
+
+def release_free_heap() -> bool:
+    """Returns the free pages of malloc's heap to the system (glibc's ``malloc_trim``). Blocks below glibc's mmap
+    threshold (up to 32 MB once larger blocks have been freed) are carved from the heap, and freeing them leaves
+    their pages resident unless they were at its top: after a burst of such temporaries (building the detector's
+    inference copies) this gives them back. False where the C library has no such call; the pool's kept blocks are
+    not touched (``empty_cpu_cache`` releases those)."""
+    trim = _malloc_trim()
+    if trim is None:
+        return False
+    trim(0)
+    return True

@@ -2,6 +2,7 @@
 limit, and a detector whose detections do not depend on it."""
 
 import gc
+import os
 import threading
 
 import pytest
@@ -206,3 +207,39 @@ def test_training_cache_limit_raises_the_cap_then_empties_and_restores():
         assert memory.cpu_cache_stats().cached_bytes >= 3 * BIG  # beyond the old cap: kept
     after = memory.cpu_cache_stats()
     assert after.limit_bytes == BIG and after.cached_bytes == 0
+
+
+def test_pool_can_be_paused_inside_a_pooled_scope():
+    with memory.cpu_pool():
+        before = memory.cpu_cache_stats()
+        with memory.cpu_pool(enabled=False):
+            kept = torch.empty(BIG, dtype=torch.uint8)  # not pooled: a long-lived tensor
+        assert memory.cpu_cache_stats().misses == before.misses
+        torch.empty(BIG, dtype=torch.uint8)  # the enclosing scope pools again
+        assert memory.cpu_cache_stats().misses == before.misses + 1
+    del kept
+    assert memory.cpu_cache_stats().cached_bytes == before.cached_bytes + BIG  # only the pooled block came back
+    with pytest.raises(ValueError, match="enabled"):
+        with memory.cpu_pool(enabled=1):
+            pass
+
+
+def test_release_free_heap_returns_freed_heap_pages():
+    """Many blocks below glibc's mmap threshold, freed out of order, stay resident until the heap is trimmed."""
+    def rss():
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    # Freeing one large mmap'd block raises glibc's mmap threshold to its size, so the blocks below come from the heap.
+    warm = torch.empty(32 << 20, dtype=torch.uint8)
+    del warm
+    memory.release_free_heap()
+    blocks = [torch.ones(256 << 10, dtype=torch.uint8) for _ in range(512)]  # 128 MB of 256 KB heap blocks
+    keep = blocks[-1]  # the heap's top stays in use: freeing the rest cannot shrink it from the end
+    del blocks
+    before = rss()
+    released = memory.release_free_heap()
+    if not released:
+        pytest.skip("the C library has no malloc_trim")
+    assert rss() < before - (64 << 20)
+    assert keep.sum().item() == 256 << 10

@@ -4,12 +4,17 @@ training are untouched:
 - batch norm folded into the preceding convolution (an inference-time identity that saves a pass over every
   activation map);
 - channels_last memory format, which oneDNN's CPU convolutions run faster;
-- in float32 on CPU, the 3x3 stride-1 convolutions of 64 channels or more (ResNet blocks, FPN outputs, RPN head) by
-  Winograd's F(4x4, 3x3) (ops.conv3x3_winograd): 4 times fewer multiply-adds, outputs within about 1e-5 of their
-  magnitude of the direct convolution's;
+- in float32 on CPU, the 3x3 stride-1 convolutions of 64 to 256 channels (ResNet blocks up to the stride-16 stage,
+  FPN outputs, RPN head) by Winograd's F(4x4, 3x3) (ops.conv3x3_winograd): 4 times fewer multiply-adds, outputs
+  within about 1e-5 of their magnitude of the direct convolution's;
 - in bfloat16 on CPU, each convolution fused with the ReLU and the residual add that follow it (oneDNN post-ops):
   with AMX the convolutions are fast enough that the separate passes over the activations took ~40% of the
   backbone's time.
+
+The copy costs memory beside the module's own weights, so it holds only what differs from them: its tensors alias
+the module's until a step replaces them (folding, a memory format or dtype change, a Winograd transform), it is built
+outside the CPU memory pool (its blocks are not activations to reuse) with the build's temporaries handed back to the
+system, and a stale copy is dropped before its successor is built. ``copy_extra_bytes`` measures what it adds.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from torchvision.models._utils import IntermediateLayerGetter
 from torchvision.models.resnet import Bottleneck
 from torchvision.ops.misc import FrozenBatchNorm2d
 
+from ... import memory
 from ...capabilities import cpu_capabilities
 from ...ops import conv3x3_winograd, winograd_weight
 
@@ -29,13 +35,15 @@ _NORMS = (nn.BatchNorm2d, FrozenBatchNorm2d)
 
 
 def _fold(conv: nn.Conv2d, norm: nn.Module) -> None:
-    """conv := norm(conv(x)) for an eval-mode batch norm; the norm then becomes an identity."""
+    """conv := norm(conv(x)) for an eval-mode batch norm; the norm then becomes an identity. New tensors replace the
+    convolution's (never written in place: they may alias the original module's)."""
     with torch.no_grad():
         scale = norm.weight / torch.sqrt(norm.running_var + norm.eps)
-        conv.weight.mul_(scale.reshape(-1, 1, 1, 1))
+        weight = conv.weight * scale.reshape(-1, 1, 1, 1)
         bias = conv.bias if conv.bias is not None else torch.zeros_like(norm.running_mean)
         new_bias = (bias - norm.running_mean) * scale + norm.bias
-        conv.bias = nn.Parameter(new_bias)
+        conv.weight = nn.Parameter(weight, requires_grad=conv.weight.requires_grad)
+        conv.bias = nn.Parameter(new_bias, requires_grad=conv.weight.requires_grad)
 
 
 def fold_batch_norms(module: nn.Module) -> int:
@@ -62,25 +70,32 @@ def fold_batch_norms(module: nn.Module) -> int:
 
 # Narrower convolutions gain less from Winograd than its transforms cost.
 _WINOGRAD_MIN_CHANNELS = 64
+# Wider ones cost more memory than their speed-up is worth. The transformed weight is 4 times the weight: a 512-channel
+# layer's is 38 MB (ResNet-50's two stride-1 ones at stride 32 hold 45% of R50-FPN's transformed weights). Such a
+# layer does the multiply-adds of a 256-channel one on a map twice as large each way, for 4 times the transformed
+# bytes, and Winograd gains less on it (its small map makes few tiles, each reading the whole transformed weight):
+# measured side by side, the least time saved per byte held of every layer class of R50-FPN, several times less.
+_WINOGRAD_MAX_CHANNELS = 256
 
 
 class WinogradConv2d(nn.Module):
     """A 3x3, stride-1, padding-1 convolution (then optionally ReLU) by ops.conv3x3_winograd, for float32 CPU
-    inference. It keeps only the transformed weight (4 times the original's size); input of another dtype (under a
-    caller's autocast) is computed in float32."""
+    inference. It keeps only the transformed weight (4 times the original's size) and the bias (shared with the
+    convolution, not copied); input of another dtype (under a caller's autocast) is computed in float32."""
 
     def __init__(self, conv: nn.Conv2d, relu: bool = False):
         super().__init__()
         self.register_buffer("transformed_weight", winograd_weight(conv.weight))
-        self.register_buffer("bias", conv.bias.detach().clone() if conv.bias is not None else None)
+        self.register_buffer("bias", conv.bias.detach() if conv.bias is not None else None)
         self.relu = relu
 
     @staticmethod
     def accepts(conv: nn.Module) -> bool:
         return (type(conv) is nn.Conv2d and conv.kernel_size == (3, 3) and conv.stride == (1, 1)
                 and conv.padding == (1, 1) and conv.dilation == (1, 1) and conv.groups == 1
-                and conv.padding_mode == "zeros" and conv.in_channels >= _WINOGRAD_MIN_CHANNELS
-                and conv.out_channels >= _WINOGRAD_MIN_CHANNELS)
+                and conv.padding_mode == "zeros"
+                and _WINOGRAD_MIN_CHANNELS <= conv.in_channels <= _WINOGRAD_MAX_CHANNELS
+                and _WINOGRAD_MIN_CHANNELS <= conv.out_channels <= _WINOGRAD_MAX_CHANNELS)
 
     def forward(self, x: Tensor) -> Tensor:
         return conv3x3_winograd(x.to(self.transformed_weight.dtype), self.transformed_weight, self.bias, self.relu)
@@ -189,10 +204,50 @@ def fuse_convolutions(module: nn.Module) -> int:
     return replaced
 
 
+def _aliasing_copy(module: nn.Module) -> nn.Module:
+    """A deep copy of ``module``'s structure whose parameters and buffers are new tensor objects over the module's
+    own storage: replacing one in the copy (``copy.conv.weight = ...``, ``Module.to``, which sets ``.data``) leaves
+    the module as it was, and no byte is duplicated until something is replaced. Nothing may write these tensors in
+    place."""
+    memo = {id(p): nn.Parameter(p.detach(), requires_grad=False) for p in module.parameters()}
+    memo.update({id(b): b.detach() for b in module.buffers()})
+    return copy.deepcopy(module, memo)
+
+
+def _to_channels_last(module: nn.Module) -> None:
+    """Module.to(memory_format=torch.channels_last) without copying the 4-d tensors whose bytes already are in that
+    order (1x1 convolutions' weights, whatever their strides say), so that those stay shared with the original."""
+    for sub in module.modules():
+        for tensors in (sub._parameters, sub._buffers):
+            for name, t in tensors.items():
+                if t is not None and t.dim() == 4 and not t.is_contiguous(memory_format=torch.channels_last):
+                    converted = t.detach().contiguous(memory_format=torch.channels_last)
+                    tensors[name] = nn.Parameter(converted, requires_grad=False) if isinstance(t, nn.Parameter) \
+                        else converted
+
+
+def _storages(module: nn.Module) -> set[int]:
+    return {t.untyped_storage().data_ptr() for t in list(module.parameters()) + list(module.buffers())}
+
+
+def copy_extra_bytes(module: nn.Module, inference_copy: nn.Module) -> int:
+    """The bytes of ``inference_copy``'s parameters and buffers that do not alias ``module``'s: the memory the copy
+    adds beside the module (each storage counted once)."""
+    shared, seen, extra = _storages(module), set(), 0
+    for t in list(inference_copy.parameters()) + list(inference_copy.buffers()):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in shared and storage.data_ptr() not in seen:
+            seen.add(storage.data_ptr())
+            extra += storage.nbytes()
+    return extra
+
+
 class InferenceCopy:
     """The module's inference copy (folded, channels_last, Winograd in float32 on CPU, or in the autocast dtype
     asked for, with fused convolutions in bfloat16 on CPU), one per dtype, rebuilt whenever the original's
-    parameters or buffers change or the CPU capabilities in effect do (fasterrcnn_ext.capabilities)."""
+    parameters or buffers change or the CPU capabilities in effect do (fasterrcnn_ext.capabilities). The copy shares
+    the module's tensors that none of these steps changes, and a copy whose module has changed is dropped (for every
+    dtype) before a new one is built."""
 
     def __init__(self):
         self._copies: dict[torch.dtype | None, tuple[tuple, nn.Module]] = {}
@@ -214,10 +269,22 @@ class InferenceCopy:
         cached = self._copies.get(dtype)
         if cached is not None and cached[0] == key:
             return cached[1]
-        self._copies.pop(dtype, None)  # the stale copy's memory is free before the new one is made
-        clone = copy.deepcopy(module).eval()
+        # Stale copies (of any dtype: their module changed) are freed before the new one is made.
+        self._copies = {d: c for d, c in self._copies.items() if c[0] == key}
+        # The copy's tensors live as long as it does: pooled blocks are for activations that the next forward reuses.
+        with memory.cpu_pool(enabled=False):
+            clone = self._build(module, dtype, caps)
+        # Folding, format changes and transforms leave freed temporaries (up to the size of the copy) in malloc's
+        # heap, where they would stay resident.
+        memory.release_free_heap()
+        self._copies[dtype] = (key, clone)
+        return clone
+
+    @staticmethod
+    def _build(module: nn.Module, dtype: torch.dtype | None, caps) -> nn.Module:
+        clone = _aliasing_copy(module).eval()
         fold_batch_norms(clone)
-        clone = clone.to(memory_format=torch.channels_last)
+        _to_channels_last(clone)
         if dtype is not None:
             clone = clone.to(dtype)
             if (dtype == torch.bfloat16 and caps.fused_bfloat16_convolutions
@@ -225,5 +292,4 @@ class InferenceCopy:
                 fuse_convolutions(clone)
         elif caps.winograd and all(p.device.type == "cpu" and p.dtype == torch.float32 for p in clone.parameters()):
             use_winograd_convolutions(clone)
-        self._copies[dtype] = (key, clone)
         return clone
