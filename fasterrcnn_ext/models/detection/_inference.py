@@ -19,6 +19,7 @@ system, and a stale copy is dropped before its successor is built. ``copy_extra_
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import torch
@@ -272,7 +273,7 @@ class InferenceCopy:
         # Stale copies (of any dtype: their module changed) are freed before the new one is made.
         self._copies = {d: c for d, c in self._copies.items() if c[0] == key}
         # The copy's tensors live as long as it does: pooled blocks are for activations that the next forward reuses.
-        with memory.cpu_pool(enabled=False):
+        with memory.cpu_pool(enabled=False) if caps.memory_pool else contextlib.nullcontext():
             clone = self._build(module, dtype, caps)
         # Folding, format changes and transforms leave freed temporaries (up to the size of the copy) in malloc's
         # heap, where they would stay resident.
