@@ -19,6 +19,7 @@ Environment:
 import glob
 import os
 import re
+import runpy
 import shutil
 import subprocess
 import sys
@@ -26,8 +27,11 @@ import sys
 from setuptools import setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-with open(os.path.join(ROOT, "pyproject.toml")) as _f:
-    VERSION = re.search(r'^version\s*=\s*"([^"]+)"', _f.read(), re.M).group(1)  # one source of truth
+# pyproject.toml is the version's one home; the package's own reader, run without importing the package.
+VERSION = runpy.run_path(os.path.join(ROOT, "fasterrcnn_ext", "_version.py"))["pyproject_version"](
+    os.path.join(ROOT, "pyproject.toml"))
+if VERSION is None:
+    sys.exit("pyproject.toml has no [project] version line (version = \"X.Y.Z\")")
 DEFAULT_ARCH_LIST = "7.5;8.0;8.6;8.9;9.0+PTX"  # T4 to H100, plus PTX for newer GPUs
 
 
@@ -137,7 +141,6 @@ def _write_build_config(with_cuda, cuda_version, arch_list, cpu_max_isa, cpu_avx
     path = os.path.join(ROOT, "fasterrcnn_ext", "_build_config.py")
     text = (
         "# Written by setup.py at build time. Do not edit.\n"
-        f"VERSION = {VERSION!r}\n"
         f"TORCH_VERSION = {torch.__version__!r}\n"
         f"WITH_CUDA = {with_cuda!r}\n"
         f"CUDA_VERSION = {cuda_version!r}\n"

@@ -8,7 +8,9 @@ Every op is also reachable as ``torch.ops.fasterrcnn_ext.<name>``. For code that
     fasterrcnn_ext.patch_torchvision()          # our ops and detector behind torchvision's names (see patch.py)
 """
 
-__version__ = "0.1.0"
+from ._version import package_version as _package_version
+
+__version__ = _package_version()
 
 from . import ops  # noqa: E402
 from ._library import ExtensionNotBuiltError, build_info, library_path  # noqa: E402

@@ -74,3 +74,25 @@ def test_op_library_needs_no_python():
     assert python and all(kind == "w" for kind, _ in python), python
     needed = subprocess.run(["readelf", "-d", path], capture_output=True, text=True, check=True).stdout
     assert "libpython" not in needed and "libtorch_python" not in needed
+
+
+def test_version_is_pyproject_s(monkeypatch, tmp_path):
+    """One home, pyproject.toml: the installed metadata carries it, and a source tree that is not installed reads it
+    from the file itself."""
+    import importlib.metadata
+    import os
+
+    from fasterrcnn_ext import _version
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(fasterrcnn_ext.__file__)))
+    expected = _version.pyproject_version(os.path.join(root, "pyproject.toml"))
+    assert expected and fasterrcnn_ext.__version__ == expected
+
+    def not_installed(name):
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(importlib.metadata, "version", not_installed)
+    assert _version.package_version() == expected
+    (tmp_path / "pyproject.toml").write_text('[project]\nname = "x"\nversion = "9.8.7rc1"\n')
+    assert _version.pyproject_version(str(tmp_path / "pyproject.toml")) == "9.8.7rc1"
+    assert _version.pyproject_version(str(tmp_path / "missing.toml")) is None
