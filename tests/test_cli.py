@@ -121,7 +121,11 @@ def test_detect_resolves_torchvision_weights_names():
     import torchvision
 
     from fasterrcnn_ext.engine.detect import _TORCHVISION_BUILDERS
+    assert sorted(_TORCHVISION_BUILDERS) == ["FasterRCNN_MobileNet_V3_Large_320_FPN_Weights",
+                                             "FasterRCNN_MobileNet_V3_Large_FPN_Weights",
+                                             "FasterRCNN_ResNet50_FPN_V2_Weights", "FasterRCNN_ResNet50_FPN_Weights"]
     for name, builder in _TORCHVISION_BUILDERS.items():
+        assert builder.__module__.startswith("fasterrcnn_ext.")
         weights = torchvision.models.get_weight(name + ".DEFAULT")  # no download: the enum only
         assert torchvision.models.get_model_weights(builder.__name__) is type(weights)
         assert weights.meta["categories"][0] == "__background__"

@@ -16,7 +16,6 @@ from ..files import (
     read_checkpoint_file,
     state_dict_of,
 )
-from ..models import detection
 from .checkpoint import MODEL_BUILDERS, checked_checkpoint, model_from_checkpoint
 from .pipeline import expand_inputs, run_detect
 from .precision import (
@@ -27,12 +26,12 @@ from .precision import (
     with_precision,
 )
 
-# torchvision's weights enums -> our builder of the same model.
+# torchvision's weights enums -> our builder of the same model: the builders of MODEL_BUILDERS that torchvision has
+# under the same name.
 _TORCHVISION_BUILDERS = {
-    "FasterRCNN_ResNet50_FPN_Weights": detection.fasterrcnn_resnet50_fpn,
-    "FasterRCNN_ResNet50_FPN_V2_Weights": detection.fasterrcnn_resnet50_fpn_v2,
-    "FasterRCNN_MobileNet_V3_Large_FPN_Weights": detection.fasterrcnn_mobilenet_v3_large_fpn,
-    "FasterRCNN_MobileNet_V3_Large_320_FPN_Weights": detection.fasterrcnn_mobilenet_v3_large_320_fpn,
+    torchvision.models.get_model_weights(name).__name__: builder
+    for name, builder in MODEL_BUILDERS.items()
+    if name in torchvision.models.list_models(module=torchvision.models.detection)
 }
 
 # Distinct colours by label (tab10), so a class keeps its colour across pictures.
