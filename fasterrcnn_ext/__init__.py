@@ -14,7 +14,7 @@ __version__ = _package_version()
 
 from . import ops  # noqa: E402
 from ._library import ExtensionNotBuiltError, build_info, library_path  # noqa: E402
-from .ops._utils import ArgumentError  # noqa: E402
+from .ops.utils import ArgumentError  # noqa: E402
 from .patch import TorchvisionPatch, patch_torchvision, patched, unpatch_torchvision  # noqa: E402
 
 __all__ = ["ops", "build_info", "library_path", "ExtensionNotBuiltError", "ArgumentError", "patch_torchvision",

@@ -55,7 +55,7 @@ def export_onnx(model: torch.nn.Module, image: torch.Tensor, f, opset: int = ONN
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the exporters' deprecation and tracer warnings
         if dynamo:
-            from ..ops._onnxscript import onnx_translations
+            from ..ops.utils import onnx_translations
 
             with torch.no_grad():  # RoIPool without its argmax, which has no ONNX form
                 program = torch.onnx.export(model.eval(), ([image],), dynamo=True, opset_version=max(opset, 18),

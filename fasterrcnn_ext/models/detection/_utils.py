@@ -8,8 +8,8 @@ import torch
 from torch import Tensor, nn
 
 from ... import ops
-from ...ops._utils import ArgumentError
 from ...ops.constants import BBOX_XFORM_CLIP
+from ...ops.utils import ArgumentError
 
 
 class BoxCoder:

@@ -12,8 +12,7 @@ from torchvision.models.detection import anchor_utils as tv_anchor_utils
 from torchvision.models.detection.image_list import ImageList
 
 from ..._library import assert_loaded
-from ...ops._onnx import tracing_by_value
-from ...ops._utils import ArgumentError
+from ...ops.utils import ArgumentError, tracing_by_value
 
 
 class AnchorGenerator(tv_anchor_utils.AnchorGenerator):

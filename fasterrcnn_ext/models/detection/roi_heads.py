@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from torchvision.models.detection import roi_heads as tv_roi_heads
 
 from ... import ops
-from ...ops._onnx import tracing_by_value
+from ...ops.utils import tracing_by_value
 from ._utils import BoxCoder, decodes_like_fused_ops, fused_ops_decode_like, rebind
 
 __all__ = ["RoIHeads"]

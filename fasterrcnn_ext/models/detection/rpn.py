@@ -13,7 +13,7 @@ from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.rpn import RPNHead, concat_box_prediction_layers
 
 from ... import ops
-from ...ops._onnx import tracing_by_value
+from ...ops.utils import tracing_by_value
 from ._utils import BoxCoder, decodes_like_fused_ops, fused_ops_decode_like, rebind
 from .anchor_utils import AnchorGenerator
 
