@@ -39,7 +39,7 @@ def _find_cuda_home():
     """CUDA_HOME from the environment, else the toolkit that the nvcc on PATH really belongs to.
 
     torch guesses dirname(dirname(which nvcc)), which is wrong when nvcc is a wrapper script
-    (here /usr/local/bin/nvcc execs /usr/local/cuda-13.0/bin/nvcc).
+    (such as a /usr/local/bin/nvcc that execs /usr/local/cuda-13.0/bin/nvcc).
     """
     for var in ("CUDA_HOME", "CUDA_PATH"):
         if os.environ.get(var):
@@ -167,8 +167,8 @@ def _extensions():
     # tensor ops and the CPU and CUDA kernels agree bit for bit.
     # -fno-trapping-math: floating-point operations raise no traps we rely on, so GCC may evaluate both sides of a
     # float select (a NaN-preserving clamp, box_exp's range tests) and vectorise the loop. Without it only the
-    # AVX-512 clones (masked compares) vectorised those loops: on AVX2 CPUs they ran scalar, 5x slower. Values are
-    # unaffected (no reassociation, no finite-math assumptions).
+    # AVX-512 clones (masked compares) vectorise those loops: AVX2 CPUs run them scalar, 5x slower
+    # (docs/performance.md). Values are unaffected (no reassociation, no finite-math assumptions).
     cxx_flags = ["-O3", "-fvisibility=hidden", "-fopenmp", "-ffp-contract=off", "-fno-trapping-math"]
     nvcc_flags = ["-O3", "--expt-relaxed-constexpr", "-lineinfo", "--fmad=false"]
     define_macros = [("FRCNN_VERSION", f'"{VERSION}"')]

@@ -2,8 +2,8 @@
 otherwise):
 
 1. Every argument check in csrc/ formats its message with fasterrcnn_ext::message (std::string) through
-   FRCNN_CHECK: on the GPU machine a TORCH_CHECK that streamed an integer into its message from nvcc-compiled code
-   crashed the process instead of raising (csrc/ops/common/checks.h).
+   FRCNN_CHECK: a TORCH_CHECK that streams an integer into its message from nvcc-compiled code can crash the
+   process instead of raising (csrc/ops/common/checks.h).
 2. Every op in the fasterrcnn_ext registry appears in a torch.library.opcheck call of the test suite (runtime
    switches, which take and return no tensors, excepted). Needs the built library.
 

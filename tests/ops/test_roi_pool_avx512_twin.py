@@ -1,7 +1,7 @@
 """The library holds two compilations of roi_pool_avx512.h, told apart by their instructions: the AVX-512 kernel
 (zmm registers, mask registers) and its CPU twin on SIMDe's portable intrinsics (neither, so it runs on any x86-64
-CPU). Both have the same C++ names; with external linkage the linker once kept a single copy for both, and every
-result test passed while AVX-512 CPUs ran the twin. Read from the built library with binutils (nm, objdump)."""
+CPU). Both have the same C++ names: with external linkage the linker would keep a single copy for both, which no
+result test sees (the twin gives the same bits). Read from the built library with binutils (nm, objdump)."""
 
 import re
 import shutil

@@ -2,9 +2,10 @@
 // with the same message. Defined in checks.cpp, which the C++ compiler builds, so nvcc-compiled code only calls
 // them.
 //
-// Messages are built by `message()` below with std::string and std::to_string, never with iostreams: on the GPU
-// machine (torch 2.11, gcc 13, nvcc 13.0) a TORCH_CHECK that formatted an integer through c10::str's
-// ostringstream inside a .cu file crashed the process (in std::ostream::_M_insert<long>) instead of raising.
+// Messages are built by `message()` below with std::string and std::to_string, never with iostreams: a TORCH_CHECK
+// that formats an integer through c10::str's ostringstream inside a .cu file can crash the process (in
+// std::ostream::_M_insert<long>, with torch 2.11, gcc 13 and nvcc 13.0) instead of raising (docs/performance.md).
+// scripts/lint_sources.py holds csrc/ to FRCNN_CHECK.
 #pragma once
 
 #include <ATen/core/Tensor.h>

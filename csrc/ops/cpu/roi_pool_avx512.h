@@ -30,10 +30,11 @@
 namespace fasterrcnn_ext {
 namespace roi_pool_avx512 {
 // Internal linkage: each includer gets its own copy. The two compilations have the same C++ names and signatures
-// (the vector types are not in them), so with external linkage the linker kept one instantiation of
-// max_pool_bin_avx512<float> for both translation units: the AVX-512 CPUs ran the SIMDe twin (14 times slower than
-// the portable kernel on a Xeon), or a CPU without AVX-512 would have run the real kernel as the twin.
-// tests/ops/test_roi_pool_avx512_twin.py checks the library holds both copies, each with its own instructions.
+// (the vector types are not in them), so with external linkage the linker would keep one instantiation of
+// max_pool_bin_avx512<float> for both translation units: AVX-512 CPUs would run the SIMDe twin (14 times slower than
+// the portable kernel on a Xeon), or a CPU without AVX-512 the real kernel as the twin, and no result test would see
+// it (both give the same bits; docs/performance.md). tests/ops/test_roi_pool_avx512_twin.py checks the library
+// holds both copies, each with its own instructions.
 namespace {
 
 #define FRCNN_AVX512_HELPER FRCNN_AVX512_FN __attribute__((always_inline)) static inline
