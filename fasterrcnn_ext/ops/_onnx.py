@@ -21,8 +21,9 @@ import torch
 from torch.onnx import symbolic_opset11 as opset11
 from torch.onnx.symbolic_helper import parse_args
 
-_FLOAT = torch.onnx.TensorProtoDataType.FLOAT
-_INT64 = torch.onnx.TensorProtoDataType.INT64
+# onnx.TensorProto's data type codes, the `to` of Cast in both exporters (ops/_onnxscript.py too).
+_FLOAT = int(torch.onnx.TensorProtoDataType.FLOAT)
+_INT64 = int(torch.onnx.TensorProtoDataType.INT64)
 
 
 def exporting() -> bool:

@@ -30,8 +30,10 @@ import warnings
 
 import torch
 
+from ._onnx import _FLOAT, _INT64
+from .constants import CANONICAL_LEVEL, CANONICAL_SCALE, FPN_LEVEL_EPS
+
 BBOX_XFORM_CLIP = math.log(1000.0 / 16)
-_FLOAT, _INT64, _BOOL = 1, 7, 9  # onnx.TensorProto data types
 _NO_LIMIT = 2**62  # max_output_boxes_per_class when every box may be kept
 
 
@@ -326,16 +328,17 @@ def roi_align(input, rois, spatial_scale: float, pooled_height: int, pooled_widt
 
 
 def multi_scale_roi_align(features, rois, scales, pooled_height: int, pooled_width: int, sampling_ratio: int,
-                          aligned: bool, canonical_scale: float = 224.0, canonical_level: float = 4.0):
+                          aligned: bool, canonical_scale: float = CANONICAL_SCALE,
+                          canonical_level: float = CANONICAL_LEVEL):
     if len(features) == 1:
         return roi_align(features[0], rois, scales[0], pooled_height, pooled_width, sampling_ratio, aligned)
-    # torchvision's LevelMapper: floor(k0 + log2(sqrt(area) / s0) + 1e-6), clamped to the maps' levels.
+    # torchvision's LevelMapper: floor(k0 + log2(sqrt(area) / s0) + eps), clamped to the maps' levels.
     k_min = round(-math.log2(scales[0]))
     k_max = round(-math.log2(scales[-1]))
     boxes, _ = _rois_split(rois)
     area = op.Mul(op.Sub(_column(boxes, 2), _column(boxes, 0)), op.Sub(_column(boxes, 3), _column(boxes, 1)))
     log2 = op.Div(op.Log(op.Div(op.Sqrt(area), _float_like(canonical_scale, area))), _float_like(math.log(2.0), area))
-    level = op.Floor(op.Add(op.Add(_float_like(canonical_level, area), log2), _float_like(1e-6, area)))
+    level = op.Floor(op.Add(op.Add(_float_like(canonical_level, area), log2), _float_like(FPN_LEVEL_EPS, area)))
     level = op.Sub(op.Cast(op.Clip(level, _float_like(k_min, area), _float_like(k_max, area)), to=_INT64),
                    op.Constant(value_int=k_min))
     channels = op.Shape(features[0], start=1, end=2)

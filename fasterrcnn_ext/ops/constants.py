@@ -11,3 +11,6 @@ BBOX_XFORM_CLIP = math.log(1000.0 / 16)
 # sqrt(area) = s0 = 224 (the ImageNet pre-training size) pools from level k0 = 4 (P4).
 CANONICAL_SCALE = 224
 CANONICAL_LEVEL = 4
+# The rule's 1e-6: keeps a RoI exactly at a level boundary on the upper level despite the rounding of log2
+# (kFpnLevelEps; torchvision's LevelMapper eps).
+FPN_LEVEL_EPS = 1e-6
