@@ -15,6 +15,10 @@ import torchvision
 import fasterrcnn_ext.ops as ops
 from fasterrcnn_ext.engine.precision import PRECISIONS
 
+from . import inputs
+
+IMAGE_SIZE = (800, 1344)  # (height, width): the R50-FPN detector's input for a COCO image
+
 
 @dataclass
 class Case:
@@ -33,17 +37,12 @@ class Skipped:
     target: float
 
 
-def rpn_like_boxes(n: int, num_clusters: int = 100, image_size=(800, 1344), device="cpu", seed=0):
-    """Clustered boxes as the RPN emits them around objects, with distinct scores."""
+def rpn_like_boxes(n: int, num_clusters: int = 100, device="cpu", seed=0):
+    """Clustered boxes as the RPN emits them around objects (16 to 266 pixels a side) on an 800x1344 image, with
+    distinct scores; the same every run."""
     g = torch.Generator().manual_seed(seed)
-    centres = torch.rand(num_clusters, 2, generator=g) * torch.tensor(image_size[::-1], dtype=torch.float32)
-    sizes = torch.rand(num_clusters, 2, generator=g) * 250 + 16
-    k = torch.randint(0, num_clusters, (n,), generator=g)
-    ctr = centres[k] + torch.randn(n, 2, generator=g) * sizes[k] * 0.1
-    wh = sizes[k] * (1 + 0.2 * torch.randn(n, 2, generator=g)).abs()
-    boxes = torch.cat([ctr - wh / 2, ctr + wh / 2], dim=1)
-    scores = torch.randperm(n, generator=g).float() / n
-    return boxes.to(device), scores.to(device)
+    boxes = inputs.rpn_like_boxes(n, num_clusters, IMAGE_SIZE, max_size=266.0, generator=g)
+    return boxes.to(device), inputs.distinct_scores(n, generator=g).to(device)
 
 
 def nms_cases(device: str) -> list[Case]:
@@ -70,7 +69,7 @@ def nms_cases(device: str) -> list[Case]:
     return cases
 
 
-def realistic_rois(k: int, image_size=(800, 1344), device="cpu", seed=0) -> torch.Tensor:
+def realistic_rois(k: int, image_size=IMAGE_SIZE, device="cpu", seed=0) -> torch.Tensor:
     """[K, 5] RoIs of one image with log-uniform sizes from 20 to 400 pixels and aspect ratios 1:2 to 2:1."""
     g = torch.Generator().manual_seed(seed)
     h, w = image_size
@@ -83,7 +82,7 @@ def realistic_rois(k: int, image_size=(800, 1344), device="cpu", seed=0) -> torc
     return torch.cat([torch.zeros(k, 1), boxes], 1).to(device)
 
 
-def fpn_features(device="cpu", channels=256, image_size=(800, 1344), seed=0):
+def fpn_features(device="cpu", channels=256, image_size=IMAGE_SIZE, seed=0):
     """P2 to P5 of an FPN for one 800x1344 image: 1x256x200x336 down to 1x256x25x42."""
     g = torch.Generator().manual_seed(seed)
     h, w = image_size
@@ -139,7 +138,7 @@ def roi_cases(device: str) -> list[Case]:
     ours_m = ops.MultiScaleRoIAlign(names, 7, 2)
     theirs_m = torchvision.ops.MultiScaleRoIAlign(names, 7, 2)
     boxes = [rois[:, 1:]]
-    shapes = [(800, 1344)]
+    shapes = [IMAGE_SIZE]
     cases.append(Case("MultiScaleRoIAlign, P2-P5, 1000 RoIs",
                       lambda: ours_m(feats, boxes, shapes),
                       lambda: theirs_m(feats, boxes, shapes),
@@ -179,7 +178,7 @@ def patch_cases(device: str) -> list[Case]:
         detections.append((boxes, scores, labels))
         ground_truth.append(rpn_like_boxes(30, num_clusters=30, device=device, seed=20 + i)[0])
     features = torch.randn(2, 256, 100, 168, generator=g).to(device)
-    args = (detections, ground_truth, features, (800, 1344))
+    args = (detections, ground_truth, features, IMAGE_SIZE)
 
     def patched():
         if not fasterrcnn_ext.patched():

@@ -12,11 +12,12 @@ import pytest
 import torch
 
 import fasterrcnn_ext.ops as ops
+from fasterrcnn_ext.benchmark.inputs import random_boxes
 
 from .test_export import spread_tiny
 from .test_faster_rcnn import BUILDERS, assert_same_detections, small_model
 from .test_onnx import Fn, assert_twins_across_runtimes, detections, op_types, run
-from .test_onnx_dynamo import export_detector, random_boxes
+from .test_onnx_dynamo import export_detector
 
 pytest.importorskip("onnxscript")
 pytest.importorskip("onnxruntime")
@@ -33,12 +34,13 @@ def plain_export(model, args) -> bytes:
 
 def test_each_op_exports_with_the_default_exporter():
     g = torch.Generator().manual_seed(0)
-    boxes, scores, idxs = random_boxes(200, g), torch.rand(200, generator=g), torch.randint(0, 4, (200,), generator=g)
+    boxes, scores = random_boxes(200, 100.0, generator=g), torch.rand(200, generator=g)
+    idxs = torch.randint(0, 4, (200,), generator=g)
     feats = [torch.rand(1, 4, 32 // 2**k, 40 // 2**k, generator=g) for k in range(2)]
-    rois = torch.cat([torch.zeros(30, 1), random_boxes(30, g, 120.0)], 1)
+    rois = torch.cat([torch.zeros(30, 1), random_boxes(30, 120.0, generator=g)], 1)
     cells = [torch.tensor([[-8.0, -8.0, 8.0, 8.0], [-16.0, -8.0, 16.0, 8.0]])]
     levels, sizes = [300], [(180, 200)]
-    anchors = random_boxes(300, g, 200.0)
+    anchors = random_boxes(300, 200.0, generator=g)
     objectness, deltas = torch.randn(1, 300, generator=g) * 3, torch.randn(1, 300, 4, generator=g) * 0.2
     logits, regression = torch.randn(50, 5, generator=g) * 3, torch.randn(50, 20, generator=g) * 0.3
     cases = {
@@ -53,7 +55,7 @@ def test_each_op_exports_with_the_default_exporter():
                                                                       1e-3), [])), (objectness, deltas, anchors)),
         "detection_postprocess": (lambda c, r, p: tuple(sum(ops.detection_postprocess(
             c, r, [p], sizes, score_thresh=0.2, nms_thresh=0.5, detections_per_img=30), [])),
-            (logits, regression, random_boxes(50, g, 150.0))),
+            (logits, regression, random_boxes(50, 150.0, generator=g))),
     }
     for name, (fn, args) in cases.items():
         with torch.no_grad():  # RoIPool's argmax (for backward) has no ONNX form

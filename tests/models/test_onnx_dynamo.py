@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import fasterrcnn_ext.ops as ops
+from fasterrcnn_ext.benchmark.inputs import random_boxes
 from fasterrcnn_ext.engine.export import export_onnx
 from fasterrcnn_ext.models import detection as ours
 from fasterrcnn_ext.ops._onnxscript import onnx_translations
@@ -37,14 +38,9 @@ def export_op(fn, args, dynamic) -> bytes:
     return program.model_proto.SerializeToString()
 
 
-def random_boxes(n, g, scale=100.0):
-    xy = torch.rand(n, 2, generator=g) * scale
-    return torch.cat([xy, xy + torch.rand(n, 2, generator=g) * scale / 2 + 1], 1)
-
-
 def test_nms_and_batched_nms():
     g = torch.Generator().manual_seed(0)
-    boxes, scores = random_boxes(300, g), torch.rand(300, generator=g)
+    boxes, scores = random_boxes(300, 100.0, generator=g), torch.rand(300, generator=g)
     idxs = torch.randint(0, 4, (300,), generator=g)
     nms = export_op(lambda b, s: ops.nms(b, s, 0.5), (boxes, scores), {0: [0], 1: [0]})
     batched = export_op(lambda b, s, i: ops.batched_nms(b, s, i, 0.5), (boxes, scores, idxs), {0: [0], 1: [0], 2: [0]})
@@ -59,7 +55,7 @@ def test_nms_and_batched_nms():
 def test_roi_align_and_multi_scale_roi_align(aligned):
     g = torch.Generator().manual_seed(1)
     feats = [torch.rand(2, 8, 64 // 2**k, 80 // 2**k, generator=g) for k in range(4)]
-    rois = torch.cat([torch.randint(0, 2, (40, 1), generator=g).float(), random_boxes(40, g, 150.0)], 1)
+    rois = torch.cat([torch.randint(0, 2, (40, 1), generator=g).float(), random_boxes(40, 150.0, generator=g)], 1)
     rois[:5, 3:] = rois[:5, 1:3] + 300  # large RoIs: the coarsest level
     scales = [0.25, 0.125, 0.0625, 0.03125]
     single = export_op(lambda x, r: ops.roi_align(x, r, 7, 0.25, 2, aligned), (feats[0], rois), {0: [2, 3], 1: [0]})
@@ -74,7 +70,7 @@ def test_roi_align_and_multi_scale_roi_align(aligned):
 def test_roi_pool():
     g = torch.Generator().manual_seed(2)
     x = torch.rand(1, 4, 30, 40, generator=g)
-    rois = torch.cat([torch.zeros(20, 1), random_boxes(20, g, 300.0)], 1)
+    rois = torch.cat([torch.zeros(20, 1), random_boxes(20, 300.0, generator=g)], 1)
     with torch.no_grad():  # RoIPool's argmax (for backward) has no ONNX form
         model = export_op(lambda a, r: ops.roi_pool(a, r, 7, 1 / 16), (x, rois), {1: [0]})
     assert "MaxRoiPool" in op_types(model)
@@ -99,7 +95,7 @@ def test_rpn_proposals_and_detection_postprocess_with_split():
     (exact ties may order differently, see ops/_onnxscript.py)."""
     g = torch.Generator().manual_seed(3)
     levels = [300, 80]
-    anchors = random_boxes(sum(levels), g, 200.0)
+    anchors = random_boxes(sum(levels), 200.0, generator=g)
     objectness, deltas = torch.randn(2, sum(levels), generator=g) * 3, torch.randn(2, sum(levels), 4, generator=g) * .2
     sizes = [(180, 200), (150, 210)]
 
@@ -112,7 +108,7 @@ def test_rpn_proposals_and_detection_postprocess_with_split():
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-4)
 
     logits, regression = torch.randn(90, 5, generator=g) * 3, torch.randn(90, 20, generator=g) * 0.3
-    props = [random_boxes(50, g, 150.0), random_boxes(40, g, 150.0)]
+    props = [random_boxes(50, 150.0, generator=g), random_boxes(40, 150.0, generator=g)]
 
     def postprocess(c, r, p0, p1):
         boxes, scores, labels = ops.detection_postprocess(c, r, [p0, p1], sizes, score_thresh=0.2, nms_thresh=0.5,

@@ -6,7 +6,7 @@ import torchvision
 from torchvision.models.detection._utils import BoxCoder
 
 import fasterrcnn_ext.ops as ops
-from tests.ops.test_nms import random_boxes, rpn_like_boxes
+from fasterrcnn_ext.benchmark.inputs import random_boxes, rpn_like_boxes
 
 FLOAT_DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
 EXACT = dict(rtol=0, atol=0)

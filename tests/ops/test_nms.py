@@ -3,30 +3,10 @@ import torch
 import torchvision
 
 import fasterrcnn_ext.ops as ops
+from fasterrcnn_ext.benchmark.inputs import distinct_scores, random_boxes, rpn_like_boxes
 from tests import reference
 
 FLOAT_DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
-
-
-def rpn_like_boxes(n, num_clusters=50, image_size=800.0, dtype=torch.float32, device="cpu"):
-    """Clustered boxes as an RPN produces them: many heavily overlapping boxes around few objects."""
-    centres = torch.rand(num_clusters, 2) * image_size
-    sizes = torch.rand(num_clusters, 2) * 200 + 16
-    k = torch.randint(0, num_clusters, (n,))
-    ctr = centres[k] + torch.randn(n, 2) * sizes[k] * 0.1
-    wh = sizes[k] * (1 + 0.2 * torch.randn(n, 2)).abs()
-    boxes = torch.cat([ctr - wh / 2, ctr + wh / 2], dim=1)
-    return boxes.to(dtype=dtype, device=device)
-
-
-def random_boxes(n, dtype=torch.float32, device="cpu", image_size=200.0):
-    xy = torch.rand(n, 2) * image_size
-    wh = torch.rand(n, 2) * image_size / 4 + 1
-    return torch.cat([xy, xy + wh], dim=1).to(dtype=dtype, device=device)
-
-
-def distinct_scores(n, dtype=torch.float32, device="cpu"):
-    return (torch.randperm(n).to(torch.float64) / n).to(dtype=dtype, device=device)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

@@ -22,6 +22,7 @@ from torchvision.models.detection.anchor_utils import AnchorGenerator as TvAncho
 from torchvision.models.detection.image_list import ImageList
 
 import fasterrcnn_ext.ops as ops
+from fasterrcnn_ext.benchmark.inputs import random_boxes
 from fasterrcnn_ext.models.detection import AnchorGenerator
 from tests import reference
 from tests.ops.roi_inputs import CPU_POOL_KERNELS, cpu_pool_kernel
@@ -37,9 +38,7 @@ def make_boxes(n: int, seed: int, dtype, special: str = "none", extent: float = 
     """n boxes (x1, y1, x2, y2) inside [0, extent]^2 with widths up to extent / 2, and a fraction of them special:
     NaN or Inf coordinates, 1e30-sized, negative coordinates, or zero/negative width and height."""
     g = torch.Generator().manual_seed(seed)
-    xy = torch.rand(n, 2, generator=g, dtype=torch.float64) * extent
-    wh = torch.rand(n, 2, generator=g, dtype=torch.float64) * extent / 2 + 0.5
-    boxes = torch.cat([xy, xy + wh], 1)
+    boxes = random_boxes(n, extent, max_size=extent / 2 + 0.5, min_size=0.5, dtype=torch.float64, generator=g)
     pick = torch.rand(n, generator=g) < fraction
     if special == "nan":
         boxes[pick, 1] = math.nan

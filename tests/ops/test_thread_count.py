@@ -16,6 +16,7 @@ import torch
 from torchvision.models.detection.image_list import ImageList
 
 import fasterrcnn_ext.ops as ops
+from fasterrcnn_ext.benchmark.inputs import random_boxes
 from fasterrcnn_ext.models.detection import AnchorGenerator
 from tests.ops.roi_inputs import CPU_POOL_KERNELS, cpu_pool_kernel, random_rois
 
@@ -34,9 +35,8 @@ def num_threads(n):
         torch.set_num_threads(before)
 
 
-def make_boxes(n, g, extent=400.0, specials=True):
-    xy = torch.rand(n, 2, generator=g) * extent
-    boxes = torch.cat([xy, xy + torch.rand(n, 2, generator=g) * extent / 4 + 1], 1)
+def mixed_boxes(n, g, extent=400.0, specials=True):
+    boxes = random_boxes(n, extent, generator=g)
     if specials:  # a few NaN, Inf and inverted boxes among the others
         boxes[7, 1] = math.nan
         boxes[11, 2] = math.inf
@@ -52,7 +52,7 @@ def flat(outputs):
 
 
 def box_ops(g):
-    boxes, other = make_boxes(10_000, g), make_boxes(10_000, g, specials=False)
+    boxes, other = mixed_boxes(10_000, g), mixed_boxes(10_000, g, specials=False)
     deltas = torch.randn(10_000, 4, generator=g)
     return lambda: (ops.box_iou(boxes[:3000], other[:200]), ops.clip_boxes_to_image(boxes, (300, 350)),
                     ops.remove_small_boxes(boxes, 30.0), ops.encode_boxes(other, boxes, (10.0, 10.0, 5.0, 5.0)),
@@ -60,7 +60,7 @@ def box_ops(g):
 
 
 def nms(g):
-    boxes, scores = make_boxes(12_000, g), torch.rand(12_000, generator=g)
+    boxes, scores = mixed_boxes(12_000, g), torch.rand(12_000, generator=g)
     scores[3] = math.nan
     labels = torch.randint(0, 80, (12_000,), generator=g)
     return lambda: (ops.nms(boxes, scores, 0.5), ops.nms(boxes, scores, 0.7, max_keep=300),
@@ -78,7 +78,7 @@ def rpn_proposals(g):
     per_level = [3 * h * w for h, w in LEVELS]
     objectness = torch.randn(2, sum(per_level), generator=g)
     deltas = torch.randn(2, sum(per_level), 4, generator=g) * 0.5
-    anchor_boxes = make_boxes(sum(per_level), g, specials=False)
+    anchor_boxes = mixed_boxes(sum(per_level), g, specials=False)
     return lambda: (ops.rpn_proposals(objectness, deltas, anchor_boxes, per_level, IMAGE_SIZES, 1000, 500, 0.7),
                     ops.rpn_proposals_padded(objectness, deltas, anchor_boxes, per_level, IMAGE_SIZES, 1000, 500,
                                              0.7))
@@ -86,7 +86,7 @@ def rpn_proposals(g):
 
 def detection_postprocess(g):
     logits, regression = torch.randn(1500, 91, generator=g), torch.randn(1500, 91 * 4, generator=g) * 0.3
-    proposals = make_boxes(1500, g, specials=False)
+    proposals = mixed_boxes(1500, g, specials=False)
     counts = torch.tensor([900, 600])  # the padded layout: 900 rows per image, of which image 1 fills 600
     padded = torch.zeros(2, 900, 4)
     padded[0], padded[1, :600] = proposals[:900], proposals[900:]
@@ -132,7 +132,7 @@ def roi_backward(g):
 
 def multi_scale_roi_align(g):
     features = {str(i): torch.randn(2, 32, h, w, generator=g) for i, (h, w) in enumerate(LEVELS[:4])}
-    boxes = [make_boxes(1200, g, specials=False), make_boxes(800, g, specials=False)]
+    boxes = [mixed_boxes(1200, g, specials=False), mixed_boxes(800, g, specials=False)]
     pooler = ops.MultiScaleRoIAlign(list(features), 7, 2)
     return lambda: pooler(features, boxes, IMAGE_SIZES)
 
