@@ -16,9 +16,25 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
+
+# The library's errors name its functions' arguments (fasterrcnn_ext/_arguments.py); the command line names the flag
+# that sets each: --NAME with dashes for underscores, else this table's.
+FLAG_OF_ARGUMENT = {
+    "model_name": "--model",  # load_detector, detect
+    "coco": "--data",  # detect: the images of a COCO-format folder
+    "root": "--data",  # CocoDetection, find_annotation_file
+    "fmt": "--format",  # export_detector
+    "image_paths": "images",  # detect: the positional image arguments
+}
+
+
+def flag_of(argument: str) -> str:
+    """The command-line flag that sets the library argument ``argument``."""
+    return FLAG_OF_ARGUMENT.get(argument, "--" + argument.replace("_", "-"))
 
 
 def _add_state_dict_model(p) -> None:
@@ -74,18 +90,30 @@ def _add_train(sub) -> None:
     p.set_defaults(run=_run_train)
 
 
-def _run_train(args) -> int:
-    import torch.distributed as dist
+@contextlib.contextmanager
+def _process_group_destroyed():
+    """The torch.distributed process group that the command made under torchrun, if any, destroyed on the way out
+    (after an error too)."""
+    try:
+        yield
+    finally:
+        import torch.distributed as dist
 
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _run_train(args) -> int:
     from .engine.train import TrainConfig, train
 
     fields = set(TrainConfig.__dataclass_fields__)
-    try:
+    with _process_group_destroyed():
         result = train(TrainConfig(**{k: v for k, v in vars(args).items() if k in fields}))
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-    return 130 if result["interrupted"] else 0
+    if result["interrupted"]:
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"continue with {flag_of('resume')} {result['checkpoint']}", file=sys.stderr, flush=True)
+        return 130
+    return 0
 
 
 def _add_eval(sub) -> None:
@@ -106,13 +134,8 @@ def _add_eval(sub) -> None:
 
 
 def _run_eval(args) -> int:
-    import torch.distributed as dist
-
-    try:
+    with _process_group_destroyed():
         return _eval(args)
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
 
 
 def _eval(args) -> int:
@@ -193,22 +216,18 @@ def _add_detect(sub) -> None:
 
 
 def _run_detect(args) -> int:
-    import torch.distributed as dist
-
     from .engine.detect import detect
 
     try:
-        detect(args.images, args.weights, args.out, score_thresh=args.score_thresh, device=args.device,
-               model_name=args.model, batch_size=args.batch_size, workers=args.workers, pictures=args.pictures,
-               coco=args.data, split=args.split, progress=args.progress, precision=args.precision,
-               calibration=args.calibration, calibration_images=args.calibration_images)
+        with _process_group_destroyed():
+            detect(args.images, args.weights, args.out, score_thresh=args.score_thresh, device=args.device,
+                   model_name=args.model, batch_size=args.batch_size, workers=args.workers, pictures=args.pictures,
+                   coco=args.data, split=args.split, progress=args.progress, precision=args.precision,
+                   calibration=args.calibration, calibration_images=args.calibration_images)
     except KeyboardInterrupt:
         print(f"interrupted: the images done are in {args.out}/parts; run the same command to continue",
               file=sys.stderr)
         return 130
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
     return 0
 
 
@@ -314,12 +333,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    from ._arguments import cli_message
+
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)
     except (ValueError, FileNotFoundError, FileExistsError, FloatingPointError, ConnectionError) as e:
-        # Bad input: one line naming the problem, not a traceback.
-        print(f"fasterrcnn-ext {args.command}: error: {e}", file=sys.stderr)
+        # Bad input: one line naming the problem (in the flags that set it), not a traceback.
+        print(f"fasterrcnn-ext {args.command}: error: {cli_message(e, flag_of)}", file=sys.stderr)
         return 2
 
 

@@ -4,6 +4,7 @@ to COCO category id), ``num_classes`` (with the background) and ``coco_ground_tr
 
 import os
 
+from .._arguments import argument_error
 from .coco import CocoDetection, collate, find_annotation_file, load_image
 from .synthetic import CLASS_NAMES, SyntheticShapes
 
@@ -16,12 +17,12 @@ HELD_OUT_SEED_OFFSET = 1_000_003
 
 def build_dataset(data: str, *, train: bool, split: str, seed: int = 0, synthetic_images: int = 200,
                   skip_bad_images: bool = False, hflip: float = 0.0):
-    """The dataset a ``--data`` argument names: "synthetic" (SyntheticShapes; held-out images from another seed when
+    """The dataset ``data`` names: "synthetic" (SyntheticShapes; held-out images from another seed when
     not ``train``) or a COCO-format folder (CocoDetection of ``split``, flipped at random with ``hflip`` in
     training)."""
     if data == "synthetic":
         # Cached: training revisits every image each epoch; evaluation reads each twice (images, ground truth).
         return SyntheticShapes(synthetic_images, seed=seed if train else seed + HELD_OUT_SEED_OFFSET, cache=True)
     if not os.path.isdir(data):
-        raise FileNotFoundError(f"--data {data}: not 'synthetic' and not a folder")
+        raise argument_error(FileNotFoundError, "{data}: not 'synthetic' and not a folder", data=data)
     return CocoDetection(data, split, hflip=hflip if train else 0.0, skip_bad_images=skip_bad_images)

@@ -17,6 +17,8 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torchvision.transforms.functional import pil_to_tensor
 
+from .._arguments import argument_error
+
 
 def find_annotation_file(root: str, split: str) -> str:
     """``root/annotations/instances_<split>*.json``: exactly one match (``train`` finds instances_train2017.json)."""
@@ -27,7 +29,8 @@ def find_annotation_file(root: str, split: str) -> str:
         return exact
     if len(matches) != 1:
         found = ", ".join(os.path.basename(m) for m in matches) or "none"
-        raise FileNotFoundError(f"--data {root}: expected one annotation file {pattern}, found {found}")
+        raise argument_error(FileNotFoundError, "{root}: expected one annotation file {pattern:value}, found "
+                             "{found:value}", root=root, pattern=pattern, found=found)
     return matches[0]
 
 

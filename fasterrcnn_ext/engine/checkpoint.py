@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from .._arguments import argument_error
 from ..files import atomic_write, read_checkpoint_file
 from ..models import detection
 
@@ -25,12 +26,13 @@ def build_model(name: str, num_classes: int, weights_backbone=None) -> detection
     """A randomly initialised detector by builder name; ``weights_backbone`` (torchvision's, downloaded by
     torchvision) for the ImageNet-backbone builders."""
     if name not in MODEL_BUILDERS:
-        raise ValueError(f"unknown model {name!r}; choose from {', '.join(MODEL_BUILDERS)}")
+        raise ValueError(f"name={name!r}: unknown model; choose from {', '.join(MODEL_BUILDERS)}")
     kwargs = {"num_classes": num_classes}
     if name != "fasterrcnn_tiny":
         kwargs["weights_backbone"] = weights_backbone
     elif weights_backbone is not None:
-        raise ValueError("fasterrcnn_tiny has no pretrained backbone; leave --weights-backbone out")
+        raise argument_error(ValueError, "fasterrcnn_tiny has no pretrained backbone; leave {weights_backbone:name} "
+                             "out", weights_backbone=weights_backbone)
     return MODEL_BUILDERS[name](**kwargs)
 
 

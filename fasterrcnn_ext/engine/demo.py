@@ -8,6 +8,7 @@ import time
 
 import torch
 
+from .._arguments import argument_error
 from ..data import build_dataset
 from ..files import write_json
 from .checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
@@ -24,7 +25,8 @@ def demo(out: str, *, max_iters: int = 1500, train_images: int = 1000, val_image
     out/pictures/*.png; returns the metrics."""
     for name in ("model.pt", "metrics.json"):
         if os.path.exists(os.path.join(out, name)):
-            raise FileExistsError(f"{os.path.join(out, name)} exists from an earlier demo: choose another --out")
+            raise argument_error(FileExistsError, "{path:value} exists from an earlier demo: choose another "
+                                 "{out:name}", path=os.path.join(out, name), out=out)
     start = time.time()
     cfg = TrainConfig(data="synthetic", model="fasterrcnn_tiny", out=out, max_iters=max_iters,
                       batch_size=batch_size, synthetic_images=train_images, seed=seed, device=device,

@@ -10,6 +10,7 @@ import torchvision
 from PIL import Image
 from torchvision.utils import draw_bounding_boxes
 
+from .._arguments import argument_error
 from ..files import (
     describe_checkpoint,
     is_checkpoint_path,
@@ -49,24 +50,24 @@ def load_detector(weights: str, model_name: str | None = None):
         checkpoint = read_checkpoint_file(weights)
         if isinstance(checkpoint, dict) and "model_name" in checkpoint:
             if model_name is not None and model_name != checkpoint["model_name"]:
-                raise ValueError(f"--weights {weights} holds {describe_checkpoint(checkpoint)}, not a "
-                                 f"--model {model_name}")
+                raise argument_error(ValueError, "{weights} holds {what:value}, not a {model_name}",
+                                     weights=weights, what=describe_checkpoint(checkpoint), model_name=model_name)
             checkpoint = checked_checkpoint(checkpoint, weights)
             model = model_from_checkpoint(checkpoint, weights)
             return model, list(checkpoint["class_names"]), list(checkpoint["category_ids"])
         return _from_state_dict(weights, checkpoint, model_name)
     if model_name is not None:
-        raise ValueError(f"--model {model_name} applies to a state_dict file; torchvision weights ({weights}) name "
-                         "their model")
+        raise argument_error(ValueError, "{model_name} applies to a state_dict file; torchvision weights "
+                             "({weights:value}) name their model", model_name=model_name, weights=weights)
     try:
         enum_value = torchvision.models.get_weight(weights)
     except (ValueError, KeyError, AttributeError) as e:
-        raise ValueError(f"--weights {weights}: neither an existing checkpoint file nor a torchvision weights name "
-                         f"such as FasterRCNN_ResNet50_FPN_Weights.DEFAULT") from e
+        raise argument_error(ValueError, "{weights}: neither an existing checkpoint file nor a torchvision weights "
+                             "name such as FasterRCNN_ResNet50_FPN_Weights.DEFAULT", weights=weights) from e
     builder = _TORCHVISION_BUILDERS.get(type(enum_value).__name__)
     if builder is None:
-        raise ValueError(f"--weights {weights}: not Faster R-CNN weights; choose from "
-                         f"{', '.join(n + '.DEFAULT' for n in _TORCHVISION_BUILDERS)}")
+        raise argument_error(ValueError, "{weights}: not Faster R-CNN weights; choose from {names:value}",
+                             weights=weights, names=", ".join(n + ".DEFAULT" for n in _TORCHVISION_BUILDERS))
     categories = enum_value.meta["categories"]  # index = label, 0 the background
     return builder(weights=enum_value), list(categories[1:]), None
 
@@ -79,15 +80,19 @@ def _from_state_dict(path: str, checkpoint, model_name: str | None):
     """A bare state_dict (or {"model": state_dict}) of the builder ``model_name``; a 91-class one is taken as COCO's
     classes, as torchvision's weights are, else its labels are their own category ids."""
     if model_name is None:
-        raise ValueError(f"--weights {path} holds {describe_checkpoint(checkpoint)}, not a fasterrcnn_ext "
-                         f"checkpoint: say which model it is with --model (one of {', '.join(MODEL_BUILDERS)})")
+        raise argument_error(ValueError, "{weights} holds {what:value}, not a fasterrcnn_ext checkpoint: say which "
+                             "model it is with {model_name:name} (one of {names:value})", weights=path,
+                             what=describe_checkpoint(checkpoint), model_name=model_name,
+                             names=", ".join(MODEL_BUILDERS))
     if model_name not in MODEL_BUILDERS:
-        raise ValueError(f"--model {model_name!r}: choose from {', '.join(MODEL_BUILDERS)}")
+        raise argument_error(ValueError, "{model_name}: choose from {names:value}", model_name=model_name,
+                             names=", ".join(MODEL_BUILDERS))
     state = state_dict_of(checkpoint, path)
     predictor = state.get("roi_heads.box_predictor.cls_score.weight")
     if predictor is None:
-        raise ValueError(f"--weights {path} holds {describe_checkpoint(checkpoint)}: no Faster R-CNN box predictor "
-                         "(roi_heads.box_predictor.cls_score.weight)")
+        raise argument_error(ValueError, "{weights} holds {what:value}: no Faster R-CNN box predictor "
+                             "(roi_heads.box_predictor.cls_score.weight)", weights=path,
+                             what=describe_checkpoint(checkpoint))
     num_classes = int(predictor.shape[0])
     model = MODEL_BUILDERS[model_name](weights=path, num_classes=num_classes)
     if num_classes == len(COCO_CATEGORIES):
@@ -159,7 +164,8 @@ def detect(image_paths: list[str], weights: str, out: str, *, score_thresh: floa
     fp32, so that a rerun at another precision is refused."""
     if coco is not None:
         if image_paths:
-            raise ValueError("give images or --data, not both")
+            raise argument_error(ValueError, "give {image_paths:name} or {coco:name}, not both",
+                                 image_paths=image_paths, coco=coco)
         from ..data import CocoDetection
 
         dataset = CocoDetection(coco, split)
@@ -173,10 +179,11 @@ def detect(image_paths: list[str], weights: str, out: str, *, score_thresh: floa
     if not paths:
         raise ValueError("no images given")
     if batch_size < 1:
-        raise ValueError(f"--batch-size {batch_size}: at least 1")
+        raise argument_error(ValueError, "{batch_size}: at least 1", batch_size=batch_size)
     check_precision(precision, device)
     if calibration is not None and precision != "int8":
-        raise ValueError(f"--calibration applies to --precision int8, not {precision}")
+        raise argument_error(ValueError, "{calibration:name} applies to {precision:name} int8, not {precision:value}",
+                             calibration=calibration, precision=precision)
     model, class_names, category_ids = load_detector(weights, model_name)
     run = {"weights": os.path.abspath(weights) if is_checkpoint_path(weights) else weights, "model": model_name,
            "score_thresh": score_thresh}

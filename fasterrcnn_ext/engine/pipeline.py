@@ -28,6 +28,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+from .._arguments import argument_error
 from ..data import load_image
 from ..files import atomic_write, write_json
 from .evaluate import detections_to_coco
@@ -186,8 +187,8 @@ def _check_run(out: str, run: dict, rank: int) -> None:
         with open(path) as f:
             earlier = json.load(f)
         if earlier != run:
-            raise ValueError(f"--out {out} holds detections of another run ({earlier}); this run is {run}: "
-                             "choose another --out")
+            raise argument_error(ValueError, "{out} holds detections of another run ({earlier:value}); this run is "
+                                 "{run:value}: choose another {out:name}", out=out, earlier=earlier, run=run)
     elif rank == 0:
         write_json(path, run)
 

@@ -32,6 +32,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from .. import memory
+from .._arguments import argument_error
 from ..capabilities import cpu_capabilities
 from ..data import build_dataset, collate
 from .checkpoint import build_model, load_checkpoint, load_model_state, save_checkpoint
@@ -164,7 +165,7 @@ def _distributed_setup(device: str | None):
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     use_cuda = device == "cuda" or (device is None and torch.cuda.is_available())
     if use_cuda and not torch.cuda.is_available():
-        raise ValueError("--device cuda: no CUDA GPU is visible")
+        raise argument_error(ValueError, "{device}: no CUDA GPU is visible", device=device)
     dev = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
     if use_cuda:
         torch.cuda.set_device(dev)
@@ -223,7 +224,8 @@ def _prepare(cfg: TrainConfig) -> _Run:
     """Checks the arguments, sets up the processes, the data, the model and the optimizer, and restores a resumed
     run's state."""
     if (cfg.max_iters is None) == (cfg.epochs is None):
-        raise ValueError("give exactly one of max_iters (--max-iters) and epochs (--epochs)")
+        raise argument_error(ValueError, "give exactly one of {max_iters:name} and {epochs:name}",
+                             max_iters=cfg.max_iters, epochs=cfg.epochs)
     if (cfg.max_iters or cfg.epochs) <= 0 or cfg.batch_size <= 0 or cfg.lr <= 0:
         raise ValueError(f"max_iters/epochs, batch_size and lr must be positive, got max_iters={cfg.max_iters}, "
                          f"epochs={cfg.epochs}, batch_size={cfg.batch_size}, lr={cfg.lr}")
@@ -233,17 +235,19 @@ def _prepare(cfg: TrainConfig) -> _Run:
     if os.path.exists(last) and not (cfg.resume is not None and os.path.exists(cfg.resume)
                                      and os.path.samefile(cfg.resume, last)):
         # Never overwrite a finished (or interrupted) run's checkpoint with another run's.
-        raise FileExistsError(f"{last} exists: pass --resume {last} to continue that run, or choose another --out")
+        raise argument_error(FileExistsError, "{resume:value} exists: pass {resume} to continue that run, or choose "
+                             "another {out:name}", resume=last, out=cfg.out)
     if cfg.resume is not None:
         checkpoint = load_checkpoint(cfg.resume)
         if "iteration" not in checkpoint or "optimizer" not in checkpoint:
-            raise ValueError(f"--resume {cfg.resume}: a model-only checkpoint; resuming needs a training last.pt")
+            raise argument_error(ValueError, "{resume}: a model-only checkpoint; resuming needs a training last.pt",
+                                 resume=cfg.resume)
 
     dataset = build_dataset(cfg.data, train=True, split=cfg.train_split, seed=cfg.seed,
                             synthetic_images=cfg.synthetic_images, skip_bad_images=cfg.skip_bad_images,
                             hflip=cfg.hflip)
     if len(dataset) == 0:
-        raise ValueError(f"--data {cfg.data}: the training set is empty")
+        raise argument_error(ValueError, "{data}: the training set is empty", data=cfg.data)
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model, dataset.num_classes, cfg.weights_backbone)
     if checkpoint is not None:
@@ -378,8 +382,7 @@ def train(cfg: TrainConfig) -> dict:
         if run.is_main:
             save_checkpoint(run.last, run.checkpoint())
             if interrupted:
-                print(f"stopped at iteration {run.iteration}; saved {run.last} (continue with --resume {run.last})",
-                      file=sys.stderr, flush=True)
+                print(f"stopped at iteration {run.iteration}; saved {run.last}", file=sys.stderr, flush=True)
     finally:
         logger.close()
     result = {"iteration": run.iteration, "checkpoint": run.last, "losses": last_losses, "interrupted": interrupted}
@@ -393,10 +396,12 @@ def train(cfg: TrainConfig) -> dict:
 
 def _check_resumable(checkpoint: dict, cfg: TrainConfig, dataset) -> None:
     if checkpoint["model_name"] != cfg.model:
-        raise ValueError(f"--resume {cfg.resume}: the checkpoint is of model {checkpoint['model_name']}, "
-                         f"not --model {cfg.model}")
+        raise argument_error(ValueError, "{resume}: the checkpoint is of model {saved:value}, not {model}",
+                             resume=cfg.resume, saved=checkpoint["model_name"], model=cfg.model)
     if int(checkpoint["num_classes"]) != dataset.num_classes or (
             list(checkpoint.get("class_names", dataset.class_names)) != list(dataset.class_names)):
-        raise ValueError(f"--resume {cfg.resume}: the checkpoint has {checkpoint['num_classes']} classes "
-                         f"({', '.join(checkpoint.get('class_names', []))} and the background), the data "
-                         f"{dataset.num_classes} ({', '.join(dataset.class_names)} and the background)")
+        raise argument_error(ValueError, "{resume}: the checkpoint has {saved:value} classes ({saved_names:value} and "
+                             "the background), the data {classes:value} ({names:value} and the background)",
+                             resume=cfg.resume, saved=checkpoint["num_classes"],
+                             saved_names=", ".join(checkpoint.get("class_names", [])), classes=dataset.num_classes,
+                             names=", ".join(dataset.class_names))

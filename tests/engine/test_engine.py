@@ -53,11 +53,11 @@ def test_checkpoint_contents_and_model_rebuild(tmp_path):
 def test_existing_run_is_never_overwritten(tmp_path):
     train(_cfg(tmp_path))
     before = (tmp_path / "last.pt").read_bytes()
-    with pytest.raises(FileExistsError, match="--resume"):
+    with pytest.raises(FileExistsError, match="pass resume="):
         train(_cfg(tmp_path))
     other = tmp_path / "other"
     train(_cfg(other, max_iters=2))
-    with pytest.raises(FileExistsError, match="--resume"):  # resuming another run into this folder
+    with pytest.raises(FileExistsError, match="pass resume="):  # resuming another run into this folder
         train(_cfg(tmp_path, max_iters=6, resume=str(other / "last.pt")))
     assert (tmp_path / "last.pt").read_bytes() == before
 

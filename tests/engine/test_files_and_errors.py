@@ -214,3 +214,41 @@ def test_cli_takes_a_torchvision_state_dict_with_model(tmp_path, capsys):
     assert main(["detect", image, "--weights", str(tmp_path / "tv.pth"), "--model", "fasterrcnn_tiny", "--out",
                  str(tmp_path / "o2")]) == 2
     assert "tv.pth holds a state_dict" in capsys.readouterr().err
+
+
+def test_library_errors_name_arguments_and_the_cli_names_flags(tmp_path, capsys):
+    """The library speaks in its argument names (data='...'); the command line rewords the same error in the flags
+    that set those arguments (--data ...), keeping its type."""
+    from fasterrcnn_ext._arguments import argument_error, cli_message
+    from fasterrcnn_ext.cli import flag_of
+    from fasterrcnn_ext.data import build_dataset
+    from fasterrcnn_ext.engine.detect import load_detector
+    from fasterrcnn_ext.engine.export import export_detector
+
+    missing = str(tmp_path / "nowhere")
+    with pytest.raises(FileNotFoundError) as info:
+        build_dataset(missing, train=True, split="train")
+    assert str(info.value) == f"data={missing!r}: not 'synthetic' and not a folder"
+    assert cli_message(info.value, flag_of) == f"--data {missing}: not 'synthetic' and not a folder"
+    with pytest.raises(ValueError) as info:
+        load_detector("FasterRCNN_ResNet50_FPN_Weights.DEFAULT", "fasterrcnn_tiny")
+    assert "model_name='fasterrcnn_tiny' applies to a state_dict file" in str(info.value)
+    assert "--" not in str(info.value)
+    assert cli_message(info.value, flag_of).startswith("--model fasterrcnn_tiny applies to a state_dict file")
+    with pytest.raises(ValueError) as info:
+        export_detector(torch.nn.Identity(), "onnx", str(tmp_path), image_size=(8, 640))
+    assert str(info.value).startswith("image_size must be two sizes from") and str(info.value).endswith("[8, 640]")
+    assert cli_message(info.value, flag_of).startswith("--image-size must be two sizes")
+
+    # Every field form; braces in a value are text, not fields; a plain error is left as it is.
+    e = argument_error(ValueError, "{weights} holds {what:value}: choose another {out:name}", weights="a{b}.pt",
+                       what="7 tensors", out="runs/x")
+    assert str(e) == "weights='a{b}.pt' holds 7 tensors: choose another out"
+    assert cli_message(e, flag_of) == "--weights a{b}.pt holds 7 tensors: choose another --out"
+    assert cli_message(ValueError("as it is"), flag_of) == "as it is"
+    assert flag_of("model_name") == "--model" and flag_of("batch_size") == "--batch-size"
+
+    # Through the command line: the flag, not the argument.
+    assert main(["train", "--data", missing, "--out", str(tmp_path / "run"), "--max-iters", "1"]) == 2
+    err = capsys.readouterr().err
+    assert f"--data {missing}: not 'synthetic'" in err and "data=" not in err
