@@ -36,6 +36,7 @@ import warnings
 
 import torch
 
+from .._arguments import argument_error
 from ..files import atomic_write
 
 FORMATS = ("onnx", "torchscript", "pt2", "aoti")
@@ -67,6 +68,11 @@ def export_onnx(model: torch.nn.Module, image: torch.Tensor, f, opset: int = ONN
             torch.onnx.export(model, ([image],), buffer, dynamo=False, opset_version=opset,
                               dynamic_axes={"image": [1, 2], "boxes": [0], "labels": [0], "scores": [0]}, **names)
             data = buffer.getvalue()
+    _write(f, data)
+
+
+def _write(f, data: bytes) -> None:
+    """``data`` to ``f``: a path (written atomically) or a binary file object."""
     if isinstance(f, (str, os.PathLike)):
         with atomic_write(os.fspath(f), binary=True) as out:
             out.write(data)
@@ -74,9 +80,14 @@ def export_onnx(model: torch.nn.Module, image: torch.Tensor, f, opset: int = ONN
         f.write(data)
 
 
+def _height_width():
+    """The image height and width an exported program takes: any from MIN_SIDE to MAX_SIDE."""
+    return (torch.export.Dim("height", min=MIN_SIDE, max=MAX_SIDE),
+            torch.export.Dim("width", min=MIN_SIDE, max=MAX_SIDE))
+
+
 def _dynamic_image_shapes():
-    height = torch.export.Dim("height", min=MIN_SIDE, max=MAX_SIDE)
-    width = torch.export.Dim("width", min=MIN_SIDE, max=MAX_SIDE)
+    height, width = _height_width()
     return ([{1: height, 2: width}],)
 
 
@@ -84,8 +95,7 @@ FIXED_SHAPE_OUTPUTS = ("boxes", "scores", "labels", "counts")
 
 
 def _dynamic_batch_shapes():
-    height = torch.export.Dim("height", min=MIN_SIDE, max=MAX_SIDE)
-    width = torch.export.Dim("width", min=MIN_SIDE, max=MAX_SIDE)
+    height, width = _height_width()
     return ({2: height, 3: width},)
 
 
@@ -106,11 +116,7 @@ def export_fixed_shape_onnx(model: torch.nn.Module, images: torch.Tensor, f, ops
                                     dynamic_shapes=_dynamic_batch_shapes(), input_names=["images"],
                                     output_names=list(FIXED_SHAPE_OUTPUTS), verbose=False)
     data = program.model_proto.SerializeToString()
-    if isinstance(f, (str, os.PathLike)):
-        with atomic_write(os.fspath(f), binary=True) as out:
-            out.write(data)
-    else:
-        f.write(data)
+    _write(f, data)
 
 
 def export_program(model: torch.nn.Module, image: torch.Tensor, dynamic: bool = True):
@@ -183,7 +189,8 @@ class AotiDetector:
                 h, w = self.image_size
                 raise ValueError(f"images[{i}] is {image.shape[-2]}x{image.shape[-1]} pixels; the AOTInductor package "
                                  f"{self.path} was compiled for {h}x{w} images only: resize the image to {h}x{w}, "
-                                 "or export a package for its size (--image-size), or the pt2 format (any size)")
+                                 "or export a package for its size (export_detector's image_size), or the pt2 "
+                                 "format (any size)")
             results += self._run([image.contiguous()])
         return results
 
@@ -202,14 +209,16 @@ def export_detector(model: torch.nn.Module, fmt: str, out: str, image_size: tupl
     the example image traced for onnx and pt2 (their programs take any size) and the one size an aoti package
     takes. ``fixed_shape``: the FixedShapeDetector of ``model`` for batches of ``batch_size`` images."""
     if fmt not in FORMATS:
-        raise ValueError(f"--format {fmt!r}: choose from {', '.join(FORMATS)}")
+        raise argument_error(ValueError, "{fmt}: choose from {formats:value}", fmt=fmt, formats=", ".join(FORMATS))
     if len(image_size) != 2 or not all(MIN_SIDE <= side <= MAX_SIDE for side in image_size):
-        raise ValueError(f"--image-size must be two sizes from {MIN_SIDE} to {MAX_SIDE} pixels, "
-                         f"got {list(image_size)}")
+        raise argument_error(ValueError, "{image_size:name} must be two sizes from {low:value} to {high:value} "
+                             "pixels, got {image_size:value}", image_size=list(image_size), low=MIN_SIDE,
+                             high=MAX_SIDE)
     if os.path.isdir(out):
-        raise ValueError(f"--out {out} is a folder: give the file to write")
+        raise argument_error(ValueError, "{out} is a folder: give the file to write", out=out)
     if batch_size < 1:
-        raise ValueError(f"--batch-size must be 1 or more, got {batch_size}")
+        raise argument_error(ValueError, "{batch_size:name} must be 1 or more, got {batch_size:value}",
+                             batch_size=batch_size)
     model = model.eval()
     start = time.perf_counter()
     log(f"exporting {type(model).__name__} to {fmt} ({out})...")
