@@ -4,6 +4,10 @@
 // _roi_align_backward_fixed_point: cpu/roi_backward_fixed_point_kernel.cpp, cuda/roi_align_kernel.cu.
 #include <torch/library.h>
 
+#include <string>
+
+#include "ops/common/constants.h"
+
 TORCH_LIBRARY_FRAGMENT(fasterrcnn_ext, m) {
   // torchvision::roi_align's schema and argument order. rois: [K, 5] (batch index, x1, y1, x2, y2).
   m.def(
@@ -14,13 +18,15 @@ TORCH_LIBRARY_FRAGMENT(fasterrcnn_ext, m) {
       "SymInt pooled_width, SymInt batch_size, SymInt channels, SymInt height, SymInt width, int sampling_ratio, "
       "bool aligned) -> Tensor");
   // One pass over all RoIs of an FPN: each RoI is pooled from the level
-  // floor(canonical_level + log2(sqrt(area) / canonical_scale) + 1e-6), clamped to the levels given.
+  // floor(canonical_level + log2(sqrt(area) / canonical_scale) + kFpnLevelEps), clamped to the levels given.
   // scales[l] is the spatial scale of features[l] (a power of 2, finest level first). The defaults are
-  // common/constants.h's kCanonicalScale and kCanonicalLevel (a schema string cannot name them).
-  m.def(
+  // common/constants.h's kCanonicalScale and kCanonicalLevel, written into the schema as text.
+  const std::string multi_scale_schema =
       "multi_scale_roi_align(Tensor[] features, Tensor rois, float[] scales, SymInt pooled_height, "
-      "SymInt pooled_width, int sampling_ratio, bool aligned, float canonical_scale=224., "
-      "float canonical_level=4.) -> Tensor");
+      "SymInt pooled_width, int sampling_ratio, bool aligned, float canonical_scale=" +
+      std::to_string(fasterrcnn_ext::kCanonicalScale) +
+      ", float canonical_level=" + std::to_string(fasterrcnn_ext::kCanonicalLevel) + ") -> Tensor";
+  m.def(multi_scale_schema.c_str());
   m.def(
       "_multi_scale_roi_align_backward(Tensor grad, Tensor rois, float[] scales, SymInt pooled_height, "
       "SymInt pooled_width, int sampling_ratio, bool aligned, float canonical_scale, float canonical_level, "
