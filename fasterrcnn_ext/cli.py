@@ -29,6 +29,8 @@ FLAG_OF_ARGUMENT = {
     "root": "--data",  # CocoDetection, find_annotation_file
     "fmt": "--format",  # export_detector
     "image_paths": "images",  # detect: the positional image arguments
+    "count": "--calibration-images",  # load_calibration_images
+    "precisions": "--precision",  # bench: detector_cases
 }
 
 

@@ -13,6 +13,7 @@ import torch
 import torchvision
 
 import fasterrcnn_ext.ops as ops
+from fasterrcnn_ext._arguments import argument_error
 from fasterrcnn_ext.engine.precision import PRECISIONS
 
 from . import inputs
@@ -260,7 +261,8 @@ def detector_cases(device: str, precisions=("fp32",)) -> list[Case | Skipped]:
 
     unknown = [p for p in precisions if p not in PRECISIONS]
     if unknown:
-        raise ValueError(f"--precision {unknown[0]!r}: choose from {', '.join(PRECISIONS)}")
+        raise argument_error(ValueError, "{precisions:name} holds {unknown:value}: choose from {names:value}",
+                             precisions=precisions, unknown=repr(unknown[0]), names=", ".join(PRECISIONS))
     torch.manual_seed(0)
     theirs = tv.fasterrcnn_resnet50_fpn(weights=None, weights_backbone=None).eval().to(device)
 

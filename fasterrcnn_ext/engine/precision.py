@@ -1,5 +1,6 @@
-"""The ``--precision`` of detect, eval and bench: the detector as trained (fp32), its bfloat16 inference mode (bf16),
-or the int8 model fasterrcnn_ext.quantization.quantize makes from it, calibrated on a few images (int8).
+"""The precision of detect, eval and bench (their ``--precision``): the detector as trained (fp32), its bfloat16
+inference mode (bf16), or the int8 model fasterrcnn_ext.quantization.quantize makes from it, calibrated on a few
+images (int8).
 
 Which precision pays on which CPU is fasterrcnn_ext.capabilities' decision (README: "Precision"); where one runs
 slower than float32, the model or the quantizer warns, not this module.
@@ -8,6 +9,8 @@ slower than float32, the model or the quantizer warns, not this module.
 from __future__ import annotations
 
 import torch
+
+from .._arguments import argument_error
 
 PRECISIONS = ("fp32", "bf16", "int8")
 # The images int8 calibrates on unless told: the first of the run. A few images of the kind being detected set the
@@ -18,9 +21,11 @@ CALIBRATION_IMAGES = 8
 def check_precision(precision: str, device: str = "cpu") -> None:
     """ValueError unless ``precision`` is one of PRECISIONS and runs on ``device``."""
     if precision not in PRECISIONS:
-        raise ValueError(f"--precision {precision!r}: choose from {', '.join(PRECISIONS)}")
+        raise argument_error(ValueError, "{precision}: choose from {names:value}", precision=precision,
+                             names=", ".join(PRECISIONS))
     if precision == "int8" and torch.device(device).type != "cpu":
-        raise ValueError(f"--precision int8 runs on the CPU (oneDNN's int8 kernels), not --device {device}")
+        raise argument_error(ValueError, "{precision} runs on the CPU (oneDNN's int8 kernels), not {device}",
+                             precision=precision, device=device)
 
 
 def with_precision(model: torch.nn.Module, precision: str, calibration_images: list[torch.Tensor] | None = None,
@@ -35,7 +40,8 @@ def with_precision(model: torch.nn.Module, precision: str, calibration_images: l
         model.inference_dtype = torch.bfloat16
         return model
     if not calibration_images:
-        raise ValueError("--precision int8 needs calibration images: none could be read")
+        raise argument_error(ValueError, "{precision} needs calibration images: none could be read",
+                             precision=precision)
     from .. import quantization
 
     return quantization.quantize(model.eval(), list(calibration_images))
@@ -47,7 +53,7 @@ def load_calibration_images(paths: list[str], count: int = CALIBRATION_IMAGES) -
     from ..data import load_image
 
     if count < 1:
-        raise ValueError(f"--calibration-images {count}: at least 1")
+        raise argument_error(ValueError, "{count}: at least 1", count=count)
     images, errors = [], []
     for path in paths:
         if len(images) == count:

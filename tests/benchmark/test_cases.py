@@ -178,7 +178,7 @@ def test_peer_reasons_name_the_missing_package():
 
 
 def test_an_unknown_bench_precision_is_refused():
-    with pytest.raises(ValueError, match="--precision 'fp16': choose from fp32, bf16, int8"):
+    with pytest.raises(ValueError, match="precisions holds 'fp16': choose from fp32, bf16, int8"):
         cases.detector_cases("cpu", precisions=("fp16",))
 
 

@@ -85,11 +85,11 @@ def test_with_precision_picks_the_model_of_each_precision(fake_quantize):
     assert int8 is not model and int8.quantized_by_test and fake_quantize == [images]
     assert not hasattr(model, "quantized_by_test") and model.inference_dtype is None
     assert with_precision(model, "bf16") is model and model.inference_dtype == torch.bfloat16
-    with pytest.raises(ValueError, match="--precision 'fp16': choose from fp32, bf16, int8"):
+    with pytest.raises(ValueError, match="precision='fp16': choose from fp32, bf16, int8"):
         with_precision(model, "fp16")
-    with pytest.raises(ValueError, match="--precision int8 needs calibration images"):
+    with pytest.raises(ValueError, match="precision='int8' needs calibration images"):
         with_precision(model, "int8", [])
-    with pytest.raises(ValueError, match="--precision int8 runs on the CPU .*not --device cuda"):
+    with pytest.raises(ValueError, match="precision='int8' runs on the CPU .*not device='cuda'"):
         with_precision(model, "int8", images, device="cuda")
 
 
@@ -104,7 +104,7 @@ def test_calibration_images_are_the_first_readable_ones(tmp_path):
     assert len(load_calibration_images(paths)) == 3 < CALIBRATION_IMAGES  # all there are, up to the default
     with pytest.raises(ValueError, match=r"no calibration image could be read \(image file .*0.png could not"):
         load_calibration_images([str(bad)])
-    with pytest.raises(ValueError, match="--calibration-images 0: at least 1"):
+    with pytest.raises(ValueError, match="count=0: at least 1"):
         load_calibration_images(paths, 0)
 
 
