@@ -33,9 +33,8 @@ from ...files import (
     named_weights_downloads,
     read_checkpoint_file,
 )
-from ...ops._onnx import tracing_by_value
-from ...ops._utils import ArgumentError, pair
 from ...ops.poolers import power_of_2_scale
+from ...ops.utils import ArgumentError, pair, tracing_by_value
 from . import transform
 from ._inference import InferenceCopy
 from ._routing import PRECISIONS, ForwardState, InferenceOptions, Route, choose_route, precision_of_dtype
