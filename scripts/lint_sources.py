@@ -5,7 +5,9 @@ otherwise):
    FRCNN_CHECK: a TORCH_CHECK that streams an integer into its message from nvcc-compiled code can crash the
    process instead of raising (csrc/ops/common/checks.h).
 2. Every op in the fasterrcnn_ext registry appears in a torch.library.opcheck call of the test suite (runtime
-   switches, which take and return no tensors, excepted). Needs the built library.
+   switches, which take and return no tensors, excepted): by name, or as a test twin of an op that a loop
+   ``for name in ops_and_twins("op")`` opchecks (fasterrcnn_ext/ops/_registration.py's TEST_TWINS, every name of
+   which must be a registered op). Needs the built library.
 
     .venv/bin/python scripts/lint_sources.py
 """
@@ -38,18 +40,23 @@ def ops_without_opcheck() -> list[str]:
     import torch
 
     import fasterrcnn_ext  # noqa: F401  (registers the ops)
+    from fasterrcnn_ext.ops._registration import TEST_TWINS, ops_and_twins
 
     sources = "".join(p.read_text() for p in (ROOT / "tests").rglob("test_*.py"))
     checked = set(re.findall(r"torch\.ops\.fasterrcnn_ext\.(\w+)\.default", sources))
     for group in re.findall(r"for name in \(([^)]*)\)", sources):  # loops over op names
         checked |= set(re.findall(r'"(\w+)"', group))
+    for public in re.findall(r'for name in ops_and_twins\("(\w+)"\)', sources):  # loops over an op and its twins
+        checked |= set(ops_and_twins(public))
     registered = {name.split("::")[1] for name in torch._C._dispatch_get_all_op_names()
                   if name.startswith("fasterrcnn_ext::")}
+    stale = [f"TEST_TWINS names fasterrcnn_ext::{name}, which is not registered"
+             for public, twins in TEST_TWINS.items() for name in (public, *twins) if name not in registered]
     # Runtime utilities take and return no tensors: nothing to opcheck (test_memory.py, test_capabilities.py).
     registered = {name for name in registered if name != "_build_info" and not name.startswith("_cpu_")}
     if len(registered) < 17:
         return [f"only {len(registered)} ops registered: is the library built?"]
-    return [f"fasterrcnn_ext::{name} is in no opcheck call of tests/" for name in sorted(registered - checked)]
+    return stale + [f"fasterrcnn_ext::{name} is in no opcheck call of tests/" for name in sorted(registered - checked)]
 
 
 def main() -> int:

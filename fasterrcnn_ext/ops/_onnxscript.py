@@ -31,9 +31,9 @@ import warnings
 import torch
 
 from ._onnx import _FLOAT, _INT64
-from .constants import CANONICAL_LEVEL, CANONICAL_SCALE, FPN_LEVEL_EPS
+from .constants import BBOX_XFORM_CLIP, CANONICAL_LEVEL, CANONICAL_SCALE, FPN_LEVEL_EPS
+from .postprocess import RPN_WEIGHTS
 
-BBOX_XFORM_CLIP = math.log(1000.0 / 16)
 _NO_LIMIT = 2**62  # max_output_boxes_per_class when every box may be kept
 
 
@@ -235,7 +235,8 @@ def anchor_grid(cell_anchors, grid_sizes, strides):
 
 
 def rpn_proposals(objectness, deltas, anchors, num_anchors_per_level, image_sizes, pre_nms_top_n: int,
-                  post_nms_top_n: int, nms_thresh: float, score_thresh: float, min_size: float):
+                  post_nms_top_n: int, nms_thresh: float, score_thresh: float, min_size: float,
+                  weights=RPN_WEIGHTS, bbox_xform_clip: float = BBOX_XFORM_CLIP):
     num_images = len(image_sizes) // 2
     boxes_out, scores_out, counts = [], [], []
     for i in range(num_images):
@@ -255,8 +256,8 @@ def rpn_proposals(objectness, deltas, anchors, num_anchors_per_level, image_size
             start = end
         index = op.Concat(*chosen, axis=0)
         level = op.Concat(*levels, axis=0)
-        boxes = _decode(op.Gather(deltas_i, index, axis=0), op.Gather(anchors, index, axis=0), (1.0, 1.0, 1.0, 1.0),
-                        BBOX_XFORM_CLIP)
+        boxes = _decode(op.Gather(deltas_i, index, axis=0), op.Gather(anchors, index, axis=0), weights,
+                        bbox_xform_clip)
         scores = op.Sigmoid(op.Gather(logits_i, index, axis=0))
         boxes = _clip(boxes, *_sizes(image_sizes[2 * i:2 * i + 2]))
         keep = op.And(_big_enough(boxes, min_size), op.GreaterOrEqual(scores, _float_like(score_thresh, scores)))
@@ -269,14 +270,15 @@ def rpn_proposals(objectness, deltas, anchors, num_anchors_per_level, image_size
 
 
 def detection_postprocess(class_logits, box_regression, proposals, boxes_per_image, image_sizes, weights,
-                          score_thresh: float, nms_thresh: float, detections_per_img: int, min_size: float = 0.01):
+                          score_thresh: float, nms_thresh: float, detections_per_img: int, min_size: float = 0.01,
+                          bbox_xform_clip: float = BBOX_XFORM_CLIP):
     num_classes = op.Shape(class_logits, start=1, end=2)
     scores_all = op.Softmax(class_logits, axis=-1)  # [K, C]
     # Decode every class's deltas on its proposal: [K * C, 4].
     deltas = op.Reshape(box_regression, [-1, 4])
     repeated = op.Reshape(op.Expand(op.Unsqueeze(proposals, [1]), op.Concat(_count(proposals), num_classes,
                                                                            _ints(4), axis=0)), [-1, 4])
-    decoded = op.Reshape(_decode(deltas, repeated, weights, BBOX_XFORM_CLIP),
+    decoded = op.Reshape(_decode(deltas, repeated, weights, bbox_xform_clip),
                          op.Concat(_count(proposals), num_classes, _ints(4), axis=0))  # [K, C, 4]
     labels_all = op.Expand(op.Unsqueeze(op.Range(op.Constant(value_int=0), op.Squeeze(num_classes, [0]),
                                                  op.Constant(value_int=1)), [0]), op.Shape(scores_all))

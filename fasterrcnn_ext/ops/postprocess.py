@@ -11,11 +11,18 @@ from torch import Tensor
 from .._library import assert_loaded
 from ._registration import register_fake
 from ._utils import check_image_sizes, flat_image_sizes, per_image
+from .constants import BBOX_XFORM_CLIP
+
+# torchvision's box coder weights (wx, wy, ww, wh): the RPN's and the RoI heads' defaults.
+RPN_WEIGHTS = (1.0, 1.0, 1.0, 1.0)
+ROI_HEADS_WEIGHTS = (10.0, 10.0, 5.0, 5.0)
 
 
 def rpn_proposals(objectness: Tensor, deltas: Tensor, anchors: Tensor, num_anchors_per_level: list[int],
                   image_sizes: list[tuple[int, int]], pre_nms_top_n: int, post_nms_top_n: int, nms_thresh: float,
-                  score_thresh: float = 0.0, min_size: float = 1e-3) -> tuple[list[Tensor], list[Tensor]]:
+                  score_thresh: float = 0.0, min_size: float = 1e-3,
+                  weights: list[float] = RPN_WEIGHTS,  # noqa: B006 (a tuple: immutable)
+                  bbox_xform_clip: float = BBOX_XFORM_CLIP) -> tuple[list[Tensor], list[Tensor]]:
     """torchvision's RegionProposalNetwork selection (decode, then filter_proposals) in one op.
 
     Args:
@@ -28,6 +35,8 @@ def rpn_proposals(objectness: Tensor, deltas: Tensor, anchors: Tensor, num_ancho
             image after it.
         nms_thresh (float): IoU threshold of the per-level NMS.
         score_thresh (float): minimum sigmoid score (>=). min_size (float): minimum box side (>=).
+        weights ((wx, wy, ww, wh)), bbox_xform_clip (float): the box coder's weights and its bound on dw and dh
+            before exp() (RegionProposalNetwork.box_coder's; torchvision's by default).
 
     Returns:
         (boxes, scores): one Tensor[P_i, 4] and one Tensor[P_i] per image, by decreasing score. Candidates with NaN
@@ -37,18 +46,20 @@ def rpn_proposals(objectness: Tensor, deltas: Tensor, anchors: Tensor, num_ancho
         assert_loaded()
         check_image_sizes(image_sizes, objectness.size(0) if objectness.dim() == 2 else len(image_sizes),
                           "rpn_proposals")
+        weights = [float(w) for w in weights]  # any length: the kernel's check names a wrong one
     boxes, scores, counts = torch.ops.fasterrcnn_ext.rpn_proposals(
         objectness, deltas, anchors, num_anchors_per_level, flat_image_sizes(image_sizes), int(pre_nms_top_n),
-        int(post_nms_top_n), float(nms_thresh), float(score_thresh), float(min_size))
+        int(post_nms_top_n), float(nms_thresh), float(score_thresh), float(min_size), weights,
+        float(bbox_xform_clip))
     split = per_image(counts, [boxes, scores])
     return split[0], split[1]
 
 
 def detection_postprocess(class_logits: Tensor, box_regression: Tensor, proposals: list[Tensor],
                           image_sizes: list[tuple[int, int]],
-                          weights: list[float] = (10.0, 10.0, 5.0, 5.0),  # noqa: B006 (a tuple: immutable)
-                          score_thresh: float = 0.05,
-                          nms_thresh: float = 0.5, detections_per_img: int = 100, min_size: float = 1e-2
+                          weights: list[float] = ROI_HEADS_WEIGHTS,  # noqa: B006 (a tuple: immutable)
+                          score_thresh: float = 0.05, nms_thresh: float = 0.5, detections_per_img: int = 100,
+                          min_size: float = 1e-2, bbox_xform_clip: float = BBOX_XFORM_CLIP
                           ) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
     """torchvision's RoIHeads.postprocess_detections in one op.
 
@@ -58,7 +69,7 @@ def detection_postprocess(class_logits: Tensor, box_regression: Tensor, proposal
         image_sizes (list of (int, int)): (height, width) of each image.
         weights ((wx, wy, ww, wh)): box coder weights. score_thresh: scores (softmax) must be > it.
         nms_thresh: per-class NMS IoU threshold. detections_per_img: detections kept per image.
-        min_size: minimum box side (>=).
+        min_size: minimum box side (>=). bbox_xform_clip: the box coder's bound on dw and dh before exp().
 
     Returns:
         (boxes, scores, labels): per image, Tensor[D_i, 4], Tensor[D_i], Tensor[D_i] (int64), by decreasing score.
@@ -71,16 +82,17 @@ def detection_postprocess(class_logits: Tensor, box_regression: Tensor, proposal
     boxes_per_image = [p.size(0) for p in proposals]  # SymInts under torch.export: no int(), which would specialise
     boxes, scores, labels, counts = torch.ops.fasterrcnn_ext.detection_postprocess(
         class_logits, box_regression, torch.cat(proposals), boxes_per_image, flat_image_sizes(image_sizes),
-        weights, float(score_thresh),
-        float(nms_thresh), int(detections_per_img), float(min_size))
+        weights, float(score_thresh), float(nms_thresh), int(detections_per_img), float(min_size),
+        float(bbox_xform_clip))
     split = per_image(counts, [boxes, scores, labels])
     return split[0], split[1], split[2]
 
 
 def rpn_proposals_padded(objectness: Tensor, deltas: Tensor, anchors: Tensor, num_anchors_per_level: list[int],
                          image_sizes: list[tuple[int, int]], pre_nms_top_n: int, post_nms_top_n: int,
-                         nms_thresh: float, score_thresh: float = 0.0, min_size: float = 1e-3
-                         ) -> tuple[Tensor, Tensor, Tensor]:
+                         nms_thresh: float, score_thresh: float = 0.0, min_size: float = 1e-3,
+                         weights: list[float] = RPN_WEIGHTS,  # noqa: B006 (a tuple: immutable)
+                         bbox_xform_clip: float = BBOX_XFORM_CLIP) -> tuple[Tensor, Tensor, Tensor]:
     """rpn_proposals with every output size fixed in advance: no host sync and no copy from the host, so a CUDA
     graph can capture it (the arguments are rpn_proposals').
 
@@ -93,16 +105,19 @@ def rpn_proposals_padded(objectness: Tensor, deltas: Tensor, anchors: Tensor, nu
         assert_loaded()
         check_image_sizes(image_sizes, objectness.size(0) if objectness.dim() == 2 else len(image_sizes),
                           "rpn_proposals_padded")
+        weights = [float(w) for w in weights]
     return torch.ops.fasterrcnn_ext.rpn_proposals_padded(
         objectness, deltas, anchors, num_anchors_per_level, flat_image_sizes(image_sizes), int(pre_nms_top_n),
-        int(post_nms_top_n), float(nms_thresh), float(score_thresh), float(min_size))
+        int(post_nms_top_n), float(nms_thresh), float(score_thresh), float(min_size), weights,
+        float(bbox_xform_clip))
 
 
 def detection_postprocess_padded(class_logits: Tensor, box_regression: Tensor, proposals: Tensor,
                                  proposal_counts: Tensor, image_sizes: list[tuple[int, int]],
-                                 weights: list[float] = (10.0, 10.0, 5.0, 5.0),  # noqa: B006 (a tuple: immutable)
+                                 weights: list[float] = ROI_HEADS_WEIGHTS,  # noqa: B006 (a tuple: immutable)
                                  score_thresh: float = 0.05, nms_thresh: float = 0.5, detections_per_img: int = 100,
-                                 min_size: float = 1e-2) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                                 min_size: float = 1e-2, bbox_xform_clip: float = BBOX_XFORM_CLIP
+                                 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """detection_postprocess with every output size fixed in advance: no host sync and no copy from the host, so a
     CUDA graph can capture it.
 
@@ -125,33 +140,40 @@ def detection_postprocess_padded(class_logits: Tensor, box_regression: Tensor, p
         weights = [float(w) for w in weights]
     return torch.ops.fasterrcnn_ext.detection_postprocess_padded(
         class_logits, box_regression, proposals.reshape(-1, 4), proposal_counts, flat_image_sizes(image_sizes),
-        weights, float(score_thresh), float(nms_thresh), int(detections_per_img), float(min_size))
+        weights, float(score_thresh), float(nms_thresh), int(detections_per_img), float(min_size),
+        float(bbox_xform_clip))
 
 
-def _rpn_fake(objectness, deltas, anchors, num_anchors_per_level, image_sizes, pre_nms_top_n, post_nms_top_n,
-              nms_thresh, score_thresh, min_size):
+# The fake kernels, each registered for its op and the op's test twins (_registration.TEST_TWINS). Each reads the
+# arguments that size its outputs; the rest (the schema in csrc/ops/postprocess.cpp is their one home) pass as *_.
+
+
+@register_fake("fasterrcnn_ext::rpn_proposals")
+def _rpn_fake(objectness, *_):
     n = torch.library.get_ctx().new_dynamic_size()
     return (objectness.new_empty((n, 4)), objectness.new_empty((n,)),
             objectness.new_empty((objectness.size(0),), dtype=torch.long))
 
 
-def _detection_fake(class_logits, box_regression, proposals, boxes_per_image, image_sizes, weights, score_thresh,
-                    nms_thresh, detections_per_img, min_size=0.01):
+@register_fake("fasterrcnn_ext::detection_postprocess")
+def _detection_fake(class_logits, box_regression, proposals, boxes_per_image, *_):
     n = torch.library.get_ctx().new_dynamic_size()
     return (class_logits.new_empty((n, 4)), class_logits.new_empty((n,)),
             class_logits.new_empty((n,), dtype=torch.long),
             class_logits.new_empty((len(boxes_per_image),), dtype=torch.long))
 
 
+@register_fake("fasterrcnn_ext::rpn_proposals_padded")
 def _rpn_padded_fake(objectness, deltas, anchors, num_anchors_per_level, image_sizes, pre_nms_top_n, post_nms_top_n,
-                     nms_thresh, score_thresh, min_size):
+                     *_):
     n = objectness.size(0)
     return (objectness.new_empty((n, post_nms_top_n, 4)), objectness.new_empty((n, post_nms_top_n)),
             objectness.new_empty((n,), dtype=torch.long))
 
 
+@register_fake("fasterrcnn_ext::detection_postprocess_padded")
 def _detection_padded_fake(class_logits, box_regression, proposals, proposal_counts, image_sizes, weights,
-                           score_thresh, nms_thresh, detections_per_img, min_size=0.01):
+                           score_thresh, nms_thresh, detections_per_img, *_):
     n = len(image_sizes) // 2
     return (class_logits.new_empty((n, detections_per_img, 4)), class_logits.new_empty((n, detections_per_img)),
             class_logits.new_empty((n, detections_per_img), dtype=torch.long),
@@ -164,11 +186,3 @@ def _split_per_image_fake(values, counts):
     ctx = torch.library.get_ctx()
     rows = [ctx.new_dynamic_size() for _ in range(counts.size(0))]  # the same sizes for every tensor of values
     return [v.new_empty((r, *v.shape[1:])) for v in values for r in rows]
-
-
-for _name, _fake in [("rpn_proposals", _rpn_fake), ("_rpn_proposals_generic", _rpn_fake),
-                     ("detection_postprocess", _detection_fake), ("_detection_postprocess_generic", _detection_fake),
-                     ("rpn_proposals_padded", _rpn_padded_fake), ("_rpn_proposals_padded_generic", _rpn_padded_fake),
-                     ("detection_postprocess_padded", _detection_padded_fake),
-                     ("_detection_postprocess_padded_generic", _detection_padded_fake)]:
-    register_fake(f"fasterrcnn_ext::{_name}")(_fake)

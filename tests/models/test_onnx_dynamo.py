@@ -90,9 +90,14 @@ def test_anchor_grid():
         assert torch.equal(run(model, *args)[0], grid(*args))
 
 
-def test_rpn_proposals_and_detection_postprocess_with_split():
+@pytest.mark.parametrize("rpn_coder, heads_coder", [
+    ({}, {}),  # torchvision's box coders
+    (dict(weights=(2.0, 2.0, 0.5, 0.5), bbox_xform_clip=0.2), dict(weights=(5.0, 5.0, 2.0, 2.0), bbox_xform_clip=0.1))],
+    ids=["default_coders", "other_coders"])
+def test_rpn_proposals_and_detection_postprocess_with_split(rpn_coder, heads_coder):
     """The fused post-processing ops and the per-image split against the kernels, on two images with distinct scores
-    (exact ties may order differently, see ops/_onnxscript.py)."""
+    (exact ties may order differently, see ops/_onnxscript.py), with torchvision's box coders and with others (exp
+    clamps that the deltas pass)."""
     g = torch.Generator().manual_seed(3)
     levels = [300, 80]
     anchors = random_boxes(sum(levels), 200.0, generator=g)
@@ -100,7 +105,7 @@ def test_rpn_proposals_and_detection_postprocess_with_split():
     sizes = [(180, 200), (150, 210)]
 
     def proposals(o, d, a):
-        boxes, scores = ops.rpn_proposals(o, d, a, levels, sizes, 100, 60, 0.7, 0.0, 1e-3)
+        boxes, scores = ops.rpn_proposals(o, d, a, levels, sizes, 100, 60, 0.7, 0.0, 1e-3, **rpn_coder)
         return (*boxes, *scores)
 
     model = export_op(proposals, (objectness, deltas, anchors), {})
@@ -112,7 +117,7 @@ def test_rpn_proposals_and_detection_postprocess_with_split():
 
     def postprocess(c, r, p0, p1):
         boxes, scores, labels = ops.detection_postprocess(c, r, [p0, p1], sizes, score_thresh=0.2, nms_thresh=0.5,
-                                                          detections_per_img=30)
+                                                          detections_per_img=30, **heads_coder)
         return (*boxes, *scores, *labels)
 
     model = export_op(postprocess, (logits, regression, *props), {0: [0], 1: [0], 2: [0], 3: [0]})

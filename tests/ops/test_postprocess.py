@@ -2,12 +2,15 @@
 
 import pytest
 import torch
+from torchvision.models.detection._utils import BoxCoder
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.roi_heads import RoIHeads
 from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead
 
 import fasterrcnn_ext.ops as ops
+from fasterrcnn_ext.ops._registration import ops_and_twins
+from fasterrcnn_ext.ops.constants import BBOX_XFORM_CLIP
 
 FPN_SIZES = ((32,), (64,), (128,), (256,), (512,))
 FPN_RATIOS = ((0.5, 1.0, 2.0),) * 5
@@ -51,15 +54,17 @@ def assert_same_proposals(ours, theirs):
         torch.testing.assert_close(b, tb, rtol=1e-5, atol=1e-3)
 
 
-def reference_proposals(objectness, deltas, anchors, per_level, image_sizes, **kw):
+def reference_proposals(objectness, deltas, anchors, per_level, image_sizes, coder=None, **kw):
+    """torchvision's RPN selection, decoding with ``coder`` (a BoxCoder; the RPN's own by default)."""
     rpn = torchvision_rpn(**kw)
+    rpn.box_coder = coder or rpn.box_coder
     n = objectness.shape[0]
     proposals = rpn.box_coder.decode(deltas.reshape(-1, 4)[None].reshape(n, -1, 4).detach(), [anchors] * n)
     return rpn.filter_proposals(proposals.view(n, -1, 4), objectness, image_sizes, per_level)
 
 
 @pytest.mark.parametrize("batch", [1, 2])
-@pytest.mark.parametrize("op", ["rpn_proposals", "_rpn_proposals_generic"])
+@pytest.mark.parametrize("op", ops_and_twins("rpn_proposals"))
 def test_rpn_proposals_match_torchvision(batch, op):
     objectness, deltas, anchors, per_level, sizes = rpn_inputs(batch)
     theirs = reference_proposals(objectness, deltas, anchors, per_level, sizes)
@@ -67,6 +72,46 @@ def test_rpn_proposals_match_torchvision(batch, op):
         objectness, deltas, anchors, per_level, [v for hw in sizes for v in hw], 1000, 1000, 0.7, 0.0, 1e-3)
     assert counts.tolist() == [len(b) for b in theirs[0]]
     assert_same_proposals((boxes.split(counts.tolist()), scores.split(counts.tolist())), theirs)
+
+
+# Box coders unlike torchvision's defaults: other weights, and exp clamps that the inputs' dw and dh pass (the tests
+# check that they do).
+RPN_CODER = dict(weights=[2.0, 2.0, 0.5, 0.5], bbox_xform_clip=0.4)
+HEADS_CODER = dict(weights=[5.0, 5.0, 2.0, 2.0], bbox_xform_clip=0.3)
+
+
+@pytest.mark.parametrize("op", ops_and_twins("rpn_proposals"))
+def test_rpn_proposals_decode_with_the_given_weights_and_clamp(op):
+    """Against torchvision's selection with a box coder of the same weights and clamp, all in float64."""
+    objectness, deltas, anchors, per_level, sizes = rpn_inputs(2, dtype=torch.float64)
+    theirs = reference_proposals(objectness, deltas, anchors, per_level, sizes, coder=BoxCoder(**RPN_CODER))
+    args = (objectness, deltas, anchors, per_level, [v for hw in sizes for v in hw], 1000, 1000, 0.7, 0.0, 1e-3)
+    boxes, scores, counts = getattr(torch.ops.fasterrcnn_ext, op)(*args, RPN_CODER["weights"],
+                                                                  RPN_CODER["bbox_xform_clip"])
+    assert counts.tolist() == [len(b) for b in theirs[0]]
+    assert_same_proposals((boxes.split(counts.tolist()), scores.split(counts.tolist())), theirs)
+    # The clamp matters on these inputs: the same weights with torchvision's clamp select other boxes.
+    unclamped = reference_proposals(objectness, deltas, anchors, per_level, sizes,
+                                    coder=BoxCoder(RPN_CODER["weights"]))
+    with pytest.raises(AssertionError):
+        assert_same_proposals((boxes.split(counts.tolist()), scores.split(counts.tolist())), unclamped)
+    # The wrapper takes them by name (without them: torchvision's RPN coder, test_rpn_proposals_match_torchvision).
+    wrapped = ops.rpn_proposals(objectness, deltas, anchors, per_level, sizes, 1000, 1000, 0.7, **RPN_CODER)
+    assert_same_proposals(wrapped, theirs)
+
+
+def test_the_decoding_defaults_are_torchvisions():
+    """The schemas' defaults of the decoding arguments are ops/constants.py's clamp and the RPN's unit weights."""
+    names = [name for public in ("rpn_proposals", "rpn_proposals_padded", "detection_postprocess",
+                                 "detection_postprocess_padded") for name in ops_and_twins(public)]
+    assert len(names) == 8
+    for name in names:
+        schema = getattr(torch.ops.fasterrcnn_ext, name).default._schema
+        defaults = {a.name: a.default_value for a in schema.arguments}
+        assert defaults["bbox_xform_clip"] == BBOX_XFORM_CLIP, name
+        assert schema.arguments[-1].name == "bbox_xform_clip", name
+        if "rpn" in name:
+            assert defaults["weights"] == [1.0, 1.0, 1.0, 1.0], name
 
 
 def test_rpn_proposals_training_sizes_and_score_thresh():
@@ -143,6 +188,10 @@ def test_rpn_proposals_bad_input():
     with pytest.raises(RuntimeError, match=r"image_sizes must hold \(height, width\) for each of the 1 images"):
         torch.ops.fasterrcnn_ext.rpn_proposals(objectness, deltas, anchors, per_level, [750, 1333] * 2, 10, 10, 0.7,
                                                0.0, 1e-3)
+    for name in (*ops_and_twins("rpn_proposals"), *ops_and_twins("rpn_proposals_padded")):
+        with pytest.raises(RuntimeError, match=r"rpn_proposals: weights must have 4 values \(wx, wy, ww, wh\), got 3"):
+            getattr(torch.ops.fasterrcnn_ext, name)(objectness, deltas, anchors, per_level, [750, 1333], 10, 10, 0.7,
+                                                    0.0, 1e-3, [1.0, 1.0, 1.0])
 
 
 def detection_inputs(boxes_per_image=(1000, 700), classes=91, dtype=torch.float32):
@@ -155,12 +204,24 @@ def detection_inputs(boxes_per_image=(1000, 700), classes=91, dtype=torch.float3
 
 
 def torchvision_postprocess(class_logits, box_regression, proposals, image_sizes, score_thresh=0.05, nms_thresh=0.5,
-                            detections_per_img=100):
+                            detections_per_img=100, coder=None):
+    """torchvision's RoIHeads.postprocess_detections, decoding with ``coder`` (a BoxCoder; the heads' own by
+    default)."""
     heads = RoIHeads(None, None, None, 0.5, 0.5, 512, 0.25, None, score_thresh, nms_thresh, detections_per_img)
+    heads.box_coder = coder or heads.box_coder
     return heads.postprocess_detections(class_logits, box_regression, proposals, image_sizes)
 
 
-@pytest.mark.parametrize("op", ["detection_postprocess", "_detection_postprocess_generic"])
+def assert_same_detections(ours, theirs, **tolerance):
+    for b, s, lab, tb, ts, tl in zip(*ours, *theirs):
+        b, s, lab = canonical(b, s, lab)
+        tb, ts, tl = canonical(tb, ts, tl)
+        torch.testing.assert_close(lab, tl)
+        torch.testing.assert_close(s, ts, **tolerance)
+        torch.testing.assert_close(b, tb, **tolerance)
+
+
+@pytest.mark.parametrize("op", ops_and_twins("detection_postprocess"))
 @pytest.mark.parametrize("score_thresh, detections", [(0.05, 100), (0.3, 20), (0.0, 300)])
 def test_detection_postprocess_matches_torchvision(op, score_thresh, detections):
     class_logits, box_regression, proposals = detection_inputs()
@@ -171,12 +232,32 @@ def test_detection_postprocess_matches_torchvision(op, score_thresh, detections)
         [v for hw in sizes for v in hw], [10.0, 10.0, 5.0, 5.0], score_thresh, 0.5, detections, 0.01)
     assert counts.tolist() == [len(b) for b in theirs[0]]
     sizes_ = counts.tolist()
-    for b, s, lab, tb, ts, tl in zip(boxes.split(sizes_), scores.split(sizes_), labels.split(sizes_), *theirs):
-        b, s, lab = canonical(b, s, lab)
-        tb, ts, tl = canonical(tb, ts, tl)
-        torch.testing.assert_close(lab, tl)
-        torch.testing.assert_close(s, ts, rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(b, tb, rtol=1e-5, atol=1e-3)
+    assert_same_detections((boxes.split(sizes_), scores.split(sizes_), labels.split(sizes_)), theirs, rtol=1e-5,
+                           atol=1e-3)
+
+
+@pytest.mark.parametrize("op", ops_and_twins("detection_postprocess"))
+def test_detection_postprocess_decodes_with_the_given_clamp(op):
+    """Against torchvision's RoIHeads with a box coder of other weights and clamp, all in float64."""
+    class_logits, box_regression, proposals = detection_inputs(dtype=torch.float64)
+    theirs = torchvision_postprocess(class_logits, box_regression, proposals, IMAGE_SIZES, 0.0, 0.5, 300,
+                                     coder=BoxCoder(**HEADS_CODER))
+    boxes, scores, labels, counts = getattr(torch.ops.fasterrcnn_ext, op)(
+        class_logits, box_regression, torch.cat(proposals), [len(p) for p in proposals],
+        [v for hw in IMAGE_SIZES for v in hw], HEADS_CODER["weights"], 0.0, 0.5, 300, 0.01,
+        HEADS_CODER["bbox_xform_clip"])
+    assert counts.tolist() == [len(b) for b in theirs[0]]
+    sizes = counts.tolist()
+    ours = (boxes.split(sizes), scores.split(sizes), labels.split(sizes))
+    assert_same_detections(ours, theirs, rtol=1e-10, atol=1e-8)
+    assert_same_detections(ops.detection_postprocess(class_logits, box_regression, proposals, IMAGE_SIZES,
+                                                     score_thresh=0.0, detections_per_img=300, **HEADS_CODER),
+                           theirs, rtol=1e-10, atol=1e-8)
+    # The clamp matters on these inputs: the same weights with torchvision's clamp give other boxes.
+    unclamped = torchvision_postprocess(class_logits, box_regression, proposals, IMAGE_SIZES, 0.0, 0.5, 300,
+                                        coder=BoxCoder(HEADS_CODER["weights"]))
+    with pytest.raises(AssertionError):
+        assert_same_detections(ours, unclamped, rtol=1e-10, atol=1e-8)
 
 
 def test_detection_postprocess_empty_image_and_nan():
@@ -206,15 +287,17 @@ def test_opcheck():
     objectness, deltas, anchors, per_level, sizes = rpn_inputs(1)
     flat = [v for hw in sizes for v in hw]
     small = objectness[:, :4000], deltas[:, :4000], anchors[:4000]
-    for name in ("rpn_proposals", "_rpn_proposals_generic"):
-        torch.library.opcheck(getattr(torch.ops.fasterrcnn_ext, name).default,
-                              (*small, [4000], flat, 300, 100, 0.7, 0.0, 1e-3))
     class_logits, box_regression, proposals = detection_inputs((50, 30), classes=5)
-    for name in ("detection_postprocess", "_detection_postprocess_generic"):
-        torch.library.opcheck(getattr(torch.ops.fasterrcnn_ext, name).default,
-                              (class_logits, box_regression, torch.cat(proposals), [50, 30],
-                               [v for hw in IMAGE_SIZES for v in hw],
-                               [10.0, 10.0, 5.0, 5.0], 0.05, 0.5, 100, 0.01))
+    for name in ops_and_twins("rpn_proposals"):
+        op = getattr(torch.ops.fasterrcnn_ext, name).default
+        torch.library.opcheck(op, (*small, [4000], flat, 300, 100, 0.7, 0.0, 1e-3))
+        torch.library.opcheck(op, (*small, [4000], flat, 300, 100, 0.7, 0.0, 1e-3), RPN_CODER)
+    for name in ops_and_twins("detection_postprocess"):
+        op = getattr(torch.ops.fasterrcnn_ext, name).default
+        args = (class_logits, box_regression, torch.cat(proposals), [50, 30], [v for hw in IMAGE_SIZES for v in hw])
+        torch.library.opcheck(op, (*args, [10.0, 10.0, 5.0, 5.0], 0.05, 0.5, 100, 0.01))
+        torch.library.opcheck(op, (*args, HEADS_CODER["weights"], 0.05, 0.5, 100),
+                              dict(bbox_xform_clip=HEADS_CODER["bbox_xform_clip"]))
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16])

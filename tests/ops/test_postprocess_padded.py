@@ -5,8 +5,9 @@ import pytest
 import torch
 
 import fasterrcnn_ext.ops as ops
+from fasterrcnn_ext.ops._registration import ops_and_twins
 
-from .test_postprocess import IMAGE_SIZES, detection_inputs, rpn_inputs
+from .test_postprocess import HEADS_CODER, IMAGE_SIZES, RPN_CODER, detection_inputs, rpn_inputs
 
 E = torch.ops.fasterrcnn_ext
 WEIGHTS = [10.0, 10.0, 5.0, 5.0]
@@ -28,20 +29,20 @@ def assert_padded_equals(padded, counts, dynamic, dynamic_counts):
 
 
 # (padded op, dynamic op): the CPU's fused kernels padded, and the device-generic path (what CUDA runs).
-RPN_PAIRS = [("rpn_proposals_padded", "rpn_proposals"), ("_rpn_proposals_padded_generic", "_rpn_proposals_generic")]
-DETECTION_PAIRS = [("detection_postprocess_padded", "detection_postprocess"),
-                   ("_detection_postprocess_padded_generic", "_detection_postprocess_generic")]
+RPN_PAIRS = list(zip(ops_and_twins("rpn_proposals_padded"), ops_and_twins("rpn_proposals")))
+DETECTION_PAIRS = list(zip(ops_and_twins("detection_postprocess_padded"), ops_and_twins("detection_postprocess")))
 
 
 @pytest.mark.parametrize("ops_pair", RPN_PAIRS)
 @pytest.mark.parametrize("batch", [1, 2])
 @pytest.mark.parametrize("post_nms_top_n, score_thresh", [(1000, 0.0), (300, 0.0), (6000, 0.7)])  # 6000: > 5 x 1000
-def test_rpn_proposals_padded_is_rpn_proposals(ops_pair, batch, post_nms_top_n, score_thresh):
+@pytest.mark.parametrize("coder", [{}, RPN_CODER], ids=["default_coder", "other_coder"])
+def test_rpn_proposals_padded_is_rpn_proposals(ops_pair, batch, post_nms_top_n, score_thresh, coder):
     objectness, deltas, anchors, per_level, sizes = rpn_inputs(batch)
     args = (objectness, deltas, anchors, per_level, flat(sizes), 1000, post_nms_top_n, 0.7, score_thresh, 1e-3)
-    boxes, scores, counts = getattr(E, ops_pair[0])(*args)
+    boxes, scores, counts = getattr(E, ops_pair[0])(*args, **coder)
     assert boxes.shape == (batch, post_nms_top_n, 4) and scores.shape == (batch, post_nms_top_n)
-    d_boxes, d_scores, d_counts = getattr(E, ops_pair[1])(*args)
+    d_boxes, d_scores, d_counts = getattr(E, ops_pair[1])(*args, **coder)
     assert_padded_equals((boxes, scores), counts, (d_boxes, d_scores), d_counts)
     if score_thresh > 0:
         assert (counts < post_nms_top_n).all()  # padding really happens
@@ -57,6 +58,11 @@ def test_rpn_proposals_padded_without_candidates():
         ops.rpn_proposals_padded(objectness, deltas, anchors, per_level, sizes, 100, -1, 0.7)
 
 
+def extra_args(coder):
+    """The arguments of a detection coder past its weights (which the detection ops take without a default)."""
+    return {k: v for k, v in coder.items() if k != "weights"}
+
+
 def padded_detection_inputs(proposal_counts=(1000, 700), rows=1000, classes=91):
     """detection_inputs with every image's proposals padded to `rows` by garbage rows that must be ignored."""
     class_logits, box_regression, proposals = detection_inputs((rows,) * len(proposal_counts), classes)
@@ -70,14 +76,16 @@ def padded_detection_inputs(proposal_counts=(1000, 700), rows=1000, classes=91):
 @pytest.mark.parametrize("ops_pair", DETECTION_PAIRS)
 @pytest.mark.parametrize("proposal_counts", [(1000, 700), (0, 1000), (0, 0), (1000,)])
 @pytest.mark.parametrize("score_thresh, detections", [(0.05, 100), (0.0, 300), (0.9, 50)])
-def test_detection_postprocess_padded_is_detection_postprocess(ops_pair, proposal_counts, score_thresh, detections):
+@pytest.mark.parametrize("coder", [dict(weights=WEIGHTS), HEADS_CODER], ids=["default_coder", "other_coder"])
+def test_detection_postprocess_padded_is_detection_postprocess(ops_pair, proposal_counts, score_thresh, detections,
+                                                               coder):
     padded, (logits, regression, real) = padded_detection_inputs(proposal_counts)
     sizes = IMAGE_SIZES[:len(proposal_counts)]
-    boxes, scores, labels, counts = getattr(E, ops_pair[0])(*padded, flat(sizes), WEIGHTS, score_thresh, 0.5,
-                                                           detections, 0.01)
+    boxes, scores, labels, counts = getattr(E, ops_pair[0])(*padded, flat(sizes), coder["weights"], score_thresh,
+                                                           0.5, detections, 0.01, **extra_args(coder))
     assert boxes.shape == (len(sizes), detections, 4) and labels.shape == (len(sizes), detections)
-    d = getattr(E, ops_pair[1])(logits, regression, torch.cat(real), [len(p) for p in real], flat(sizes), WEIGHTS,
-                                score_thresh, 0.5, detections, 0.01)
+    d = getattr(E, ops_pair[1])(logits, regression, torch.cat(real), [len(p) for p in real], flat(sizes),
+                                coder["weights"], score_thresh, 0.5, detections, 0.01, **extra_args(coder))
     assert_padded_equals((boxes, scores, labels), counts, d[:3], d[3])
     if score_thresh > 0.5:
         assert (counts < detections).all()
@@ -121,12 +129,15 @@ def test_opcheck():
     objectness, deltas, anchors, per_level, sizes = rpn_inputs(1)
     small = objectness[:, :4000], deltas[:, :4000], anchors[:4000]
     padded, _ = padded_detection_inputs((50, 30), rows=50, classes=5)
-    for name in ("rpn_proposals_padded", "_rpn_proposals_padded_generic"):
-        torch.library.opcheck(getattr(torch.ops.fasterrcnn_ext, name).default,
-                              (*small, [4000], flat(sizes), 300, 100, 0.7, 0.0, 1e-3))
-    for name in ("detection_postprocess_padded", "_detection_postprocess_padded_generic"):
-        torch.library.opcheck(getattr(torch.ops.fasterrcnn_ext, name).default,
-                              (*padded, flat(IMAGE_SIZES), WEIGHTS, 0.05, 0.5, 100, 0.01))
+    for name in ops_and_twins("rpn_proposals_padded"):
+        op = getattr(torch.ops.fasterrcnn_ext, name).default
+        torch.library.opcheck(op, (*small, [4000], flat(sizes), 300, 100, 0.7, 0.0, 1e-3))
+        torch.library.opcheck(op, (*small, [4000], flat(sizes), 300, 100, 0.7, 0.0, 1e-3), RPN_CODER)
+    for name in ops_and_twins("detection_postprocess_padded"):
+        op = getattr(torch.ops.fasterrcnn_ext, name).default
+        torch.library.opcheck(op, (*padded, flat(IMAGE_SIZES), WEIGHTS, 0.05, 0.5, 100, 0.01))
+        torch.library.opcheck(op, (*padded, flat(IMAGE_SIZES), HEADS_CODER["weights"], 0.05, 0.5, 100),
+                              extra_args(HEADS_CODER))
 
 
 def test_padded_ops_trace_with_static_shapes():

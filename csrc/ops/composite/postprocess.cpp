@@ -19,7 +19,6 @@
 #include <vector>
 
 #include "ops/common/checks.h"
-#include "ops/common/constants.h"
 
 namespace fasterrcnn_ext {
 namespace {
@@ -51,11 +50,12 @@ at::Tensor device_values(at::IntArrayRef values, const at::TensorOptions& option
   return out;
 }
 
-at::Tensor decode_op(const at::Tensor& rel, const at::Tensor& boxes, at::ArrayRef<double> weights) {
+at::Tensor decode_op(const at::Tensor& rel, const at::Tensor& boxes, at::ArrayRef<double> weights,
+                     double bbox_xform_clip) {
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("fasterrcnn_ext::decode_boxes", "")
                        .typed<at::Tensor(const at::Tensor&, const at::Tensor&, at::ArrayRef<double>, double)>();
-  return op.call(rel, boxes, weights, kBBoxXformClip);
+  return op.call(rel, boxes, weights, bbox_xform_clip);
 }
 
 // boxes [..., 4] clipped to per-row image sizes hw [..., 2] (height, width), keeping NaN as torch.clamp does.
@@ -134,7 +134,8 @@ struct RpnCandidates {
 
 RpnCandidates rpn_candidates(const at::Tensor& objectness, const at::Tensor& deltas, const at::Tensor& anchors,
                              at::IntArrayRef num_anchors_per_level, const at::Tensor& hw, int64_t pre_nms_top_n,
-                             double nms_thresh, double score_thresh, double min_size) {
+                             double nms_thresh, double score_thresh, double min_size, at::ArrayRef<double> weights,
+                             double bbox_xform_clip) {
   const int64_t batch = objectness.size(0), levels = static_cast<int64_t>(num_anchors_per_level.size());
   const auto long_opts = objectness.options().dtype(at::kLong);
   // NaN logits rank last in the top-k, as in the CPU kernel (torch.topk would rank them first).
@@ -158,7 +159,7 @@ RpnCandidates rpn_candidates(const at::Tensor& objectness, const at::Tensor& del
   const at::Tensor rel = deltas.gather(1, idx.unsqueeze(2).expand({batch, k, 4})).reshape({-1, 4});
   const at::Tensor base = anchors.index_select(0, idx.reshape({-1}));
   const at::Tensor image_of = image_of_rows(batch, k, long_opts);
-  c.boxes = clip_rows(decode_op(rel, base, {1.0, 1.0, 1.0, 1.0}), hw.index_select(0, image_of));
+  c.boxes = clip_rows(decode_op(rel, base, weights, bbox_xform_clip), hw.index_select(0, image_of));
   const at::Tensor valid = large_enough(c.boxes, min_size).logical_and(c.scores.ge(score_thresh));
   const at::Tensor group = image_of * levels + at::cat(level_ids).repeat({batch});
   c.kept = keep_mask_of_valid_op(c.boxes, c.scores, group, valid, nms_thresh);
@@ -168,13 +169,14 @@ RpnCandidates rpn_candidates(const at::Tensor& objectness, const at::Tensor& del
 std::tuple<at::Tensor, at::Tensor, at::Tensor> rpn_proposals_generic(
     const at::Tensor& objectness, const at::Tensor& deltas, const at::Tensor& anchors,
     at::IntArrayRef num_anchors_per_level, at::IntArrayRef image_sizes, int64_t pre_nms_top_n, int64_t post_nms_top_n,
-    double nms_thresh, double score_thresh, double min_size) {
+    double nms_thresh, double score_thresh, double min_size, at::ArrayRef<double> weights, double bbox_xform_clip) {
   check_rpn_inputs(objectness, deltas, anchors, num_anchors_per_level, image_sizes);
+  check_box_weights(weights, "rpn_proposals");
   const int64_t batch = objectness.size(0);
   const auto long_opts = objectness.options().dtype(at::kLong);
   const at::Tensor hw = host_values_on(image_sizes, long_opts).to(objectness.scalar_type()).view({batch, 2});
   const RpnCandidates c = rpn_candidates(objectness, deltas, anchors, num_anchors_per_level, hw, pre_nms_top_n,
-                                         nms_thresh, score_thresh, min_size);
+                                         nms_thresh, score_thresh, min_size, weights, bbox_xform_clip);
   if (c.per_image == 0) {
     return {at::empty({0, 4}, objectness.options()), at::empty({0}, objectness.options()), at::zeros({batch}, long_opts)};
   }
@@ -186,15 +188,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rpn_proposals_generic(
 std::tuple<at::Tensor, at::Tensor, at::Tensor> rpn_proposals_padded(
     const at::Tensor& objectness, const at::Tensor& deltas, const at::Tensor& anchors,
     at::IntArrayRef num_anchors_per_level, at::IntArrayRef image_sizes, int64_t pre_nms_top_n, int64_t post_nms_top_n,
-    double nms_thresh, double score_thresh, double min_size) {
+    double nms_thresh, double score_thresh, double min_size, at::ArrayRef<double> weights, double bbox_xform_clip) {
   check_rpn_inputs(objectness, deltas, anchors, num_anchors_per_level, image_sizes);
+  check_box_weights(weights, "rpn_proposals");
   FRCNN_CHECK(post_nms_top_n >= 0, "rpn_proposals_padded: post_nms_top_n must be >= 0 (the padded size), got ",
               post_nms_top_n);
   const int64_t batch = objectness.size(0);
   const auto long_opts = objectness.options().dtype(at::kLong);
   const at::Tensor hw = device_values(image_sizes, long_opts).to(objectness.scalar_type()).view({batch, 2});
   const RpnCandidates c = rpn_candidates(objectness, deltas, anchors, num_anchors_per_level, hw, pre_nms_top_n,
-                                         nms_thresh, score_thresh, min_size);
+                                         nms_thresh, score_thresh, min_size, weights, bbox_xform_clip);
   if (c.per_image == 0 || batch == 0) {
     return {at::zeros({batch, post_nms_top_n, 4}, objectness.options()),
             at::zeros({batch, post_nms_top_n}, objectness.options()), at::zeros({batch}, long_opts)};
@@ -214,13 +217,14 @@ struct DetectionCandidates {
 DetectionCandidates detection_candidates(const at::Tensor& class_logits, const at::Tensor& box_regression,
                                          const at::Tensor& proposals, const at::Tensor& proposal_image,
                                          const at::Tensor* proposal_valid, const at::Tensor& hw,
-                                         at::ArrayRef<double> weights, double score_thresh, double nms_thresh,
-                                         double min_size) {
+                                         at::ArrayRef<double> weights, double bbox_xform_clip,
+                                         double score_thresh, double nms_thresh, double min_size) {
   const int64_t classes = class_logits.size(1), k = class_logits.size(0);
   const auto long_opts = class_logits.options().dtype(at::kLong);
   DetectionCandidates c;
   c.scores = class_logits.softmax(-1).slice(1, 1).reshape({-1});
-  at::Tensor boxes = decode_op(box_regression, proposals, weights).view({k, classes, 4}).slice(1, 1);
+  const at::Tensor boxes =
+      decode_op(box_regression, proposals, weights, bbox_xform_clip).view({k, classes, 4}).slice(1, 1);
   c.boxes = clip_rows(boxes, hw.index_select(0, proposal_image).unsqueeze(1)).reshape({-1, 4});
   c.labels = at::arange(1, classes, long_opts).repeat({k});
   c.image_of = proposal_image.unsqueeze(1).expand({k, classes - 1}).reshape({-1});
@@ -235,7 +239,7 @@ DetectionCandidates detection_candidates(const at::Tensor& class_logits, const a
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> detection_postprocess_generic(
     const at::Tensor& class_logits, const at::Tensor& box_regression, const at::Tensor& proposals,
     at::IntArrayRef boxes_per_image, at::IntArrayRef image_sizes, at::ArrayRef<double> weights, double score_thresh,
-    double nms_thresh, int64_t detections_per_img, double min_size) {
+    double nms_thresh, int64_t detections_per_img, double min_size, double bbox_xform_clip) {
   check_detection_inputs(class_logits, box_regression, proposals, boxes_per_image, image_sizes, weights);
   const int64_t batch = static_cast<int64_t>(boxes_per_image.size()), k = class_logits.size(0);
   const auto long_opts = class_logits.options().dtype(at::kLong);
@@ -243,7 +247,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> detection_postprocess
   const at::Tensor proposal_image = at::arange(batch, long_opts).repeat_interleave(per_image, 0, k);
   const at::Tensor hw = host_values_on(image_sizes, long_opts).to(class_logits.scalar_type()).view({batch, 2});
   const DetectionCandidates c = detection_candidates(class_logits, box_regression, proposals, proposal_image, nullptr,
-                                                     hw, weights, score_thresh, nms_thresh, min_size);
+                                                     hw, weights, bbox_xform_clip, score_thresh, nms_thresh,
+                                                     min_size);
   const auto [rows, counts] = first_per_image(c.kept, c.scores, c.image_of, batch, detections_per_img);
   return {c.boxes.index_select(0, rows), c.scores.index_select(0, rows), c.labels.index_select(0, rows), counts};
 }
@@ -251,7 +256,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> detection_postprocess
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> detection_postprocess_padded(
     const at::Tensor& class_logits, const at::Tensor& box_regression, const at::Tensor& proposals,
     const at::Tensor& proposal_counts, at::IntArrayRef image_sizes, at::ArrayRef<double> weights, double score_thresh,
-    double nms_thresh, int64_t detections_per_img, double min_size) {
+    double nms_thresh, int64_t detections_per_img, double min_size, double bbox_xform_clip) {
   const int64_t per_image = check_detection_padded_inputs(class_logits, box_regression, proposals, proposal_counts,
                                                           image_sizes, weights, detections_per_img);
   const int64_t batch = static_cast<int64_t>(image_sizes.size()) / 2;
@@ -268,7 +273,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> detection_postprocess
       at::arange(per_image, long_opts).repeat({batch}).lt(proposal_counts.index_select(0, proposal_image));
   const at::Tensor hw = device_values(image_sizes, long_opts).to(class_logits.scalar_type()).view({batch, 2});
   const DetectionCandidates c = detection_candidates(class_logits, box_regression, proposals, proposal_image,
-                                                     &proposal_valid, hw, weights, score_thresh, nms_thresh, min_size);
+                                                     &proposal_valid, hw, weights, bbox_xform_clip, score_thresh,
+                                                     nms_thresh, min_size);
   const PaddedSelection s = first_per_image_padded(c.kept, c.scores, batch, per_image * (classes - 1),
                                                    detections_per_img);
   return {gather_padded(c.boxes, s), gather_padded(c.scores, s), gather_padded(c.labels, s), s.counts};

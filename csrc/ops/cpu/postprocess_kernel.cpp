@@ -24,7 +24,6 @@
 
 #include "ops/common/box_math.h"
 #include "ops/common/checks.h"
-#include "ops/common/constants.h"
 #include "ops/cpu/nms_cpu.h"
 
 namespace fasterrcnn_ext {
@@ -96,6 +95,13 @@ std::vector<int64_t> top_k_indices(const acc_t* values, int64_t n, int64_t k) {
   for (int64_t j = 0; j < need; ++j) out.push_back(boundary[j].second);
   std::sort(out.begin(), out.end());
   return out;
+}
+
+// The box coder's weights (checked to be 4 by the caller) in acc_t.
+template <typename acc_t>
+BoxWeights<acc_t> box_weights(at::ArrayRef<double> weights) {
+  return {static_cast<acc_t>(weights[0]), static_cast<acc_t>(weights[1]), static_cast<acc_t>(weights[2]),
+          static_cast<acc_t>(weights[3])};
 }
 
 template <typename acc_t>
@@ -181,7 +187,7 @@ template <typename scalar_t>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> rpn_proposals_cpu_typed(
     const at::Tensor& objectness_in, const at::Tensor& deltas_in, const at::Tensor& anchors_in,
     at::IntArrayRef num_anchors_per_level, at::IntArrayRef image_sizes, int64_t pre_nms_top_n, int64_t post_nms_top_n,
-    double nms_thresh, double score_thresh, double min_size) {
+    double nms_thresh, double score_thresh, double min_size, at::ArrayRef<double> weights, double bbox_xform_clip) {
   using acc_t = at::opmath_type<scalar_t>;
   const auto acc_type = c10::CppTypeToScalarType<acc_t>::value;
   const at::Tensor objectness = objectness_in.to(acc_type).contiguous();
@@ -238,8 +244,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rpn_proposals_cpu_typed(
     }
   });
 
-  const BoxWeights<acc_t> unit{1, 1, 1, 1};
-  const acc_t clip = static_cast<acc_t>(kBBoxXformClip);
+  const BoxWeights<acc_t> w = box_weights<acc_t>(weights);
+  const acc_t clip = static_cast<acc_t>(bbox_xform_clip);
   const acc_t min_side = static_cast<acc_t>(min_size), min_score = static_cast<acc_t>(score_thresh);
   std::vector<ImageResult<acc_t>> results(batch);
   at::parallel_for(0, batch, 1, [&](int64_t lo, int64_t hi) {
@@ -251,7 +257,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rpn_proposals_cpu_typed(
           const acc_t score = sigmoid(logits[n * total + i]);
           if (!(score >= min_score)) continue;  // ">=" as torchvision; NaN fails
           acc_t box[4];
-          if (!decode_clip_keep(d + (n * total + i) * 4, a + i * 4, unit, clip, height, width, min_side, box)) continue;
+          if (!decode_clip_keep(d + (n * total + i) * 4, a + i * 4, w, clip, height, width, min_side, box)) continue;
           c.add(box, score, l);
         }
       }
@@ -265,12 +271,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rpn_proposals_cpu_typed(
 std::tuple<at::Tensor, at::Tensor, at::Tensor> rpn_proposals_cpu(
     const at::Tensor& objectness, const at::Tensor& deltas, const at::Tensor& anchors,
     at::IntArrayRef num_anchors_per_level, at::IntArrayRef image_sizes, int64_t pre_nms_top_n, int64_t post_nms_top_n,
-    double nms_thresh, double score_thresh, double min_size) {
+    double nms_thresh, double score_thresh, double min_size, at::ArrayRef<double> weights, double bbox_xform_clip) {
   check_rpn_inputs(objectness, deltas, anchors, num_anchors_per_level, image_sizes);
+  check_box_weights(weights, "rpn_proposals");
   std::tuple<at::Tensor, at::Tensor, at::Tensor> out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, objectness.scalar_type(), "rpn_proposals_cpu", [&] {
     out = rpn_proposals_cpu_typed<scalar_t>(objectness, deltas, anchors, num_anchors_per_level, image_sizes,
-                                            pre_nms_top_n, post_nms_top_n, nms_thresh, score_thresh, min_size);
+                                            pre_nms_top_n, post_nms_top_n, nms_thresh, score_thresh, min_size,
+                                            weights, bbox_xform_clip);
   });
   return out;
 }
@@ -283,7 +291,8 @@ std::vector<at::Tensor> detection_postprocess_cpu_typed(const at::Tensor& class_
                                                         const std::vector<int64_t>& image_end,
                                                         at::IntArrayRef image_sizes, at::ArrayRef<double> weights,
                                                         double score_thresh, double nms_thresh,
-                                                        int64_t detections_per_img, double min_size) {
+                                                        int64_t detections_per_img, double min_size,
+                                                        double bbox_xform_clip) {
   using acc_t = at::opmath_type<scalar_t>;
   const at::Tensor class_logits = class_logits_in.contiguous(), box_regression = box_regression_in.contiguous();
   const at::Tensor proposals = proposals_in.contiguous();
@@ -291,9 +300,8 @@ std::vector<at::Tensor> detection_postprocess_cpu_typed(const at::Tensor& class_
   const scalar_t* logits = class_logits.data_ptr<scalar_t>();
   const scalar_t* reg = box_regression.data_ptr<scalar_t>();
   const scalar_t* props = proposals.data_ptr<scalar_t>();
-  const BoxWeights<acc_t> w{static_cast<acc_t>(weights[0]), static_cast<acc_t>(weights[1]),
-                            static_cast<acc_t>(weights[2]), static_cast<acc_t>(weights[3])};
-  const acc_t clip = static_cast<acc_t>(kBBoxXformClip);
+  const BoxWeights<acc_t> w = box_weights<acc_t>(weights);
+  const acc_t clip = static_cast<acc_t>(bbox_xform_clip);
   const acc_t min_side = static_cast<acc_t>(min_size), min_score = static_cast<acc_t>(score_thresh);
 
   std::vector<ImageResult<acc_t>> results(batch);
@@ -327,7 +335,7 @@ std::vector<at::Tensor> detection_postprocess_cpu_typed(const at::Tensor& class_
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> detection_postprocess_cpu(
     const at::Tensor& class_logits, const at::Tensor& box_regression, const at::Tensor& proposals,
     at::IntArrayRef boxes_per_image, at::IntArrayRef image_sizes, at::ArrayRef<double> weights, double score_thresh,
-    double nms_thresh, int64_t detections_per_img, double min_size) {
+    double nms_thresh, int64_t detections_per_img, double min_size, double bbox_xform_clip) {
   check_detection_inputs(class_logits, box_regression, proposals, boxes_per_image, image_sizes, weights);
   std::vector<int64_t> image_begin, image_end;
   int64_t row = 0;
@@ -341,7 +349,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> detection_postprocess
                                     out = detection_postprocess_cpu_typed<scalar_t>(
                                         class_logits, box_regression, proposals, image_begin, image_end,
                                         image_sizes, weights, score_thresh, nms_thresh, detections_per_img,
-                                        min_size);
+                                        min_size, bbox_xform_clip);
                                   });
   return {out[0], out[1], out[2], out[3]};
 }
@@ -364,19 +372,19 @@ at::Tensor pad_per_image(const at::Tensor& values, const at::Tensor& counts, int
 std::tuple<at::Tensor, at::Tensor, at::Tensor> rpn_proposals_padded_cpu(
     const at::Tensor& objectness, const at::Tensor& deltas, const at::Tensor& anchors,
     at::IntArrayRef num_anchors_per_level, at::IntArrayRef image_sizes, int64_t pre_nms_top_n, int64_t post_nms_top_n,
-    double nms_thresh, double score_thresh, double min_size) {
+    double nms_thresh, double score_thresh, double min_size, at::ArrayRef<double> weights, double bbox_xform_clip) {
   FRCNN_CHECK(post_nms_top_n >= 0, "rpn_proposals_padded: post_nms_top_n must be >= 0 (the padded size), got ",
               post_nms_top_n);
   const auto [boxes, scores, counts] = rpn_proposals_cpu(objectness, deltas, anchors, num_anchors_per_level,
                                                          image_sizes, pre_nms_top_n, post_nms_top_n, nms_thresh,
-                                                         score_thresh, min_size);
+                                                         score_thresh, min_size, weights, bbox_xform_clip);
   return {pad_per_image(boxes, counts, post_nms_top_n), pad_per_image(scores, counts, post_nms_top_n), counts};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> detection_postprocess_padded_cpu(
     const at::Tensor& class_logits, const at::Tensor& box_regression, const at::Tensor& proposals,
     const at::Tensor& proposal_counts, at::IntArrayRef image_sizes, at::ArrayRef<double> weights, double score_thresh,
-    double nms_thresh, int64_t detections_per_img, double min_size) {
+    double nms_thresh, int64_t detections_per_img, double min_size, double bbox_xform_clip) {
   const int64_t per_image = check_detection_padded_inputs(class_logits, box_regression, proposals, proposal_counts,
                                                           image_sizes, weights, detections_per_img);
   const at::Tensor real = proposal_counts.contiguous();
@@ -394,7 +402,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> detection_postprocess
                                     out = detection_postprocess_cpu_typed<scalar_t>(
                                         class_logits, box_regression, proposals, image_begin, image_end,
                                         image_sizes, weights, score_thresh, nms_thresh, detections_per_img,
-                                        min_size);
+                                        min_size, bbox_xform_clip);
                                   });
   const at::Tensor& counts = out[3];
   return {pad_per_image(out[0], counts, detections_per_img), pad_per_image(out[1], counts, detections_per_img),

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor, nn
 
@@ -47,24 +45,6 @@ class BoxCoder:
     def decode_single(self, rel_codes: Tensor, boxes: Tensor) -> Tensor:
         # fp32 at least: the kernel computes in float32 (float64 for float64 codes).
         return ops.decode_boxes(rel_codes, boxes.to(rel_codes.dtype), self.weights, self.bbox_xform_clip)
-
-
-def decodes_like_fused_ops(weights: tuple[float, float, float, float], bbox_xform_clip: float,
-                           unit_weights: bool) -> bool:
-    """Whether a box coder of these ``weights`` and exp clamp decodes as the fused post-processing ops do. They take
-    the weights of the RoI heads' coder but fix the rest: the exp clamp of log(1000/16) and, for the RPN's selection
-    (``unit_weights``), torchvision's unit weights. Scriptable: TorchScript's forward, which has no torchvision steps
-    to fall back on, refuses a coder that fails it."""
-    if bbox_xform_clip != math.log(1000.0 / 16):  # BBOX_XFORM_CLIP: TorchScript reads no global float
-        return False
-    return not unit_weights or (weights[0] == 1.0 and weights[1] == 1.0 and weights[2] == 1.0 and weights[3] == 1.0)
-
-
-def fused_ops_decode_like(coder, unit_weights: bool = False) -> bool:
-    """decodes_like_fused_ops for ``coder``: any object with torchvision's BoxCoder attributes, which a user may put
-    in place of the default. One that differs sends the eager model to torchvision's steps, which decode with it."""
-    weights = tuple(float(w) for w in coder.weights)
-    return len(weights) == 4 and decodes_like_fused_ops(weights, float(coder.bbox_xform_clip), unit_weights)
 
 
 def rebind(cls: type, module: nn.Module):

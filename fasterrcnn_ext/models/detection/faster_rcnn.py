@@ -38,7 +38,7 @@ from ...ops.utils import ArgumentError, pair, tracing_by_value
 from . import transform
 from ._inference import InferenceCopy
 from ._routing import PRECISIONS, ForwardState, InferenceOptions, Route, choose_route, precision_of_dtype
-from ._utils import fused_ops_decode_like, rebind
+from ._utils import rebind
 from .anchor_utils import AnchorGenerator
 from .roi_heads import RoIHeads
 from .rpn import RegionProposalNetwork, RPNHead
@@ -229,8 +229,7 @@ class FasterRCNN(tv_faster_rcnn.FasterRCNN):
         _check_inputs(images, targets, self.training, self.transform)
         state = ForwardState(
             training=self.training, grad_enabled=torch.is_grad_enabled(), compiling=torch.compiler.is_compiling(),
-            tracing=tracing_by_value(), cuda_images=bool(images) and all(i.device.type == "cuda" for i in images),
-            fused_decoding=self.rpn.selects_with_fused_op() and fused_ops_decode_like(self.roi_heads.box_coder))
+            tracing=tracing_by_value(), cuda_images=bool(images) and all(i.device.type == "cuda" for i in images))
         route = choose_route(state, self.inference_options)
         if route is Route.COMPILED_EVAL:
             return self._compiled_eval_forward(images)

@@ -12,7 +12,7 @@ from torchvision.models.detection import roi_heads as tv_roi_heads
 
 from ... import ops
 from ...ops.utils import tracing_by_value
-from ._utils import BoxCoder, decodes_like_fused_ops, fused_ops_decode_like, rebind
+from ._utils import BoxCoder, rebind
 
 __all__ = ["RoIHeads"]
 
@@ -81,18 +81,15 @@ class RoIHeads(tv_roi_heads.RoIHeads):
                                image_shapes: list[tuple[int, int]]) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
         """Detections per image in one fused op (softmax, decode, clip, thresholds, per-class NMS, top-k); under
         torch.jit.trace or the TorchScript-based ONNX exporter (tracing_by_value()), torchvision's steps, whose every
-        operation has an ONNX form; torchvision's steps too for a box coder whose exp clamp the op does not share."""
-        if torch.jit.is_scripting():  # no torchvision steps in TorchScript: a clamp the op ignores is an error
-            if not decodes_like_fused_ops(self.box_coder.weights, self.box_coder.bbox_xform_clip, False):
-                raise RuntimeError("scripted RoIHeads: roi_heads.box_coder clamps exp otherwise than the fused "
-                                   "post-processing (log(1000/16)); run it in eager mode")
-        else:
-            if tracing_by_value() or not fused_ops_decode_like(self.box_coder):
+        operation has an ONNX form. Boxes decode with self.box_coder's weights and exp clamp."""
+        if not torch.jit.is_scripting():
+            if tracing_by_value():
                 return super().postprocess_detections(class_logits, box_regression, proposals, image_shapes)
         dtype = proposals[0].dtype  # boxes stay in float32 when the heads ran in half precision (autocast)
         boxes, scores, labels = ops.detection_postprocess(
             class_logits.to(dtype), box_regression.to(dtype), proposals, image_shapes, self.box_coder.weights,
-            self.score_thresh, self.nms_thresh, self.detections_per_img)
+            self.score_thresh, self.nms_thresh, self.detections_per_img,
+            bbox_xform_clip=self.box_coder.bbox_xform_clip)
         return list(boxes), list(scores), list(labels)
 
     @torch.jit.unused
@@ -102,13 +99,10 @@ class RoIHeads(tv_roi_heads.RoIHeads):
         of which image i's first proposal_counts[i] are real: boxes [N, D, 4], scores [N, D], labels [N, D] and
         counts [N], D = detections_per_img, in the resized images' coordinates. The box head runs on all N * P rows
         (rows do not interact in eval); the padding rows are ignored by the post-processing."""
-        if not fused_ops_decode_like(self.box_coder):
-            raise ValueError("detect_padded: roi_heads.box_coder clamps exp at "
-                             f"{self.box_coder.bbox_xform_clip}, the fused post-processing at log(1000/16); use "
-                             "forward, which decodes with it")
         box_features = self.box_roi_pool(features, list(proposals.unbind(0)), image_shapes)
         class_logits, box_regression = self.box_predictor(self.box_head(box_features))
         dtype = proposals.dtype  # boxes stay in float32 when the heads ran in half precision (autocast)
         return ops.detection_postprocess_padded(
             class_logits.to(dtype), box_regression.to(dtype), proposals, proposal_counts, image_shapes,
-            self.box_coder.weights, self.score_thresh, self.nms_thresh, self.detections_per_img)
+            self.box_coder.weights, self.score_thresh, self.nms_thresh, self.detections_per_img,
+            bbox_xform_clip=self.box_coder.bbox_xform_clip)

@@ -14,7 +14,7 @@ from torchvision.models.detection.rpn import RPNHead, concat_box_prediction_laye
 
 from ... import ops
 from ...ops.utils import tracing_by_value
-from ._utils import BoxCoder, decodes_like_fused_ops, fused_ops_decode_like, rebind
+from ._utils import BoxCoder, rebind
 from .anchor_utils import AnchorGenerator
 
 __all__ = ["RegionProposalNetwork", "RPNHead"]
@@ -54,18 +54,10 @@ class RegionProposalNetwork(tv_rpn.RegionProposalNetwork):
         return ours
 
     @torch.jit.unused
-    def selects_with_fused_op(self) -> bool:
-        """Whether the fused selection decodes as self.box_coder does (torchvision's unit-weight RPN coder, the
-        default). A box coder put in its place that decodes otherwise is used through torchvision's steps in eager
-        mode; detect_padded, which has no such steps, refuses it."""
-        return fused_ops_decode_like(self.box_coder, unit_weights=True)
-
-    @torch.jit.unused
     def filter_proposals(self, proposals: Tensor, objectness: Tensor, image_shapes: list[tuple[int, int]],
                          num_anchors_per_level: list[int]) -> tuple[list[Tensor], list[Tensor]]:
         """torchvision's selection, in standard operations: used only under torch.jit.trace or the
-        TorchScript-based ONNX exporter, or with a box coder the fused op does not reproduce (forward selects with
-        the fused rpn_proposals op otherwise)."""
+        TorchScript-based ONNX exporter (forward selects with the fused rpn_proposals op otherwise)."""
         return super().filter_proposals(proposals, objectness, image_shapes, num_anchors_per_level)
 
     def forward(self, images: ImageList, features: dict[str, Tensor],
@@ -93,10 +85,6 @@ class RegionProposalNetwork(tv_rpn.RegionProposalNetwork):
                          features: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
         """The eval proposals with static sizes (FasterRCNN.detect_padded): Tensor[N, P, 4] with P =
         post_nms_top_n, image i's first counts[i] rows holding what forward gives it, and counts Tensor[N]."""
-        if not self.selects_with_fused_op():
-            raise ValueError("detect_padded: rpn.box_coder decodes otherwise than the fused proposal selection (unit "
-                             f"weights, exp clamp log(1000/16)): weights {tuple(self.box_coder.weights)}, clamp "
-                             f"{self.box_coder.bbox_xform_clip}; use forward, which decodes with it")
         feature_maps = list(features.values())
         objectness, pred_bbox_deltas = head(feature_maps)
         anchors, objectness_flat, deltas_flat, num_anchors_per_level = self._flat_predictions(
@@ -105,7 +93,7 @@ class RegionProposalNetwork(tv_rpn.RegionProposalNetwork):
         boxes, _, counts = ops.rpn_proposals_padded(
             objectness_flat.view(num_images, -1), deltas_flat.view(num_images, -1, 4), anchors[0],
             num_anchors_per_level, images.image_sizes, self.pre_nms_top_n(), self.post_nms_top_n(), self.nms_thresh,
-            self.score_thresh, self.min_size)
+            self.score_thresh, self.min_size, self.box_coder.weights, self.box_coder.bbox_xform_clip)
         return boxes, counts
 
     def _flat_predictions(self, images: ImageList, features: list[Tensor], objectness: list[Tensor],
@@ -123,18 +111,10 @@ class RegionProposalNetwork(tv_rpn.RegionProposalNetwork):
     def _select(self, images: ImageList, anchors: list[Tensor], objectness_flat: Tensor, deltas_flat: Tensor,
                 num_anchors_per_level: list[int]) -> list[Tensor]:
         num_images = len(anchors)
-        if torch.jit.is_scripting():  # no torchvision steps in TorchScript: a coder the op ignores is an error
-            if not decodes_like_fused_ops(self.box_coder.weights, self.box_coder.bbox_xform_clip, True):
-                raise RuntimeError("scripted RegionProposalNetwork: rpn.box_coder decodes otherwise than the fused "
-                                   "proposal selection (unit weights, exp clamp log(1000/16)); run it in eager mode")
-        else:
-            if not self.selects_with_fused_op():
-                decoded = self.box_coder.decode(deltas_flat, anchors).view(num_images, -1, 4)
-                return self.filter_proposals(decoded, objectness_flat, images.image_sizes, num_anchors_per_level)[0]
         boxes, _ = ops.rpn_proposals(
             objectness_flat.view(num_images, -1), deltas_flat.view(num_images, -1, 4), anchors[0],
             num_anchors_per_level, images.image_sizes, self.pre_nms_top_n(), self.post_nms_top_n(), self.nms_thresh,
-            self.score_thresh, self.min_size)
+            self.score_thresh, self.min_size, self.box_coder.weights, self.box_coder.bbox_xform_clip)
         return boxes
 
     def _proposals(self, images: ImageList, features: list[Tensor], objectness: list[Tensor],
