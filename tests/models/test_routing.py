@@ -25,7 +25,6 @@ EVAL = ForwardState(training=False, grad_enabled=False, compiling=False, tracing
     ({}, {"precision": "int8"}, Route.INFERENCE),
     ({"cuda_images": True}, {}, Route.PADDED_CUDA),
     ({"cuda_images": True}, {"static_cuda_forward": False}, Route.INFERENCE),
-    ({"cuda_images": True, "fused_decoding": False}, {}, Route.INFERENCE),
     ({}, {"fast": False}, Route.TORCHVISION),
     ({"grad_enabled": True}, {}, Route.TORCHVISION),
     ({"tracing": True}, {}, Route.TORCHVISION),

@@ -94,7 +94,6 @@ class ForwardState:
     compiling: bool  # torch.compile or torch.export
     tracing: bool  # torch.jit.trace or the TorchScript-based ONNX exporter
     cuda_images: bool  # every image is on a CUDA device (and there is at least one)
-    fused_decoding: bool = True  # the box coders decode as the fused post-processing ops do
 
 
 class Route(enum.Enum):
@@ -114,6 +113,6 @@ def choose_route(state: ForwardState, options: InferenceOptions) -> Route:
         return Route.COMPILED_EVAL
     if state.training or state.grad_enabled or state.tracing or not options.fast:
         return Route.TORCHVISION
-    if options.static_cuda_forward and state.cuda_images and state.fused_decoding:
+    if options.static_cuda_forward and state.cuda_images:
         return Route.PADDED_CUDA
     return Route.INFERENCE
