@@ -38,6 +38,8 @@ def _trained(args) -> dict[str, str]:
     if not os.path.exists(os.path.join(demo_dir, "model.pt")):
         demo(demo_dir, progress=False)
     paths["fasterrcnn_tiny (demo)"] = os.path.join(demo_dir, "model.pt")
+    if args.mobilenet_iters == 0:
+        return paths
     mobilenet_dir = os.path.join(args.out, "mobilenet_v3_320")
     last = os.path.join(mobilenet_dir, "last.pt")
     if not os.path.exists(last):
@@ -51,7 +53,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, help="folder for the trained models and gate.json")
     parser.add_argument("--demo", help="a finished demo run (its model.pt) instead of training one")
-    parser.add_argument("--mobilenet-iters", type=int, default=1500)
+    parser.add_argument("--mobilenet-iters", type=int, default=1500, help="0: the demo's model only")
     parser.add_argument("--calibration", type=int, default=16, help="training images int8 calibrates on")
     parser.add_argument("--held-out", type=int, default=200)
     args = parser.parse_args(argv)

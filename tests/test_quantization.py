@@ -87,6 +87,16 @@ def test_quantized_linear_matches_the_float_linear(activation):
     assert got.shape == expected.shape and _relative_error(got, expected) < 0.03
 
 
+def _calibrated(module, x, name):
+    """The ranges quantize() records, for one module run on x."""
+    ranges = quantization._Ranges()
+    handles = quantization._observe(module, name, ranges)
+    module(x)
+    for handle in handles:
+        handle.remove()
+    return ranges
+
+
 def _resnet_model(**kwargs):
     torch.manual_seed(0)
     return fasterrcnn_resnet50_fpn(weights=None, weights_backbone=None, min_size=160, max_size=224,
@@ -105,12 +115,7 @@ def test_quantized_bottleneck_matches_the_folded_block_and_keeps_its_input():
     x = torch.relu(torch.randn(1, 64, 14, 14))
     with torch.no_grad():
         expected = block(x)
-        ranges = quantization._Ranges()
-        handles = quantization._observe(block, "b", ranges)
-        block(x)
-        for h in handles:
-            h.remove()
-        q = quantization._Converter(ranges, 255).bottleneck(block, "b", input_reused=True)
+        q = quantization._Converter(_calibrated(block, x, "b"), 255).bottleneck(block, "b", input_reused=True)
         q.conv3.output_qparams = None  # float output, to compare
         before = x.clone()
         got = q(x)
@@ -261,14 +266,24 @@ def test_nested_sequentials_chain_in_uint8_and_match_float():
     x = torch.randn(4, 8, 6, 6)
     with torch.no_grad():
         expected = stack(x)
-        ranges = quantization._Ranges()
-        handles = quantization._observe(stack, "s", ranges)
-        stack(x)
-        for h in handles:
-            h.remove()
-        quantization._Converter(ranges, 255).generic(stack, "s")
+        quantization._Converter(_calibrated(stack, x, "s"), 255).generic(stack, "s")
         got = stack(x)
     first, second, linear = stack[0][0], stack[1][0], stack[3]
     assert isinstance(first, QuantizedConv2d) and first.output_qparams == second.input_qparams
     assert second.output_qparams == linear.input_qparams and linear.activation == "relu"
     assert _relative_error(got, expected) < 0.05
+
+
+def test_weights_are_packed_per_input_shape_and_give_the_same_results():
+    """oneDNN's packed layout depends on the input shape (packed without it, some shapes reorder the weight on every
+    call): one packing per shape, a bounded number kept, each giving the float convolution's result."""
+    torch.manual_seed(6)
+    conv = nn.Conv2d(32, 16, 1).eval()
+    q = QuantizedConv2d(conv, input_qparams=QParams.from_range(0.0, 1.0, 255), activation="relu")
+    shapes = [(1, 32, 9 + i, 7) for i in range(quantization._PACKED_SHAPES + 2)]
+    with torch.no_grad():
+        for shape in shapes + shapes[-2:]:
+            x = torch.rand(shape)
+            assert _relative_error(q(x), torch.relu(conv(x))) < 0.03
+    cached = q.__dict__["_packed"][1]
+    assert len(cached) == quantization._PACKED_SHAPES and tuple(shapes[-1]) in cached
