@@ -326,10 +326,15 @@ class _Converter:
     def linear(self, linear: nn.Linear, name: str, activation: str = "none") -> QuantizedLinear:
         return QuantizedLinear(linear, input_qparams=self.qparams(f"{name}:in"), activation=activation)
 
-    def bottleneck(self, block: Bottleneck, name: str, input_reused: bool) -> QuantizedBottleneck:
+    def bottleneck(self, block: Bottleneck, name: str, *, input_reused: bool,
+                   input_qparams: QParams | None = None) -> QuantizedBottleneck:
+        """``input_qparams``: the scale the block's input arrives in (its producer's output), else the observed
+        range of that input."""
         conv1 = self.conv(block.conv1, f"{name}.conv1", "relu")
         conv2 = self.conv(block.conv2, f"{name}.conv2", "relu")
         conv3 = self.conv(block.conv3, f"{name}.conv3", "relu")
+        if input_qparams is not None:
+            conv1.input_qparams = input_qparams
         conv1.output_qparams = conv2.input_qparams
         conv2.output_qparams = conv3.input_qparams
         downsample = None
@@ -343,29 +348,23 @@ class _Converter:
     def resnet_body(self, body: nn.Module, name: str) -> None:
         """A ResNet trunk (torchvision's IntermediateLayerGetter or ResNet: conv1, bn1, relu, maxpool, layer1..4) in
         place: everything from the stem to the last bottleneck passes uint8; each returned layer's output is
-        uint8 in the scale of its bottleneck's output, which its readers (the FPN's inner convolutions, see
-        ``fpn``) take as their input scale."""
+        uint8 in the scale of its last bottleneck's output, which its readers (the FPN's inner convolutions) must
+        take as their input scale."""
         stem = self.conv(body.conv1, f"{name}.conv1", "relu")
         stem.output_qparams = self.qparams(f"{name}.maxpool:out")
         body.conv1, body.relu, body.maxpool = stem, nn.Identity(), QuantizedMaxPool2d(body.maxpool)
         previous_out = stem.output_qparams
-        for layer_name in ("layer1", "layer2", "layer3", "layer4"):
+        for layer_name in _RESNET_LAYERS:
             layer = getattr(body, layer_name, None)
             if layer is None:
                 continue
             for i, block_name in enumerate(list(layer._modules)):
                 full = f"{name}.{layer_name}.{block_name}"
-                block = self.bottleneck(layer._modules[block_name], full, input_reused=i == 0)
-                block.conv1.input_qparams = previous_out  # the previous block wrote it in this scale
-                if block.downsample is not None:
-                    block.downsample.input_qparams = previous_out
-                elif block.conv3.accumulate_qparams is not None:
-                    block.conv3.accumulate_qparams = previous_out
+                block = self.bottleneck(layer._modules[block_name], full, input_reused=i == 0,
+                                        input_qparams=previous_out)  # the previous block wrote it in this scale
                 block.conv3.output_qparams = self.qparams(f"{full}:out")
                 previous_out = block.conv3.output_qparams
                 layer._modules[block_name] = block
-        self.body_outputs = {layer_name: getattr(body, layer_name)[-1].conv3.output_qparams
-                             for layer_name in ("layer1", "layer2", "layer3", "layer4") if hasattr(body, layer_name)}
 
     def generic(self, root: nn.Module, prefix: str) -> None:
         """Every remaining convolution and linear layer under ``root``, fusing an activation that directly follows
@@ -377,7 +376,7 @@ class _Converter:
             names = list(parent._modules)
             for i, child_name in enumerate(names):
                 child = parent._modules[child_name]
-                if not _quantizable(child) or _inside(parent_name, self.skip):
+                if not _quantizable(child):
                     continue
                 activation = "none"
                 if isinstance(parent, nn.Sequential):
@@ -407,8 +406,6 @@ class _Converter:
             if consumer is not None:
                 producer.output_qparams = consumer.input_qparams
 
-    skip: tuple[str, ...] = ()
-
 
 # Modules that pass uint8 through unchanged in meaning (max commutes with the monotonic quantization; the others
 # move no value).
@@ -430,12 +427,11 @@ def _edge_layer(module: nn.Module, last: bool) -> QuantizedConv2d | QuantizedLin
     return None
 
 
-def _inside(name: str, prefixes: tuple[str, ...]) -> bool:
-    return any(name == p or name.startswith(p + ".") for p in prefixes)
+_RESNET_LAYERS = ("layer1", "layer2", "layer3", "layer4")
 
 
 def _is_resnet_body(body: nn.Module) -> bool:
-    layers = [getattr(body, f"layer{i}", None) for i in range(1, 5)]
+    layers = [getattr(body, name, None) for name in _RESNET_LAYERS]
     return (isinstance(getattr(body, "conv1", None), nn.Conv2d) and isinstance(getattr(body, "maxpool", None),
                                                                                 nn.MaxPool2d)
             and all(isinstance(layer, nn.Sequential) and all(isinstance(b, Bottleneck) for b in layer)
@@ -543,17 +539,14 @@ def quantize(model: nn.Module, calibration_images, *, inplace: bool = False) -> 
                      and hasattr(fpn, "inner_blocks") and hasattr(body, "return_layers"))
     if chained_trunk:
         converter.resnet_body(body, "backbone.body")
-        converter.skip = ("backbone.body",)
-    converter.generic(model.backbone, "backbone")
+    converter.generic(model.backbone, "backbone")  # what resnet_body left: the FPN, any other backbone
     if chained_trunk:
         # The FPN's inner convolutions read the trunk's returned layers: uint8 in the scale the last bottleneck of
         # each wrote (the same tensor they observed).
-        returned = list(getattr(body, "return_layers", {}).keys())
-        for layer_name, inner in zip(returned, fpn.inner_blocks):
+        for layer_name, inner in zip(body.return_layers, fpn.inner_blocks):
             conv = inner[0] if isinstance(inner, nn.Sequential) else inner
-            if isinstance(conv, QuantizedConv2d) and layer_name in converter.body_outputs:
-                conv.input_qparams = converter.body_outputs[layer_name]
-    converter.skip = ()
+            if isinstance(conv, QuantizedConv2d) and layer_name in _RESNET_LAYERS:
+                conv.input_qparams = getattr(body, layer_name)[-1].conv3.output_qparams
     converter.generic(model.rpn.head, "rpn.head")
     _chain_rpn_head(model.rpn.head)
     if isinstance(box_head, TwoMLPHead) or isinstance(box_head, frcnn.VGG16BoxHead):
