@@ -114,6 +114,18 @@ def _check_resizable(images, resize) -> None:
                              f"{int(height * scale)}x{int(width * scale)}")
 
 
+def _option_view(field: str, doc: str) -> property:
+    """A model property that reads and replaces one field of its frozen ``inference_options``."""
+
+    def get(self):
+        return getattr(self.inference_options, field)
+
+    def set(self, value) -> None:
+        self.inference_options = dataclasses.replace(self.inference_options, **{field: value})
+
+    return property(get, set, doc=doc)
+
+
 class FasterRCNN(tv_faster_rcnn.FasterRCNN):
     """torchvision's FasterRCNN on fasterrcnn_ext's kernels: the same constructor arguments (see torchvision's
     documentation), the same submodules and state_dict keys.
@@ -150,32 +162,15 @@ class FasterRCNN(tv_faster_rcnn.FasterRCNN):
     def inference_dtype(self, dtype: torch.dtype | None) -> None:
         self.inference_options = dataclasses.replace(self.inference_options, precision=precision_of_dtype(dtype))
 
-    @property
-    def fast_inference(self) -> bool:
-        """False: inference runs the modules as trained (no folding, no channels_last), bit for bit as torchvision."""
-        return self.inference_options.fast
-
-    @fast_inference.setter
-    def fast_inference(self, value: bool) -> None:
-        self.inference_options = dataclasses.replace(self.inference_options, fast=value)
-
-    @property
-    def reuse_cpu_memory(self) -> bool:
-        """True: CPU inference reuses its large activation blocks from one call to the next (fasterrcnn_ext.memory)."""
-        return self.inference_options.reuse_cpu_memory
-
-    @reuse_cpu_memory.setter
-    def reuse_cpu_memory(self, value: bool) -> None:
-        self.inference_options = dataclasses.replace(self.inference_options, reuse_cpu_memory=value)
-
-    @property
-    def static_cuda_forward(self) -> bool:
-        """True: CUDA inference is detect_padded split per image (one host read per call); False: the dynamic path."""
-        return self.inference_options.static_cuda_forward
-
-    @static_cuda_forward.setter
-    def static_cuda_forward(self, value: bool) -> None:
-        self.inference_options = dataclasses.replace(self.inference_options, static_cuda_forward=value)
+    fast_inference = _option_view(
+        "fast", "False: inference runs the modules as trained (no folding, no channels_last), bit for bit as "
+        "torchvision.")
+    reuse_cpu_memory = _option_view(
+        "reuse_cpu_memory", "True: CPU inference reuses its large activation blocks from one call to the next "
+        "(fasterrcnn_ext.memory).")
+    static_cuda_forward = _option_view(
+        "static_cuda_forward", "True: CUDA inference is detect_padded split per image (one host read per call); "
+        "False: the dynamic path.")
 
     def __init__(self, backbone: nn.Module, num_classes: int | None = None, **kwargs):
         if kwargs.get("rpn_anchor_generator") is None:
