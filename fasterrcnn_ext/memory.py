@@ -82,12 +82,15 @@ def training_cache_limit():
 
 
 def empty_cpu_cache() -> None:
-    """Releases every free block of the pool to the system (blocks held by live tensors stay until freed)."""
+    """Releases the pool's free memory to the system: every segment none of whose blocks a live tensor holds (a
+    larger block taken from the system is split to serve smaller requests; its free parts go back with the rest of
+    it, once the tensors holding the other parts are freed)."""
     ops()._cpu_pool_empty_cache()
 
 
 def set_cpu_cache_limit(limit_bytes: int) -> None:
-    """Caps the bytes of free blocks the pool keeps; 0 keeps none (pooling then only saves nothing)."""
+    """Caps the bytes of free blocks the pool keeps; beyond it, memory goes back to the system as soon as a whole
+    segment is free. 0 keeps only the free parts of segments still partly in use."""
     if not isinstance(limit_bytes, int) or isinstance(limit_bytes, bool) or limit_bytes < 0:
         raise ValueError(f"set_cpu_cache_limit: limit_bytes must be an int >= 0, got {limit_bytes!r}")
     ops()._cpu_pool_set_limit(limit_bytes)

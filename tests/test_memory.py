@@ -116,16 +116,76 @@ def test_bad_limit_is_refused(bad):
         memory.set_cpu_cache_limit(bad)
 
 
-def test_sizes_share_blocks_only_within_a_quarter():
+def test_near_equal_sizes_share_a_block_without_splitting_it():
     with memory.cpu_pool():
         a = torch.empty(BIG, dtype=torch.uint8)
         ptr = a.data_ptr()
         del a
-        smaller = torch.empty(BIG - BIG // 8, dtype=torch.uint8)  # 12.5% smaller: reuses the block
+        smaller = torch.empty(BIG - BIG // 8, dtype=torch.uint8)  # the rest (512 KB) would serve no pooled request
         assert smaller.data_ptr() == ptr
-        del smaller
-        much_smaller = torch.empty(BIG // 2, dtype=torch.uint8)  # half: a new block
-        assert much_smaller.data_ptr() != ptr
+        assert memory.cpu_cache_stats().cached_bytes == 0
+
+
+def test_a_free_block_is_split_for_smaller_requests_and_merges_back():
+    with memory.cpu_pool():
+        a = torch.empty(4 * BIG, dtype=torch.uint8)
+        base = a.data_ptr()
+        del a
+        before = memory.cpu_cache_stats()
+        parts = [torch.empty(BIG, dtype=torch.uint8) for _ in range(4)]
+        after = memory.cpu_cache_stats()
+        assert (after.hits, after.misses) == (before.hits + 4, before.misses)  # all four from the one free block
+        assert sorted(p.data_ptr() for p in parts) == [base + i * BIG for i in range(4)]
+        assert after.cached_bytes == 0 and after.in_use_bytes == before.in_use_bytes + 4 * BIG
+        for i in (0, 2, 3, 1):  # out of order: each freed block merges with whichever neighbours are free
+            parts[i] = None
+        assert memory.cpu_cache_stats().cached_bytes == 4 * BIG
+        whole = torch.empty(4 * BIG, dtype=torch.uint8)
+        assert whole.data_ptr() == base  # merged back into one block
+        assert memory.cpu_cache_stats().misses == before.misses
+
+
+def test_a_segment_goes_back_to_the_system_only_when_wholly_free():
+    memory.set_cpu_cache_limit(0)
+    with memory.cpu_pool():
+        a = torch.empty(2 * BIG, dtype=torch.uint8)
+        del a  # over the limit and wholly free: released at once
+        assert memory.cpu_cache_stats().cached_bytes == 0
+        memory.set_cpu_cache_limit(1 << 30)
+        a = torch.empty(2 * BIG, dtype=torch.uint8)
+        del a
+        first, second = torch.empty(BIG, dtype=torch.uint8), torch.empty(BIG, dtype=torch.uint8)
+        memory.set_cpu_cache_limit(0)
+        del first  # its segment is still partly in use: kept
+        assert memory.cpu_cache_stats().cached_bytes == BIG
+        memory.empty_cpu_cache()
+        assert memory.cpu_cache_stats().cached_bytes == BIG
+        del second  # now wholly free, over the limit: released
+        assert memory.cpu_cache_stats().cached_bytes == 0
+
+
+def test_random_allocations_never_overlap():
+    """Blocks split, merge and are reused in a random order; each tensor keeps the bytes written to it."""
+    gen = torch.Generator().manual_seed(0)
+    in_use_before = memory.cpu_cache_stats().in_use_bytes
+    live: dict[int, torch.Tensor] = {}
+    with memory.cpu_pool():
+        for step in range(400):
+            if live and torch.rand((), generator=gen) < 0.45:
+                key = list(live)[int(torch.randint(len(live), (), generator=gen))]
+                t = live.pop(key)
+                assert bool((t == key % 251).all()), f"tensor {key} was overwritten"
+            else:
+                size = int(torch.randint(1 << 20, 6 << 20, (), generator=gen))
+                live[step] = torch.full((size,), step % 251, dtype=torch.uint8)
+        for key, t in live.items():
+            assert bool((t == key % 251).all()), f"tensor {key} was overwritten"
+        spans = sorted((t.data_ptr(), t.data_ptr() + t.numel()) for t in live.values())
+        assert all(end <= start for (_, end), (start, _) in zip(spans, spans[1:]))
+    del t
+    live.clear()
+    stats = memory.cpu_cache_stats()
+    assert stats.in_use_bytes == in_use_before and stats.hits > 0
 
 
 def test_detector_inference_is_the_same_with_and_without_the_pool():

@@ -10,11 +10,16 @@
 // How: an allocator installed as torch's CPU allocator that pools only while the calling thread is inside a pooled
 // scope (`_cpu_pool_set_enabled(True)`, the Python context manager fasterrcnn_ext.memory.cpu_pool()) and only
 // blocks of at least kMinPooledBytes; every other allocation goes to the allocator it replaced, unchanged. A pooled
-// block returns to the pool when its tensor is freed, on any thread, in or out of a scope. Free blocks are kept up
-// to a byte limit (set_limit; beyond it they are released to the system) and empty_cache() releases them all.
+// block returns to the pool when its tensor is freed, on any thread, in or out of a scope. Free bytes are kept up to
+// a byte limit (set_limit; beyond it, segments are released to the system as they become wholly free) and
+// empty_cache() releases every wholly free segment.
 //
-// Blocks are matched best-fit among free blocks at most 25% larger than asked (the activation sizes repeat exactly
-// from one forward to the next; a bounded waste lets images of slightly different sizes share).
+// Memory is taken from the system in segments, one per request that no free block can serve, and handed out in
+// blocks: a request takes the smallest free block that holds it (best fit), split when the rest is worth keeping,
+// and a freed block merges with its free neighbours in the segment. A forward's activation sizes change from stage
+// to stage and from image size to image size; whole blocks only, the blocks of one size sit idle while another size
+// allocates its own (R50-FPN, 800x1067 then three other sizes: 1.2 GB kept with whole blocks, 0.75 GB split).
+// Only whole free segments go back to the system.
 #include <c10/core/Allocator.h>
 #include <c10/core/CPUAllocator.h>
 #include <c10/util/Exception.h>
@@ -24,8 +29,9 @@
 
 #include <cstdint>
 #include <cstdlib>
-#include <map>
 #include <mutex>
+#include <set>
+#include <tuple>
 #include <unordered_map>
 #include <vector>
 
@@ -38,12 +44,13 @@ namespace {
 
 // Smaller blocks come from malloc's arenas, which already reuse them without page faults.
 constexpr size_t kMinPooledBytes = size_t{1} << 20;
-// Sizes are rounded up to this, so near-equal requests share blocks.
+// Sizes are rounded up to this, so near-equal requests share blocks and every block stays 64-byte aligned.
 constexpr size_t kGranularity = size_t{64} << 10;
-// Blocks spanning several huge pages are aligned to one and advised to use them (fewer faults and TLB misses).
+// Segments spanning several huge pages are aligned to one and advised to use them (fewer faults and TLB misses).
 constexpr size_t kHugePage = size_t{2} << 20;
-// A free block is reused for a request at most this fraction smaller than it (a quarter wasted at worst).
-constexpr size_t kMaxWasteDivisor = 4;
+// A block is split only if the rest is at least this large: a smaller rest would serve no pooled request on its
+// own (the smallest is kMinPooledBytes), so it is handed out with the block.
+constexpr size_t kMinSplitRest = kMinPooledBytes;
 // Default cap on the bytes kept free in the pool: an R50-FPN forward at 800x1344 keeps about 0.6 GB.
 constexpr int64_t kDefaultLimitBytes = int64_t{2} << 30;
 
@@ -79,16 +86,20 @@ class CpuMemoryPool final : public c10::Allocator {
     return *pool;
   }
 
+  // Releases every whole free segment (a segment of which a block is in use stays, with its free blocks).
   void empty_cache() {
     std::vector<void*> to_free;
     {
       std::lock_guard<std::mutex> lock(mutex_);
-      for (auto& [size, ptr] : free_) {
-        to_free.push_back(ptr);
-        sizes_.erase(ptr);
-        cached_bytes_ -= size;
+      for (auto it = free_.begin(); it != free_.end();) {
+        Block* b = *it;
+        if (b->whole_segment()) {
+          it = free_.erase(it);
+          to_free.push_back(release_segment_locked(b));
+        } else {
+          ++it;
+        }
       }
-      free_.clear();
     }
     for (void* ptr : to_free) std::free(ptr);
   }
@@ -124,18 +135,43 @@ class CpuMemoryPool final : public c10::Allocator {
     if (!pool.give_back(ptr)) pool.fallback_->raw_deleter()(ptr);
   }
 
+  // A block of a segment; the blocks of a segment tile it in address order (prev/next), free or in use.
+  struct Block {
+    char* ptr;
+    size_t size;
+    bool free;
+    Block* prev;
+    Block* next;
+    bool whole_segment() const { return prev == nullptr && next == nullptr; }
+  };
+  struct BySizeThenAddress {
+    bool operator()(const Block* a, const Block* b) const {
+      return std::tie(a->size, a->ptr) < std::tie(b->size, b->ptr);
+    }
+  };
+
   void* take(size_t nbytes) {
     const size_t rounded = (nbytes + kGranularity - 1) / kGranularity * kGranularity;
     {
       std::lock_guard<std::mutex> lock(mutex_);
-      auto it = free_.lower_bound(rounded);
-      if (it != free_.end() && it->first - rounded <= it->first / kMaxWasteDivisor) {
-        void* ptr = it->second;
-        cached_bytes_ -= it->first;
-        in_use_bytes_ += it->first;
-        ++hits_;
+      Block probe{nullptr, rounded, true, nullptr, nullptr};
+      auto it = free_.lower_bound(&probe);  // the smallest free block that holds the request
+      if (it != free_.end()) {
+        Block* b = *it;
         free_.erase(it);
-        return ptr;
+        if (b->size - rounded >= kMinSplitRest) {
+          auto* rest = new Block{b->ptr + rounded, b->size - rounded, true, b, b->next};
+          if (b->next != nullptr) b->next->prev = rest;
+          b->next = rest;
+          b->size = rounded;
+          free_.insert(rest);
+        }
+        b->free = false;
+        used_.emplace(b->ptr, b);
+        cached_bytes_ -= b->size;
+        in_use_bytes_ += b->size;
+        ++hits_;
+        return b->ptr;
       }
       ++misses_;
     }
@@ -152,36 +188,59 @@ class CpuMemoryPool final : public c10::Allocator {
     if (alignment == kHugePage) madvise(ptr, rounded / kHugePage * kHugePage, MADV_HUGEPAGE);
 #endif
     std::lock_guard<std::mutex> lock(mutex_);
-    sizes_.emplace(ptr, rounded);
+    auto* b = new Block{static_cast<char*>(ptr), rounded, false, nullptr, nullptr};
+    used_.emplace(b->ptr, b);
     in_use_bytes_ += rounded;
     return ptr;
   }
 
   // Returns false if ptr is not a block of this pool.
   bool give_back(void* ptr) {
-    bool release = false;
+    void* release = nullptr;
     {
       std::lock_guard<std::mutex> lock(mutex_);
-      auto it = sizes_.find(ptr);
-      if (it == sizes_.end()) return false;
-      const size_t size = it->second;
-      in_use_bytes_ -= size;
-      if (cached_bytes_ + size <= limit_) {
-        free_.emplace(size, ptr);
-        cached_bytes_ += size;
+      auto it = used_.find(ptr);
+      if (it == used_.end()) return false;
+      Block* b = it->second;
+      used_.erase(it);
+      in_use_bytes_ -= b->size;
+      cached_bytes_ += b->size;
+      b->free = true;
+      if (b->next != nullptr && b->next->free) b = merge_locked(b, b->next);
+      if (b->prev != nullptr && b->prev->free) b = merge_locked(b->prev, b);
+      if (b->whole_segment() && cached_bytes_ > limit_) {
+        release = release_segment_locked(b);
       } else {
-        sizes_.erase(it);
-        release = true;
+        free_.insert(b);
       }
     }
-    if (release) std::free(ptr);
+    if (release != nullptr) std::free(release);
     return true;
+  }
+
+  // Merges free neighbours `left` and `right` (left->next == right) into left; both leave free_ first.
+  Block* merge_locked(Block* left, Block* right) {
+    free_.erase(left);  // no-op for the block being given back, which is not in free_ yet
+    free_.erase(right);
+    left->size += right->size;
+    left->next = right->next;
+    if (right->next != nullptr) right->next->prev = left;
+    delete right;
+    return left;
+  }
+
+  // Forgets a whole free segment's block (already out of free_) and returns the pointer to hand to std::free.
+  void* release_segment_locked(Block* b) {
+    void* ptr = b->ptr;
+    cached_bytes_ -= b->size;
+    delete b;
+    return ptr;
   }
 
   c10::Allocator* fallback_;
   std::mutex mutex_;
-  std::unordered_map<void*, size_t> sizes_;  // every block of the pool, in use or free
-  std::multimap<size_t, void*> free_;       // free blocks by size
+  std::unordered_map<void*, Block*> used_;      // blocks in use, by address
+  std::set<Block*, BySizeThenAddress> free_;   // free blocks, by size then address
   size_t cached_bytes_ = 0, in_use_bytes_ = 0, hits_ = 0, misses_ = 0;
   size_t limit_ = static_cast<size_t>(kDefaultLimitBytes);
 };

@@ -11,8 +11,11 @@ from __future__ import annotations
 import torch
 
 from .._arguments import argument_error
+from ..models.detection import _routing
 
-PRECISIONS = ("fp32", "bf16", "int8")
+# The model's precisions (models/detection/_routing.PRECISIONS) but float16, which runs convolutions fast on GPUs
+# only; this tool's runs are mostly on CPUs, where bfloat16 is the 16-bit choice.
+PRECISIONS = tuple(name for name in _routing.PRECISIONS if name != "fp16")
 # The images int8 calibrates on unless told: the first of the run. A few images of the kind being detected set the
 # activations' ranges; each more costs a float32 forward before the run starts.
 CALIBRATION_IMAGES = 8
@@ -36,8 +39,8 @@ def with_precision(model: torch.nn.Module, precision: str, calibration_images: l
     check_precision(precision, device)
     if precision == "fp32":
         return model
-    if precision == "bf16":
-        model.inference_dtype = torch.bfloat16
+    if _routing.PRECISIONS[precision].inference_copy:  # an autocast precision of the model's own
+        model.inference_dtype = _routing.PRECISIONS[precision].autocast_dtype
         return model
     if not calibration_images:
         raise argument_error(ValueError, "{precision} needs calibration images: none could be read",

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+from typing import Callable
 
 import torch
 from torch import Tensor, nn
@@ -47,22 +48,23 @@ def _fold(conv: nn.Conv2d, norm: nn.Module) -> None:
         conv.bias = nn.Parameter(new_bias, requires_grad=conv.weight.requires_grad)
 
 
-def fold_batch_norms(module: nn.Module) -> int:
+def fold_batch_norms(module: nn.Module, should_fold: Callable[[nn.Conv2d], bool] | None = None) -> int:
     """Folds every batch norm that directly follows a convolution (consecutive children of a Sequential, or the
-    convN/bnN attribute pairs of torchvision's ResNet blocks and stem) and replaces it with an identity.
-    Returns how many were folded."""
+    convN/bnN attribute pairs of torchvision's ResNet blocks and stem) and replaces it with an identity; with
+    ``should_fold``, only after the convolutions it accepts. Returns how many were folded."""
     folded = 0
     for parent in module.modules():
         children = list(parent.named_children())
         if isinstance(parent, nn.Sequential):
             for (_, a), (name_b, b) in zip(children, children[1:]):
-                if isinstance(a, nn.Conv2d) and isinstance(b, _NORMS):
+                if isinstance(a, nn.Conv2d) and isinstance(b, _NORMS) and (should_fold is None or should_fold(a)):
                     _fold(a, b)
                     parent._modules[name_b] = nn.Identity()
                     folded += 1
         for i in ("1", "2", "3"):
             conv, norm = getattr(parent, f"conv{i}", None), getattr(parent, f"bn{i}", None)
-            if isinstance(conv, nn.Conv2d) and isinstance(norm, _NORMS):
+            if (isinstance(conv, nn.Conv2d) and isinstance(norm, _NORMS)
+                    and (should_fold is None or should_fold(conv))):
                 _fold(conv, norm)
                 setattr(parent, f"bn{i}", nn.Identity())
                 folded += 1
@@ -77,6 +79,42 @@ _WINOGRAD_MIN_CHANNELS = 64
 # bytes, and Winograd gains less on it (its small map makes few tiles, each reading the whole transformed weight):
 # measured side by side, the least time saved per byte held of every layer class of R50-FPN, several times less.
 _WINOGRAD_MAX_CHANNELS = 256
+
+
+# A fold replaces the convolution's weight by a scaled copy, to save one pass over its output per call. Past this
+# size the copy costs more than the pass saves: the wide 1x1 and 3x3 convolutions of ResNet's stride-32 stage hold
+# 57 MB of R50-FPN's weights but run on maps of ~850 pixels (800x1067 input), where their batch norms take ~1% of the
+# forward; every convolution up to the stride-16 stage is at most 2**18 elements (1 MiB in float32) or Winograd's.
+_FOLD_MAX_WEIGHT_ELEMENTS = 2**18
+
+
+def _fold_pays(conv: nn.Conv2d) -> bool:
+    return conv.weight.numel() <= _FOLD_MAX_WEIGHT_ELEMENTS
+
+
+class ChannelAffine(nn.Module):
+    """An eval-mode batch norm as one pass, x * scale + shift per channel (FrozenBatchNorm2d takes two), for the
+    norms left unfolded; scale and shift are a few floats per channel."""
+
+    def __init__(self, norm: nn.Module):
+        super().__init__()
+        with torch.no_grad():
+            scale = norm.weight / torch.sqrt(norm.running_var + norm.eps)
+            self.register_buffer("scale", scale.reshape(1, -1, 1, 1))
+            self.register_buffer("shift", (norm.bias - norm.running_mean * scale).reshape(1, -1, 1, 1))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.addcmul(self.shift, x, self.scale)
+
+
+def _norms_as_affine(module: nn.Module) -> int:
+    replaced = 0
+    for parent in list(module.modules()):
+        for name, child in list(parent._modules.items()):
+            if type(child) in _NORMS and (type(child) is FrozenBatchNorm2d or not child.training):
+                parent._modules[name] = ChannelAffine(child)
+                replaced += 1
+    return replaced
 
 
 class WinogradConv2d(nn.Module):
@@ -215,13 +253,15 @@ def _aliasing_copy(module: nn.Module) -> nn.Module:
     return copy.deepcopy(module, memo)
 
 
-def _to_channels_last(module: nn.Module) -> None:
+def _to_channels_last(module: nn.Module, keep: set[int] = frozenset()) -> None:
     """Module.to(memory_format=torch.channels_last) without copying the 4-d tensors whose bytes already are in that
-    order (1x1 convolutions' weights, whatever their strides say), so that those stay shared with the original."""
+    order (1x1 convolutions' weights, whatever their strides say), so that those stay shared with the original, nor
+    those whose storage is in ``keep``."""
     for sub in module.modules():
         for tensors in (sub._parameters, sub._buffers):
             for name, t in tensors.items():
-                if t is not None and t.dim() == 4 and not t.is_contiguous(memory_format=torch.channels_last):
+                if (t is not None and t.dim() == 4 and not t.is_contiguous(memory_format=torch.channels_last)
+                        and t.untyped_storage().data_ptr() not in keep):
                     converted = t.detach().contiguous(memory_format=torch.channels_last)
                     tensors[name] = nn.Parameter(converted, requires_grad=False) if isinstance(t, nn.Parameter) \
                         else converted
@@ -284,13 +324,23 @@ class InferenceCopy:
     @staticmethod
     def _build(module: nn.Module, dtype: torch.dtype | None, caps) -> nn.Module:
         clone = _aliasing_copy(module).eval()
-        fold_batch_norms(clone)
-        _to_channels_last(clone)
+        winograd = (dtype is None and caps.winograd
+                    and all(p.device.type == "cpu" and p.dtype == torch.float32 for p in module.parameters()))
+        if dtype is None:
+            # The weights stay the module's unless a step replaces them: fold where the copy it makes pays, and
+            # leave the unfolded weights in the module's memory format (oneDNN reorders a convolution's weight to
+            # its own blocked layout on every call, from either format).
+            fold_batch_norms(clone, lambda conv: _fold_pays(conv) or (winograd and WinogradConv2d.accepts(conv)))
+            _norms_as_affine(clone)
+            _to_channels_last(clone, keep=_storages(module))
+        else:
+            fold_batch_norms(clone)  # the dtype change copies every weight anyway
+            _to_channels_last(clone)
         if dtype is not None:
             clone = clone.to(dtype)
             if (dtype == torch.bfloat16 and caps.fused_bfloat16_convolutions
                     and all(p.device.type == "cpu" for p in clone.parameters())):
                 fuse_convolutions(clone)
-        elif caps.winograd and all(p.device.type == "cpu" and p.dtype == torch.float32 for p in clone.parameters()):
+        elif winograd:
             use_winograd_convolutions(clone)
         return clone
