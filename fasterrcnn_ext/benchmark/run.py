@@ -1,14 +1,16 @@
 """Times fasterrcnn_ext against torchvision in the same process and prints the ratios.
 
     fasterrcnn-ext bench                      # CPU, all groups (also: python benchmarks/run.py)
-    fasterrcnn-ext bench --device cuda        # CUDA (times with CUDA events via torch.utils.benchmark)
+    fasterrcnn-ext bench --device cuda        # CUDA (each timed block ends with a device synchronisation)
     fasterrcnn-ext bench --quick --only nms --json out.json
     fasterrcnn-ext bench --device cuda --quick --profile   # also where each side's time goes, per case
     fasterrcnn-ext bench --markdown bench.md  # also the table for BENCHMARKS.md, with device, date and commit
     fasterrcnn-ext bench --only detector --precision fp32 bf16 int8   # also ours and the peers in bf16 and int8
 
-Times are medians from torch.utils.benchmark with a fixed number of CPU threads (default 2, this project's
-machines). The speed targets live here, never in the unit tests.
+Each case times ours and torchvision's in alternating blocks (ours, theirs, ours, ...), so that a change in the
+machine's speed during a case (another process, clock drift) touches both sides alike, and reports each side's median
+per call, with a fixed number of CPU threads (default 2, this project's machines). The speed targets live here,
+never in the unit tests.
 """
 
 from __future__ import annotations
@@ -17,8 +19,10 @@ import argparse
 import datetime
 import os
 import platform
+import statistics
 import subprocess
 import sys
+import time
 
 import torch
 
@@ -29,12 +33,43 @@ from ..files import atomic_write, write_json
 from .cases import ALL_CASES, PRECISION_GROUPS, Skipped
 
 
-def _median_seconds(fn, min_run_time: float) -> float:
-    import torch.utils.benchmark as tbench  # (imported here: it imports torch.utils.cpp_extension, which warns)
+# A timed block repeats a fast call until it lasts this long, so that the clock's resolution and the loop's own
+# overhead stay out of the figures.
+BLOCK_SECONDS = 0.005
+# Blocks per side at least: a median of fewer would follow a single slow run.
+MIN_ROUNDS = 5
 
-    # torch.utils.benchmark runs with 1 thread unless told otherwise.
-    timer = tbench.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
-    return timer.blocked_autorange(min_run_time=min_run_time).median
+
+def _calls_per_block(fn, sync) -> int:
+    calls = 1
+    while True:
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        sync()
+        if time.perf_counter() - start >= BLOCK_SECONDS:
+            return calls
+        calls *= 2
+
+
+def interleaved_medians(ours, theirs, min_run_time: float, device: str = "cpu",
+                        min_rounds: int = MIN_ROUNDS) -> tuple[float, float]:
+    """The median seconds per call of ``ours`` and of ``theirs``, timed in alternating blocks until each side has had
+    ``min_rounds`` blocks and ``min_run_time`` seconds."""
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    sides = [(ours, _calls_per_block(ours, sync), []), (theirs, _calls_per_block(theirs, sync), [])]
+    spent = [0.0, 0.0]
+    while min(len(samples) for _, _, samples in sides) < min_rounds or min(spent) < min_run_time:
+        for i, (fn, calls, samples) in enumerate(sides):
+            sync()
+            start = time.perf_counter()
+            for _ in range(calls):
+                fn()
+            sync()
+            elapsed = time.perf_counter() - start
+            samples.append(elapsed / calls)
+            spent[i] += elapsed
+    return statistics.median(sides[0][2]), statistics.median(sides[1][2])
 
 
 def profile_summary(fn, device: str, runs: int = 5, top: int = 3) -> str:
@@ -145,8 +180,7 @@ def run(device: str = "cpu", quick: bool = False, only: list[str] | None = None,
                     continue
                 case.ours()
                 case.torchvision()  # warm-up (and lazy initialisation) outside the timing
-                ours = _median_seconds(case.ours, min_run_time)
-                theirs = _median_seconds(case.torchvision, min_run_time)
+                ours, theirs = interleaved_medians(case.ours, case.torchvision, min_run_time, device)
                 ratio = theirs / ours
                 mark = "" if ratio >= case.target else "  (below target)"
                 print(f"{case.name:<52} {ours * 1e3:>10.3f} {theirs * 1e3:>15.3f} {ratio:>8.1f}x {case.target:>6.1f}x"

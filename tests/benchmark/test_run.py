@@ -3,7 +3,7 @@ import re
 import torch
 
 from fasterrcnn_ext import ops
-from fasterrcnn_ext.benchmark.run import profile_summary
+from fasterrcnn_ext.benchmark.run import interleaved_medians, profile_summary
 from fasterrcnn_ext.cli import build_parser
 
 
@@ -90,3 +90,20 @@ def test_run_passes_precisions_to_the_detector_group_and_records_skipped_rows(tm
     assert table[4] == "| detector bf16 vs a peer | - | - | skipped: the peer is not installed | 1.3x |"
     assert table[5].startswith("| detector int8 row | ")
     assert build_parser().parse_args(["bench"]).precision == ["fp32"]
+
+
+def test_sides_are_timed_in_alternating_blocks_of_at_least_min_rounds():
+    calls = []
+    ours_s, theirs_s = interleaved_medians(lambda: calls.append("ours"), lambda: calls.append("theirs"),
+                                           min_run_time=0.0, min_rounds=3)
+    blocks = [side for i, side in enumerate(calls) if i == 0 or calls[i - 1] != side]
+    # calibration (each side alone), then ours, theirs, ours, ... for 3 rounds at least
+    assert blocks[:2] == ["ours", "theirs"] and blocks[2:] == ["ours", "theirs"] * (len(blocks[2:]) // 2)
+    assert len(blocks[2:]) >= 6 and 0 < ours_s < 1e-3 and 0 < theirs_s < 1e-3
+
+
+def test_a_slower_side_has_the_larger_median():
+    import time
+
+    ours_s, theirs_s = interleaved_medians(lambda: time.sleep(0.001), lambda: time.sleep(0.004), min_run_time=0.02)
+    assert theirs_s > 2 * ours_s

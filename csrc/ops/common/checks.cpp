@@ -199,7 +199,8 @@ void check_anchor_inputs(at::TensorList cell_anchors, at::IntArrayRef grid_sizes
 }
 
 void check_rpn_inputs(const at::Tensor& objectness, const at::Tensor& deltas, const at::Tensor& anchors,
-                      at::IntArrayRef num_anchors_per_level, at::IntArrayRef image_sizes) {
+                      at::IntArrayRef num_anchors_per_level, at::IntArrayRef image_sizes,
+                      at::ArrayRef<double> weights) {
   const char* op = "rpn_proposals";
   FRCNN_CHECK(objectness.dim() == 2, op, ": objectness must be a [N, A] tensor of logits, got shape ",
               objectness.sizes());
@@ -223,6 +224,7 @@ void check_rpn_inputs(const at::Tensor& objectness, const at::Tensor& deltas, co
   FRCNN_CHECK(static_cast<int64_t>(image_sizes.size()) == 2 * objectness.size(0), op,
               ": image_sizes must hold (height, width) for each of the ", objectness.size(0), " images, got ",
               image_sizes.size(), " values");
+  check_box_weights(weights, op);
 }
 
 void check_detection_inputs(const at::Tensor& class_logits, const at::Tensor& box_regression,

@@ -149,7 +149,8 @@ void check_anchor_inputs(at::TensorList cell_anchors, at::IntArrayRef grid_sizes
 namespace fasterrcnn_ext {
 
 void check_rpn_inputs(const at::Tensor& objectness, const at::Tensor& deltas, const at::Tensor& anchors,
-                      at::IntArrayRef num_anchors_per_level, at::IntArrayRef image_sizes);
+                      at::IntArrayRef num_anchors_per_level, at::IntArrayRef image_sizes,
+                      at::ArrayRef<double> weights);
 
 void check_detection_inputs(const at::Tensor& class_logits, const at::Tensor& box_regression,
                             const at::Tensor& proposals, at::IntArrayRef boxes_per_image,

@@ -170,8 +170,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rpn_proposals_generic(
     const at::Tensor& objectness, const at::Tensor& deltas, const at::Tensor& anchors,
     at::IntArrayRef num_anchors_per_level, at::IntArrayRef image_sizes, int64_t pre_nms_top_n, int64_t post_nms_top_n,
     double nms_thresh, double score_thresh, double min_size, at::ArrayRef<double> weights, double bbox_xform_clip) {
-  check_rpn_inputs(objectness, deltas, anchors, num_anchors_per_level, image_sizes);
-  check_box_weights(weights, "rpn_proposals");
+  check_rpn_inputs(objectness, deltas, anchors, num_anchors_per_level, image_sizes, weights);
   const int64_t batch = objectness.size(0);
   const auto long_opts = objectness.options().dtype(at::kLong);
   const at::Tensor hw = host_values_on(image_sizes, long_opts).to(objectness.scalar_type()).view({batch, 2});
@@ -189,8 +188,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rpn_proposals_padded(
     const at::Tensor& objectness, const at::Tensor& deltas, const at::Tensor& anchors,
     at::IntArrayRef num_anchors_per_level, at::IntArrayRef image_sizes, int64_t pre_nms_top_n, int64_t post_nms_top_n,
     double nms_thresh, double score_thresh, double min_size, at::ArrayRef<double> weights, double bbox_xform_clip) {
-  check_rpn_inputs(objectness, deltas, anchors, num_anchors_per_level, image_sizes);
-  check_box_weights(weights, "rpn_proposals");
+  check_rpn_inputs(objectness, deltas, anchors, num_anchors_per_level, image_sizes, weights);
   FRCNN_CHECK(post_nms_top_n >= 0, "rpn_proposals_padded: post_nms_top_n must be >= 0 (the padded size), got ",
               post_nms_top_n);
   const int64_t batch = objectness.size(0);

@@ -272,8 +272,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rpn_proposals_cpu(
     const at::Tensor& objectness, const at::Tensor& deltas, const at::Tensor& anchors,
     at::IntArrayRef num_anchors_per_level, at::IntArrayRef image_sizes, int64_t pre_nms_top_n, int64_t post_nms_top_n,
     double nms_thresh, double score_thresh, double min_size, at::ArrayRef<double> weights, double bbox_xform_clip) {
-  check_rpn_inputs(objectness, deltas, anchors, num_anchors_per_level, image_sizes);
-  check_box_weights(weights, "rpn_proposals");
+  check_rpn_inputs(objectness, deltas, anchors, num_anchors_per_level, image_sizes, weights);
   std::tuple<at::Tensor, at::Tensor, at::Tensor> out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, objectness.scalar_type(), "rpn_proposals_cpu", [&] {
     out = rpn_proposals_cpu_typed<scalar_t>(objectness, deltas, anchors, num_anchors_per_level, image_sizes,

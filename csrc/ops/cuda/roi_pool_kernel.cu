@@ -14,6 +14,7 @@
 #include <torch/library.h>
 
 #include <cfloat>
+#include <tuple>
 
 #include "ops/common/checks.h"
 #include "ops/common/roi_math.h"
@@ -169,20 +170,27 @@ at::Tensor roi_pool_values_cuda(const at::Tensor& input, const at::Tensor& rois,
       roi_pool_forward_impl(input, rois, spatial_scale, pooled_height, pooled_width, /*write_argmax=*/false));
 }
 
+// The backward's inputs, checked, contiguous, the argmax as int64 and the RoIs in the gradient's math type.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_inputs(const at::Tensor& grad, const at::Tensor& rois,
+                                                               const at::Tensor& argmax, int64_t channels,
+                                                               int64_t pooled_height, int64_t pooled_width) {
+  check_pool_grad(grad, rois.size(0), channels, pooled_height, pooled_width, "roi_pool backward");
+  check_same_shape(grad, "grad", argmax, "argmax", "roi_pool backward");
+  return {grad.contiguous(), argmax.to(at::kLong).contiguous(),
+          rois.to(at::toOpMathType(grad.scalar_type())).contiguous()};
+}
+
 // Deterministic: fixed-point sums (the private op _roi_pool_backward_fixed_point).
 at::Tensor roi_pool_backward_fixed_point_cuda(const at::Tensor& grad_in, const at::Tensor& rois_in,
                                               const at::Tensor& argmax_in, double spatial_scale, int64_t pooled_height,
                                               int64_t pooled_width, int64_t batch_size, int64_t channels,
                                               int64_t height, int64_t width) {
-  const int64_t k = rois_in.size(0);
-  check_pool_grad(grad_in, k, channels, pooled_height, pooled_width, "roi_pool backward");
-  check_same_shape(grad_in, "grad", argmax_in, "argmax", "roi_pool backward");
   const c10::cuda::CUDAGuard guard(grad_in.device());
-  const at::Tensor grad = grad_in.contiguous(), argmax = argmax_in.to(at::kLong).contiguous();
-  const at::Tensor rois = rois_in.to(at::toOpMathType(grad.scalar_type())).contiguous();
+  at::Tensor grad, argmax, rois;
+  std::tie(grad, argmax, rois) = backward_inputs(grad_in, rois_in, argmax_in, channels, pooled_height, pooled_width);
   const FixedPointSums planes(at::IntArrayRef{batch_size, channels, height, width}, grad.options());
   const int64_t total = grad.numel(), bins = pooled_height * pooled_width;
-  const int64_t terms = std::max<int64_t>(1, k * bins);  // each bin's gradient goes to one element
+  const int64_t terms = std::max<int64_t>(1, rois.size(0) * bins);  // each bin's gradient goes to one element
   const at::Tensor max_abs = fixed_point_max_abs(grad);
   at::Tensor result;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "roi_pool_backward_fp_cuda", [&] {
@@ -207,12 +215,9 @@ at::Tensor roi_pool_backward_cuda(const at::Tensor& grad_in, const at::Tensor& r
     return roi_pool_backward_fixed_point_cuda(grad_in, rois_in, argmax_in, spatial_scale, pooled_height,
                                               pooled_width, batch_size, channels, height, width);
   }
-  const int64_t k = rois_in.size(0);
-  check_pool_grad(grad_in, k, channels, pooled_height, pooled_width, "roi_pool backward");
-  check_same_shape(grad_in, "grad", argmax_in, "argmax", "roi_pool backward");
   const c10::cuda::CUDAGuard guard(grad_in.device());
-  const at::Tensor grad = grad_in.contiguous(), argmax = argmax_in.to(at::kLong).contiguous();
-  const at::Tensor rois = rois_in.to(at::toOpMathType(grad.scalar_type())).contiguous();
+  at::Tensor grad, argmax, rois;
+  std::tie(grad, argmax, rois) = backward_inputs(grad_in, rois_in, argmax_in, channels, pooled_height, pooled_width);
   at::Tensor result;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "roi_pool_backward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
