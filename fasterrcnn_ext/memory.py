@@ -46,6 +46,7 @@ class CpuCacheStats:
     misses: int  # allocations that needed a new block
     limit_bytes: int  # cap on cached_bytes
     active: bool  # False if another library has since replaced torch's CPU allocator
+    peak_in_use_bytes: int  # the most pooled bytes held by live tensors at once, since the process started
 
 
 @contextlib.contextmanager
@@ -97,8 +98,8 @@ def set_cpu_cache_limit(limit_bytes: int) -> None:
 
 
 def cpu_cache_stats() -> CpuCacheStats:
-    cached, in_use, hits, misses, limit, active = ops()._cpu_pool_stats()
-    return CpuCacheStats(cached, in_use, hits, misses, limit, bool(active))
+    cached, in_use, hits, misses, limit, active, peak = ops()._cpu_pool_stats()
+    return CpuCacheStats(cached, in_use, hits, misses, limit, bool(active), peak)
 
 
 @functools.cache

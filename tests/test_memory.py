@@ -164,6 +164,23 @@ def test_a_segment_goes_back_to_the_system_only_when_wholly_free():
         assert memory.cpu_cache_stats().cached_bytes == 0
 
 
+def test_a_miss_replaces_idle_smaller_segments_by_one_that_holds_them_all():
+    with memory.cpu_pool():
+        a, b = torch.empty(BIG // 2, dtype=torch.uint8), torch.empty(BIG, dtype=torch.uint8)
+        del a, b  # two whole free segments, 6 MB together, neither large enough for what follows
+        before = memory.cpu_cache_stats()
+        assert before.cached_bytes == BIG + BIG // 2
+        c = torch.empty(BIG + BIG // 4, dtype=torch.uint8)
+        after = memory.cpu_cache_stats()
+        assert after.misses == before.misses + 1
+        assert after.cached_bytes == BIG // 4  # the new 6 MB segment's rest: the two old ones went back
+        del c
+        parts = [torch.empty(BIG // 2, dtype=torch.uint8), torch.empty(BIG, dtype=torch.uint8)]
+        assert memory.cpu_cache_stats().misses == after.misses  # both served by the one segment
+        assert parts[1].data_ptr() - parts[0].data_ptr() in (BIG // 2, -BIG)
+        assert memory.cpu_cache_stats().peak_in_use_bytes >= BIG + BIG // 4
+
+
 def test_random_allocations_never_overlap():
     """Blocks split, merge and are reused in a random order; each tensor keeps the bytes written to it."""
     gen = torch.Generator().manual_seed(0)

@@ -6,11 +6,11 @@ import torch
 
 from fasterrcnn_ext import capabilities, memory
 from fasterrcnn_ext.models import detection as ours
-from fasterrcnn_ext.models.detection._inference import InferenceCopy, WinogradConv2d, copy_extra_bytes
+from fasterrcnn_ext.models.detection._inference import ChannelAffine, InferenceCopy, WinogradConv2d, copy_extra_bytes
 
 # The float32 copy of R50-FPN's backbone may add at most this many times the backbone's parameter bytes: its folded
-# ResNet weights (a little under 1x: the FPN's are shared), plus the Winograd layers' transformed weights beyond
-# the weights they replace. Holding every folded weight beside an unshared duplicate, or the 512-channel layers'
+# ResNet weights up to the stride-16 stage and the stride-32 stage's 3x3 ones (the FPN's and the large 1x1 ones are
+# shared), plus the Winograd layers' transformed weights beyond the weights they replace. Holding every folded weight beside an unshared duplicate, or the 512-channel layers'
 # transformed weights (38 MB each), goes past it.
 MAX_EXTRA_PER_PARAMETER_BYTE = 1.7
 
@@ -48,6 +48,25 @@ def test_float32_copy_adds_less_than_the_bound(r50):
     assert extra <= MAX_EXTRA_PER_PARAMETER_BYTE * params, (extra / params)
     # The transformed weights counted are there: more than the folded ResNet weights alone.
     assert extra > 0.8 * params
+
+
+def test_large_1x1_convolutions_keep_the_modules_weights_and_the_outputs_stay(r50):
+    """A fold copies the weight; the stride-32 stage's 1x1 convolutions (up to 2M elements) keep the module's own,
+    their norms run as one per-channel pass, and the copy computes what the module does."""
+    copy = InferenceCopy().get(r50.backbone)
+    block, copied = r50.backbone.body.layer4[0], copy.body.layer4[0]
+    for name in ("conv1", "conv3"):
+        assert getattr(copied, name).weight.data_ptr() == getattr(block, name).weight.data_ptr(), name
+    assert isinstance(copied.bn1, ChannelAffine) and isinstance(copied.bn3, ChannelAffine)
+    assert copied.downsample[0].weight.data_ptr() == block.downsample[0].weight.data_ptr()
+    assert isinstance(copied.downsample[1], ChannelAffine)
+    # The stride-16 stage's 1x1 convolutions (2**18 elements) are folded.
+    assert isinstance(copy.body.layer3[1].bn1, torch.nn.Identity)
+    x = torch.rand(1, 3, 160, 224, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected, got = features(r50.backbone(x)), features(copy(x))
+    for e, g in zip(expected, got):
+        torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-4 * e.abs().max().item())
 
 
 def test_bfloat16_copy_adds_at_most_half_the_module(r50):
