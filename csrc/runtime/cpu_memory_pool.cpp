@@ -18,10 +18,9 @@
 // holds it (best fit), split when the rest is worth keeping, and a freed block merges with its free neighbours in
 // the segment. A request no free block holds is a miss: the wholly free segments (each too small for it) go back to
 // the system and one new segment as large as they were together, or as the request, replaces them. A forward's
-// activation sizes change from stage to stage and from image size to image size; reusing only whole blocks, the
-// blocks of one size sat idle while another size allocated its own. R50-FPN at 800x1067, then three other sizes:
-// 1.2 GB kept with whole blocks, 0.75 GB with splitting alone, 0.46 GB with segments replaced on a miss, against
-// 0.39 GB in use at once at the most. Only whole free segments go back to the system.
+// activation sizes change from stage to stage and from image size to image size, so whole blocks alone would leave
+// the blocks of one size idle while another size allocates its own (docs/performance.md has the figures). Only
+// whole free segments go back to the system.
 #include <c10/core/Allocator.h>
 #include <c10/core/CPUAllocator.h>
 #include <c10/util/Exception.h>

@@ -139,7 +139,7 @@ class FasterRCNN(tv_faster_rcnn.FasterRCNN):
 
     Inference (eval mode under torch.no_grad or torch.inference_mode) runs the backbone and the RPN head from private
     copies (models/detection/_inference.py: batch norms folded, channels_last, and in float32 on CPU Winograd 3x3
-    convolutions; rebuilt when the weights change; about 1.6 times the backbone's size in extra memory); their
+    convolutions; rebuilt when the weights change; about 1.3 times the backbone's size in extra memory); their
     outputs equal the plain modules' up to float rounding (~1e-5 relative with Winograd). On CPU the forward reuses
     its large activation blocks (``reuse_cpu_memory``, fasterrcnn_ext.memory); on CUDA it is ``detect_padded`` split
     per image, whose only host read is the per-image counts (``static_cuda_forward``). Set ``fast_inference = False``
