@@ -53,7 +53,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, help="folder for the trained models and gate.json")
     parser.add_argument("--demo", help="a finished demo run (its model.pt) instead of training one")
-    parser.add_argument("--mobilenet-iters", type=int, default=1500, help="0: the demo's model only")
+    parser.add_argument("--mobilenet-iters", type=int, default=1000, help="0: the demo's model only")
     parser.add_argument("--calibration", type=int, default=16, help="training images int8 calibrates on")
     parser.add_argument("--held-out", type=int, default=200)
     args = parser.parse_args(argv)
