@@ -32,7 +32,6 @@ from ..engine.precision import PRECISIONS
 from ..files import atomic_write, write_json
 from .cases import ALL_CASES, PRECISION_GROUPS, Skipped
 
-
 # A timed block repeats a fast call until it lasts this long, so that the clock's resolution and the loop's own
 # overhead stay out of the figures.
 BLOCK_SECONDS = 0.005

@@ -10,8 +10,8 @@ from fasterrcnn_ext.models.detection._inference import ChannelAffine, InferenceC
 
 # The float32 copy of R50-FPN's backbone may add at most this many times the backbone's parameter bytes: its folded
 # ResNet weights up to the stride-16 stage and the stride-32 stage's 3x3 ones (the FPN's and the large 1x1 ones are
-# shared), plus the Winograd layers' transformed weights beyond the weights they replace. Holding every folded weight beside an unshared duplicate, or the 512-channel layers'
-# transformed weights (38 MB each), goes past it.
+# shared), plus the Winograd layers' transformed weights beyond the weights they replace. Holding every folded
+# weight beside an unshared duplicate, or the 512-channel layers' transformed weights (38 MB each), goes past it.
 MAX_EXTRA_PER_PARAMETER_BYTE = 1.7
 
 
