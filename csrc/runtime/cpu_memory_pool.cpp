@@ -93,15 +93,7 @@ class CpuMemoryPool final : public c10::Allocator {
     std::vector<void*> to_free;
     {
       std::lock_guard<std::mutex> lock(mutex_);
-      for (auto it = free_.begin(); it != free_.end();) {
-        Block* b = *it;
-        if (b->whole_segment()) {
-          it = free_.erase(it);
-          to_free.push_back(release_segment_locked(b));
-        } else {
-          ++it;
-        }
-      }
+      release_free_segments_locked(to_free);
     }
     for (void* ptr : to_free) std::free(ptr);
   }
@@ -172,18 +164,7 @@ class CpuMemoryPool final : public c10::Allocator {
       // Every free block is smaller than the request. Those that are whole segments go back to the system, and the
       // new segment is as large as they were together: the pool does not grow by a request it holds enough idle
       // memory for, and the larger segment, split, serves what they served.
-      size_t reclaimed_bytes = 0;
-      for (auto f = free_.begin(); f != free_.end();) {
-        Block* b = *f;
-        if (b->whole_segment()) {
-          f = free_.erase(f);
-          reclaimed_bytes += b->size;
-          reclaimed.push_back(release_segment_locked(b));
-        } else {
-          ++f;
-        }
-      }
-      segment = std::max(rounded, reclaimed_bytes);
+      segment = std::max(rounded, release_free_segments_locked(reclaimed));
     }
     for (void* p : reclaimed) std::free(p);
     const size_t alignment = segment >= 2 * kHugePage ? kHugePage : 64;
@@ -254,6 +235,23 @@ class CpuMemoryPool final : public c10::Allocator {
     if (right->next != nullptr) right->next->prev = left;
     delete right;
     return left;
+  }
+
+  // Takes every wholly free segment out of the pool, appending the pointers to hand to std::free to `to_free`;
+  // returns their bytes.
+  size_t release_free_segments_locked(std::vector<void*>& to_free) {
+    size_t released = 0;
+    for (auto it = free_.begin(); it != free_.end();) {
+      Block* b = *it;
+      if (b->whole_segment()) {
+        it = free_.erase(it);
+        released += b->size;
+        to_free.push_back(release_segment_locked(b));
+      } else {
+        ++it;
+      }
+    }
+    return released;
   }
 
   // Forgets a whole free segment's block (already out of free_) and returns the pointer to hand to std::free.

@@ -39,16 +39,21 @@ BLOCK_SECONDS = 0.005
 MIN_ROUNDS = 5
 
 
+def _block_seconds(fn, calls: int, sync) -> float:
+    """Seconds for ``calls`` calls of ``fn`` in a row, from a synchronised start to a synchronised end."""
+    sync()
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    sync()
+    return time.perf_counter() - start
+
+
 def _calls_per_block(fn, sync) -> int:
     calls = 1
-    while True:
-        start = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        sync()
-        if time.perf_counter() - start >= BLOCK_SECONDS:
-            return calls
+    while _block_seconds(fn, calls, sync) < BLOCK_SECONDS:
         calls *= 2
+    return calls
 
 
 def interleaved_medians(ours, theirs, min_run_time: float, device: str = "cpu",
@@ -60,12 +65,7 @@ def interleaved_medians(ours, theirs, min_run_time: float, device: str = "cpu",
     spent = [0.0, 0.0]
     while min(len(samples) for _, _, samples in sides) < min_rounds or min(spent) < min_run_time:
         for i, (fn, calls, samples) in enumerate(sides):
-            sync()
-            start = time.perf_counter()
-            for _ in range(calls):
-                fn()
-            sync()
-            elapsed = time.perf_counter() - start
+            elapsed = _block_seconds(fn, calls, sync)
             samples.append(elapsed / calls)
             spent[i] += elapsed
     return statistics.median(sides[0][2]), statistics.median(sides[1][2])

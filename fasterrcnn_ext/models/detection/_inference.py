@@ -36,11 +36,16 @@ from ...ops import conv3x3_winograd, winograd_weight
 _NORMS = (nn.BatchNorm2d, FrozenBatchNorm2d)
 
 
+def _norm_scale(norm: nn.Module) -> Tensor:
+    """An eval-mode batch norm's factor per channel: weight / sqrt(running_var + eps)."""
+    return norm.weight / torch.sqrt(norm.running_var + norm.eps)
+
+
 def _fold(conv: nn.Conv2d, norm: nn.Module) -> None:
     """conv := norm(conv(x)) for an eval-mode batch norm; the norm then becomes an identity. New tensors replace the
     convolution's (never written in place: they may alias the original module's)."""
     with torch.no_grad():
-        scale = norm.weight / torch.sqrt(norm.running_var + norm.eps)
+        scale = _norm_scale(norm)
         weight = conv.weight * scale.reshape(-1, 1, 1, 1)
         bias = conv.bias if conv.bias is not None else torch.zeros_like(norm.running_mean)
         new_bias = (bias - norm.running_mean) * scale + norm.bias
@@ -102,7 +107,7 @@ class ChannelAffine(nn.Module):
     def __init__(self, norm: nn.Module):
         super().__init__()
         with torch.no_grad():
-            scale = norm.weight / torch.sqrt(norm.running_var + norm.eps)
+            scale = _norm_scale(norm)
             self.register_buffer("scale", scale.reshape(1, -1, 1, 1))
             self.register_buffer("shift", (norm.bias - norm.running_mean * scale).reshape(1, -1, 1, 1))
 
@@ -110,14 +115,12 @@ class ChannelAffine(nn.Module):
         return torch.addcmul(self.shift, x, self.scale)
 
 
-def _norms_as_affine(module: nn.Module) -> int:
-    replaced = 0
+def _norms_as_affine(module: nn.Module) -> None:
+    """Replaces every batch norm of an eval-mode module by its ChannelAffine."""
     for parent in list(module.modules()):
         for name, child in list(parent._modules.items()):
-            if type(child) in _NORMS and (type(child) is FrozenBatchNorm2d or not child.training):
+            if isinstance(child, _NORMS):
                 parent._modules[name] = ChannelAffine(child)
-                replaced += 1
-    return replaced
 
 
 class WinogradConv2d(nn.Module):
